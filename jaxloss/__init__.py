@@ -1,0 +1,22 @@
+"""jaxloss: PyTorch-exact classification losses as pure, jitted JAX functions."""
+
+from jaxloss._binary import bce, bce_with_logits
+from jaxloss._classification import check_targets, cross_entropy, nll
+from jaxloss._divergence import entropy, kl_div
+from jaxloss._softmax import log_sigmoid, log_softmax, sigmoid, softmax
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "bce",
+    "bce_with_logits",
+    "check_targets",
+    "cross_entropy",
+    "entropy",
+    "kl_div",
+    "log_sigmoid",
+    "log_softmax",
+    "nll",
+    "sigmoid",
+    "softmax",
+]

@@ -1,0 +1,345 @@
+"""Multi-class losses: negative log-likelihood and cross-entropy, PyTorch semantics."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+from jaxtyping import Array, ArrayLike, Float, Int
+
+from jaxloss import _common
+
+
+# ----------------------------------------------------------------------------------------------
+# Index targets: shared setup
+# ----------------------------------------------------------------------------------------------
+
+
+def _ignored(targets: jax.Array, ignore_index: int) -> jax.Array:
+    """Boolean mask of ignored positions; none when ``ignore_index`` cannot occur in the dtype."""
+    info = np.iinfo(targets.dtype)
+    if not info.min <= ignore_index <= info.max:
+        return jnp.zeros(targets.shape, jnp.bool_)
+    return targets == ignore_index
+
+
+class _IndexTargets:
+    """Validated index targets and the per-position quantities every index loss needs."""
+
+    def __init__(self, fn, inputs, targets, weight, ignore_index, axis, input_name):
+        if not isinstance(ignore_index, (int, np.integer)) or isinstance(ignore_index, bool):
+            raise TypeError(f"{fn}: `ignore_index` must be an int, got {ignore_index!r}")
+        self.axis = _common.class_axis(fn, axis, inputs.ndim)
+        expected = _common.without_axis(inputs.shape, self.axis)
+        if targets.shape != expected:
+            raise ValueError(
+                f"{fn}: index `targets` must have the shape of `{input_name}` without its class "
+                f"axis {self.axis}, i.e. {expected}; got `targets` with shape "
+                f"{tuple(targets.shape)} (dtype {targets.dtype}) for `{input_name}` with shape "
+                f"{tuple(inputs.shape)} (dtype {inputs.dtype})"
+            )
+        self.num_classes = inputs.shape[self.axis]
+        self.targets = targets
+        self.valid = ~_ignored(targets, int(ignore_index))
+        # Out of range and not ignored: PyTorch raises; under jit we cannot, so the loss is NaN.
+        self.bad = self.valid & ((targets < 0) | (targets >= self.num_classes))
+        self.class_weight = _common.check_class_weight(fn, weight, self.num_classes)
+        dtype = _common.compute_dtype(inputs.dtype)
+        if self.class_weight is None:
+            self.pos_weight = self.valid.astype(dtype)
+        else:
+            self.class_weight = self.class_weight.astype(dtype)
+            safe = jnp.clip(targets, 0, self.num_classes - 1)
+            self.pos_weight = jnp.where(self.valid, self.class_weight[safe], 0)
+
+    def hit(self, shape: tuple[int, ...]) -> jax.Array:
+        """One-hot mask of the target class, built by an iota comparison (no gather/scatter)."""
+        iota = jax.lax.broadcasted_iota(jnp.int32, shape, self.axis)
+        return iota == jnp.expand_dims(self.targets, self.axis)
+
+    def reduce(self, loss: jax.Array, reduction: str) -> jax.Array:
+        """PyTorch's reduction: "mean" divides by the total weight of the non-ignored targets."""
+        loss = jnp.where(self.bad, jnp.nan, loss)
+        return _common.reduce_loss(loss, reduction, jnp.sum(self.pos_weight))
+
+
+# ----------------------------------------------------------------------------------------------
+# nll
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("ignore_index", "reduction", "axis"))
+def nll(
+    log_probs: Float[ArrayLike, "*batch classes *rest"],
+    targets: Int[ArrayLike, "*batch *rest"],
+    *,
+    weight: Float[ArrayLike, " classes"] | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    axis: int = -1,
+) -> Float[Array, "*batch *rest"] | Float[Array, ""]:
+    r"""Negative log-likelihood of index targets, as ``torch.nn.functional.nll_loss``.
+
+    .. math::
+      \ell_n = -w_{y_n} \, x_{n, y_n}, \qquad
+      \mathrm{mean} = \frac{\sum_n \ell_n}{\sum_{n: y_n \ne \mathrm{ignore}} w_{y_n}}
+
+    Args:
+      log_probs: floating scores ``x`` (usually log-probabilities), classes along ``axis``.
+      targets: integer class indices with the shape of ``log_probs`` without ``axis``.
+      weight: optional per-class weight, shape ``(classes,)``.
+      ignore_index: target value that contributes neither loss, weight nor gradient.
+      reduction: ``"none"`` (per position), ``"sum"`` or ``"mean"`` (weighted mean).
+      axis: the class axis (``-1``; ``1`` for PyTorch's ``(N, C, d1, ...)`` layout).
+
+    Returns:
+      Per-position losses (``"none"``) or a scalar, in the dtype of ``log_probs``. A target out
+      of range that is not ``ignore_index`` gives NaN at its position.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxloss
+      >>> x = jnp.array([[1.0, 2.0], [1.0, 3.0], [1.0, 3.0]])
+      >>> jaxloss.nll(x, jnp.array([0, 1, 1]), reduction="none")
+      Array([-1., -3., -3.], dtype=float32)
+
+    References:
+      PyTorch ``torch.nn.functional.nll_loss``.
+    """
+    fn = "nll"
+    log_probs = _common.check_floating("log_probs", fn, log_probs)
+    targets = _common.check_integer("targets", fn, targets)
+    _common.check_reduction(fn, reduction)
+    idx = _IndexTargets(fn, log_probs, targets, weight, ignore_index, axis, "log_probs")
+    x = _common.upcast(log_probs)
+    picked = jnp.sum(jnp.where(idx.hit(x.shape), x, 0), idx.axis)
+    loss = jnp.where(idx.valid, -idx.pos_weight * picked, 0)
+    return idx.reduce(loss, reduction).astype(log_probs.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# cross_entropy kernels
+# ----------------------------------------------------------------------------------------------
+
+
+def _log_normalizer(z: jax.Array, axis: int):
+    """Returns ``(z - max)``, ``exp(z - max)``, their sum ``s`` and ``lse = max + log s``."""
+    m = jnp.max(z, axis, keepdims=True)
+    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0))
+    shifted = z - m
+    e = jnp.exp(shifted)
+    s = jnp.sum(e, axis, keepdims=True)
+    return shifted, e, s, m + jnp.log(s)
+
+
+def _index_loss(z, targets, valid, bad, pos_weight, class_weight, axis, smoothing, z_loss):
+    """Per-position cross-entropy of index targets; PyTorch's smoothing formula; PaLM's z-loss."""
+    del bad
+    shifted, _, s, lse = _log_normalizer(z, axis)
+    log_s = jnp.log(s)
+    hit = jax.lax.broadcasted_iota(jnp.int32, z.shape, axis) == jnp.expand_dims(targets, axis)
+    target_logp = jnp.sum(jnp.where(hit, shifted, 0), axis, keepdims=True) - log_s
+    valid_k = jnp.expand_dims(valid, axis)
+    loss = jnp.where(valid_k, -(1 - smoothing) * jnp.expand_dims(pos_weight, axis) * target_logp, 0)
+    if smoothing:
+        logp = shifted - log_s
+        if class_weight is not None:
+            logp = _common.expand_at(class_weight, axis, z.ndim) * logp
+        smooth = -jnp.sum(logp, axis, keepdims=True)
+        loss = loss + jnp.where(valid_k, smoothing / z.shape[axis] * smooth, 0)
+    if z_loss:
+        loss = loss + jnp.where(valid_k, z_loss * lse**2, 0)
+    return jnp.squeeze(loss, axis)
+
+
+def _index_grad(z, targets, valid, bad, pos_weight, class_weight, axis, smoothing, z_loss):
+    """∂loss/∂z = a·softmax(z) − b, built in one elementwise expression (no scatter)."""
+    _, e, s, lse = _log_normalizer(z, axis)
+    num_classes = z.shape[axis]
+    valid_k = jnp.expand_dims(valid, axis)
+    w = jnp.expand_dims(pos_weight, axis)
+    hit = jax.lax.broadcasted_iota(jnp.int32, z.shape, axis) == jnp.expand_dims(targets, axis)
+    a = (1 - smoothing) * w
+    b = jnp.where(hit, (1 - smoothing) * w, 0)
+    if smoothing:
+        eps_c = smoothing / num_classes
+        if class_weight is None:
+            a, b = a + smoothing, b + eps_c
+        else:
+            cw = _common.expand_at(class_weight, axis, z.ndim)
+            a, b = a + eps_c * jnp.sum(class_weight), b + eps_c * cw
+    if z_loss:
+        a = a + 2 * z_loss * lse
+    a = jnp.where(jnp.expand_dims(bad, axis), jnp.nan, a)
+    return jnp.where(valid_k, (a / s) * e - b, 0)
+
+
+_index_ce = _common.fused_jvp(_index_loss, _index_grad, 3, _common.contract_axis)
+
+
+def _prob_loss(z, targets, class_weight, axis, smoothing, z_loss):
+    """Per-position cross-entropy of probability targets (PyTorch's soft-label formula)."""
+    shifted, _, s, lse = _log_normalizer(z, axis)
+    logp = shifted - jnp.log(s)
+    wt = _smoothed_weighted_targets(targets, class_weight, axis, smoothing)
+    # 0 · log 0 = 0: a class with no target mass (e.g. a -inf masked logit) contributes nothing.
+    loss = -jnp.sum(jnp.where(wt == 0, 0, wt * logp), axis)
+    if z_loss:
+        loss = loss + z_loss * jnp.squeeze(lse, axis) ** 2
+    return loss
+
+
+def _prob_grad(z, targets, class_weight, axis, smoothing, z_loss):
+    _, e, s, lse = _log_normalizer(z, axis)
+    wt = _smoothed_weighted_targets(targets, class_weight, axis, smoothing)
+    a = jnp.sum(wt, axis, keepdims=True)
+    if z_loss:
+        a = a + 2 * z_loss * lse
+    return (a / s) * e - wt
+
+
+def _smoothed_weighted_targets(targets, class_weight, axis, smoothing):
+    t = targets.astype(jnp.promote_types(targets.dtype, jnp.float32))
+    if smoothing:
+        t = t * (1 - smoothing) + smoothing / t.shape[axis]
+    if class_weight is not None:
+        t = t * _common.expand_at(class_weight, axis, t.ndim)
+    return t
+
+
+_prob_ce = _common.fused_jvp(_prob_loss, _prob_grad, 3, _common.contract_axis)
+
+
+# ----------------------------------------------------------------------------------------------
+# cross_entropy
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.partial(
+    jax.jit, static_argnames=("ignore_index", "reduction", "label_smoothing", "axis", "z_loss")
+)
+def cross_entropy(
+    logits: Float[ArrayLike, "*batch classes *rest"],
+    targets: Int[ArrayLike, "*batch *rest"] | Float[ArrayLike, "*batch classes *rest"],
+    *,
+    weight: Float[ArrayLike, " classes"] | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    axis: int = -1,
+    z_loss: float = 0.0,
+) -> Float[Array, "*batch *rest"] | Float[Array, ""]:
+    r"""Cross-entropy between logits and targets, as ``torch.nn.functional.cross_entropy``.
+
+    With index targets ``y`` and label smoothing ε over ``C`` classes:
+
+    .. math::
+      \ell_n = -(1-\varepsilon)\, w_{y_n} \log p_{n,y_n}
+               - \frac{\varepsilon}{C} \sum_c w_c \log p_{n,c}
+               + \lambda_z \log^2\!\sum_c e^{z_{n,c}},
+      \qquad p = \mathrm{softmax}(z)
+
+    ``"mean"`` divides the sum by :math:`\sum_{n \notin \mathrm{ignored}} w_{y_n}`. With
+    probability targets ``t`` the loss is :math:`-\sum_c w_c t'_{n,c} \log p_{n,c}` with
+    :math:`t' = (1-\varepsilon) t + \varepsilon / C`, and ``"mean"`` divides by the number of
+    positions.
+
+    Args:
+      logits: floating scores, classes along ``axis``: ``(..., C)`` or PyTorch's
+        ``(N, C, d1, ...)`` with ``axis=1``.
+      targets: integer class indices with the logits' shape without ``axis``, or floating class
+        probabilities with the logits' shape.
+      weight: optional per-class weight, shape ``(C,)``.
+      ignore_index: index target that contributes no loss, weight or gradient.
+      reduction: ``"none"``, ``"sum"`` or ``"mean"``.
+      label_smoothing: ε in ``[0, 1]``.
+      axis: the class axis.
+      z_loss: PaLM's auxiliary coefficient λ_z on ``logsumexp(z)²`` at non-ignored positions,
+        reduced like the main loss (0 disables it; PyTorch has no such term).
+
+    Returns:
+      Per-position losses (``"none"``) or a scalar, in the dtype of ``logits`` (half precision
+      is accumulated in float32). An index target out of range that is not ``ignore_index``
+      gives NaN at its position; see :func:`jaxloss.check_targets` for a hard error.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxloss
+      >>> z = jnp.array([[1.0, 2.0], [1.0, 3.0], [1.0, 3.0]])
+      >>> y = jnp.array([0, 1, 1])
+      >>> jaxloss.cross_entropy(z, y, reduction="none").round(4)
+      Array([1.3133, 0.1269, 0.1269], dtype=float32)
+      >>> round(float(jaxloss.cross_entropy(z, y, weight=jnp.array([1.0, 2.0]))), 4)
+      0.3642
+
+    References:
+      PyTorch ``torch.nn.functional.cross_entropy``; Müller et al., "When does label smoothing
+      help?" (2019); Chowdhery et al., "PaLM" (2022) for the z-loss.
+    """
+    fn = "cross_entropy"
+    logits = _common.check_floating("logits", fn, logits)
+    targets = _common.as_array("targets", fn, targets)
+    _common.check_reduction(fn, reduction)
+    smoothing = _common.check_unit_interval("label_smoothing", fn, label_smoothing)
+    z_loss = _common.check_nonnegative("z_loss", fn, z_loss)
+    z = _common.upcast(logits)
+    if jnp.issubdtype(targets.dtype, jnp.integer):
+        idx = _IndexTargets(fn, logits, targets, weight, ignore_index, axis, "logits")
+        loss = _index_ce(
+            z, targets, idx.valid, idx.bad, idx.pos_weight, idx.class_weight,
+            idx.axis, smoothing, z_loss,
+        )  # fmt: skip
+        return idx.reduce(loss, reduction).astype(logits.dtype)
+    if not jnp.issubdtype(targets.dtype, jnp.floating):
+        raise TypeError(
+            f"{fn}: `targets` must be integer class indices or floating probabilities, got "
+            f"shape {tuple(targets.shape)} and dtype {targets.dtype}"
+        )
+    _common.check_same_shape(fn, ("logits", "targets"), logits, targets)
+    ax = _common.class_axis(fn, axis, logits.ndim)
+    class_weight = _common.check_class_weight(fn, weight, logits.shape[ax])
+    if class_weight is not None:
+        class_weight = class_weight.astype(z.dtype)
+    loss = _prob_ce(z, _common.upcast(targets), class_weight, ax, smoothing, z_loss)
+    num_positions = loss.size
+    return _common.reduce_loss(loss, reduction, num_positions).astype(logits.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Opt-in hard error for bad targets
+# ----------------------------------------------------------------------------------------------
+
+
+def check_targets(
+    targets: Int[ArrayLike, "*batch"], num_classes: int, *, ignore_index: int = -100
+) -> None:
+    """Asserts, inside ``jax.experimental.checkify``, that every index target is in range.
+
+    The losses cannot raise on data under ``jit``; they return NaN at a bad position instead.
+    Call this in a train step wrapped by ``checkify.checkify`` to get a clear error.
+
+    Args:
+      targets: integer class indices.
+      num_classes: the number of classes ``C``; valid targets lie in ``[0, C)``.
+      ignore_index: the target value that is exempt from the check.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxloss
+      >>> from jax.experimental import checkify
+      >>> def step(z, y):
+      ...     jaxloss.check_targets(y, z.shape[-1])
+      ...     return jaxloss.cross_entropy(z, y)
+      >>> err, _ = jax.jit(checkify.checkify(step))(jnp.zeros((2, 3)), jnp.array([0, 7]))
+      >>> print(err.get())  # doctest: +ELLIPSIS
+      cross_entropy targets out of range [0, 3): 7 ...
+    """
+    targets = _common.check_integer("targets", "check_targets", targets)
+    valid = ~_ignored(targets, int(ignore_index))
+    bad = valid & ((targets < 0) | (targets >= num_classes))
+    first = jnp.where(bad, targets, 0).ravel()[jnp.argmax(bad.ravel())] if targets.size else 0
+    checkify.check(
+        ~jnp.any(bad),
+        f"cross_entropy targets out of range [0, {num_classes}): {{t}} (and not ignore_index)",
+        t=first,
+    )

@@ -1,0 +1,255 @@
+"""Shared machinery: argument validation, dtype policy, class-axis handling, reductions.
+
+Every loss in jaxloss funnels its checks and reductions through this module so that a misuse is
+reported the same way everywhere and the PyTorch reduction rules live in exactly one place. All
+checks here inspect static shapes and dtypes only, so they run once at trace time and cost nothing
+inside ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.custom_derivatives import SymbolicZero
+
+Reduction = Literal["none", "mean", "sum"]
+REDUCTIONS: tuple[str, ...] = ("none", "mean", "sum")
+
+
+def as_array(name: str, fn: str, x: Any) -> jax.Array:
+    """Converts ``x`` to a JAX array, naming the argument if it cannot be converted."""
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{fn}: `{name}` must be an array, got {type(x).__name__}: {err}") from err
+
+
+def _describe(x: jax.Array) -> str:
+    return f"shape {tuple(x.shape)} and dtype {x.dtype}"
+
+
+def check_floating(name: str, fn: str, x: Any) -> jax.Array:
+    """Returns ``x`` as an array, raising ``TypeError`` unless its dtype is real floating."""
+    x = as_array(name, fn, x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{fn}: `{name}` must have a floating dtype, got {_describe(x)}")
+    return x
+
+
+def check_integer(name: str, fn: str, x: Any) -> jax.Array:
+    """Returns ``x`` as an array, raising ``TypeError`` unless its dtype is integer."""
+    x = as_array(name, fn, x)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{fn}: `{name}` must have an integer dtype, got {_describe(x)}")
+    return x
+
+
+def check_real(name: str, fn: str, x: Any) -> jax.Array:
+    """Returns ``x`` as an array, raising ``TypeError`` unless it is real (integer or floating)."""
+    x = as_array(name, fn, x)
+    if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
+        raise TypeError(f"{fn}: `{name}` must have a real numeric dtype, got {_describe(x)}")
+    return x
+
+
+def check_same_shape(fn: str, names: tuple[str, str], a: jax.Array, b: jax.Array) -> None:
+    """Raises ``ValueError`` unless ``a`` and ``b`` have identical shapes (no broadcasting)."""
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{fn}: `{names[1]}` must have the same shape as `{names[0]}` (no broadcasting), "
+            f"got `{names[0]}` with {_describe(a)} and `{names[1]}` with {_describe(b)}"
+        )
+
+
+def check_reduction(fn: str, reduction: str, allowed: Sequence[str] = REDUCTIONS) -> None:
+    """Raises ``ValueError`` for a reduction outside ``allowed``."""
+    if reduction not in allowed:
+        raise ValueError(f"{fn}: `reduction` must be one of {tuple(allowed)}, got {reduction!r}")
+
+
+def check_unit_interval(name: str, fn: str, value: float) -> float:
+    """Returns ``value`` as a Python float, raising ``ValueError`` outside ``[0, 1]``."""
+    try:
+        value = float(value)
+    except TypeError as err:
+        raise TypeError(f"{fn}: `{name}` must be a Python float, got {type(value).__name__}") from err
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{fn}: `{name}` must lie in [0, 1], got {value}")
+    return value
+
+
+def check_nonnegative(name: str, fn: str, value: float) -> float:
+    """Returns ``value`` as a Python float, raising ``ValueError`` if negative or not finite."""
+    try:
+        value = float(value)
+    except TypeError as err:
+        raise TypeError(f"{fn}: `{name}` must be a Python float, got {type(value).__name__}") from err
+    if not (np.isfinite(value) and value >= 0.0):
+        raise ValueError(f"{fn}: `{name}` must be a finite number >= 0, got {value}")
+    return value
+
+
+def class_axis(fn: str, axis: int, ndim: int) -> int:
+    """Normalises the class axis to a non-negative index for an array of rank ``ndim``."""
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+        raise TypeError(f"{fn}: `axis` must be an int, got {type(axis).__name__}")
+    if ndim == 0:
+        raise ValueError(f"{fn}: the input must have a class axis, got a scalar (shape ())")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{fn}: `axis`={axis} is out of range for an input of rank {ndim}")
+    return int(axis) % ndim
+
+
+def without_axis(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
+    return shape[:axis] + shape[axis + 1 :]
+
+
+def check_class_weight(fn: str, weight: Any, num_classes: int) -> jax.Array | None:
+    """Validates a per-class weight vector of shape ``(num_classes,)``."""
+    if weight is None:
+        return None
+    weight = check_real("weight", fn, weight)
+    if weight.shape != (num_classes,):
+        raise ValueError(
+            f"{fn}: `weight` must have shape ({num_classes},), one entry per class, "
+            f"got {_describe(weight)}"
+        )
+    return weight
+
+
+def broadcast_like(name: str, fn: str, arr: Any, shape: tuple[int, ...]) -> jax.Array | None:
+    """Broadcasts ``arr`` to ``shape`` with NumPy/PyTorch rules (trailing axes aligned).
+
+    PyTorch lets ``weight`` and ``pos_weight`` broadcast against the input, but never lets them
+    enlarge it; the same holds here, and the broadcast is explicit so that it is legal under
+    ``jax_numpy_rank_promotion="raise"``.
+    """
+    if arr is None:
+        return None
+    arr = check_real(name, fn, arr)
+    try:
+        out_shape = np.broadcast_shapes(arr.shape, shape)
+    except ValueError:
+        out_shape = None
+    if out_shape != tuple(shape):
+        raise ValueError(
+            f"{fn}: `{name}` with {_describe(arr)} does not broadcast to the input's shape "
+            f"{tuple(shape)}"
+        )
+    return jnp.broadcast_to(arr, shape)
+
+
+def compute_dtype(dtype: Any) -> jnp.dtype:
+    """Accumulation dtype: float32 for half-precision inputs, the input's own dtype otherwise."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else dtype
+
+
+def upcast(x: jax.Array) -> jax.Array:
+    """Upcasts a half-precision array to float32 once, so every accumulation runs in float32."""
+    return x.astype(compute_dtype(x.dtype))
+
+
+def expand_at(v: jax.Array, axis: int, ndim: int) -> jax.Array:
+    """Reshapes a per-class vector so that it lies along ``axis`` of a rank-``ndim`` array."""
+    shape = [1] * ndim
+    shape[axis] = v.shape[0]
+    return v.reshape(shape)
+
+
+def safe_divide(total: jax.Array, denominator: jax.Array) -> jax.Array:
+    """``total / denominator``, NaN when the denominator is 0, with a zero gradient there.
+
+    PyTorch returns NaN for a mean over nothing (every target ignored) yet zero gradients; the
+    double ``where`` keeps the 0/0 out of the backward pass.
+    """
+    empty = denominator == 0
+    return jnp.where(empty, jnp.nan, total / jnp.where(empty, 1, denominator))
+
+
+def reduce_loss(
+    loss: jax.Array, reduction: str, denominator: jax.Array | float | None = None
+) -> jax.Array:
+    """Applies a PyTorch reduction to per-position losses.
+
+    Args:
+      loss: per-position losses, any shape.
+      reduction: ``"none"``, ``"sum"`` or ``"mean"``.
+      denominator: the divisor for ``"mean"``; the number of elements when omitted.
+
+    Returns:
+      ``loss`` itself, its sum, or its sum over ``denominator``.
+    """
+    if reduction == "none":
+        return loss
+    total = jnp.sum(loss)
+    if reduction == "sum":
+        return total
+    if denominator is None:
+        denominator = loss.size
+    return safe_divide(total, jnp.asarray(denominator, total.dtype))
+
+
+def is_zero(tangent: Any) -> bool:
+    """Whether a ``custom_jvp`` tangent is a symbolic zero (that input is not differentiated)."""
+    return tangent is None or isinstance(tangent, SymbolicZero)
+
+
+def fused_jvp(loss_fn: Callable, grad_fn: Callable, num_static: int, contract: Callable) -> Callable:
+    """A ``custom_jvp`` whose tangent in the first argument comes from a hand-written gradient.
+
+    ``loss_fn(x, *arrays, *static)`` computes the loss; ``grad_fn`` (same arguments) returns its
+    derivative in ``x`` and ``contract(g, dx, *static)`` applies it to a tangent. Written as a JVP
+    (not a VJP) so that forward mode and Hessians keep working; under reverse mode the
+    transposed tangent is one fused elementwise expression. The tangents of the other array
+    arguments (weights, probability targets) come from ordinary autodiff of ``loss_fn`` and are
+    computed only when those arguments are actually differentiated (symbolic zeros otherwise).
+    """
+
+    def primal(*args):
+        return loss_fn(*args)
+
+    num_args = len(inspect.signature(loss_fn).parameters)
+    f = jax.custom_jvp(primal, nondiff_argnums=tuple(range(num_args - num_static, num_args)))
+
+    def jvp(*args):
+        *static, primals, tangents = args
+        x, *rest = primals
+        dx, *drest = tangents
+        out = loss_fn(*primals, *static)
+        tangent = jnp.zeros_like(out)
+        if not is_zero(dx):
+            g = grad_fn(*primals, *static)
+            tangent = tangent + contract(g, dx.astype(g.dtype), *static)
+        if any(not is_zero(t) for t in drest):
+            live = [i for i, t in enumerate(drest) if not is_zero(t)]
+
+            def partial_loss(*live_args):
+                args = list(rest)
+                for i, a in zip(live, live_args):
+                    args[i] = a
+                return loss_fn(x, *args, *static)
+
+            _, t_rest = jax.jvp(
+                partial_loss, tuple(rest[i] for i in live), tuple(drest[i] for i in live)
+            )
+            tangent = tangent + t_rest
+        return out, tangent
+
+    f.defjvp(jvp, symbolic_zeros=True)
+    return f
+
+
+def contract_axis(g: jax.Array, dx: jax.Array, axis: int, *_: Any) -> jax.Array:
+    """Tangent of a per-position loss over a class axis: ``sum(g * dx, axis)``."""
+    return jnp.sum(g * dx, axis)
+
+
+def contract_elementwise(g: jax.Array, dx: jax.Array, *_: Any) -> jax.Array:
+    """Tangent of an elementwise loss: ``g * dx``."""
+    return g * dx
