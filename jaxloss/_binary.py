@@ -40,7 +40,11 @@ def _bce_grad(p, y, w):
 
 # Custom JVP for parity: PyTorch's gradient is (p - y) / max(p(1-p), 1e-12) even where the -100
 # clamp is active, whereas autodiff of the clamp would give 0 there.
-_bce = _common.fused_jvp(_bce_loss, _bce_grad, 0, _common.contract_elementwise)
+def _bce_loss_and_grad(p, y, w):
+    return _bce_loss(p, y, w), _bce_grad(p, y, w)
+
+
+_bce = _common.fused_jvp(_bce_loss, _bce_loss_and_grad, 0, _common.contract_elementwise)
 
 
 @functools.partial(jax.jit, static_argnames=("reduction",))
@@ -94,7 +98,13 @@ def _bce_logits_grad(x, y, w, pw):
 
 
 # Custom JVP for speed: σ(-x) is the whole derivative, with no softplus chain rule to unwind.
-_bce_logits = _common.fused_jvp(_bce_logits_loss, _bce_logits_grad, 0, _common.contract_elementwise)
+def _bce_logits_loss_and_grad(x, y, w, pw):
+    return _bce_logits_loss(x, y, w, pw), _bce_logits_grad(x, y, w, pw)
+
+
+_bce_logits = _common.fused_jvp(
+    _bce_logits_loss, _bce_logits_loss_and_grad, 0, _common.contract_elementwise
+)
 
 
 @functools.partial(jax.jit, static_argnames=("reduction",))

@@ -55,11 +55,6 @@ class _IndexTargets:
             safe = jnp.clip(targets, 0, self.num_classes - 1)
             self.pos_weight = jnp.where(self.valid, self.class_weight[safe], 0)
 
-    def hit(self, shape: tuple[int, ...]) -> jax.Array:
-        """One-hot mask of the target class, built by an iota comparison (no gather/scatter)."""
-        iota = jax.lax.broadcasted_iota(jnp.int32, shape, self.axis)
-        return iota == jnp.expand_dims(self.targets, self.axis)
-
     def reduce(self, loss: jax.Array, reduction: str) -> jax.Array:
         """PyTorch's reduction: "mean" divides by the total weight of the non-ignored targets."""
         loss = jnp.where(self.bad, jnp.nan, loss)
@@ -113,10 +108,25 @@ def nll(
     targets = _common.check_integer("targets", fn, targets)
     _common.check_reduction(fn, reduction)
     idx = _IndexTargets(fn, log_probs, targets, weight, ignore_index, axis, "log_probs")
-    x = _common.upcast(log_probs)
-    picked = jnp.sum(jnp.where(idx.hit(x.shape), x, 0), idx.axis)
-    loss = jnp.where(idx.valid, -idx.pos_weight * picked, 0)
+    loss = _nll(log_probs, targets, idx.valid, idx.pos_weight, idx.axis)
     return idx.reduce(loss, reduction).astype(log_probs.dtype)
+
+
+def _nll_loss(x, targets, valid, pos_weight, axis):
+    picked = jnp.squeeze(_pick(_common.upcast(x), targets, axis), axis)
+    return jnp.where(valid, -pos_weight * picked, 0)
+
+
+def _nll_loss_and_grad(x, targets, valid, pos_weight, axis):
+    hit = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis) == jnp.expand_dims(targets, axis)
+    hit = hit & jnp.expand_dims(valid, axis)
+    grad = jnp.where(hit, -jnp.expand_dims(pos_weight, axis), 0)
+    return _nll_loss(x, targets, valid, pos_weight, axis), grad
+
+
+# Custom JVP for speed: the gradient is a one-hot built from an iota comparison, fused into the
+# backward pass, instead of the scatter-add that autodiff of the gather would produce.
+_nll = _common.fused_jvp(_nll_loss, _nll_loss_and_grad, 1, _common.contract_axis)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,84 +134,128 @@ def nll(
 # ----------------------------------------------------------------------------------------------
 
 
-def _log_normalizer(z: jax.Array, axis: int):
-    """Returns ``(z - max)``, ``exp(z - max)``, their sum ``s`` and ``lse = max + log s``."""
-    m = jnp.max(z, axis, keepdims=True)
-    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0))
-    shifted = z - m
-    e = jnp.exp(shifted)
-    s = jnp.sum(e, axis, keepdims=True)
-    return shifted, e, s, m + jnp.log(s)
+class _Normalizer:
+    """Per-row softmax pieces shared by the loss and its gradient.
+
+    ``e = exp(z - max)`` is stored in ``e_dtype``: float32 when only the loss is needed (XLA then
+    fuses the exp into the sum and never materialises it), the logits' own dtype when the
+    gradient is needed, so that the one N×C buffer that must exist is the gradient's own (XLA
+    writes the gradient in place of ``e``: one exp per logit and no temporaries, even for bf16).
+    """
+
+    def __init__(self, z: jax.Array, axis: int, e_dtype):
+        zc = _common.upcast(z)
+        # The max is exact in any dtype; taking it before the upcast keeps XLA from materialising
+        # a float32 copy of half-precision logits.
+        m = jnp.max(z, axis, keepdims=True).astype(zc.dtype)
+        # A row of all -inf keeps a finite shift, giving PyTorch's NaN rather than inf - inf here.
+        self.max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0))
+        self.shifted = zc - self.max
+        self.e = jnp.exp(self.shifted).astype(e_dtype)
+        self.sum = jnp.sum(self.e.astype(zc.dtype), axis, keepdims=True)
+        self.log_sum = jnp.log(self.sum)
+        self.lse = self.max + self.log_sum
+
+    def e_wide(self) -> jax.Array:
+        """``e`` in float32 for the gradient's arithmetic.
+
+        For bf16 the widening is written as a bit shift (exact: bf16 is the top half of a float32)
+        rather than a second ``convert``: XLA would merge two converts into one, shared by the sum
+        and the gradient, and materialise it as an N×C float32 temporary.
+        """
+        if self.e.dtype == jnp.bfloat16:
+            bits = jax.lax.bitcast_convert_type(self.e, jnp.uint16).astype(jnp.uint32) << 16
+            return jax.lax.bitcast_convert_type(bits, jnp.float32)
+        return self.e.astype(self.sum.dtype)
 
 
-def _index_loss(z, targets, valid, bad, pos_weight, class_weight, axis, smoothing, z_loss):
+def _pick(x: jax.Array, targets: jax.Array, axis: int) -> jax.Array:
+    """``x`` at the target class, keeping the class axis (size 1).
+
+    A gather reads N elements; the one-hot ``where``-sum alternative is an extra N×C pass and, on
+    CPU, an N×C temporary, since XLA does not fuse a reduction into its producer there. Bad
+    targets are clipped here and turned into NaN by the caller.
+    """
+    safe = jnp.clip(jnp.expand_dims(targets, axis), 0, x.shape[axis] - 1)
+    return jnp.take_along_axis(x, safe.astype(jnp.int32), axis)
+
+
+def _index_terms(norm, z, targets, valid, pos_weight, class_weight, axis, smoothing, z_loss):
     """Per-position cross-entropy of index targets; PyTorch's smoothing formula; PaLM's z-loss."""
-    del bad
-    shifted, _, s, lse = _log_normalizer(z, axis)
-    log_s = jnp.log(s)
-    hit = jax.lax.broadcasted_iota(jnp.int32, z.shape, axis) == jnp.expand_dims(targets, axis)
-    target_logp = jnp.sum(jnp.where(hit, shifted, 0), axis, keepdims=True) - log_s
+    target_logp = _pick(norm.shifted, targets, axis) - norm.log_sum
     valid_k = jnp.expand_dims(valid, axis)
-    loss = jnp.where(valid_k, -(1 - smoothing) * jnp.expand_dims(pos_weight, axis) * target_logp, 0)
+    w = jnp.expand_dims(pos_weight, axis)
+    loss = jnp.where(valid_k, -(1 - smoothing) * w * target_logp, 0)
     if smoothing:
-        logp = shifted - log_s
+        logp = norm.shifted - norm.log_sum
         if class_weight is not None:
             logp = _common.expand_at(class_weight, axis, z.ndim) * logp
         smooth = -jnp.sum(logp, axis, keepdims=True)
         loss = loss + jnp.where(valid_k, smoothing / z.shape[axis] * smooth, 0)
     if z_loss:
-        loss = loss + jnp.where(valid_k, z_loss * lse**2, 0)
+        loss = loss + jnp.where(valid_k, z_loss * norm.lse**2, 0)
     return jnp.squeeze(loss, axis)
 
 
-def _index_grad(z, targets, valid, bad, pos_weight, class_weight, axis, smoothing, z_loss):
-    """∂loss/∂z = a·softmax(z) − b, built in one elementwise expression (no scatter)."""
-    _, e, s, lse = _log_normalizer(z, axis)
-    num_classes = z.shape[axis]
+def _index_loss(z, targets, valid, bad, pos_weight, class_weight, axis, smoothing, z_loss):
+    norm = _Normalizer(z, axis, jnp.float32)
+    args = (targets, valid, pos_weight, class_weight, axis, smoothing, z_loss)
+    return _index_terms(norm, z, *args)
+
+
+def _index_loss_and_grad(z, targets, valid, bad, pos_weight, class_weight, axis, smoothing, z_loss):
+    """The loss and ∂loss/∂z = a·softmax(z) − b, one elementwise expression (no scatter)."""
+    norm = _Normalizer(z, axis, z.dtype)
+    loss = _index_terms(norm, z, targets, valid, pos_weight, class_weight, axis, smoothing, z_loss)
     valid_k = jnp.expand_dims(valid, axis)
     w = jnp.expand_dims(pos_weight, axis)
     hit = jax.lax.broadcasted_iota(jnp.int32, z.shape, axis) == jnp.expand_dims(targets, axis)
     a = (1 - smoothing) * w
     b = jnp.where(hit, (1 - smoothing) * w, 0)
     if smoothing:
-        eps_c = smoothing / num_classes
+        eps_c = smoothing / z.shape[axis]
         if class_weight is None:
             a, b = a + smoothing, b + eps_c
         else:
             cw = _common.expand_at(class_weight, axis, z.ndim)
             a, b = a + eps_c * jnp.sum(class_weight), b + eps_c * cw
     if z_loss:
-        a = a + 2 * z_loss * lse
+        a = a + 2 * z_loss * norm.lse
     a = jnp.where(jnp.expand_dims(bad, axis), jnp.nan, a)
-    return jnp.where(valid_k, (a / s) * e - b, 0)
+    grad = jnp.where(valid_k, (a / norm.sum) * norm.e_wide() - b, 0)
+    return loss, grad
 
 
-_index_ce = _common.fused_jvp(_index_loss, _index_grad, 3, _common.contract_axis)
+_index_ce = _common.fused_jvp(_index_loss, _index_loss_and_grad, 3, _common.contract_axis)
 
 
-def _prob_loss(z, targets, class_weight, axis, smoothing, z_loss):
+def _prob_terms(norm, targets, class_weight, axis, smoothing, z_loss):
     """Per-position cross-entropy of probability targets (PyTorch's soft-label formula)."""
-    shifted, _, s, lse = _log_normalizer(z, axis)
-    logp = shifted - jnp.log(s)
+    logp = norm.shifted - norm.log_sum
     wt = _smoothed_weighted_targets(targets, class_weight, axis, smoothing)
     # 0 · log 0 = 0: a class with no target mass (e.g. a -inf masked logit) contributes nothing.
     loss = -jnp.sum(jnp.where(wt == 0, 0, wt * logp), axis)
     if z_loss:
-        loss = loss + z_loss * jnp.squeeze(lse, axis) ** 2
-    return loss
+        loss = loss + z_loss * jnp.squeeze(norm.lse, axis) ** 2
+    return loss, wt
 
 
-def _prob_grad(z, targets, class_weight, axis, smoothing, z_loss):
-    _, e, s, lse = _log_normalizer(z, axis)
-    wt = _smoothed_weighted_targets(targets, class_weight, axis, smoothing)
+def _prob_loss(z, targets, class_weight, axis, smoothing, z_loss):
+    norm = _Normalizer(z, axis, jnp.float32)
+    return _prob_terms(norm, targets, class_weight, axis, smoothing, z_loss)[0]
+
+
+def _prob_loss_and_grad(z, targets, class_weight, axis, smoothing, z_loss):
+    norm = _Normalizer(z, axis, z.dtype)
+    loss, wt = _prob_terms(norm, targets, class_weight, axis, smoothing, z_loss)
     a = jnp.sum(wt, axis, keepdims=True)
     if z_loss:
-        a = a + 2 * z_loss * lse
-    return (a / s) * e - wt
+        a = a + 2 * z_loss * norm.lse
+    return loss, (a / norm.sum) * norm.e_wide() - wt
 
 
 def _smoothed_weighted_targets(targets, class_weight, axis, smoothing):
-    t = targets.astype(jnp.promote_types(targets.dtype, jnp.float32))
+    t = _common.upcast(targets)
     if smoothing:
         t = t * (1 - smoothing) + smoothing / t.shape[axis]
     if class_weight is not None:
@@ -209,7 +263,7 @@ def _smoothed_weighted_targets(targets, class_weight, axis, smoothing):
     return t
 
 
-_prob_ce = _common.fused_jvp(_prob_loss, _prob_grad, 3, _common.contract_axis)
+_prob_ce = _common.fused_jvp(_prob_loss, _prob_loss_and_grad, 3, _common.contract_axis)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,7 +337,7 @@ def cross_entropy(
     _common.check_reduction(fn, reduction)
     smoothing = _common.check_unit_interval("label_smoothing", fn, label_smoothing)
     z_loss = _common.check_nonnegative("z_loss", fn, z_loss)
-    z = _common.upcast(logits)
+    z = logits
     if jnp.issubdtype(targets.dtype, jnp.integer):
         idx = _IndexTargets(fn, logits, targets, weight, ignore_index, axis, "logits")
         loss = _index_ce(
@@ -300,8 +354,8 @@ def cross_entropy(
     ax = _common.class_axis(fn, axis, logits.ndim)
     class_weight = _common.check_class_weight(fn, weight, logits.shape[ax])
     if class_weight is not None:
-        class_weight = class_weight.astype(z.dtype)
-    loss = _prob_ce(z, _common.upcast(targets), class_weight, ax, smoothing, z_loss)
+        class_weight = class_weight.astype(_common.compute_dtype(z.dtype))
+    loss = _prob_ce(z, targets, class_weight, ax, smoothing, z_loss)
     num_positions = loss.size
     return _common.reduce_loss(loss, reduction, num_positions).astype(logits.dtype)
 

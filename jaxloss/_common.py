@@ -200,15 +200,18 @@ def is_zero(tangent: Any) -> bool:
     return tangent is None or isinstance(tangent, SymbolicZero)
 
 
-def fused_jvp(loss_fn: Callable, grad_fn: Callable, num_static: int, contract: Callable) -> Callable:
+def fused_jvp(
+    loss_fn: Callable, loss_and_grad_fn: Callable, num_static: int, contract: Callable
+) -> Callable:
     """A ``custom_jvp`` whose tangent in the first argument comes from a hand-written gradient.
 
-    ``loss_fn(x, *arrays, *static)`` computes the loss; ``grad_fn`` (same arguments) returns its
-    derivative in ``x`` and ``contract(g, dx, *static)`` applies it to a tangent. Written as a JVP
-    (not a VJP) so that forward mode and Hessians keep working; under reverse mode the
-    transposed tangent is one fused elementwise expression. The tangents of the other array
-    arguments (weights, probability targets) come from ordinary autodiff of ``loss_fn`` and are
-    computed only when those arguments are actually differentiated (symbolic zeros otherwise).
+    ``loss_fn(x, *arrays, *static)`` computes the loss; ``loss_and_grad_fn`` (same arguments)
+    returns the loss and its derivative ``g`` in ``x`` sharing their intermediates, and
+    ``contract(g, dx, *static)`` applies ``g`` to a tangent. Written as a JVP (not a VJP) so that
+    forward mode and Hessians keep working; under reverse mode the transposed tangent is one
+    fused elementwise expression. The tangents of the other array arguments (weights,
+    probability targets) come from ordinary autodiff of ``loss_fn`` and are computed only when
+    those arguments are actually differentiated (symbolic zeros otherwise).
     """
 
     def primal(*args):
@@ -221,11 +224,13 @@ def fused_jvp(loss_fn: Callable, grad_fn: Callable, num_static: int, contract: C
         *static, primals, tangents = args
         x, *rest = primals
         dx, *drest = tangents
-        out = loss_fn(*primals, *static)
-        tangent = jnp.zeros_like(out)
-        if not is_zero(dx):
-            g = grad_fn(*primals, *static)
-            tangent = tangent + contract(g, dx.astype(g.dtype), *static)
+        if is_zero(dx):
+            out = loss_fn(*primals, *static)
+            tangent = jnp.zeros_like(out)
+        else:
+            out, g = loss_and_grad_fn(*primals, *static)
+            wide = compute_dtype(jnp.promote_types(g.dtype, dx.dtype))
+            tangent = contract(g.astype(wide), dx.astype(wide), *static).astype(out.dtype)
         if any(not is_zero(t) for t in drest):
             live = [i for i, t in enumerate(drest) if not is_zero(t)]
 
