@@ -66,6 +66,19 @@ class MLP(nnx.Module):
         return self.head(nnx.gelu(self.hidden(x)))
 
 
+def load_split(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8x8 digits scaled to [0, 1], split 75/25 stratified by digit.
+
+    Returns ``(x_train, digit_train, x_test, digit_test)`` as plain NumPy arrays.
+    """
+    images, digits = load_digits(return_X_y=True)
+    x = (np.asarray(images) / 16.0).astype(np.float32)
+    y = np.asarray(digits, dtype=np.int32)
+    parts = train_test_split(x, y, test_size=0.25, stratify=y, random_state=seed)
+    x_train, x_test, y_train, y_test = (np.asarray(part) for part in parts)
+    return x_train, y_train, x_test, y_test
+
+
 def digit_labels(digits: np.ndarray) -> np.ndarray:
     """The three binary labels of each digit, shape ``(N, 3)``, float32 (BCE takes floats)."""
     labels = np.stack([digits % 2 == 0, digits > 4, np.isin(digits, LOOP_DIGITS)], axis=-1)
@@ -111,7 +124,7 @@ def fit(
     num_outputs: int,
     data: tuple[np.ndarray, np.ndarray],
     args: argparse.Namespace,
-) -> tuple[nnx.Module, list[float]]:
+) -> tuple[MLP, list[float]]:
     """Adam on mini-batches with a jitted step; returns the trained model and per-epoch loss."""
     x_train, targets = data
     model = MLP(x_train.shape[1], args.hidden, num_outputs, rngs=nnx.Rngs(args.seed))
@@ -140,7 +153,9 @@ def fit(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("examples_out"), help="PNG directory")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -153,11 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     start = time.perf_counter()
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    x_train, x_test, d_train, d_test = train_test_split(
-        x, digits.target, test_size=0.25, stratify=digits.target, random_state=args.seed
-    )
+    x_train, d_train, x_test, d_test = load_split(args.seed)
     y_train, y_test = digit_labels(d_train), digit_labels(d_test)
 
     pos_weight = jnp.asarray(balanced_pos_weight(y_train))
@@ -178,8 +189,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "softmax CE", softmax_loss, 4, (x_train, softmax_targets(y_train)), args
     )
 
-    bce_probs = np.asarray(jaxloss.sigmoid(bce_model(x_test)))
-    ce_probs = np.asarray(jaxloss.softmax(ce_model(x_test)))[:, :3]
+    bce_probs = np.asarray(jaxloss.sigmoid(bce_model(jnp.asarray(x_test))))
+    ce_probs = np.asarray(jaxloss.softmax(ce_model(jnp.asarray(x_test))))[:, :3]
     bce_predicted, ce_predicted = bce_probs > 0.5, ce_probs > 0.5
     bce_f1, ce_f1 = f1_scores(bce_predicted, y_test), f1_scores(ce_predicted, y_test)
 

@@ -54,6 +54,19 @@ LABEL_SMOOTHING = 0.1
 Params = dict[str, jax.Array]
 
 
+def load_split(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8x8 digits scaled to [0, 1], split 75/25 stratified by digit.
+
+    Returns ``(x_train, digit_train, x_test, digit_test)`` as plain NumPy arrays.
+    """
+    images, digits = load_digits(return_X_y=True)
+    x = (np.asarray(images) / 16.0).astype(np.float32)
+    y = np.asarray(digits, dtype=np.int32)
+    parts = train_test_split(x, y, test_size=0.25, stratify=y, random_state=seed)
+    x_train, x_test, y_train, y_test = (np.asarray(part) for part in parts)
+    return x_train, y_train, x_test, y_test
+
+
 def init_params(key: jax.Array, num_features: int, hidden: int) -> Params:
     k1, k2 = jax.random.split(key)
     return {
@@ -146,7 +159,9 @@ def check_close(name: str, actual, expected, rtol: float = 1e-4, atol: float = 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("examples_out"), help="PNG directory")
     parser.add_argument("--steps", type=int, default=300, help="full-batch Adam steps")
     parser.add_argument("--hidden", type=int, default=64)
@@ -157,17 +172,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     start = time.perf_counter()
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x,
-        digits.target.astype(np.int32),
-        test_size=0.25,
-        stratify=digits.target,
-        random_state=args.seed,
-    )
+    x_train, y_train, x_test, y_test = map(jnp.asarray, load_split(args.seed))
 
-    params = init_params(jax.random.key(args.seed), x.shape[1], args.hidden)
+    params = init_params(jax.random.key(args.seed), x_train.shape[1], args.hidden)
     optimizer = optax.adam(3e-3)
     opt_state = optimizer.init(params)
 

@@ -76,14 +76,22 @@ def inverse_frequency_weights(labels: np.ndarray, num_classes: int) -> np.ndarra
     return (len(labels) / (num_classes * counts)).astype(np.float32)
 
 
+def load_split(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8x8 digits scaled to [0, 1], split 75/25 stratified by digit.
+
+    Returns ``(x_train, digit_train, x_test, digit_test)`` as plain NumPy arrays.
+    """
+    images, digits = load_digits(return_X_y=True)
+    x = (np.asarray(images) / 16.0).astype(np.float32)
+    y = np.asarray(digits, dtype=np.int32)
+    parts = train_test_split(x, y, test_size=0.25, stratify=y, random_state=seed)
+    x_train, x_test, y_train, y_test = (np.asarray(part) for part in parts)
+    return x_train, y_train, x_test, y_test
+
+
 def load_data(seed: int, minority_fraction: float):
-    """Digits scaled to [0, 1], split 75/25 stratified; optionally thins digits 5-9 in train."""
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    y = digits.target.astype(np.int32)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=0.25, stratify=y, random_state=seed
-    )
+    """The digits split; with ``minority_fraction < 1`` thins digits 5-9 in the training set."""
+    x_train, y_train, x_test, y_test = load_split(seed)
     if minority_fraction < 1.0:
         rng = np.random.default_rng(seed)
         keep = (y_train < 5) | (rng.random(len(y_train)) < minority_fraction)
@@ -92,7 +100,9 @@ def load_data(seed: int, minority_fraction: float):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("examples_out"), help="PNG directory")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -164,7 +174,8 @@ def main(argv: list[str] | None = None) -> float:
     figure_path = args.out / "digits_curves.png"
     title = "cross_entropy, " + ("unweighted" if class_weights is None else "class-weighted")
     save_curves(history, f"{title}, label smoothing {args.label_smoothing}", figure_path)
-    per_class = per_class_recall(np.asarray(nnx.merge(graphdef, params)(x_test)), y_test)
+    test_logits = nnx.merge(graphdef, params)(jnp.asarray(x_test))
+    per_class = per_class_recall(np.asarray(test_logits), y_test)
     print("per-class test recall:", np.array2string(per_class, precision=2))
     print(f"saved {figure_path}")
     print(f"elapsed: {time.perf_counter() - start:.1f} s")
