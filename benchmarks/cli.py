@@ -1,0 +1,387 @@
+"""``python -m benchmarks``: plan the grid, run it with a progress bar, report and write files."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from benchmarks import harness, report
+from benchmarks.cases import (
+    CPU_SIZES,
+    DTYPES,
+    GOAL_SHAPE,
+    GPU_SIZES,
+    QUICK_SIZES,
+    Case,
+    Shape,
+    all_cases,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    case: Case
+    mode: str
+    dtype: str
+    shape: Shape
+    memory_only: bool = False
+
+    @property
+    def name(self) -> str:
+        kind = "mem" if self.memory_only else self.mode
+        return f"{self.case.name}/{kind}/{self.dtype}/{'x'.join(map(str, self.shape))}"
+
+
+def parse_sizes(text: str) -> list[Shape]:
+    """``"128x10,1024x1000"`` -> ``[(128, 10), (1024, 1000)]``."""
+    try:
+        sizes = [tuple(int(d) for d in item.lower().split("x")) for item in text.split(",") if item]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"sizes look like 128x10,1024x1000; got {text!r}") from err
+    if not sizes or any(len(s) != 2 or min(s) < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"sizes look like 128x10,1024x1000; got {text!r}")
+    return sizes
+
+
+def _names(allowed: Sequence[str]):
+    def parse(text: str) -> list[str]:
+        names = [n for n in text.split(",") if n]
+        bad = [n for n in names if n not in allowed]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)}; got {text!r}")
+        return names
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Times jaxloss against optax and torch.nn.functional (forward and "
+        "value_and_grad), with compiled temp memory, a copy-bandwidth floor and goal checks.",
+    )
+    p.add_argument("--quick", action="store_true", help="small grid, few repeats (< 1 min)")
+    p.add_argument("--out", type=Path, help="directory for results.json, table.txt and PNGs")
+    p.add_argument(
+        "--filter",
+        default="",
+        help="comma-separated patterns (re.search; plain text is a substring) of benchmark "
+        "names to keep, e.g. 'cross_entropy$,softmax'",
+    )
+    p.add_argument("--sizes", type=parse_sizes, help="grid as NxC,NxC (replaces the default)")
+    p.add_argument("--dtypes", type=_names(tuple(DTYPES)), default=list(DTYPES))
+    p.add_argument("--modes", type=_names(("fwd", "vag")), default=["fwd", "vag"])
+    p.add_argument("--repeats", type=int, help="fixed number of timed samples per benchmark")
+    p.add_argument(
+        "--compile-workers",
+        type=int,
+        default=_cpu_threads(),
+        help="threads compiling a group of benchmarks ahead of timing it (default: cores)",
+    )
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peers")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        help="torch intra-op threads (default: as many as XLA uses, i.e. the available cores)",
+    )
+    p.add_argument("--no-check", action="store_true", help="skip the peer agreement check")
+    p.add_argument("--no-plots", action="store_true", help="with --out: JSON and table only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return p
+
+
+def _selected(case: Case, filters: Sequence[str]) -> bool:
+    return not filters or any(re.search(f, case.name) for f in filters)
+
+
+def plan(args: argparse.Namespace, cases: Sequence[Case], backend: str) -> list[Task]:
+    """Every (case, mode, dtype, shape) to run, grouped so that inputs are built once."""
+    filters = [f for f in args.filter.split(",") if f]
+    modes, dtypes = args.modes, args.dtypes
+    if args.sizes:
+        grid = [(s, d) for s in args.sizes for d in dtypes]
+    elif args.quick:
+        # f32 only; the one bf16 point is the goal point added below.
+        grid = [(s, "f32") for s in QUICK_SIZES if "f32" in dtypes]
+    else:
+        grid = [(s, d) for s in (CPU_SIZES if backend == "cpu" else GPU_SIZES) for d in dtypes]
+    tasks: list[Task] = []
+    for case in cases:
+        if not _selected(case, filters):
+            continue
+        points = case.points(backend, args.quick) if case.points else grid
+        for shape, dtype in points:
+            if dtype in dtypes:
+                tasks += [Task(case, m, dtype, tuple(shape)) for m in modes if m in case.modes]
+        if case.memory_only:
+            tasks += [
+                Task(case, "vag", dtype, tuple(shape), memory_only=True)
+                for shape, dtype in case.memory_only(backend)
+                if dtype in dtypes and "vag" in modes
+            ]
+    goal_case = next((c for c in cases if c.name == "cross_entropy"), None)
+    if goal_case is not None and _selected(goal_case, filters):
+        timed = {(t.case.name, t.mode, t.dtype, t.shape) for t in tasks}
+        for dtype in ("f32", "bf16"):
+            point = ("cross_entropy", "vag", dtype, GOAL_SHAPE)
+            if point in timed:
+                continue
+            # --quick times the goal point (vag only); otherwise only its memory is compiled.
+            timed_goal = args.quick and not args.sizes and "vag" in modes
+            tasks.append(Task(goal_case, "vag", dtype, GOAL_SHAPE, memory_only=not timed_goal))
+    # Group by input set; small before big so that the progress bar moves early.
+    order = {c.name: i for i, c in enumerate(cases)}
+    tasks.sort(
+        key=lambda t: (
+            t.memory_only, t.case.make_inputs.__name__, _elements(t.shape),
+            list(DTYPES).index(t.dtype),
+            order[t.case.name], t.mode,
+        )
+    )  # fmt: skip
+    return tasks
+
+
+def _groups(tasks: Sequence[Task]) -> list[list[Task]]:
+    """Consecutive tasks that share one set of inputs (same input builder, shape and dtype)."""
+    groups: list[list[Task]] = []
+    for task in tasks:
+        key = _group_key(task)
+        if groups and _group_key(groups[-1][0]) == key:
+            groups[-1].append(task)
+        else:
+            groups.append([task])
+    return groups
+
+
+def _group_key(task: Task) -> tuple:
+    return (task.memory_only, task.case.make_inputs, task.shape, task.dtype)
+
+
+def _compile_async(pool: ThreadPoolExecutor, task: Task) -> dict[str, Future]:
+    """Starts compiling every JAX implementation of ``task``; returns futures by name."""
+    try:
+        specs = harness.abstract_args(task.case, task.mode, task.dtype, task.shape)
+    except Exception:  # reported when the benchmark itself runs
+        return {}
+    return {
+        name: pool.submit(harness.compile_jax, task.case, fn, task.mode, specs)
+        for name, fn in task.case.impls.items()
+        if name != "torch"
+    }
+
+
+def _copy_floor(
+    task: Task, floors: dict[str, dict[str, float]], settings: harness.Settings
+) -> dict[str, float] | None:
+    """The copy floor of the task's logits shape and dtype, measured once per run."""
+    if not task.case.memory_bound:
+        return None
+    logits_shape = task.case.logits_shape(task.shape)
+    key = f"{task.dtype} {'x'.join(map(str, logits_shape))}"
+    if key not in floors:
+        floors[key] = harness.copy_floor(logits_shape, task.dtype, settings)
+    return floors[key]
+
+
+def _elements(shape: Shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _versions() -> dict[str, str | None]:
+    import jaxlib
+    import numpy
+    import optax
+
+    import jaxloss
+
+    versions: dict[str, str | None] = {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "optax": optax.__version__,
+        "numpy": numpy.__version__,
+        "jaxloss": jaxloss.__version__,
+    }
+    try:
+        import torch
+
+        versions["torch"] = torch.__version__
+    except ImportError:
+        versions["torch"] = None
+    return versions
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _cpu_threads() -> int:
+    """XLA's CPU thread pool has one thread per schedulable core."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _setup_torch(backend: str, threads: int | None) -> tuple[bool, int | None, str | None]:
+    """Matches torch's intra-op threads to XLA's; returns (use torch, threads, why not)."""
+    try:
+        import torch
+    except ImportError:
+        return False, None, "torch not importable"
+    if backend == "cpu":
+        torch.set_num_threads(threads or _cpu_threads())
+        return True, torch.get_num_threads(), None
+    if backend in ("gpu", "cuda") and torch.cuda.is_available():
+        return True, torch.get_num_threads(), None
+    return False, None, f"torch cannot run on the {backend} backend here"
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the suite and returns the results payload (also printed and written)."""
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    load_before = _load_average()
+    backend = jax.default_backend()
+    use_torch, torch_threads, torch_note = (
+        (False, None, "--no-torch") if args.no_torch else _setup_torch(backend, args.torch_threads)
+    )
+    cases = all_cases(include_torch=use_torch)
+    tasks = plan(args, cases, backend)
+    settings = harness.settings_for(args.quick, args.repeats)
+    if args.no_check:
+        settings = dataclasses.replace(settings, check=False)
+
+    from tqdm import tqdm
+
+    records: list[dict[str, Any]] = []
+    floors: dict[str, dict[str, float]] = {}
+    bar = tqdm(total=len(tasks), file=sys.stderr, disable=args.no_progress, unit="bench")
+    with ThreadPoolExecutor(max(1, min(args.compile_workers, 8))) as pool:
+        for group in _groups(tasks):
+            # Compile the whole group in parallel on abstract inputs (XLA releases the GIL),
+            # then time it with nothing else running.
+            compiling = {task.name: _compile_async(pool, task) for task in group}
+            inputs = None
+            for task in group:
+                bar.set_postfix_str(task.name, refresh=True)
+                compiled = {k: f.result for k, f in compiling.pop(task.name).items()}
+                if task.memory_only:
+                    records.append(
+                        harness.memory_only(task.case, task.mode, task.dtype, task.shape, compiled)
+                    )
+                    bar.update()
+                    continue
+                if inputs is None:
+                    inputs = task.case.make_inputs(task.shape, DTYPES[task.dtype])
+                copy = _copy_floor(task, floors, settings)
+                record = harness.run_one(
+                    task.case, task.mode, task.dtype, task.shape, inputs, settings, copy, compiled
+                )
+                record["copy_floor_s"] = None if copy is None else copy["median_s"]
+                records.append(record)
+                bar.update()
+            if inputs is not None:
+                inputs.clear()  # the biggest shapes hold several arrays of 512 MiB
+            del inputs
+            gc.collect()
+    bar.close()
+
+    goals = report.evaluate_goals(records, backend)
+    device = jax.devices()[0]
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "backend": backend,
+        "device": f"{device.platform}: {device.device_kind}",
+        "devices": [str(d) for d in jax.devices()],
+        "host": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "cpu_threads_available": _cpu_threads(),
+        },
+        "versions": _versions(),
+        "git_commit": _git_commit(),
+        "argv": list(sys.argv[1:] if argv is None else argv),
+        "quick": args.quick,
+        "torch": {"used": use_torch, "num_threads": torch_threads, "note": torch_note},
+        "xla_flags": os.environ.get("XLA_FLAGS"),
+        # Other processes on the machine skew absolute timings (ratios less so: interleaved).
+        "load_average_1min": {"start": load_before, "end": _load_average()},
+        "settings": dataclasses.asdict(settings),
+        "shapes": sorted({tuple(t.shape) for t in tasks}, key=_elements),
+        "dtypes": sorted({t.dtype for t in tasks}),
+        "byte_model": harness.BYTE_MODEL,
+        "cases": {
+            c.name: {"description": c.description, "peers": c.peer_note, "impls": list(c.impls)}
+            for c in cases
+            if _selected(c, [f for f in args.filter.split(",") if f])
+        },
+    }
+    payload = {"meta": meta, "copy_floors": floors, "results": records, "goals": goals}
+
+    title = f"{meta['device']}, jax {jax.__version__}{', quick' if args.quick else ''}"
+    text = "\n\n".join(
+        [
+            f"jaxloss benchmarks — {title}, {meta['date']}"
+            + (f", torch threads {torch_threads}" if use_torch else f" ({torch_note})"),
+            report.format_table(records),
+            "byte model: " + harness.BYTE_MODEL,
+            report.format_copy_floors(floors),
+            report.format_goals(goals),
+        ]
+    )
+    busiest = max((v for v in meta["load_average_1min"].values() if v is not None), default=0.0)
+    if backend == "cpu" and busiest > 0.5 * _cpu_threads():
+        text += (
+            f"\n\nnote: the machine was busy (1-min load average up to {busiest:.1f} on "
+            f"{_cpu_threads()} cores): absolute times are inflated and noisy; multi-threaded "
+            "torch suffers most from oversubscription."
+        )
+    meta["wall_s"] = time.perf_counter() - started
+    text += f"\n\nwall time {meta['wall_s']:.1f} s\n"
+    print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "table.txt").write_text(text)
+        if not args.no_plots:
+            meta["plots"] = [p.name for p in report.write_plots(args.out, records, title)]
+        report.write_json(args.out / "results.json", payload)
+        print(f"wrote {args.out / 'results.json'}", file=sys.stderr)
+    return payload
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    run(argv)
+    return 0

@@ -1,0 +1,400 @@
+"""How things are timed: compile once, warm up, calibrate, then interleave the peers.
+
+Every implementation of a benchmark is compiled once (``jax.jit(f).lower(*args).compile()``,
+which also yields the compiled temporary memory), called once to warm up, and calibrated so that
+one sample lasts at least ``min_sample_s`` (small shapes run several calls back to back, then
+block once). The samples are then taken round-robin: jaxloss, optax, torch, jaxloss, ... so that
+a burst of load from other processes hits every peer alike and the ratios hold on a noisy
+machine. The reported time is the median sample divided by the calls per sample.
+
+Byte model (the "copy floor"): the least memory traffic of a function is reading each input once
+and writing each output once; for forward + backward the outputs include the gradient, so a
+cross-entropy forward reads the logits once and its value_and_grad reads them once and writes the
+gradient once. The floor is a jitted ``x * s`` of the logits (``s`` a runtime scalar, so XLA can
+neither elide nor fold it), which reads and writes the logits' bytes once each. ``copy_fraction``
+is the speed of light over the time taken: ``(min_bytes / t) / (2 * logits_bytes / t_copy)``;
+1.0 means the function moved its bytes as fast as a copy does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.cases import DTYPES, Case, Shape
+
+BYTE_MODEL = (
+    "min_bytes = bytes of every input read once + every output written once (value_and_grad "
+    "writes the gradient once; scalar outputs ~0). Copy floor: jitted x * s of the logits-sized "
+    "array (s a runtime scalar), moving 2 x logits_bytes. copy_fraction = (min_bytes / t) / "
+    "(2 x logits_bytes / t_copy)."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Timing knobs; see :func:`settings_for`."""
+
+    min_sample_s: float  # a sample runs calls back to back until it lasts this long
+    max_calls: int  # ... but never more calls than this per sample
+    min_repeats: int
+    max_repeats: int
+    budget_s: float  # target seconds of samples per benchmark, between the repeat bounds
+    check: bool = True  # compare every peer's output with jaxloss's before timing
+
+
+def settings_for(quick: bool, repeats: int | None = None) -> Settings:
+    """Full runs take more and longer samples; ``repeats`` pins the repeat count."""
+    if quick:
+        s = Settings(min_sample_s=0.004, max_calls=2000, min_repeats=3, max_repeats=5, budget_s=0.2)
+    else:
+        s = Settings(min_sample_s=0.02, max_calls=5000, min_repeats=3, max_repeats=9, budget_s=1.5)
+    if repeats is not None:
+        s = dataclasses.replace(s, min_repeats=repeats, max_repeats=repeats)
+    return s
+
+
+# ----------------------------------------------------------------------------------------------
+# Runners: one per implementation, each a "do `number` calls and wait" function.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Runner:
+    """A prepared implementation: ``call()`` runs it once, ``wait(out)`` blocks on its result."""
+
+    name: str
+    call: Callable[[], Any]
+    wait: Callable[[Any], Any]
+    temp_bytes: int | None = None
+    compile_s: float | None = None
+    number: int = 1
+    times: list[float] = dataclasses.field(default_factory=list)
+
+    def sample(self, number: int) -> float:
+        """Seconds per call over ``number`` back-to-back calls (one wait at the end)."""
+        out = None
+        start = time.perf_counter()
+        for _ in range(number):
+            out = self.call()
+        self.wait(out)
+        return (time.perf_counter() - start) / number
+
+
+def temp_size(compiled: Any) -> int | None:
+    """``temp_size_in_bytes`` of a compiled executable, None where the backend has no analysis."""
+    try:
+        analysis = compiled.memory_analysis()
+    except Exception:  # some backends raise NotImplemented/XlaRuntimeError
+        return None
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    value = getattr(analysis, "temp_size_in_bytes", None)
+    return None if value is None else int(value)
+
+
+def objective(case: Case, fn: Callable, mode: str, xp: str = "jax") -> Callable:
+    """The function timed for ``mode``: the loss itself, or a scalar to differentiate.
+
+    Array-valued functions are differentiated through ``sum(f(x) * cotangent)``, the cotangent
+    being the last argument, so their backward pass does the work a real model's would.
+    """
+    if case.scalar or mode == "fwd":
+        return fn
+    if xp == "torch":
+        return lambda *a: (fn(*a[:-1]) * a[-1]).sum()
+    return lambda *a: jnp.sum(fn(*a[:-1]) * a[-1])
+
+
+def argnums_tuple(case: Case) -> tuple[int, ...]:
+    return (case.argnums,) if isinstance(case.argnums, int) else tuple(case.argnums)
+
+
+def jax_function(case: Case, fn: Callable, mode: str) -> Callable:
+    """The jitted-to-be function for a JAX implementation and mode."""
+    f = objective(case, fn, mode)
+    return f if mode == "fwd" else jax.value_and_grad(f, argnums=case.argnums)
+
+
+def compile_jax(case: Case, fn: Callable, mode: str, args: Sequence[Any]) -> tuple[Any, float]:
+    """Lowers and compiles once; ``args`` may be arrays or ``jax.ShapeDtypeStruct``."""
+    start = time.perf_counter()
+    compiled = jax.jit(jax_function(case, fn, mode)).lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def abstract_args(case: Case, mode: str, dtype_name: str, shape: Shape) -> tuple[Any, ...]:
+    """``jax.ShapeDtypeStruct`` of the arguments: compiles without allocating anything."""
+    return jax.eval_shape(
+        lambda: bench_args(case, mode, case.make_inputs(shape, DTYPES[dtype_name]))
+    )
+
+
+def jax_runner(
+    name: str,
+    case: Case,
+    fn: Callable,
+    mode: str,
+    args: Sequence[Any],
+    precompiled: tuple[Any, float] | None = None,
+) -> Runner:
+    compiled, compile_s = precompiled or compile_jax(case, fn, mode, args)
+    return Runner(
+        name, lambda: compiled(*args), jax.block_until_ready, temp_size(compiled), compile_s
+    )
+
+
+def torch_runner(case: Case, fn: Callable, mode: str, args: Sequence[jax.Array]) -> Runner:
+    """PyTorch eager on zero-copy DLPack views of the JAX arrays (same device)."""
+    import torch
+
+    tensors = [torch.from_dlpack(a) for a in args]
+    sync = torch.cuda.synchronize if tensors[0].is_cuda else (lambda: None)
+
+    def wait(_: Any) -> None:
+        sync()
+
+    f = objective(case, fn, mode, xp="torch")
+    if mode == "fwd":
+
+        def call() -> Any:
+            with torch.no_grad():
+                return f(*tensors)
+
+        return Runner("torch", call, wait)
+
+    wrt = argnums_tuple(case)
+    for i in wrt:
+        tensors[i] = tensors[i].detach().requires_grad_(True)
+
+    def call_vag() -> Any:
+        loss = f(*tensors)
+        return (loss, *torch.autograd.grad(loss, [tensors[i] for i in wrt]))
+
+    return Runner("torch", call_vag, wait)
+
+
+# ----------------------------------------------------------------------------------------------
+# Agreement between implementations (peers must compute the same thing to be compared).
+# ----------------------------------------------------------------------------------------------
+
+
+@jax.jit
+def _relative_error(a: jax.Array, b: jax.Array) -> jax.Array:
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(b)), jnp.finfo(jnp.float32).tiny)
+    return jnp.max(jnp.abs(a - b)) / scale
+
+
+def _leaves(out: Any) -> list[jax.Array]:
+    leaves = []
+    for leaf in jax.tree.leaves(out):
+        if type(leaf).__module__.startswith("torch"):
+            leaf = jnp.from_dlpack(leaf.detach())
+        leaves.append(jnp.asarray(leaf))
+    return leaves
+
+
+def relative_error(out: Any, reference: Any) -> float:
+    """Largest per-leaf ``max|a - b| / max|b|`` between two outputs of the same structure."""
+    a, b = _leaves(out), _leaves(reference)
+    if len(a) != len(b):
+        return math.inf
+    errors = [
+        math.inf if x.shape != y.shape else float(_relative_error(x, y))
+        for x, y in zip(a, b, strict=True)
+    ]
+    return max(errors, default=0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# One benchmark.
+# ----------------------------------------------------------------------------------------------
+
+
+_COPY = jax.jit(lambda x, s: x * s)
+
+
+def copy_floor(shape: Shape, dtype_name: str, settings: Settings) -> dict[str, float]:
+    """Times ``x * s`` on a logits-sized array: the memory-traffic floor of this machine."""
+    dtype = DTYPES[dtype_name]
+    x = jax.block_until_ready(jnp.ones(shape, dtype))
+    s = jnp.asarray(1, dtype)
+    runner = Runner("copy", lambda: _COPY(x, s), jax.block_until_ready)
+    _time_runners([runner], settings)
+    median = float(np.median(runner.times))
+    moved = 2 * x.nbytes
+    return {"median_s": median, "bytes_moved": moved, "bytes_per_s": moved / median}
+
+
+def _calibrate(runner: Runner, settings: Settings) -> float:
+    first = runner.sample(1)  # warm-up: page faults, lazy initialisation
+    if first >= 5 * settings.min_sample_s:
+        runner.number = 1
+        return first
+    t = runner.sample(1)
+    runner.number = int(min(settings.max_calls, max(1, math.ceil(settings.min_sample_s / t))))
+    return t
+
+
+def _time_runners(runners: list[Runner], settings: Settings) -> int:
+    """Warm-up, calibration and round-robin sampling; returns the repeat count used."""
+    per_round = sum(_calibrate(r, settings) * r.number for r in runners)
+    repeats = int(settings.budget_s / max(per_round, 1e-9))
+    repeats = max(settings.min_repeats, min(settings.max_repeats, repeats))
+    for _ in range(repeats):
+        for r in runners:
+            r.times.append(r.sample(r.number))
+    return repeats
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def bench_args(case: Case, mode: str, inputs: Any) -> tuple[Any, ...]:
+    """The arguments of ``case`` in ``mode`` (array-valued functions add a cotangent)."""
+    args = tuple(case.inputs(inputs))
+    if mode == "vag" and not case.scalar:
+        args = (*args, inputs.cotangent())
+    return args
+
+
+def run_one(
+    case: Case,
+    mode: str,
+    dtype_name: str,
+    shape: Shape,
+    inputs: Any,
+    settings: Settings,
+    copy: dict[str, float] | None,
+    compiled: dict[str, Callable[[], tuple[Any, float]]] | None = None,
+) -> dict[str, Any]:
+    """Compiles, checks and times every implementation of ``case`` at one point of the grid.
+
+    ``compiled`` maps implementation names to thunks returning ``(executable, compile seconds)``
+    (e.g. ``Future.result`` of a compilation started in parallel); the rest compile here.
+    """
+    started = time.perf_counter()
+    compiled = compiled or {}
+    args = jax.block_until_ready(bench_args(case, mode, inputs))
+    record = base_record(case, mode, dtype_name, shape)
+    record["min_bytes"] = _nbytes(args) + _nbytes(
+        jax.eval_shape(jax_function(case, case.impls["jaxloss"], mode), *args)
+    )
+    runners: list[Runner] = []
+    reference = None
+    for name, fn in case.impls.items():
+        entry = record["impls"].setdefault(name, {})
+        try:
+            if name == "torch":
+                runner = torch_runner(case, fn, mode, args)
+            else:
+                pre = compiled[name]() if name in compiled else None
+                runner = jax_runner(name, case, fn, mode, args, pre)
+            out = runner.call()
+            runner.wait(out)
+        except Exception as err:  # a peer that cannot run is reported, not fatal
+            entry["error"] = f"{type(err).__name__}: {err}"[:300]
+            continue
+        entry.update(temp_bytes=runner.temp_bytes, compile_s=runner.compile_s)
+        if settings.check:
+            if reference is None:
+                reference = out
+            else:
+                record["agreement"][name] = relative_error(out, reference)
+        del out
+        runners.append(runner)
+    del reference
+    tolerance = case.tolerance.get(dtype_name, 1e-2)
+    record["agrees"] = all(e <= tolerance for e in record["agreement"].values())
+    record["tolerance"] = tolerance
+    record["repeats"] = _time_runners(runners, settings) if runners else 0
+    for runner in runners:
+        median = float(np.median(runner.times))
+        entry = record["impls"][runner.name]
+        entry.update(
+            median_s=median,
+            min_s=float(np.min(runner.times)),
+            times_s=[float(t) for t in runner.times],
+            calls_per_sample=runner.number,
+            elements_per_s=record["elements"] / median,
+            bytes_per_s=record["min_bytes"] / median,
+            copy_fraction=(
+                (record["min_bytes"] / median) / copy["bytes_per_s"]
+                if copy and case.memory_bound
+                else None
+            ),
+        )
+    finish_record(record)
+    record["wall_s"] = time.perf_counter() - started
+    return record
+
+
+def base_record(case: Case, mode: str, dtype_name: str, shape: Shape) -> dict[str, Any]:
+    logits_shape = case.logits_shape(shape)
+    itemsize = jnp.dtype(DTYPES[dtype_name]).itemsize
+    return {
+        "name": f"{case.name}/{mode}/{dtype_name}/{'x'.join(map(str, shape))}",
+        "case": case.name,
+        "mode": mode,
+        "dtype": dtype_name,
+        "shape": list(shape),
+        "shape_names": list(case.shape_names),
+        "elements": int(np.prod(logits_shape)),
+        "logits_bytes": int(np.prod(logits_shape)) * itemsize,
+        "memory_only": False,
+        "impls": {name: {} for name in case.impls},
+        "agreement": {},
+    }
+
+
+def finish_record(record: dict[str, Any]) -> None:
+    """Adds the temp-memory ratios and the time ratios to optax."""
+    for entry in record["impls"].values():
+        temp = entry.get("temp_bytes")
+        entry["temp_ratio"] = None if temp is None else temp / record["logits_bytes"]
+    base = record["impls"].get("optax", {}).get("median_s")
+    record["ratio_to_optax"] = {
+        name: (e["median_s"] / base if base and e.get("median_s") else None)
+        for name, e in record["impls"].items()
+        if name != "optax"
+    }
+
+
+def memory_only(
+    case: Case,
+    mode: str,
+    dtype_name: str,
+    shape: Shape,
+    compiled: dict[str, Callable[[], tuple[Any, float]]] | None = None,
+) -> dict[str, Any]:
+    """Compiles every JAX implementation on abstract inputs (nothing allocated) for temp memory."""
+    started = time.perf_counter()
+    compiled = compiled or {}
+    specs = abstract_args(case, mode, dtype_name, shape)
+    record = base_record(case, mode, dtype_name, shape)
+    record["memory_only"] = True
+    for name, fn in case.impls.items():
+        if name == "torch":
+            record["impls"].pop(name)
+            continue
+        entry = record["impls"][name]
+        try:
+            executable, compile_s = (
+                compiled[name]() if name in compiled else compile_jax(case, fn, mode, specs)
+            )
+        except Exception as err:
+            entry["error"] = f"{type(err).__name__}: {err}"[:300]
+            continue
+        entry.update(temp_bytes=temp_size(executable), compile_s=compile_s)
+    finish_record(record)
+    record["wall_s"] = time.perf_counter() - started
+    return record
