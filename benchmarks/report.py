@@ -268,6 +268,7 @@ def write_plots(out: Path, records: Sequence[dict], title: str) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     timed = [r for r in records if not r["memory_only"]]
     written: list[Path] = []
@@ -315,8 +316,8 @@ def write_plots(out: Path, records: Sequence[dict], title: str) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
-    written.append(_bar_plot(plt, out, timed, "temp_ratio", title))
-    written.append(_bar_plot(plt, out, timed, "time_ratio", title))
+    written.append(_bar_plot(plt, ticker, out, timed, "temp_ratio", title))
+    written.append(_bar_plot(plt, ticker, out, timed, "time_ratio", title))
     return written
 
 
@@ -340,7 +341,9 @@ _SERIES_COLORS = {
 }  # fmt: skip
 
 
-def _bar_plot(plt: Any, out: Path, records: Sequence[dict], kind: str, title: str) -> Path:
+def _bar_plot(
+    plt: Any, ticker: Any, out: Path, records: Sequence[dict], kind: str, title: str
+) -> Path:
     """Horizontal bars per function at its largest size: temp/logits or time/optax."""
     best = _largest(records)
     cases = list(dict.fromkeys(k[0] for k in best))
@@ -349,7 +352,7 @@ def _bar_plot(plt: Any, out: Path, records: Sequence[dict], kind: str, title: st
     height = 0.8 / max(1, len(series))
     fig, axes = plt.subplots(
         1, len(impls), figsize=(6.5 * len(impls), 1.2 + 0.32 * len(cases) * len(series)),
-        squeeze=False, sharey=True,
+        squeeze=False, sharey=True, sharex=kind == "temp_ratio",
     )  # fmt: skip
     for ax, impl in zip(axes[0], impls, strict=True):
         for j, (mode, dtype) in enumerate(series):
@@ -383,6 +386,9 @@ def _bar_plot(plt: Any, out: Path, records: Sequence[dict], kind: str, title: st
             ax.set_xlabel("temp_size_in_bytes / logits bytes (lower is better)")
         else:
             ax.set_xscale("log")
+            # Plain numbers on the major ticks only: log minor labels overlap.
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
             ax.set_title(f"{impl} time / optax time", fontsize=9)
             ax.set_xlabel("time ratio to optax (< 1: faster than optax)")
     sizes = {
