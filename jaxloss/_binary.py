@@ -47,7 +47,7 @@ def _bce_loss_and_grad(p, y, w):
 _bce = _common.fused_jvp(_bce_loss, _bce_loss_and_grad, 0, _common.contract_elementwise)
 
 
-@functools.partial(jax.jit, static_argnames=("reduction",))
+@functools.partial(_common.jit, static_argnames=("reduction",))
 def bce(
     probs: Float[ArrayLike, "*shape"],
     targets: Float[ArrayLike, "*shape"],
@@ -57,8 +57,9 @@ def bce(
 ) -> Float[Array, "*shape"] | Float[Array, ""]:
     r"""Binary cross-entropy on probabilities, as ``torch.nn.functional.binary_cross_entropy``.
 
-    .. math::
-      \ell = -w \left[ y \max(\log p, -100) + (1 - y) \max(\log(1 - p), -100) \right]
+    $$
+    \ell = -w \left[ y \max(\log p, -100) + (1 - y) \max(\log(1 - p), -100) \right]
+    $$
 
     Args:
       probs: probabilities ``p`` in ``[0, 1]`` (outside it the loss is NaN).
@@ -107,7 +108,7 @@ _bce_logits = _common.fused_jvp(
 )
 
 
-@functools.partial(jax.jit, static_argnames=("reduction",))
+@functools.partial(_common.jit, static_argnames=("reduction",))
 def bce_with_logits(
     logits: Float[ArrayLike, "*shape"],
     targets: Float[ArrayLike, "*shape"],
@@ -118,8 +119,9 @@ def bce_with_logits(
 ) -> Float[Array, "*shape"] | Float[Array, ""]:
     r"""Binary cross-entropy on logits, as ``torch.nn.functional.binary_cross_entropy_with_logits``.
 
-    .. math::
-      \ell = w \left[ (1 - y)\, x + (1 + (p_w - 1) y) \log(1 + e^{-x}) \right]
+    $$
+    \ell = w \left[ (1 - y)\, x + (1 + (p_w - 1) y) \log(1 + e^{-x}) \right]
+    $$
 
     exact and finite for logits of any magnitude.
 

@@ -12,7 +12,6 @@ from jaxtyping import Array, ArrayLike, Float, Int
 
 from jaxloss import _common
 
-
 # ----------------------------------------------------------------------------------------------
 # Index targets: shared setup
 # ----------------------------------------------------------------------------------------------
@@ -66,7 +65,7 @@ class _IndexTargets:
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("ignore_index", "reduction", "axis"))
+@functools.partial(_common.jit, static_argnames=("ignore_index", "reduction", "axis"))
 def nll(
     log_probs: Float[ArrayLike, "*batch classes *rest"],
     targets: Int[ArrayLike, "*batch *rest"],
@@ -78,9 +77,10 @@ def nll(
 ) -> Float[Array, "*batch *rest"] | Float[Array, ""]:
     r"""Negative log-likelihood of index targets, as ``torch.nn.functional.nll_loss``.
 
-    .. math::
-      \ell_n = -w_{y_n} \, x_{n, y_n}, \qquad
-      \mathrm{mean} = \frac{\sum_n \ell_n}{\sum_{n: y_n \ne \mathrm{ignore}} w_{y_n}}
+    $$
+    \ell_n = -w_{y_n} \, x_{n, y_n}, \qquad
+    \mathrm{mean} = \frac{\sum_n \ell_n}{\sum_{n: y_n \ne \mathrm{ignore}} w_{y_n}}
+    $$
 
     Args:
       log_probs: floating scores ``x`` (usually log-probabilities), classes along ``axis``.
@@ -272,7 +272,7 @@ _prob_ce = _common.fused_jvp(_prob_loss, _prob_loss_and_grad, 3, _common.contrac
 
 
 @functools.partial(
-    jax.jit, static_argnames=("ignore_index", "reduction", "label_smoothing", "axis", "z_loss")
+    _common.jit, static_argnames=("ignore_index", "reduction", "label_smoothing", "axis", "z_loss")
 )
 def cross_entropy(
     logits: Float[ArrayLike, "*batch classes *rest"],
@@ -289,15 +289,16 @@ def cross_entropy(
 
     With index targets ``y`` and label smoothing ε over ``C`` classes:
 
-    .. math::
-      \ell_n = -(1-\varepsilon)\, w_{y_n} \log p_{n,y_n}
-               - \frac{\varepsilon}{C} \sum_c w_c \log p_{n,c}
-               + \lambda_z \log^2\!\sum_c e^{z_{n,c}},
-      \qquad p = \mathrm{softmax}(z)
+    $$
+    \ell_n = -(1-\varepsilon)\, w_{y_n} \log p_{n,y_n}
+             - \frac{\varepsilon}{C} \sum_c w_c \log p_{n,c}
+             + \lambda_z \log^2\!\sum_c e^{z_{n,c}},
+    \qquad p = \mathrm{softmax}(z)
+    $$
 
-    ``"mean"`` divides the sum by :math:`\sum_{n \notin \mathrm{ignored}} w_{y_n}`. With
-    probability targets ``t`` the loss is :math:`-\sum_c w_c t'_{n,c} \log p_{n,c}` with
-    :math:`t' = (1-\varepsilon) t + \varepsilon / C`, and ``"mean"`` divides by the number of
+    ``"mean"`` divides the sum by \(\sum_{n \notin \mathrm{ignored}} w_{y_n}\). With
+    probability targets ``t`` the loss is \(-\sum_c w_c t'_{n,c} \log p_{n,c}\) with
+    \(t' = (1-\varepsilon) t + \varepsilon / C\), and ``"mean"`` divides by the number of
     positions.
 
     Args:
@@ -316,7 +317,7 @@ def cross_entropy(
     Returns:
       Per-position losses (``"none"``) or a scalar, in the dtype of ``logits`` (half precision
       is accumulated in float32). An index target out of range that is not ``ignore_index``
-      gives NaN at its position; see :func:`jaxloss.check_targets` for a hard error.
+      gives NaN at its position; see ``jaxloss.check_targets`` for a hard error.
 
     Examples:
       >>> import jax.numpy as jnp, jaxloss

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, ParamSpec, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,19 @@ from jax.custom_derivatives import SymbolicZero
 
 Reduction = Literal["none", "mean", "sum"]
 REDUCTIONS: tuple[str, ...] = ("none", "mean", "sum")
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def jit(fn: Callable[_P, _R], *, static_argnames: tuple[str, ...] = ()) -> Callable[_P, _R]:
+    """``jax.jit`` that keeps ``fn``'s signature visible to type checkers and IDEs.
+
+    ``jax.jit`` returns a ``JitWrapped`` typed ``(*args, **kwargs) -> Any``: with it, a misspelt
+    keyword in user code is no type error and every loss is ``Any``. At run time this is exactly
+    ``jax.jit`` (``.lower``, ``.trace`` and the rest still work; type checkers just don't see them).
+    """
+    return cast(Callable[_P, _R], jax.jit(fn, static_argnames=static_argnames))
 
 
 def as_array(name: str, fn: str, x: Any) -> jax.Array:
@@ -77,7 +90,9 @@ def check_unit_interval(name: str, fn: str, value: float) -> float:
     try:
         value = float(value)
     except TypeError as err:
-        raise TypeError(f"{fn}: `{name}` must be a Python float, got {type(value).__name__}") from err
+        raise TypeError(
+            f"{fn}: `{name}` must be a Python float, got {type(value).__name__}"
+        ) from err
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{fn}: `{name}` must lie in [0, 1], got {value}")
     return value
@@ -88,7 +103,9 @@ def check_nonnegative(name: str, fn: str, value: float) -> float:
     try:
         value = float(value)
     except TypeError as err:
-        raise TypeError(f"{fn}: `{name}` must be a Python float, got {type(value).__name__}") from err
+        raise TypeError(
+            f"{fn}: `{name}` must be a Python float, got {type(value).__name__}"
+        ) from err
     if not (np.isfinite(value) and value >= 0.0):
         raise ValueError(f"{fn}: `{name}` must be a finite number >= 0, got {value}")
     return value
@@ -122,7 +139,9 @@ def check_class_weight(fn: str, weight: Any, num_classes: int) -> jax.Array | No
     return weight
 
 
-def broadcast_like(name: str, fn: str, arr: Any, shape: tuple[int, ...]) -> jax.Array | None:
+def broadcast_like(
+    name: str, fn: str, arr: Any, shape: tuple[int, ...], *, boolean: bool = False
+) -> jax.Array | None:
     """Broadcasts ``arr`` to ``shape`` with NumPy/PyTorch rules (trailing axes aligned).
 
     PyTorch lets ``weight`` and ``pos_weight`` broadcast against the input, but never lets them
@@ -131,7 +150,8 @@ def broadcast_like(name: str, fn: str, arr: Any, shape: tuple[int, ...]) -> jax.
     """
     if arr is None:
         return None
-    arr = check_real(name, fn, arr)
+    # A boolean mask (``where``) has been checked by its caller; weights must be real numbers.
+    arr = as_array(name, fn, arr) if boolean else check_real(name, fn, arr)
     try:
         out_shape = np.broadcast_shapes(arr.shape, shape)
     except ValueError:
@@ -236,7 +256,7 @@ def fused_jvp(
 
             def partial_loss(*live_args):
                 args = list(rest)
-                for i, a in zip(live, live_args):
+                for i, a in zip(live, live_args, strict=True):
                     args[i] = a
                 return loss_fn(x, *args, *static)
 

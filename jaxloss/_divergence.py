@@ -17,7 +17,7 @@ def xlogx(p: jax.Array) -> jax.Array:
     return jnp.where(zero, 0, p * jnp.log(jnp.where(zero, 1, p)))
 
 
-@functools.partial(jax.jit, static_argnames=("reduction", "log_target"))
+@functools.partial(_common.jit, static_argnames=("reduction", "log_target"))
 def kl_div(
     log_q: Float[ArrayLike, "*shape"],
     target: Float[ArrayLike, "*shape"],
@@ -27,8 +27,9 @@ def kl_div(
 ) -> Float[Array, "*shape"] | Float[Array, ""]:
     r"""Kullback-Leibler divergence, as ``torch.nn.functional.kl_div``.
 
-    .. math::
-      \ell = t \, (\log t - \log q), \qquad 0 \log 0 = 0
+    $$
+    \ell = t \, (\log t - \log q), \qquad 0 \log 0 = 0
+    $$
 
     Args:
       log_q: log-probabilities of the model distribution ``q``.
@@ -55,7 +56,9 @@ def kl_div(
     _common.check_same_shape(fn, ("log_q", "target"), log_q, target)
     _common.check_reduction(fn, reduction, ("none", "mean", "sum", "batchmean"))
     if reduction == "batchmean" and log_q.ndim == 0:
-        raise ValueError(f"{fn}: reduction='batchmean' needs an input with a batch axis, got shape ()")
+        raise ValueError(
+            f"{fn}: reduction='batchmean' needs an input with a batch axis, got shape ()"
+        )
     x, t = _common.upcast(log_q), _common.upcast(target)
     if log_target:
         # A -inf log-target is a zero-probability class: it contributes 0, not exp(-inf)·inf.
@@ -70,12 +73,13 @@ def kl_div(
     return _common.reduce_loss(loss, reduction).astype(log_q.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("axis",))
+@functools.partial(_common.jit, static_argnames=("axis",))
 def entropy(probs: Float[ArrayLike, "*batch classes"], *, axis: int = -1) -> Float[Array, "*batch"]:
     r"""Shannon entropy (natural log) of each distribution along ``axis``.
 
-    .. math::
-      H(p) = -\sum_c p_c \log p_c, \qquad 0 \log 0 = 0
+    $$
+    H(p) = -\sum_c p_c \log p_c, \qquad 0 \log 0 = 0
+    $$
 
     The gradient at ``p_c = 0`` is taken as 0 (not ``+inf``), so ``entropy(softmax(z))`` with
     ``-inf`` (masked) logits has finite gradients.

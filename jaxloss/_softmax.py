@@ -17,7 +17,7 @@ def _mask(fn: str, where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array
     mask = _common.as_array("where", fn, where)
     if mask.dtype != jnp.bool_:
         raise TypeError(f"{fn}: `where` must be a boolean mask, got dtype {mask.dtype}")
-    out = _common.broadcast_like("where", fn, mask, shape)
+    out = _common.broadcast_like("where", fn, mask, shape, boolean=True)
     assert out is not None
     return out
 
@@ -32,14 +32,15 @@ def _shifted(x: jax.Array, axis: int, where: jax.Array | None) -> jax.Array:
     return shifted if where is None else jnp.where(where, shifted, -jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames=("axis",))
+@functools.partial(_common.jit, static_argnames=("axis",))
 def log_softmax(
     x: Float[ArrayLike, "*shape"], axis: int = -1, where: Bool[ArrayLike, "*shape"] | None = None
 ) -> Float[Array, "*shape"]:
     r"""Log of the softmax along ``axis``, stable for any magnitude of ``x``.
 
-    .. math::
-      \mathrm{log\_softmax}(x)_i = x_i - \log \sum_j \exp(x_j)
+    $$
+    \mathrm{log\_softmax}(x)_i = x_i - \log \sum_j \exp(x_j)
+    $$
 
     Args:
       x: floating input of any rank ≥ 1.
@@ -84,14 +85,15 @@ def _softmax_jvp(axis, primals, tangents):
     return y, dy if where is None else jnp.where(where, dy, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("axis",))
+@functools.partial(_common.jit, static_argnames=("axis",))
 def softmax(
     x: Float[ArrayLike, "*shape"], axis: int = -1, where: Bool[ArrayLike, "*shape"] | None = None
 ) -> Float[Array, "*shape"]:
     r"""Softmax along ``axis``, stable for any magnitude of ``x``.
 
-    .. math::
-      \mathrm{softmax}(x)_i = \frac{\exp(x_i - \max x)}{\sum_j \exp(x_j - \max x)}
+    $$
+    \mathrm{softmax}(x)_i = \frac{\exp(x_i - \max x)}{\sum_j \exp(x_j - \max x)}
+    $$
 
     Args:
       x: floating input of any rank ≥ 1.
@@ -116,12 +118,13 @@ def softmax(
     return _softmax(_common.upcast(x), axis, mask).astype(x.dtype)
 
 
-@jax.jit
+@_common.jit
 def sigmoid(x: Float[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
     r"""Logistic sigmoid, exact at both tails.
 
-    .. math::
-      \sigma(x) = \frac{1}{1 + e^{-x}}
+    $$
+    \sigma(x) = \frac{1}{1 + e^{-x}}
+    $$
 
     Args:
       x: floating input of any shape.
@@ -146,12 +149,13 @@ def softplus_neg(x: jax.Array) -> jax.Array:
     return jnp.log1p(jnp.exp(-jnp.abs(x))) + jnp.maximum(-x, 0)
 
 
-@jax.jit
+@_common.jit
 def log_sigmoid(x: Float[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
     r"""Log of the logistic sigmoid, finite for any magnitude of ``x``.
 
-    .. math::
-      \log \sigma(x) = -\log(1 + e^{-x})
+    $$
+    \log \sigma(x) = -\log(1 + e^{-x})
+    $$
 
     Args:
       x: floating input of any shape.
