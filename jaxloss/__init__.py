@@ -3,6 +3,7 @@
 from jaxloss._binary import bce, bce_with_logits
 from jaxloss._classification import check_targets, cross_entropy, nll
 from jaxloss._divergence import entropy, kl_div
+from jaxloss._linear import linear_cross_entropy
 from jaxloss._softmax import log_sigmoid, log_softmax, sigmoid, softmax
 
 __version__ = "0.1.0"
@@ -14,6 +15,7 @@ __all__ = [
     "cross_entropy",
     "entropy",
     "kl_div",
+    "linear_cross_entropy",
     "log_sigmoid",
     "log_softmax",
     "nll",

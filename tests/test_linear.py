@@ -1,0 +1,382 @@
+"""Tests for ``jaxloss.linear_cross_entropy``, the fused linear layer + cross-entropy.
+
+The oracle is the materialised path ``jaxloss.cross_entropy(hidden @ kernel + bias, ...)`` (itself
+checked against PyTorch in ``test_classification.py``): values and gradients in ``hidden``,
+``kernel``, ``bias`` (and ``weight``) must agree for every option and every chunk geometry,
+including chunks that do not divide the sizes. Besides: float64 finite differences, bf16
+accumulation, misuse errors, and the memory bound at a large-vocabulary shape (compiled only).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jaxloss
+
+N, D, V = 13, 8, 29
+IGNORE_ROWS = (2, 9)
+
+
+@pytest.fixture
+def x64():
+    """Runs one test with float64 enabled, restoring the previous setting afterwards."""
+    with jax.enable_x64(True):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _x64_does_not_leak():
+    yield
+    assert jnp.asarray(1.0).dtype == jnp.float32, "jax_enable_x64 leaked out of a test"
+
+
+def _problem(seed=0, n=N, d=D, v=V, dtype=jnp.float32, ignore_index=-100, scale=1.0):
+    """Hidden, kernel, bias, class weight and targets (some ignored) for one test.
+
+    Drawn with NumPy: eager jax.random calls would each compile a program, in every dtype mode.
+    """
+    rng = np.random.default_rng(seed)
+    hidden = rng.standard_normal((n, d))
+    kernel = (3 * scale / np.sqrt(d)) * rng.standard_normal((d, v))
+    bias = rng.standard_normal(v)
+    weight = rng.uniform(0.2, 2.0, v)
+    targets = rng.integers(0, v, n)
+    targets[[r for r in IGNORE_ROWS if r < n]] = ignore_index
+    floats = (jnp.asarray(a, dtype) for a in (hidden, kernel, bias, weight))
+    return (*floats, jnp.asarray(targets, jnp.int32))
+
+
+def _materialised(hidden, kernel, targets, *, bias=None, **options):
+    logits = hidden @ kernel
+    if bias is not None:
+        logits = logits + bias[None, :]
+    return jaxloss.cross_entropy(logits, targets, **options)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _value_and_grads(loss_fn, with_bias, hidden, kernel, bias, targets, weight, cotangent):
+    """The loss and the VJP of ``cotangent`` in hidden, kernel (and bias) and weight."""
+
+    def f(hidden, kernel, bias, weight):
+        return loss_fn(hidden, kernel, targets, bias=bias if with_bias else None, weight=weight)
+
+    value, vjp = jax.vjp(f, hidden, kernel, bias, weight)
+    return value, vjp(cotangent.reshape(value.shape).astype(value.dtype))
+
+
+def _compare(options, chunks=(4, 6), with_bias=True, weighted=False, seed=0, rtol=2e-5):
+    ignore_index = options.get("ignore_index", -100)
+    hidden, kernel, bias, weight, targets = _problem(seed, ignore_index=ignore_index)
+    cotangent = jnp.asarray(np.random.default_rng(seed + 100).standard_normal(N), jnp.float32)
+    fused = functools.partial(
+        jaxloss.linear_cross_entropy, token_chunk=chunks[0], vocab_chunk=chunks[1], **options
+    )
+    dense = functools.partial(_materialised, **options)
+    if not weighted:
+        fused = _drop_weight(fused)
+        dense = _drop_weight(dense)
+    if options.get("reduction", "mean") != "none":
+        cotangent = cotangent[:1]
+    got = _value_and_grads(fused, with_bias, hidden, kernel, bias, targets, weight, cotangent)
+    want = _value_and_grads(dense, with_bias, hidden, kernel, bias, targets, weight, cotangent)
+    names = ("loss", "d hidden", "d kernel", "d bias", "d weight")
+    for name, g, w in zip(names, (got[0], *got[1]), (want[0], *want[1]), strict=True):
+        assert g.dtype == w.dtype, name
+        scale = float(jnp.max(jnp.abs(w)))
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * scale, err_msg=name)
+
+
+def _drop_weight(loss_fn):
+    """The loss without a class weight (the weight argument is then differentiated to 0)."""
+
+    def f(hidden, kernel, targets, *, bias, weight):
+        return loss_fn(hidden, kernel, targets, bias=bias) + 0 * jnp.sum(weight)
+
+    return f
+
+
+# Every option, alone and together; "weighted" adds a class weight (differentiated too).
+OPTIONS = {
+    "mean": {},
+    "sum": {"reduction": "sum"},
+    "none-weighted": {"reduction": "none", "weighted": True},
+    "mean-weighted": {"weighted": True},
+    "smoothing": {"label_smoothing": 0.15},
+    "smoothing-none-weighted": {"label_smoothing": 0.3, "reduction": "none", "weighted": True},
+    "z_loss-sum-weighted": {"z_loss": 0.1, "reduction": "sum", "weighted": True},
+    "ignore_index=3": {"ignore_index": 3, "reduction": "none"},
+    "everything-weighted": {
+        "label_smoothing": 0.2,
+        "z_loss": 1e-2,
+        "ignore_index": 0,
+        "weighted": True,
+    },
+}
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_matches_materialised(name):
+    options = dict(OPTIONS[name])
+    _compare(options, weighted=options.pop("weighted", False))
+
+
+def test_matches_materialised_without_bias():
+    _compare(
+        {"label_smoothing": 0.2, "z_loss": 1e-2, "reduction": "none"},
+        with_bias=False,
+        weighted=True,
+    )
+
+
+# (token_chunk, vocab_chunk) against N=13, V=29: unit chunks, uneven last chunks in one or both
+# axes, chunks that divide exactly, chunks larger than the sizes.
+@pytest.mark.parametrize("chunks", [(1, 1), (5, 29), (13, 7), (64, 1024)])
+def test_chunk_geometry(chunks):
+    _compare({"label_smoothing": 0.1, "z_loss": 1e-3, "reduction": "none"}, chunks, weighted=True)
+
+
+def test_batch_shape_is_flattened():
+    hidden, kernel, bias, _, targets = _problem(n=12)
+    shaped = jaxloss.linear_cross_entropy(
+        hidden.reshape(3, 4, D), kernel, targets.reshape(3, 4), bias=bias, reduction="none"
+    )
+    flat = jaxloss.linear_cross_entropy(hidden, kernel, targets, bias=bias, reduction="none")
+    assert shaped.shape == (3, 4)
+    np.testing.assert_array_equal(shaped.reshape(-1), flat)
+    mean = jaxloss.linear_cross_entropy(hidden.reshape(2, 6, D), kernel, targets.reshape(2, 6))
+    np.testing.assert_allclose(mean, _materialised(hidden, kernel, targets), rtol=1e-6)
+
+
+def test_bad_target_is_nan_in_value_and_gradient():
+    hidden, kernel, _, _, targets = _problem()
+    targets = targets.at[4].set(V)  # out of range and not ignored
+    per_row = jaxloss.linear_cross_entropy(hidden, kernel, targets, reduction="none", vocab_chunk=7)
+    assert np.isnan(per_row[4]) and np.all(np.isfinite(np.delete(np.asarray(per_row), 4)))
+
+    def grads(loss_fn):
+        return jax.jit(jax.grad(lambda h, k: loss_fn(h, k, targets), argnums=(0, 1)))(
+            hidden, kernel
+        )
+
+    fused = grads(functools.partial(jaxloss.linear_cross_entropy, vocab_chunk=7))
+    dense = grads(_materialised)
+    assert np.isnan(jaxloss.linear_cross_entropy(hidden, kernel, targets))
+    for got, want in zip(fused, dense, strict=True):
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        assert np.isnan(got).any()
+
+
+def test_all_ignored_mean_is_nan_with_zero_gradients():
+    hidden, kernel, bias, _, _ = _problem()
+    targets = jnp.full((N,), -100)
+
+    def loss(h, k, b, reduction):
+        return jaxloss.linear_cross_entropy(h, k, targets, bias=b, reduction=reduction, z_loss=0.1)
+
+    assert np.isnan(loss(hidden, kernel, bias, "mean"))
+    assert loss(hidden, kernel, bias, "sum") == 0
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+    for g in grad(hidden, kernel, bias, "mean"):
+        np.testing.assert_array_equal(g, jnp.zeros_like(g))
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_empty_batch_matches_materialised(reduction):
+    hidden, kernel = jnp.zeros((0, D)), jnp.ones((D, V))
+    targets = jnp.zeros((0,), jnp.int32)
+    got = jaxloss.linear_cross_entropy(hidden, kernel, targets, reduction=reduction)
+    want = _materialised(hidden, kernel, targets, reduction=reduction)
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_masked_vocabulary_entries(smoothing):
+    """A -inf bias (padded vocabulary) is finite without smoothing and inf with it, as PyTorch."""
+    hidden, kernel, bias, _, targets = _problem()
+    bias = bias.at[V - 5 :].set(-jnp.inf)
+    targets = jnp.where(targets >= V - 5, 0, targets)
+
+    def run(loss_fn):
+        f = lambda h, k, b: loss_fn(h, k, targets, bias=b, label_smoothing=smoothing)
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(hidden, kernel, bias)
+
+    (got, got_grads), (want, want_grads) = (
+        run(functools.partial(jaxloss.linear_cross_entropy, vocab_chunk=8)),
+        run(_materialised),
+    )
+    assert np.isfinite(got) == (smoothing == 0) and np.isfinite(want) == (smoothing == 0)
+    np.testing.assert_allclose(got, want, rtol=2e-5)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert np.all(np.isfinite(g))
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-6)
+
+
+def test_large_logits_are_stable():
+    hidden, kernel, _, _, targets = _problem(scale=300.0)
+    f = lambda h, k: jaxloss.linear_cross_entropy(h, k, targets, vocab_chunk=5, z_loss=1e-4)
+    g = lambda h, k: _materialised(h, k, targets, z_loss=1e-4)
+    assert float(jnp.max(jnp.abs(hidden @ kernel))) > 500
+    (vf, gf), (vd, gd) = (jax.jit(jax.value_and_grad(fn, (0, 1)))(hidden, kernel) for fn in (f, g))
+    np.testing.assert_allclose(vf, vd, rtol=1e-5)
+    for a, b in zip(gf, gd, strict=True):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+
+
+def test_float64_finite_differences(x64):
+    hidden, kernel, bias, weight, targets = _problem(n=5, d=3, v=7, dtype=jnp.float64)
+
+    def loss(h, k, b, w):
+        return jaxloss.linear_cross_entropy(
+            h, k, targets, bias=b, weight=w, label_smoothing=0.2, z_loss=0.05,
+            token_chunk=2, vocab_chunk=3,
+        )  # fmt: skip
+
+    assert loss(hidden, kernel, bias, weight).dtype == jnp.float64
+    check_grads(jax.jit(loss), (hidden, kernel, bias, weight), order=1, modes=("rev",))
+
+
+def _float64_case():
+    hidden, kernel, bias, weight, targets = _problem(dtype=jnp.float64)
+    options = dict(bias=bias, weight=weight, label_smoothing=0.1, z_loss=1e-3, reduction="none")
+    # NumPy float64 reference of cross_entropy's formula.
+    z = np.asarray(hidden) @ np.asarray(kernel) + np.asarray(bias)
+    w, y = np.asarray(weight), np.asarray(targets)
+    valid = y != -100
+    lse = np.log(np.sum(np.exp(z - z.max(1, keepdims=True)), 1)) + z.max(1)
+    logp = z - lse[:, None]
+    picked = logp[np.arange(len(y)), np.where(valid, y, 0)]
+    loss = -0.9 * w[np.where(valid, y, 0)] * picked - 0.1 / V * np.sum(w * logp, 1)
+    want = np.where(valid, loss + 1e-3 * lse**2, 0)
+    return (hidden, kernel, targets), options, want
+
+
+def test_float64_matches_numpy_tightly(x64):
+    args, options, want = _float64_case()
+    got = jaxloss.linear_cross_entropy(*args, vocab_chunk=6, **options)
+    assert got.dtype == jnp.float64
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_float64_materialised_oracle_is_float64_exact(x64):
+    """The oracle itself in float64 (a regression test for cross_entropy's float64 forward)."""
+    args, options, want = _float64_case()
+    np.testing.assert_allclose(_materialised(*args, **options), want, rtol=1e-12)
+
+
+def _dot_output_dtypes(jaxpr) -> list[str]:
+    """The result dtype of every dot_general in a jaxpr, sub-jaxprs (loops, custom_vjp) included."""
+    text = str(jaxpr)
+    return re.findall(r"(\w+)\[[\d,]*\] = dot_general", text)
+
+
+def test_bf16_accumulates_in_float32():
+    hidden, kernel, bias, _, targets = _problem(n=37, d=64, v=50)
+    low = [a.astype(jnp.bfloat16) for a in (hidden, kernel, bias)]
+
+    def f(h, k, b):
+        return jaxloss.linear_cross_entropy(h, k, targets, bias=b, vocab_chunk=16, token_chunk=8)
+
+    value, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(*low)
+    assert value.dtype == jnp.bfloat16
+    assert [g.dtype for g in grads] == [jnp.bfloat16] * 3
+    # The reference sees the same bf16 numbers but computes in float32 throughout.
+    up = [a.astype(jnp.float32) for a in low]
+    want, want_grads = jax.jit(
+        jax.value_and_grad(lambda h, k, b: _materialised(h, k, targets, bias=b), argnums=(0, 1, 2))
+    )(*up)
+    np.testing.assert_allclose(np.float32(value), want, rtol=2**-8)
+    for g, w in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(
+            np.float32(g), w, rtol=2**-7, atol=2**-7 * float(jnp.max(jnp.abs(w)))
+        )
+    dots = _dot_output_dtypes(jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(*low))
+    assert dots and set(dots) == {"f32"}, dots
+
+
+def test_vmap_matches_per_example():
+    hidden, kernel, bias, _, targets = _problem(n=12)
+    h, y = hidden.reshape(3, 4, D), targets.reshape(3, 4)
+    f = lambda h, y: jaxloss.linear_cross_entropy(h, kernel, y, bias=bias, vocab_chunk=7)
+    value_and_grad = jax.value_and_grad(f)
+    batched = jax.jit(jax.vmap(value_and_grad))(h, y)
+    single = jax.jit(value_and_grad)
+    for i in range(3):
+        value, grad = single(h[i], y[i])
+        np.testing.assert_allclose(batched[0][i], value, rtol=1e-6)
+        np.testing.assert_allclose(batched[1][i], grad, rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------
+# Misuse
+# ----------------------------------------------------------------------------------------------
+
+_H, _K, _Y = jnp.zeros((4, 3)), jnp.zeros((3, 5)), jnp.zeros((4,), jnp.int32)
+MISUSE = {
+    "integer hidden": (TypeError, "`hidden`", (_H.astype(int), _K, _Y), {}),
+    "integer kernel": (TypeError, "`kernel`", (_H, _K.astype(int), _Y), {}),
+    "float targets": (TypeError, "`targets`", (_H, _K, _Y.astype(float)), {}),
+    "kernel rows != D": (ValueError, "`kernel`", (_H, jnp.zeros((4, 5)), _Y), {}),
+    "kernel rank 3": (ValueError, "`kernel`", (_H, jnp.zeros((3, 5, 1)), _Y), {}),
+    "targets shape": (ValueError, "`targets`", (_H, _K, jnp.zeros((3,), int)), {}),
+    "scalar hidden": (ValueError, "`hidden`", (jnp.zeros(()), _K, _Y), {}),
+    "bias shape": (ValueError, "`bias`", (_H, _K, _Y), {"bias": jnp.zeros((4,))}),
+    "integer bias": (TypeError, "`bias`", (_H, _K, _Y), {"bias": jnp.zeros((5,), int)}),
+    "weight shape": (ValueError, "`weight`", (_H, _K, _Y), {"weight": jnp.zeros((4,))}),
+    "reduction": (ValueError, "`reduction`", (_H, _K, _Y), {"reduction": "avg"}),
+    "smoothing": (ValueError, "`label_smoothing`", (_H, _K, _Y), {"label_smoothing": 1.5}),
+    "z_loss": (ValueError, "`z_loss`", (_H, _K, _Y), {"z_loss": -1.0}),
+    "ignore_index": (TypeError, "`ignore_index`", (_H, _K, _Y), {"ignore_index": 1.0}),
+    "token_chunk 0": (ValueError, "`token_chunk`", (_H, _K, _Y), {"token_chunk": 0}),
+    "vocab_chunk float": (TypeError, "`vocab_chunk`", (_H, _K, _Y), {"vocab_chunk": 2.0}),
+    "axes without mesh": (ValueError, "`mesh`", (_H, _K, _Y), {"vocab_axis": "model"}),
+}
+
+
+@pytest.mark.parametrize("case", MISUSE)
+def test_misuse_names_the_argument(case):
+    error, name, args, kwargs = MISUSE[case]
+    with pytest.raises(error, match=re.escape(name)):
+        jaxloss.linear_cross_entropy(*args, **kwargs)
+
+
+def test_mesh_axis_errors():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    with pytest.raises(ValueError, match="not in the mesh"):
+        jaxloss.linear_cross_entropy(_H, _K, _Y, mesh=mesh, vocab_axis="model")
+    with pytest.raises(ValueError, match="different mesh axes"):
+        jaxloss.linear_cross_entropy(_H, _K, _Y, mesh=mesh, vocab_axis="data", batch_axis="data")
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory: the point of the function (compiled only; nothing runs)
+# ----------------------------------------------------------------------------------------------
+
+BIG_N, BIG_D, BIG_V = 8192, 2048, 131072
+MiB = 2**20
+
+
+def _temp_bytes(loss_fn) -> int:
+    args = (
+        jax.ShapeDtypeStruct((BIG_N, BIG_D), jnp.float32),
+        jax.ShapeDtypeStruct((BIG_D, BIG_V), jnp.float32),
+        jax.ShapeDtypeStruct((BIG_N,), jnp.int32),
+    )
+    compiled = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1))).lower(*args).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_memory_at_large_vocabulary():
+    """value_and_grad at N=8192, D=2048, V=131072 f32: [N, V] logits alone would be 4 GiB."""
+    fused = _temp_bytes(jaxloss.linear_cross_entropy)
+    materialised = _temp_bytes(lambda h, k, y: jaxloss.cross_entropy(h @ k, y))
+    assert materialised >= BIG_N * BIG_V * 4, "the materialised path should hold [N, V] logits"
+    assert fused <= 64 * MiB, f"fused temporaries {fused / MiB:.1f} MiB"
