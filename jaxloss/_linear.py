@@ -3,12 +3,12 @@
 The logits ``z = hidden @ kernel + bias`` of a language-model head are ``N × V`` numbers — 4 GiB
 in float32 at ``N = 8192`` tokens and ``V = 131072`` classes — yet the loss needs only three
 numbers per token: ``logsumexp(z_n)``, the target logit ``z_{n, y_n}`` and, for label smoothing,
-``Σ_c w_c z_{n,c}``. :func:`linear_cross_entropy` computes these block by block (an online
+``Σ_c w_c z_{n,c}``. ``linear_cross_entropy`` computes these block by block (an online
 logsumexp over vocabulary chunks, for each chunk of tokens), and its ``custom_vjp`` recomputes
 each logit block in the backward pass instead of storing it, so that nothing of size ``N × V``
 ever exists. Everything per token (ignore mask, class weights, smoothing, z-loss, reduction) is
 assembled from those ``O(N)`` statistics with ordinary JAX, so it follows
-:func:`jaxloss.cross_entropy` exactly and is differentiated by ordinary autodiff.
+``jaxloss.cross_entropy`` exactly and is differentiated by ordinary autodiff.
 
 Blocks that do not divide evenly are handled without padding (which would copy the kernel): the
 last chunk is slid back to end at the array's edge and the rows or columns it shares with the
@@ -18,7 +18,7 @@ previous chunk are masked out.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -257,6 +257,14 @@ def _linear_stats_bwd(chunks, smoothing, residuals, cotangents):
 _linear_stats.defvjp(_linear_stats_fwd, _linear_stats_bwd)
 
 
+def _stats(
+    hidden, kernel, bias, targets, class_weight, chunks, smoothing
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """``_linear_stats`` with its result type spelt out for type checkers."""
+    out = _linear_stats(hidden, kernel, bias, targets, class_weight, chunks, bool(smoothing))
+    return cast("tuple[jax.Array, jax.Array, jax.Array | None]", out)
+
+
 # ----------------------------------------------------------------------------------------------
 # Loss assembly from per-row statistics
 # ----------------------------------------------------------------------------------------------
@@ -307,7 +315,7 @@ def _index_setup(targets, class_weight, num_classes, ignore_index, cdt):
 def _dense(h, kernel, bias, y, class_weight, *, ignore_index, reduction, smoothing, z_loss, chunks):
     """The single-device (or automatically partitioned) path."""
     v = kernel.shape[1]
-    lse, tgt, wsum = _linear_stats(h, kernel, bias, y, class_weight, chunks, bool(smoothing))
+    lse, tgt, wsum = _stats(h, kernel, bias, y, class_weight, chunks, smoothing)
     valid, bad, pos_weight = _index_setup(y, class_weight, v, ignore_index, lse.dtype)
     sum_weight = v if class_weight is None else jnp.sum(class_weight)
     loss = _row_losses(
@@ -351,9 +359,9 @@ def _sharded(
             h = jax.lax.pcast(h, vocab_axis, to="varying")
             offset = jax.lax.axis_index(vocab_axis) * v_local
         y_local = (y - offset).astype(jnp.int32)
-        lse, tgt, wsum = _linear_stats(
+        lse, tgt, wsum = _stats(
             h, kernel, bias if has_bias else None, y_local,
-            class_weight if weighted else None, chunks, bool(smoothing),
+            class_weight if weighted else None, chunks, smoothing,
         )  # fmt: skip
         valid = ~_ignored(y, ignore_index)
         bad = valid & ((y < 0) | (y >= v))
@@ -443,7 +451,7 @@ def _check_mesh_axes(mesh, batch_axis, vocab_axis, n: int, v: int):
 
 
 @functools.partial(
-    jax.jit,
+    _common.jit,
     static_argnames=(
         "ignore_index", "reduction", "label_smoothing", "z_loss", "token_chunk", "vocab_chunk",
         "mesh", "batch_axis", "vocab_axis",
@@ -471,17 +479,18 @@ def linear_cross_entropy(
     Equal to ``cross_entropy(hidden @ kernel + bias, targets, weight=..., ignore_index=...,
     reduction=..., label_smoothing=..., z_loss=...)`` — same semantics in every corner — but the
     ``[N, V]`` logits are produced one ``token_chunk × vocab_chunk`` block at a time. With
-    :math:`z_n = h_n K + b`, over ``V`` classes with class weights ``w``:
+    \(z_n = h_n K + b\), over ``V`` classes with class weights ``w``:
 
-    .. math::
-      \ell_n = (1-\varepsilon)\, w_{y_n} (L_n - z_{n,y_n})
-               + \frac{\varepsilon}{V} \Big(L_n \sum_c w_c - \sum_c w_c z_{n,c}\Big)
-               + \lambda_z L_n^2,
-      \qquad L_n = \log \sum_c e^{z_{n,c}}
+    $$
+    \ell_n = (1-\varepsilon)\, w_{y_n} (L_n - z_{n,y_n})
+             + \frac{\varepsilon}{V} \Big(L_n \sum_c w_c - \sum_c w_c z_{n,c}\Big)
+             + \lambda_z L_n^2,
+    \qquad L_n = \log \sum_c e^{z_{n,c}}
+    $$
 
-    :math:`L_n` is accumulated by an online logsumexp over vocabulary chunks; the backward pass
-    (a ``jax.custom_vjp``) keeps only :math:`L` and recomputes each logit block to form
-    :math:`\partial \ell / \partial z = a_n\, \mathrm{softmax}(z_n) - b_{n,c}` and its
+    \(L_n\) is accumulated by an online logsumexp over vocabulary chunks; the backward pass
+    (a ``jax.custom_vjp``) keeps only \(L\) and recomputes each logit block to form
+    \(\partial \ell / \partial z = a_n\, \mathrm{softmax}(z_n) - b_{n,c}\) and its
     contractions with ``hidden`` and ``kernel``. Temporaries are ``O(token_chunk · vocab_chunk +
     (token_chunk + vocab_chunk) · D)`` besides the gradients themselves; the price is one more
     ``N × D × V`` matmul than the materialised path (four instead of three). Half-precision
@@ -519,7 +528,7 @@ def linear_cross_entropy(
     Returns:
       Per-token losses (``"none"``) or a scalar, in the dtype ``hidden @ kernel + bias`` would
       have. A target outside ``[0, V)`` that is not ``ignore_index`` gives NaN at its position
-      (and NaN gradients), as in :func:`jaxloss.cross_entropy`.
+      (and NaN gradients), as in ``jaxloss.cross_entropy``.
 
     Raises:
       ValueError: for inconsistent shapes, bad options or mesh axes.
@@ -583,7 +592,7 @@ def linear_cross_entropy(
     h = hidden.reshape(-1, d)
     y = targets.reshape(-1)
     n = h.shape[0]
-    mesh = _check_mesh_axes(mesh, batch_axis, vocab_axis, n, v)
+    resolved_mesh = _check_mesh_axes(mesh, batch_axis, vocab_axis, n, v)
     options = dict(
         ignore_index=int(ignore_index), reduction=reduction, smoothing=smoothing, z_loss=z_loss
     )
@@ -591,16 +600,16 @@ def linear_cross_entropy(
         # Nothing to loop over: the loss of an empty batch, as cross_entropy gives it.
         empty = jnp.zeros((0,), cdt)
         loss = _reduce(empty, empty, reduction)
-    elif mesh is None:
+    elif resolved_mesh is None:
         chunks = (min(token_chunk, n), min(vocab_chunk, v))
         loss = _dense(h, kernel, bias, y, class_weight, chunks=chunks, **options)
     else:
-        n_local = n // (1 if batch_axis is None else _axis_size(mesh, batch_axis))
-        v_local = v // (1 if vocab_axis is None else _axis_size(mesh, vocab_axis))
+        n_local = n // (1 if batch_axis is None else _axis_size(resolved_mesh, batch_axis))
+        v_local = v // (1 if vocab_axis is None else _axis_size(resolved_mesh, vocab_axis))
         chunks = (min(token_chunk, n_local), min(vocab_chunk, v_local))
         loss = _sharded(
-            h, kernel, bias, y, class_weight, chunks=chunks, mesh=mesh, batch_axis=batch_axis,
-            vocab_axis=vocab_axis, **options,
+            h, kernel, bias, y, class_weight, chunks=chunks, mesh=resolved_mesh,
+            batch_axis=batch_axis, vocab_axis=vocab_axis, **options,
         )  # fmt: skip
     if reduction == "none":
         loss = loss.reshape(batch_shape)
