@@ -64,6 +64,22 @@ def _chunk(index: jax.Array, width: int, size: int) -> _Chunk:
     return _Chunk(start, ids, None if size % width == 0 else ids >= nominal)
 
 
+def _vma(x: Any) -> frozenset:
+    """The manual mesh axes ``x`` varies over inside ``shard_map`` (empty elsewhere)."""
+    manual = getattr(jax.typeof(x), "manual_axis_type", None)
+    return frozenset(getattr(manual, "varying", None) or ())
+
+
+def _vary(x: jax.Array, *like: Any) -> jax.Array:
+    """``x`` marked as varying over every manual axis any of ``like`` varies over.
+
+    Loop carries start as constants; under ``shard_map`` they must already carry the per-device
+    type their loop body gives them. Outside ``shard_map`` this is the identity.
+    """
+    missing = frozenset().union(*(_vma(a) for a in like if a is not None)) - _vma(x)
+    return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
+
+
 def _num_chunks(size: int, width: int) -> int:
     return -(-size // width)
 
@@ -135,6 +151,7 @@ def _row_stats(hidden, kernel, bias, targets, chunks):
         return jax.lax.fori_loop(0, _num_chunks(n, nc), token_step, carry)
 
     init = (jnp.full((n,), -jnp.inf, cdt), jnp.zeros((n,), cdt), jnp.zeros((n,), cdt))
+    init = tuple(_vary(a, hidden, kernel, bias, targets) for a in init)
     m, s, tgt = jax.lax.fori_loop(0, _num_chunks(v, vc), vocab_step, init)
     return _finite_or_zero(m) + jnp.log(s), tgt
 
@@ -162,6 +179,7 @@ def _grads(hidden, kernel, bias, targets, class_weight, lse, g_lse, g_tgt, g_wsu
     mm = jnp.result_type(hidden.dtype, kernel.dtype)
     cdt = _common.compute_dtype(mm)
     lse = _finite_or_zero(lse)
+    inputs = (hidden, kernel, bias, targets, class_weight, lse, g_lse, g_tgt, g_wsum)
 
     def vocab_step(j, carry):
         dh, dk, db = carry
@@ -200,7 +218,7 @@ def _grads(hidden, kernel, bias, targets, class_weight, lse, g_lse, g_tgt, g_wsu
             dk_j = dk_j + _dot(h_i.astype(mm), dz_mm, (0, 0), cdt)
             return dh, dk_j, db_j + jnp.sum(dz, 0)
 
-        inner = (dh, jnp.zeros((d, vc), cdt), jnp.zeros((vc,), cdt))
+        inner = (dh, _vary(jnp.zeros((d, vc), cdt), *inputs), _vary(jnp.zeros((vc,), cdt), *inputs))
         dh, dk_j, db_j = jax.lax.fori_loop(0, _num_chunks(n, nc), token_step, inner)
         dk_j = dk_j.astype(dk.dtype)
         if col.fresh is not None:
@@ -213,6 +231,7 @@ def _grads(hidden, kernel, bias, targets, class_weight, lse, g_lse, g_tgt, g_wsu
         return dh, dk, db
 
     init = (jnp.zeros((n, d), cdt), jnp.zeros((d, v), kernel.dtype), jnp.zeros((v,), cdt))
+    init = tuple(_vary(a, *inputs) for a in init)
     dh, dk, db = jax.lax.fori_loop(0, _num_chunks(v, vc), vocab_step, init)
     return dh.astype(hidden.dtype), dk, (None if bias is None else db.astype(bias.dtype))
 
@@ -242,7 +261,7 @@ def _linear_stats_bwd(chunks, smoothing, residuals, cotangents):
     )
     dw = None
     if class_weight is not None:
-        dw = jnp.zeros_like(class_weight)
+        dw = _vary(jnp.zeros_like(class_weight), class_weight)
         if smoothing:
             # ∂(Σ_n g_n Σ_c w_c z_nc)/∂w_c = Σ_n g_n z_nc = ((g @ hidden) @ kernel)_c + Σ g · b_c.
             cdt = lse.dtype
@@ -344,8 +363,9 @@ def _sharded(
     logsumexp is the logsumexp of the per-shard ones, and the target logit, ``Σ_c w_c z_c`` and
     the target's class weight are sums over the vocabulary shards (a target is owned by exactly
     one shard). The collectives move ``O(N)`` numbers; neither the logits nor the kernel are
-    ever gathered. ``hidden`` is marked as varying over the vocabulary axis so that autodiff sums
-    its per-shard gradients.
+    ever gathered. The differentiable inputs are marked as varying over every mesh axis in use,
+    so that autodiff sums their per-device gradients over the axes they are replicated on
+    (``hidden`` over the vocabulary axis, ``kernel``, ``bias`` and ``weight`` over the batch axis).
     """
     v_local = kernel.shape[1] // (1 if vocab_axis is None else _axis_size(mesh, vocab_axis))
     v = kernel.shape[1]
@@ -354,19 +374,20 @@ def _sharded(
 
     def local(h, kernel, bias, y, class_weight):
         cdt = _common.compute_dtype(jnp.result_type(h.dtype, kernel.dtype))
-        offset = 0
-        if vocab_axis is not None:
-            h = jax.lax.pcast(h, vocab_axis, to="varying")
-            offset = jax.lax.axis_index(vocab_axis) * v_local
+        offset = 0 if vocab_axis is None else jax.lax.axis_index(vocab_axis) * v_local
         y_local = (y - offset).astype(jnp.int32)
+        if not weighted:
+            class_weight = None
+        everywhere = [a for a in (h, kernel, bias, y_local, class_weight) if a is not None]
         lse, tgt, wsum = _stats(
-            h, kernel, bias if has_bias else None, y_local,
-            class_weight if weighted else None, chunks, smoothing,
+            _vary(h, *everywhere), _vary(kernel, *everywhere),
+            _vary(bias, *everywhere) if has_bias else None, _vary(y_local, *everywhere),
+            None if class_weight is None else _vary(class_weight, *everywhere), chunks, smoothing,
         )  # fmt: skip
         valid = ~_ignored(y, ignore_index)
         bad = valid & ((y < 0) | (y >= v))
         owned = (y_local >= 0) & (y_local < v_local)
-        if weighted:
+        if class_weight is not None:
             pos_weight = jnp.where(
                 valid & owned, class_weight[jnp.clip(y_local, 0, v_local - 1)], 0
             )
@@ -380,7 +401,7 @@ def _sharded(
             tgt = jax.lax.psum(tgt, vocab_axis)
             if smoothing:
                 wsum = jax.lax.psum(wsum, vocab_axis)
-            if weighted:
+            if class_weight is not None:
                 pos_weight = jax.lax.psum(pos_weight, vocab_axis)
                 sum_weight = jax.lax.psum(sum_weight, vocab_axis)
         loss = _row_losses(

@@ -1,0 +1,335 @@
+"""Sharding checks for ``nll``, ``cross_entropy`` and ``linear_cross_entropy`` on 8 CPU devices.
+
+Run by ``tests/test_sharding.py`` in a subprocess, because the device count must be fixed before
+JAX initialises::
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_checks.py [NAME ...]
+
+Every check compiles a jitted ``value_and_grad`` (or VJP) with inputs placed by ``NamedSharding``
+on a 2 × 4 mesh (axes ``data`` and ``model``) — split over the batch (all 8 devices), over the
+classes (all 8 devices), or both (batch over ``data``, classes over ``model``) — and compares
+values and gradients with the same function run unsharded. Under class sharding it also parses
+the compiled HLO: no ``all-gather`` may produce logits with the full vocabulary (or, for the
+``shard_map`` form of ``linear_cross_entropy``, the kernel with the full vocabulary).
+
+Prints one JSON object per check (``name``, ``ok``, ``message``, ``all_gathers``) and exits with
+status 0 only if every check passed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jaxloss
+
+NUM_DEVICES = 8
+# Sizes chosen so that N, D, V and all their shard sizes are distinct numbers: a dimension in an
+# HLO shape then says which axis it is.
+N, D, V = 16, 12, 40
+BATCH = ("data", "model")  # all 8 devices
+LAYOUTS = ("batch", "classes", "both")
+RTOL = 2e-5
+
+
+def _layout_specs(layout: str) -> dict[str, P]:
+    """PartitionSpecs of a layout: rows (N, ...), classes (..., V), vectors over rows / classes."""
+    rows = {"batch": BATCH, "classes": None, "both": "data"}[layout]
+    cols = {"batch": None, "classes": BATCH, "both": "model"}[layout]
+    return {
+        "matrix": P(rows, cols),  # logits (N, V)
+        "rows": P(rows),  # targets (N,)
+        "cols": P(cols),  # weight, bias (V,)
+        "hidden": P(rows, None),  # (N, D)
+        "kernel": P(None, cols),  # (D, V)
+    }
+
+
+def _axes(layout: str) -> dict[str, str | tuple[str, ...] | None]:
+    """``linear_cross_entropy``'s ``batch_axis`` / ``vocab_axis`` for a layout."""
+    return {
+        "batch": {"batch_axis": BATCH, "vocab_axis": None},
+        "classes": {"batch_axis": None, "vocab_axis": BATCH},
+        "both": {"batch_axis": "data", "vocab_axis": "model"},
+    }[layout]
+
+
+# ----------------------------------------------------------------------------------------------
+# HLO inspection
+# ----------------------------------------------------------------------------------------------
+
+_ALL_GATHER = re.compile(r"=\s*(?P<type>.+?)\s+all-gather(?:-start)?\(")
+_SHAPE = re.compile(r"\b[a-z]+\d*\[(?P<dims>[\d,]*)\]")
+
+
+def all_gather_shapes(hlo_text: str) -> list[tuple[int, ...]]:
+    """The result shapes of every all-gather in compiled HLO text (tuple results flattened)."""
+    shapes = []
+    for line in hlo_text.splitlines():
+        match = _ALL_GATHER.search(line)
+        if match:
+            for shape in _SHAPE.finditer(match.group("type")):
+                dims = shape.group("dims")
+                shapes.append(tuple(int(d) for d in dims.split(",")) if dims else ())
+    return shapes
+
+
+def gathers_vocabulary_matrix(shape: tuple[int, ...]) -> bool:
+    """A gathered array of rank >= 2 with the full vocabulary in it: logits or the kernel."""
+    return len(shape) >= 2 and V in shape
+
+
+# ----------------------------------------------------------------------------------------------
+# Problem data and comparison
+# ----------------------------------------------------------------------------------------------
+
+
+def _data(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    targets = rng.integers(0, V, N)
+    targets[[1, 6, 11]] = -100
+    return {
+        "logits": 2 * rng.standard_normal((N, V)).astype(np.float32),
+        "log_probs": np.log(rng.dirichlet(np.ones(V), N)).astype(np.float32),
+        "probs": rng.dirichlet(np.ones(V), N).astype(np.float32),
+        "targets": targets.astype(np.int32),
+        "weight": rng.uniform(0.2, 2.0, V).astype(np.float32),
+        "hidden": rng.standard_normal((N, D)).astype(np.float32),
+        "kernel": (rng.standard_normal((D, V)) / np.sqrt(D)).astype(np.float32),
+        "bias": rng.standard_normal(V).astype(np.float32),
+        "cotangent": rng.standard_normal(N).astype(np.float32),
+    }
+
+
+def _compare(got, want, what: str) -> list[str]:
+    problems = []
+    for i, (g, w) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)):
+        g, w = np.asarray(g), np.asarray(w)
+        scale = float(np.max(np.abs(w))) if w.size else 0.0
+        if g.shape != w.shape or not np.allclose(g, w, rtol=RTOL, atol=RTOL * scale):
+            err = np.max(np.abs(g - w)) if g.shape == w.shape else "shape"
+            problems.append(f"{what}: output {i} differs from unsharded (max abs diff {err})")
+    return problems
+
+
+def _unsharded(fn: Callable, args: dict[str, np.ndarray]):
+    """``fn(**args)`` on the default device, the oracle for the sharded runs."""
+    return jax.jit(fn)(**{k: jnp.asarray(v) for k, v in args.items()})
+
+
+def _sharded(
+    mesh: Mesh, layout: str, fn: Callable, args: dict[str, np.ndarray], kinds: dict[str, str]
+) -> tuple[object, str]:
+    """``fn(**args)`` with ``args`` placed per ``kinds`` (arg -> spec kind), and its HLO."""
+    specs = _layout_specs(layout)
+    placed = {
+        k: jax.device_put(v, NamedSharding(mesh, specs[kinds[k]] if k in kinds else P()))
+        for k, v in args.items()
+    }
+    compiled = jax.jit(fn).lower(**placed).compile()
+    return compiled(**placed), compiled.as_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------
+
+CHECKS: dict[str, Callable[[Mesh], tuple[list[str], list[tuple[int, ...]]]]] = {}
+
+
+def check(name: str):
+    def register(fn):
+        CHECKS[name] = fn
+        return fn
+
+    return register
+
+
+def _loss_checks(name: str, make_fn: Callable[[], tuple[Callable, dict, dict]]) -> None:
+    """Registers ``name/layout`` for every layout: values, gradients, and HLO gathers."""
+    for layout in LAYOUTS:
+
+        def run(mesh: Mesh, layout=layout):
+            fn, args, kinds = make_fn()
+            got, hlo = _sharded(mesh, layout, fn, args, kinds)
+            problems = _compare(got, _unsharded(fn, args), f"{name} sharded over {layout}")
+            gathers = all_gather_shapes(hlo)
+            if layout != "batch":
+                bad = [s for s in gathers if gathers_vocabulary_matrix(s) and N_ROWS & set(s)]
+                if bad:
+                    problems.append(f"{name}: all-gather of [N, V] logits {bad}; all: {gathers}")
+            return problems, gathers
+
+        check(f"{name}/{layout}")(run)
+
+
+# Row counts an [N, V]-shaped array can have on some device (whole, or split over data/model).
+N_ROWS = {N, N // 2, N // 4, N // 8}
+
+
+def _cross_entropy_index():
+    data = _data()
+    options = dict(label_smoothing=0.1, z_loss=1e-3)
+
+    def fn(logits, targets, weight, cotangent):
+        def f(logits, weight):
+            loss = jaxloss.cross_entropy(
+                logits, targets, weight=weight, reduction="none", **options
+            )
+            return jnp.sum(loss * cotangent), loss
+
+        (_, loss), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(logits, weight)
+        mean = jaxloss.cross_entropy(logits, targets, weight=weight, **options)
+        return loss, mean, grads
+
+    args = {k: data[k] for k in ("logits", "targets", "weight", "cotangent")}
+    return fn, args, {"logits": "matrix", "targets": "rows", "weight": "cols", "cotangent": "rows"}
+
+
+def _cross_entropy_probs():
+    data = _data(1)
+
+    def fn(logits, probs, weight):
+        def f(logits, weight):
+            return jaxloss.cross_entropy(logits, probs, weight=weight, label_smoothing=0.05)
+
+        return jax.value_and_grad(f, argnums=(0, 1))(logits, weight)
+
+    args = {k: data[k] for k in ("logits", "probs", "weight")}
+    return fn, args, {"logits": "matrix", "probs": "matrix", "weight": "cols"}
+
+
+def _nll():
+    data = _data(2)
+
+    def fn(log_probs, targets, weight):
+        def f(log_probs, weight):
+            return jaxloss.nll(log_probs, targets, weight=weight)
+
+        return jax.value_and_grad(f, argnums=(0, 1))(log_probs, weight)
+
+    args = {k: data[k] for k in ("log_probs", "targets", "weight")}
+    return fn, args, {"log_probs": "matrix", "targets": "rows", "weight": "cols"}
+
+
+_loss_checks("cross_entropy/index", _cross_entropy_index)
+_loss_checks("cross_entropy/probs", _cross_entropy_probs)
+_loss_checks("nll", _nll)
+
+LINEAR_OPTIONS = dict(label_smoothing=0.1, z_loss=1e-3, token_chunk=3, vocab_chunk=3)
+LINEAR_KINDS = {
+    "hidden": "hidden", "kernel": "kernel", "bias": "cols", "targets": "rows", "weight": "cols",
+    "cotangent": "rows",
+}  # fmt: skip
+
+
+def _linear_fn(**axes):
+    def fn(hidden, kernel, bias, targets, weight, cotangent):
+        def f(hidden, kernel, bias, weight):
+            loss = jaxloss.linear_cross_entropy(
+                hidden, kernel, targets, bias=bias, weight=weight, reduction="none",
+                **LINEAR_OPTIONS, **axes,
+            )  # fmt: skip
+            return jnp.sum(loss * cotangent), loss
+
+        (_, loss), grads = jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True)(
+            hidden, kernel, bias, weight
+        )
+        mean, total = (
+            jaxloss.linear_cross_entropy(
+                hidden, kernel, targets, bias=bias, weight=weight, reduction=reduction,
+                **LINEAR_OPTIONS, **axes,
+            )
+            for reduction in ("mean", "sum")
+        )  # fmt: skip
+        return loss, mean, total, grads
+
+    return fn
+
+
+def _linear_args():
+    data = _data(3)
+    return {k: data[k] for k in LINEAR_KINDS}
+
+
+def _linear_reference():
+    """The plain call on one device (itself checked against cross_entropy in test_linear.py)."""
+    return _unsharded(_linear_fn(), _linear_args())
+
+
+for _layout in LAYOUTS:
+
+    @check(f"linear_cross_entropy/auto/{_layout}")
+    def _linear_auto(mesh: Mesh, layout=_layout):
+        """Plain call under jit: XLA partitions the blockwise loops itself."""
+        got, hlo = _sharded(mesh, layout, _linear_fn(), _linear_args(), LINEAR_KINDS)
+        problems = _compare(got, _linear_reference(), f"linear_cross_entropy (auto) {layout}")
+        gathers = all_gather_shapes(hlo)
+        logits = [s for s in gathers if V in s and N_ROWS & set(s)]
+        if logits:
+            problems.append(f"all-gather of [N, V] logits {logits}; all: {gathers}")
+        return problems, gathers
+
+    @check(f"linear_cross_entropy/shard_map/{_layout}")
+    def _linear_shard_map(mesh: Mesh, layout=_layout):
+        """batch_axis / vocab_axis: shard_map, no logits and no kernel ever gathered."""
+        fn = _linear_fn(mesh=mesh, **_axes(layout))
+        got, hlo = _sharded(mesh, layout, fn, _linear_args(), LINEAR_KINDS)
+        problems = _compare(got, _linear_reference(), f"linear_cross_entropy (shard_map) {layout}")
+        gathers = all_gather_shapes(hlo)
+        vocab = [s for s in gathers if gathers_vocabulary_matrix(s)]
+        if vocab:
+            problems.append(f"all-gather of a [*, V] array {vocab}; all: {gathers}")
+        return problems, gathers
+
+
+@check("hlo_parser/sees_all_gathers")
+def _parser_self_test(mesh: Mesh):
+    """The HLO parser finds a forced all-gather of the logits (so a pass above means something)."""
+    logits = jax.device_put(
+        jnp.zeros((N, V)), NamedSharding(mesh, _layout_specs("classes")["matrix"])
+    )
+    replicated = NamedSharding(mesh, P())
+    hlo = jax.jit(lambda x: x * 2, out_shardings=replicated).lower(logits).compile().as_text()
+    gathers = all_gather_shapes(hlo)
+    ok = any(gathers_vocabulary_matrix(s) and N_ROWS & set(s) for s in gathers)
+    return ([] if ok else [f"parser found no [N, V] all-gather in a forced gather: {gathers}"]), (
+        gathers
+    )
+
+
+def main(names: list[str]) -> int:
+    jax.config.update("jax_numpy_rank_promotion", "raise")
+    devices = jax.devices()
+    if len(devices) != NUM_DEVICES:
+        print(json.dumps({"name": "setup", "ok": False, "message": (
+            f"expected {NUM_DEVICES} devices, got {len(devices)}: set XLA_FLAGS="
+            f"--xla_force_host_platform_device_count={NUM_DEVICES} before JAX starts"
+        ), "all_gathers": []}), flush=True)  # fmt: skip
+        return 1
+    mesh = Mesh(np.array(devices).reshape(2, 4), ("data", "model"))
+    failed = 0
+    for name in names or list(CHECKS):
+        try:
+            problems, gathers = CHECKS[name](mesh)
+        except Exception:  # A crash is a failed check, reported with its traceback.
+            problems, gathers = [traceback.format_exc(limit=-6)], []
+        failed += bool(problems)
+        record = {"name": name, "ok": not problems, "message": "\n".join(problems)}
+        print(json.dumps({**record, "all_gathers": [list(s) for s in gathers]}), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
