@@ -294,6 +294,26 @@ for _layout in LAYOUTS:
         return problems, gathers
 
 
+@check("linear_cross_entropy/shard_map/uneven_split_is_an_error")
+def _linear_uneven(mesh: Mesh):
+    """Tokens or classes that do not split evenly over the named axes raise a ValueError."""
+    data = _linear_args()
+    h, k, y = data["hidden"], data["kernel"], data["targets"]
+    problems = []
+    for what, args, axes in (
+        ("tokens", (h[:-1], k, y[:-1]), {"batch_axis": BATCH}),
+        ("classes", (h, k[:, :-1], y), {"vocab_axis": "model"}),
+    ):
+        try:
+            jaxloss.linear_cross_entropy(*args, mesh=mesh, **axes)
+        except ValueError as err:
+            if "split evenly" not in str(err):
+                problems.append(f"{what}: unexpected message {err}")
+        else:
+            problems.append(f"{what}: no ValueError for an uneven split")
+    return problems, []
+
+
 @check("hlo_parser/sees_all_gathers")
 def _parser_self_test(mesh: Mesh):
     """The HLO parser finds a forced all-gather of the logits (so a pass above means something)."""
