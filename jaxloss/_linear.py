@@ -415,10 +415,17 @@ def _sharded(
     )  # fmt: skip
     out_specs = rows if reduction == "none" else PartitionSpec()
     placeholder = jnp.zeros((v,), jnp.float32)
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(
-        h, kernel, bias if has_bias else placeholder, y,
-        class_weight if weighted else placeholder,
-    )  # fmt: skip
+    args = (h, kernel, bias if has_bias else placeholder, y, placeholder)
+    if weighted:
+        args = (*args[:4], class_weight)
+    if any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+        # With explicit sharding (jax.make_mesh's default) shard_map takes inputs only in the
+        # layout of its in_specs; with automatic sharding XLA reshards them itself.
+        target = in_specs
+        if isinstance(mesh, Mesh):
+            target = tuple(jax.sharding.NamedSharding(mesh, spec) for spec in in_specs)
+        args = jax.reshard(args, target)
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,6 +439,27 @@ def _check_chunk(name: str, value: Any) -> int:
     if value < 1:
         raise ValueError(f"{_FN}: `{name}` must be a positive int, got {value}")
     return int(value)
+
+
+def _explicit_layout(h, y, kernel, bias, weight):
+    """``(mesh, batch_axis, vocab_axis)`` read from explicitly sharded inputs, else Nones.
+
+    With explicit sharding (``jax.make_mesh``'s default axis type) the arrays' types say how the
+    tokens (rows of ``hidden``, ``targets``) and the classes (columns of ``kernel``, ``bias``,
+    ``weight``) are split; the blockwise loops cannot slice such arrays, so the loss takes the
+    ``shard_map`` form over those axes (the first input that is split decides).
+    """
+    mesh, axes = None, []
+    for candidates in (((h, 0), (y, 0)), ((kernel, 1), (bias, 0), (weight, 0))):
+        found = None
+        for x, dim in candidates:
+            sharding = getattr(jax.typeof(x), "sharding", None) if x is not None else None
+            spec = tuple(getattr(sharding, "spec", None) or ())
+            if dim < len(spec) and spec[dim] is not None:
+                found, mesh = spec[dim], sharding.mesh  # pyright: ignore[reportOptionalMemberAccess]
+                break
+        axes.append(found)
+    return mesh, axes[0], axes[1]
 
 
 def _check_mesh_axes(mesh, batch_axis, vocab_axis, n: int, v: int):
@@ -519,12 +547,14 @@ def linear_cross_entropy(
     logits. Reverse-mode differentiation only (no ``jax.jvp``/``jax.hessian``), in ``hidden``,
     ``kernel``, ``bias`` and ``weight``.
 
-    Sharding: under ``jax.jit`` the inputs may carry any ``NamedSharding``; XLA then partitions
-    the computation itself (a vocabulary-sharded kernel gets gathered, the logits never are). To
-    keep the kernel sharded, name the mesh axes: ``vocab_axis`` (kernel columns, ``bias`` and
-    ``weight``) and/or ``batch_axis`` (tokens) run the loss under ``jax.shard_map``, each device
-    working on its own block of logits and exchanging ``O(N)`` statistics (Megatron-style
-    vocabulary-parallel cross-entropy).
+    Sharding: naming the mesh axes — ``vocab_axis`` (kernel columns, ``bias`` and ``weight``)
+    and/or ``batch_axis`` (tokens) — runs the loss under ``jax.shard_map``, each device working
+    on its own block of logits and exchanging only ``O(N)`` statistics (Megatron-style
+    vocabulary-parallel cross-entropy); neither logits nor kernel are ever gathered. With
+    explicit sharding (``jax.make_mesh``'s default axis type) the axes are read from the inputs'
+    types, so this happens by itself. Otherwise (automatic sharding, no axes named) XLA
+    partitions the computation: correct for any ``NamedSharding``, but a vocabulary-sharded
+    kernel gets all-gathered (the logits never are).
 
     Args:
       hidden: floating features ``(N, D)`` or ``(*batch, D)`` (flattened to tokens).
@@ -543,8 +573,10 @@ def linear_cross_entropy(
       vocab_chunk: columns of ``kernel`` per block (clipped to ``V``).
       mesh: the ``jax.sharding.Mesh`` for ``batch_axis``/``vocab_axis`` (default: the context
         mesh).
-      batch_axis: mesh axis name(s) the tokens are split over, or ``None``.
-      vocab_axis: mesh axis name(s) the classes are split over, or ``None``.
+      batch_axis: mesh axis name(s) the tokens are split over, or ``None``. Tokens must split
+        evenly; ``token_chunk`` then applies to each device's share.
+      vocab_axis: mesh axis name(s) the classes are split over, or ``None``. Classes must split
+        evenly; ``vocab_chunk`` then applies to each device's share.
 
     Returns:
       Per-token losses (``"none"``) or a scalar, in the dtype ``hidden @ kernel + bias`` would
@@ -613,6 +645,8 @@ def linear_cross_entropy(
     h = hidden.reshape(-1, d)
     y = targets.reshape(-1)
     n = h.shape[0]
+    if mesh is None and batch_axis is None and vocab_axis is None:
+        mesh, batch_axis, vocab_axis = _explicit_layout(h, y, kernel, bias, class_weight)
     resolved_mesh = _check_mesh_axes(mesh, batch_axis, vocab_axis, n, v)
     options = dict(
         ignore_index=int(ignore_index), reduction=reduction, smoothing=smoothing, z_loss=z_loss

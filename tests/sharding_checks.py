@@ -18,17 +18,19 @@ status 0 only if every check passed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import sys
 import traceback
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -128,17 +130,28 @@ def _unsharded(fn: Callable, args: dict[str, np.ndarray]):
     return jax.jit(fn)(**{k: jnp.asarray(v) for k, v in args.items()})
 
 
+def explicit(mesh: Mesh) -> Mesh:
+    """The same devices and axis names with explicit sharding (``jax.make_mesh``'s default)."""
+    explicit_axes = (AxisType.Explicit,) * len(mesh.axis_names)
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=explicit_axes)
+
+
 def _sharded(
     mesh: Mesh, layout: str, fn: Callable, args: dict[str, np.ndarray], kinds: dict[str, str]
 ) -> tuple[object, str]:
-    """``fn(**args)`` with ``args`` placed per ``kinds`` (arg -> spec kind), and its HLO."""
+    """``fn(**args)`` with ``args`` placed per ``kinds`` (arg -> spec kind), and its HLO.
+
+    An explicit-sharding mesh is also made the context mesh, as ``jax.set_mesh`` users do.
+    """
     specs = _layout_specs(layout)
     placed = {
         k: jax.device_put(v, NamedSharding(mesh, specs[kinds[k]] if k in kinds else P()))
         for k, v in args.items()
     }
-    compiled = jax.jit(fn).lower(**placed).compile()
-    return compiled(**placed), compiled.as_text()
+    context = jax.set_mesh(mesh) if AxisType.Explicit in mesh.axis_types else nullcontext()
+    with context:
+        compiled = jax.jit(fn).lower(**placed).compile()
+        return compiled(**placed), compiled.as_text()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,11 +170,12 @@ def check(name: str):
 
 
 def _loss_checks(name: str, make_fn: Callable[[], tuple[Callable, dict, dict]]) -> None:
-    """Registers ``name/layout`` for every layout: values, gradients, and HLO gathers."""
-    for layout in LAYOUTS:
+    """Registers ``[explicit/]name/layout`` for every layout: values, gradients, HLO gathers."""
+    for layout, mode in itertools.product(LAYOUTS, ("auto", "explicit")):
 
-        def run(mesh: Mesh, layout=layout):
+        def run(mesh: Mesh, layout=layout, mode=mode):
             fn, args, kinds = make_fn()
+            mesh = explicit(mesh) if mode == "explicit" else mesh
             got, hlo = _sharded(mesh, layout, fn, args, kinds)
             problems = _compare(got, _unsharded(fn, args), f"{name} sharded over {layout}")
             gathers = all_gather_shapes(hlo)
@@ -171,7 +185,7 @@ def _loss_checks(name: str, make_fn: Callable[[], tuple[Callable, dict, dict]]) 
                     problems.append(f"{name}: all-gather of [N, V] logits {bad}; all: {gathers}")
             return problems, gathers
 
-        check(f"{name}/{layout}")(run)
+        check(f"{'explicit/' if mode == 'explicit' else ''}{name}/{layout}")(run)
 
 
 # Row counts an [N, V]-shaped array can have on some device (whole, or split over data/model).
@@ -287,6 +301,17 @@ for _layout in LAYOUTS:
         fn = _linear_fn(mesh=mesh, **_axes(layout))
         got, hlo = _sharded(mesh, layout, fn, _linear_args(), LINEAR_KINDS)
         problems = _compare(got, _linear_reference(), f"linear_cross_entropy (shard_map) {layout}")
+        gathers = all_gather_shapes(hlo)
+        vocab = [s for s in gathers if gathers_vocabulary_matrix(s)]
+        if vocab:
+            problems.append(f"all-gather of a [*, V] array {vocab}; all: {gathers}")
+        return problems, gathers
+
+    @check(f"explicit/linear_cross_entropy/{_layout}")
+    def _linear_explicit(mesh: Mesh, layout=_layout):
+        """Explicit sharding: the axes are read from the inputs' types (shard_map form)."""
+        got, hlo = _sharded(explicit(mesh), layout, _linear_fn(), _linear_args(), LINEAR_KINDS)
+        problems = _compare(got, _linear_reference(), f"linear_cross_entropy (explicit) {layout}")
         gathers = all_gather_shapes(hlo)
         vocab = [s for s in gathers if gathers_vocabulary_matrix(s)]
         if vocab:
