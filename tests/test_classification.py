@@ -810,6 +810,24 @@ def test_half_precision(name, dtype):
     assert_close(np.asarray(grad, np.float32), grad32, 1e-2, "grad")
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_large_class_count(dtype):
+    """4096 near-equal logits (a long reduction): value and gradient within 1e-2 of float32."""
+    z = np.random.default_rng(7).uniform(-0.01, 0.01, size=(2, 4096))
+    z = np.asarray(jnp.asarray(z, dtype), np.float32)
+    y = np.array([5, 4000])
+    t = random_probs(8, z.shape)
+    for targets in (y, t):
+        value, grad = value_and_sum_grad(
+            lambda x: jaxloss.cross_entropy(x, targets), z.astype(dtype)
+        )
+        value32, grad32 = value_and_sum_grad(lambda x: jaxloss.cross_entropy(x, targets), z)
+        assert value.dtype == grad.dtype == jnp.dtype(dtype)
+        assert_close(np.float32(value), value32, 1e-2, "value")
+        assert_close(np.asarray(grad, np.float32), grad32, 1e-2, "grad")
+    np.testing.assert_allclose(value32, np.log(4096), rtol=1e-3)  # sanity of the reference
+
+
 @pytest.mark.parametrize("fn", ["cross_entropy", "nll"])
 def test_out_of_range_target_is_nan(fn):
     """Targets C, 99 and -5 (ignore_index -100) give NaN at their position, not a finite loss."""
