@@ -10,10 +10,12 @@ machine. The reported time is the median sample divided by the calls per sample.
 Byte model (the "copy floor"): the least memory traffic of a function is reading each input once
 and writing each output once; for forward + backward the outputs include the gradient, so a
 cross-entropy forward reads the logits once and its value_and_grad reads them once and writes the
-gradient once. The floor is a jitted ``x * s`` of the logits (``s`` a runtime scalar, so XLA can
-neither elide nor fold it), which reads and writes the logits' bytes once each. ``copy_fraction``
-is the speed of light over the time taken: ``(min_bytes / t) / (2 * logits_bytes / t_copy)``;
-1.0 means the function moved its bytes as fast as a copy does.
+gradient once. The bandwidth comes from a jitted ``x * s`` of the logits (``s`` a runtime scalar,
+so XLA can neither elide nor fold it), donated so that it runs in place. A function returning a
+fresh logits-sized array (a gradient, softmax's output) also pays for a new buffer: on CPU the
+page faults of a fresh 512 MiB output cost about as much as the copy itself, so the same ``x * s``
+is timed into a fresh buffer and the difference is charged per fresh output byte. ``floor_s`` is
+the resulting speed of light and ``copy_fraction = floor_s / t`` (1.0: as fast as a copy).
 """
 
 from __future__ import annotations
@@ -31,10 +33,13 @@ import numpy as np
 from benchmarks.cases import DTYPES, Case, Shape
 
 BYTE_MODEL = (
-    "min_bytes = bytes of every input read once + every output written once (value_and_grad "
-    "writes the gradient once; scalar outputs ~0). Copy floor: jitted x * s of the logits-sized "
-    "array (s a runtime scalar), moving 2 x logits_bytes. copy_fraction = (min_bytes / t) / "
-    "(2 x logits_bytes / t_copy)."
+    "min_bytes = bytes of every input read once + every output written once (forward reads "
+    "the logits (and targets) once; value_and_grad also writes the gradient once). Bandwidth "
+    "= 2 x logits_bytes / t(x * s in place, donated; s a runtime scalar so XLA cannot elide "
+    "it). A fresh array output (the gradient, softmax's output) also pays t(x * s into a new "
+    "buffer) - t(in place) per logits_bytes: page faults on CPU. floor_s = min_bytes / "
+    "bandwidth + fresh_output_bytes x that price; copy_fraction = floor_s / t (1 = speed of "
+    "light)."
 )
 
 
@@ -76,6 +81,7 @@ class Runner:
     temp_bytes: int | None = None
     compile_s: float | None = None
     number: int = 1
+    warm: bool = False  # called at least once since compilation
     times: list[float] = dataclasses.field(default_factory=list)
 
     def sample(self, number: int) -> float:
@@ -219,26 +225,45 @@ def relative_error(out: Any, reference: Any) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-_COPY = jax.jit(lambda x, s: x * s)
+# x * s with s a runtime scalar: XLA can neither elide nor fold it. Donated, it runs in place
+# (pure bandwidth); not donated, every call also faults in a fresh output buffer, which on CPU
+# costs as much as the copy itself for big arrays.
+_SCALE_IN_PLACE = jax.jit(lambda x, s: x * s, donate_argnums=0)
+_SCALE = jax.jit(lambda x, s: x * s)
 
 
 def copy_floor(shape: Shape, dtype_name: str, settings: Settings) -> dict[str, float]:
-    """Times ``x * s`` on a logits-sized array: the memory-traffic floor of this machine."""
+    """Times ``x * s`` on a logits-sized array, in place and into a fresh buffer."""
     dtype = DTYPES[dtype_name]
-    x = jax.block_until_ready(jnp.ones(shape, dtype))
     s = jnp.asarray(1, dtype)
-    runner = Runner("copy", lambda: _COPY(x, s), jax.block_until_ready)
-    _time_runners([runner], settings)
-    median = float(np.median(runner.times))
-    moved = 2 * x.nbytes
-    return {"median_s": median, "bytes_moved": moved, "bytes_per_s": moved / median}
+    state = {"x": jax.block_until_ready(jnp.ones(shape, dtype))}
+    nbytes = state["x"].nbytes
+
+    def in_place() -> jax.Array:
+        state["x"] = _SCALE_IN_PLACE(state["x"], s)
+        return state["x"]
+
+    source = jnp.ones(shape, dtype)
+    runners = [
+        Runner("in_place", in_place, jax.block_until_ready),
+        Runner("fresh", lambda: _SCALE(source, s), jax.block_until_ready),
+    ]
+    _time_runners(runners, settings)
+    t_in_place, t_fresh = (float(np.median(r.times)) for r in runners)
+    return {
+        "in_place_s": t_in_place,
+        "fresh_output_s": t_fresh,
+        "bytes_moved": 2 * nbytes,
+        "bytes_per_s": 2 * nbytes / t_in_place,
+        # The price of a fresh output buffer beyond its bandwidth (page faults on CPU).
+        "fresh_s_per_byte": max(0.0, t_fresh - t_in_place) / nbytes,
+    }
 
 
 def _calibrate(runner: Runner, settings: Settings) -> float:
-    first = runner.sample(1)  # warm-up: page faults, lazy initialisation
-    if first >= 5 * settings.min_sample_s:
-        runner.number = 1
-        return first
+    """Warms up (unless already called) and sets the calls per sample; returns one call's time."""
+    if not runner.warm:
+        runner.sample(1)  # page faults, lazy initialisation
     t = runner.sample(1)
     runner.number = int(min(settings.max_calls, max(1, math.ceil(settings.min_sample_s / t))))
     return t
@@ -246,10 +271,18 @@ def _calibrate(runner: Runner, settings: Settings) -> float:
 
 def _time_runners(runners: list[Runner], settings: Settings) -> int:
     """Warm-up, calibration and round-robin sampling; returns the repeat count used."""
-    per_round = sum(_calibrate(r, settings) * r.number for r in runners)
+    calibration = [_calibrate(r, settings) for r in runners]
+    per_round = sum(t * r.number for t, r in zip(calibration, runners, strict=True))
     repeats = int(settings.budget_s / max(per_round, 1e-9))
     repeats = max(settings.min_repeats, min(settings.max_repeats, repeats))
-    for _ in range(repeats):
+    done = 0
+    if all(r.number == 1 for r in runners):
+        # Slow calls (big shapes): the calibration round, taken in the same round-robin order
+        # after a warm-up, is already the first sample.
+        for t, r in zip(calibration, runners, strict=True):
+            r.times.append(t)
+        done = 1
+    for _ in range(repeats - done):
         for r in runners:
             r.times.append(r.sample(r.number))
     return repeats
@@ -286,8 +319,14 @@ def run_one(
     compiled = compiled or {}
     args = jax.block_until_ready(bench_args(case, mode, inputs))
     record = base_record(case, mode, dtype_name, shape)
-    record["min_bytes"] = _nbytes(args) + _nbytes(
-        jax.eval_shape(jax_function(case, case.impls["jaxloss"], mode), *args)
+    outputs = jax.eval_shape(jax_function(case, case.impls["jaxloss"], mode), *args)
+    record["min_bytes"] = _nbytes(args) + _nbytes(outputs)
+    record["fresh_output_bytes"] = _nbytes([x for x in jax.tree.leaves(outputs) if x.ndim])
+    record["floor_s"] = (
+        record["min_bytes"] / copy["bytes_per_s"]
+        + record["fresh_output_bytes"] * copy["fresh_s_per_byte"]
+        if copy and case.memory_bound
+        else None
     )
     runners: list[Runner] = []
     reference = None
@@ -301,6 +340,7 @@ def run_one(
                 runner = jax_runner(name, case, fn, mode, args, pre)
             out = runner.call()
             runner.wait(out)
+            runner.warm = True
         except Exception as err:  # a peer that cannot run is reported, not fatal
             entry["error"] = f"{type(err).__name__}: {err}"[:300]
             continue
@@ -327,11 +367,7 @@ def run_one(
             calls_per_sample=runner.number,
             elements_per_s=record["elements"] / median,
             bytes_per_s=record["min_bytes"] / median,
-            copy_fraction=(
-                (record["min_bytes"] / median) / copy["bytes_per_s"]
-                if copy and case.memory_bound
-                else None
-            ),
+            copy_fraction=None if record["floor_s"] is None else record["floor_s"] / median,
         )
     finish_record(record)
     record["wall_s"] = time.perf_counter() - started
@@ -356,17 +392,29 @@ def base_record(case: Case, mode: str, dtype_name: str, shape: Shape) -> dict[st
     }
 
 
+def paired_ratio(times: Sequence[float], base: Sequence[float]) -> float:
+    """Median over rounds of ``times[i] / base[i]``: both were sampled in the same round, so a
+    burst of load from other processes cancels out of each ratio."""
+    return float(np.median(np.asarray(times) / np.asarray(base)))
+
+
 def finish_record(record: dict[str, Any]) -> None:
     """Adds the temp-memory ratios and the time ratios to optax."""
     for entry in record["impls"].values():
         temp = entry.get("temp_bytes")
         entry["temp_ratio"] = None if temp is None else temp / record["logits_bytes"]
-    base = record["impls"].get("optax", {}).get("median_s")
-    record["ratio_to_optax"] = {
-        name: (e["median_s"] / base if base and e.get("median_s") else None)
-        for name, e in record["impls"].items()
-        if name != "optax"
-    }
+    base = record["impls"].get("optax", {})
+    record["ratio_to_optax"], record["ratio_of_medians"] = {}, {}
+    for name, e in record["impls"].items():
+        if name == "optax" or not e.get("median_s") or not base.get("median_s"):
+            continue
+        record["ratio_of_medians"][name] = e["median_s"] / base["median_s"]
+        paired = len(e["times_s"]) == len(base["times_s"])
+        record["ratio_to_optax"][name] = (
+            paired_ratio(e["times_s"], base["times_s"])
+            if paired
+            else record["ratio_of_medians"][name]
+        )
 
 
 def memory_only(
