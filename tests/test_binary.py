@@ -8,7 +8,6 @@ float64 tests run inside the ``x64`` fixture, which scopes ``jax.enable_x64`` to
 
 from __future__ import annotations
 
-import functools
 import pathlib
 
 import jax
@@ -55,10 +54,13 @@ def _optional(case, name, dtype=None):
     return jnp.asarray(case[name], dtype) if name in case else None
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _value_and_vjp(fn, num_diff, args, ct):
-    """``fn(*args)`` and the VJP of ``ct`` with respect to the first ``num_diff`` arguments."""
-    out, vjp = jax.vjp(lambda *d: fn(*d, *args[num_diff:]), *args[:num_diff])
+def _value_and_vjp(fn, args, ct):
+    """``fn(*args)`` and the VJP of ``ct`` with respect to every argument.
+
+    Eager ``jax.vjp`` of the jitted loss: its compilations are cached per shape and static
+    arguments, so the closed-form tests below reuse those of the golden tests.
+    """
+    out, vjp = jax.vjp(fn, *args)
     return out, vjp(ct)
 
 
@@ -95,7 +97,7 @@ def test_golden_file_covers_every_reduction_and_broadcast():
 def _check_golden_bce(c, dtype, rtol, atol, grad_rtol=None):
     fn = _bce_fn(str(c["reduction"]), _optional(c, "weight", dtype))
     args = (jnp.asarray(c["probs"], dtype), jnp.asarray(c["targets"], dtype))
-    out, (grad_p, grad_y) = _value_and_vjp(fn, 2, args, jnp.asarray(c["ct"], dtype))
+    out, (grad_p, grad_y) = _value_and_vjp(fn, args, jnp.asarray(c["ct"], dtype))
     assert out.dtype == dtype and grad_p.dtype == dtype
     np.testing.assert_allclose(out, c["out"], rtol=rtol, atol=atol)
     np.testing.assert_allclose(grad_p, c["grad_probs"], rtol=grad_rtol or rtol, atol=atol)
@@ -121,7 +123,7 @@ def _check_golden_bce_logits(c, dtype, rtol, atol):
         str(c["reduction"]), _optional(c, "weight", dtype), _optional(c, "pos_weight", dtype)
     )
     args = (jnp.asarray(c["logits"], dtype), jnp.asarray(c["targets"], dtype))
-    out, (grad_x, grad_y) = _value_and_vjp(fn, 2, args, jnp.asarray(c["ct"], dtype))
+    out, (grad_x, grad_y) = _value_and_vjp(fn, args, jnp.asarray(c["ct"], dtype))
     assert out.dtype == dtype and grad_x.dtype == dtype
     np.testing.assert_allclose(out, c["out"], rtol=rtol, atol=atol)
     np.testing.assert_allclose(grad_x, c["grad_logits"], rtol=rtol, atol=atol)
@@ -167,7 +169,7 @@ def test_live_torch_parity_bce(seed, x64):
     ct = rng.normal(size=t_out.shape)
     (t_out * torch.tensor(ct)).sum().backward()
     fn = _bce_fn(reduction, None if w is None else jnp.asarray(w))
-    out, (grad_p, grad_y) = _value_and_vjp(fn, 2, (jnp.asarray(p), jnp.asarray(y)), ct)
+    out, (grad_p, grad_y) = _value_and_vjp(fn, (jnp.asarray(p), jnp.asarray(y)), ct)
     np.testing.assert_allclose(out, t_out.detach().numpy(), rtol=1e-12)
     np.testing.assert_allclose(grad_p, tp.grad.numpy(), rtol=1e-11, atol=1e-13)
     np.testing.assert_allclose(grad_y, ty.grad.numpy(), rtol=1e-11, atol=1e-13)
@@ -194,7 +196,7 @@ def test_live_torch_parity_bce_with_logits(seed, x64):
     fn = _bce_logits_fn(
         reduction, None if w is None else jnp.asarray(w), None if pw is None else jnp.asarray(pw)
     )
-    out, (grad_x, grad_y) = _value_and_vjp(fn, 2, (jnp.asarray(x), jnp.asarray(y)), ct)
+    out, (grad_x, grad_y) = _value_and_vjp(fn, (jnp.asarray(x), jnp.asarray(y)), ct)
     np.testing.assert_allclose(out, t_out.detach().numpy(), rtol=1e-12)
     np.testing.assert_allclose(grad_x, tx.grad.numpy(), rtol=1e-11, atol=1e-13)
     np.testing.assert_allclose(grad_y, ty.grad.numpy(), rtol=1e-11, atol=1e-13)
@@ -204,79 +206,81 @@ def test_live_torch_parity_bce_with_logits(seed, x64):
 # Gradients: closed form (float64), check_grads (orders 1 and 2, fwd and rev), Hessians
 
 
-def _divisor(reduction, shape):
-    return float(np.prod(shape)) if reduction == "mean" else 1.0
+def _golden_weights(c, name):
+    """A golden case's weight broadcast to the input (ones when absent)."""
+    shape = c["targets"].shape
+    return np.broadcast_to(c[name], shape) if name in c else np.ones(shape)
 
 
-@pytest.mark.parametrize(
-    ("wshape", "reduction"), [(None, "sum"), ((4,), "mean"), ((3, 1), "sum")], ids=str
-)
-def test_bce_gradient_closed_form(wshape, reduction, x64):
-    shape = (3, 4)
-    p, y, _ = _rng_arrays(0, shape)
-    # Include the clamped region: p(1 - p) < 1e-12 and p exactly 0 or 1.
-    p[0, :] = [0.0, 1.0, 1e-14, 1 - 1e-14]
-    y[0, :] = [1.0, 0.0, 0.3, 0.9]
-    w = None if wshape is None else np.random.default_rng(1).uniform(0.1, 2.0, size=wshape)
-    w_full = np.ones(shape) if w is None else np.broadcast_to(w, shape)
-    fn = functools.partial(jaxloss.bce, weight=None if w is None else jnp.asarray(w))
-    grad_p, grad_y = jax.grad(lambda p, y: fn(p, y, reduction=reduction), (0, 1))(p, y)
-    n = _divisor(reduction, shape)
-    # PyTorch's formula, including its 1e-12 floor on the denominator.
-    expected_p = w_full * (p - y) / np.maximum(p * (1 - p), 1e-12) / n
-    np.testing.assert_allclose(grad_p, expected_p, rtol=1e-10)
+def _scaled_cotangent(c):
+    """The golden cotangent, divided by the element count for "mean", broadcast to the input."""
+    n = c["targets"].size if str(c["reduction"]) == "mean" else 1
+    return np.broadcast_to(c["ct"], c["targets"].shape) / n
+
+
+# The golden inputs double as closed-form test points (their compilations are already cached).
+@pytest.mark.parametrize("case", sorted(GOLDEN_BCE))
+def test_bce_gradient_closed_form(case, x64):
+    c = GOLDEN_BCE[case]
+    fn = _bce_fn(str(c["reduction"]), _optional(c, "weight"))
+    p, y = c["probs"], c["targets"]
+    _, (grad_p, grad_y) = _value_and_vjp(fn, (jnp.asarray(p), jnp.asarray(y)), c["ct"])
+    scale = _scaled_cotangent(c) * _golden_weights(c, "weight")
+    # PyTorch's formula, including its floor on the denominator (here the exact 1e-12).
+    np.testing.assert_allclose(grad_p, scale * (p - y) / np.maximum(p * (1 - p), 1e-12), rtol=1e-10)
+    # Linear in y: the (clamped) log-odds.
     with np.errstate(divide="ignore"):
         log_p, log_1mp = np.maximum(np.log(p), -100), np.maximum(np.log1p(-p), -100)
-    np.testing.assert_allclose(grad_y, -w_full * (log_p - log_1mp) / n, rtol=1e-10)
+    np.testing.assert_allclose(grad_y, -scale * (log_p - log_1mp), rtol=1e-10, atol=1e-15)
 
 
-@pytest.mark.parametrize(
-    ("wshape", "pshape", "reduction"),
-    [
-        (None, None, "mean"),
-        (None, (4,), "sum"),
-        ((4,), (4,), "mean"),
-        ((3, 1), (1, 4), "sum"),
-        ((), (3, 4), "mean"),
-    ],
-    ids=str,
-)
-def test_bce_with_logits_gradient_closed_form(wshape, pshape, reduction, x64):
-    shape = (3, 4)
-    rng = np.random.default_rng(2)
-    z, y = rng.normal(scale=3.0, size=shape), rng.uniform(size=shape)
-    w = None if wshape is None else rng.uniform(0.1, 2.0, size=wshape)
-    pw = None if pshape is None else rng.uniform(0.2, 5.0, size=pshape)
-    w_full = np.ones(shape) if w is None else np.broadcast_to(w, shape)
-    pw_full = np.ones(shape) if pw is None else np.broadcast_to(pw, shape)
-    fn = _bce_logits_fn(
-        reduction, None if w is None else jnp.asarray(w), None if pw is None else jnp.asarray(pw)
+@pytest.mark.parametrize("case", sorted(GOLDEN_BCE_LOGITS))
+def test_bce_with_logits_gradient_closed_form(case, x64):
+    c = GOLDEN_BCE_LOGITS[case]
+    fn = _bce_logits_fn(str(c["reduction"]), _optional(c, "weight"), _optional(c, "pos_weight"))
+    z, y = c["logits"], c["targets"]
+    _, (grad_z, grad_y) = _value_and_vjp(fn, (jnp.asarray(z), jnp.asarray(y)), c["ct"])
+    scale = _scaled_cotangent(c) * _golden_weights(c, "weight")
+    pw = _golden_weights(c, "pos_weight")
+    s = 0.5 * (1 + np.tanh(z / 2))  # σ(z), overflow-free
+    np.testing.assert_allclose(
+        grad_z, scale * (s * (1 - y + pw * y) - pw * y), rtol=1e-10, atol=1e-15
     )
-    grad_z, grad_y = jax.grad(fn, (0, 1))(jnp.asarray(z), jnp.asarray(y))
-    n = _divisor(reduction, shape)
-    s = 1 / (1 + np.exp(-z))
-    expected_z = w_full * (s * (1 - y + pw_full * y) - pw_full * y) / n
-    np.testing.assert_allclose(grad_z, expected_z, rtol=1e-10, atol=1e-15)
     # ∂/∂y = w (-z - (pw - 1) log σ(z)) = w (log σ(-z) - pw log σ(z)), PyTorch's target gradient.
     log_sig = -np.logaddexp(0, -z)
-    np.testing.assert_allclose(grad_y, w_full * (-z - (pw_full - 1) * log_sig) / n, rtol=1e-10)
+    np.testing.assert_allclose(grad_y, scale * (-z - (pw - 1) * log_sig), rtol=1e-10, atol=1e-15)
+
+
+def check_grads_eagerly(fn, args):
+    """``check_grads`` orders 1 and 2, forward and reverse, run op by op.
+
+    Under ``disable_jit`` each primitive compiles once and is shared by every later call, where
+    jit would compile every transformed function anew (about 3x the compile time). The jitted
+    path is held equal to this one by ``test_properties.test_jit_equals_eager``.
+    """
+    with jax.disable_jit():
+        check_grads(fn, args, order=2, modes=("fwd", "rev"))
 
 
 def test_check_grads_bce_all_arguments(x64):
-    p, y, _ = _rng_arrays(3, (3, 4), low=0.1, high=0.9)
-    w = np.random.default_rng(4).uniform(0.5, 2.0, size=(4,))
-    fn = lambda p, y, w: jaxloss.bce(p, y, weight=w, reduction="mean")
-    check_grads(fn, (p, y, w), order=2, modes=("fwd", "rev"))
+    p, y, _ = _rng_arrays(3, (3, 4, 5), low=0.1, high=0.9)
+    w = np.random.default_rng(4).uniform(0.5, 2.0, size=(4, 1))
+
+    def fn(p, y, w):
+        return jaxloss.bce(p, y, weight=w, reduction="mean")
+
+    check_grads_eagerly(fn, (p, y, w))
 
 
 def test_check_grads_bce_with_logits_all_arguments(x64):
     rng = np.random.default_rng(5)
-    z, y = rng.normal(scale=2.0, size=(3, 4)), rng.uniform(size=(3, 4))
-    w, pw = rng.uniform(0.5, 2.0, size=(3, 1)), rng.uniform(0.5, 3.0, size=(4,))
-    fn = lambda z, y, w, pw: jaxloss.bce_with_logits(
-        z, y, weight=w, pos_weight=pw, reduction="none"
-    )
-    check_grads(fn, (z, y, w, pw), order=2, modes=("fwd", "rev"))
+    z, y = rng.normal(scale=2.0, size=(3, 4, 5)), rng.uniform(size=(3, 4, 5))
+    w, pw = rng.uniform(0.5, 2.0, size=(3, 1, 1)), rng.uniform(0.5, 3.0, size=(5,))
+
+    def fn(z, y, w, pw):
+        return jaxloss.bce_with_logits(z, y, weight=w, pos_weight=pw, reduction="none")
+
+    check_grads_eagerly(fn, (z, y, w, pw))
 
 
 def test_bce_hessian_closed_form(x64):
