@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -80,6 +81,7 @@ class Runner:
     wait: Callable[[Any], Any]
     temp_bytes: int | None = None
     compile_s: float | None = None
+    hlo_ops: dict[str, int] | None = None
     number: int = 1
     warm: bool = False  # called at least once since compilation
     times: list[float] = dataclasses.field(default_factory=list)
@@ -92,6 +94,30 @@ class Runner:
             out = self.call()
         self.wait(out)
         return (time.perf_counter() - start) / number
+
+
+_HLO_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?:\([^=]*?\)|\S+)\s+([a-z][\w\-]*)\(", re.MULTILINE
+)
+_FREE_OPS = frozenset(
+    {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "copy-start", "copy-done"}
+)
+
+
+def entry_ops(compiled: Any) -> dict[str, int] | None:
+    """Opcode counts of the optimised entry computation (each fusion is one kernel launch on
+    CPU, which dominates small shapes); None when the text cannot be read."""
+    try:
+        text = compiled.as_text()
+        entry = text[text.index("ENTRY") :]
+        body = entry[entry.index("{") + 1 : entry.index("\n}")]
+    except Exception:
+        return None
+    counts: dict[str, int] = {}
+    for op in _HLO_INSTRUCTION.findall(body):
+        if op not in _FREE_OPS:
+            counts[op] = counts.get(op, 0) + 1
+    return counts
 
 
 def temp_size(compiled: Any) -> int | None:
@@ -153,7 +179,12 @@ def jax_runner(
 ) -> Runner:
     compiled, compile_s = precompiled or compile_jax(case, fn, mode, args)
     return Runner(
-        name, lambda: compiled(*args), jax.block_until_ready, temp_size(compiled), compile_s
+        name,
+        lambda: compiled(*args),
+        jax.block_until_ready,
+        temp_size(compiled),
+        compile_s,
+        entry_ops(compiled),
     )
 
 
@@ -344,7 +375,9 @@ def run_one(
         except Exception as err:  # a peer that cannot run is reported, not fatal
             entry["error"] = f"{type(err).__name__}: {err}"[:300]
             continue
-        entry.update(temp_bytes=runner.temp_bytes, compile_s=runner.compile_s)
+        entry.update(
+            temp_bytes=runner.temp_bytes, compile_s=runner.compile_s, hlo_ops=runner.hlo_ops
+        )
         if settings.check:
             if reference is None:
                 reference = out
@@ -403,6 +436,15 @@ def finish_record(record: dict[str, Any]) -> None:
     for entry in record["impls"].values():
         temp = entry.get("temp_bytes")
         entry["temp_ratio"] = None if temp is None else temp / record["logits_bytes"]
+    jl = record["impls"].get("jaxloss", {})
+    # jaxloss against every other implementation (e.g. the materialised linear cross-entropy).
+    record["jaxloss_ratio_to"] = {
+        name: paired_ratio(jl["times_s"], e["times_s"])
+        for name, e in record["impls"].items()
+        if name != "jaxloss"
+        and jl.get("times_s")
+        and len(e.get("times_s", ())) == len(jl["times_s"])
+    }
     base = record["impls"].get("optax", {})
     record["ratio_to_optax"], record["ratio_of_medians"] = {}, {}
     for name, e in record["impls"].items():
@@ -442,7 +484,9 @@ def memory_only(
         except Exception as err:
             entry["error"] = f"{type(err).__name__}: {err}"[:300]
             continue
-        entry.update(temp_bytes=temp_size(executable), compile_s=compile_s)
+        entry.update(
+            temp_bytes=temp_size(executable), compile_s=compile_s, hlo_ops=entry_ops(executable)
+        )
     finish_record(record)
     record["wall_s"] = time.perf_counter() - started
     return record

@@ -48,6 +48,11 @@ def _impl(record: dict, name: str) -> dict:
     return record["impls"].get(name, {})
 
 
+def _ops(entry: dict) -> str:
+    ops = entry.get("hlo_ops")
+    return "-" if ops is None else str(sum(ops.values()))
+
+
 def _shape(record: dict) -> str:
     return "x".join(map(str, record["shape"]))
 
@@ -58,7 +63,7 @@ def format_table(records: Sequence[dict]) -> str:
         f"{'function':<28} {'mode':<4} {'dtype':<5} {'shape':<13} "
         f"{'jaxloss':>8} {'optax':>8} {'torch':>8} {'jl/ox':>6} {'to/ox':>6} "
         f"{'jl Gel/s':>8} {'jl%cpy':>6} {'ox%cpy':>6} "
-        f"{'temp jl':>8} {'temp ox':>8} {'jl/lgt':>6} {'ox/lgt':>6}"
+        f"{'temp jl':>8} {'temp ox':>8} {'jl/lgt':>6} {'ox/lgt':>6} {'ops':>7}"
     )
     lines = [header, "-" * len(header)]
     previous_group = None
@@ -77,6 +82,11 @@ def format_table(records: Sequence[dict]) -> str:
         errors = [f"{k}: {e['error'][:60]}" for k, e in r["impls"].items() if "error" in e]
         extras = [
             f"{k}={fmt_time(e.get('median_s'))} temp={fmt_bytes(e.get('temp_bytes'))}"
+            + (
+                f" jaxloss/it={r['jaxloss_ratio_to'][k]:.2f}"
+                if k in r.get("jaxloss_ratio_to", {})
+                else ""
+            )
             for k, e in r["impls"].items()
             if k not in IMPL_COLUMNS and "error" not in e
         ]
@@ -92,7 +102,8 @@ def format_table(records: Sequence[dict]) -> str:
             f"{fmt_frac(jl.get('copy_fraction') if big else None):>6} "
             f"{fmt_frac(ox.get('copy_fraction') if big else None):>6} "
             f"{fmt_bytes(jl.get('temp_bytes')):>8} {fmt_bytes(ox.get('temp_bytes')):>8} "
-            f"{fmt_ratio(jl.get('temp_ratio'), 3):>6} {fmt_ratio(ox.get('temp_ratio'), 3):>6}"
+            f"{fmt_ratio(jl.get('temp_ratio'), 3):>6} {fmt_ratio(ox.get('temp_ratio'), 3):>6} "
+            f"{_ops(jl) + '/' + _ops(ox):>7}"
             + (f"  [{'; '.join(extras)}]" if extras else "")
             + flag
             + (f"  errors: {'; '.join(errors)}" if errors else "")
@@ -103,6 +114,7 @@ def format_table(records: Sequence[dict]) -> str:
         "jl/ox, to/ox: median over rounds of time / optax time of the same round (< 1 is faster). "
         "Gel/s: 1e9 logits elements per second. "
         "%cpy: fraction of the copy floor achieved (byte model below; shown for logits >= 8 MiB). "
+        "ops: XLA ops (kernels, mostly fusions) in the compiled entry computation, jaxloss/optax. "
         "temp: compiled "
         "temp_size_in_bytes; /lgt: temp / logits bytes."
     )

@@ -66,6 +66,7 @@ def test_timed_record(smoke, function, mode):
         assert len(entry["times_s"]) == 1 and entry["median_s"] > 0
         assert entry["elements_per_s"] == pytest.approx(r["elements"] / entry["median_s"])
         assert entry["temp_bytes"] is None or entry["temp_bytes"] >= 0
+        assert entry["hlo_ops"] is None or sum(entry["hlo_ops"].values()) >= 1
     # Ratios pair the samples of one round (interleaved), then take the median.
     jl, ox = (r["impls"][k]["times_s"] for k in ("jaxloss", "optax"))
     paired = [a / b for a, b in zip(jl, ox, strict=True)]
