@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -293,6 +293,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             # Compile the whole group in parallel on abstract inputs (XLA releases the GIL),
             # then time it with nothing else running.
             compiling = {task.name: _compile_async(pool, task) for task in group}
+            wait([f for futures in compiling.values() for f in futures.values()])
             inputs = None
             for task in group:
                 bar.set_postfix_str(task.name, refresh=True)
