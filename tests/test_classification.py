@@ -57,9 +57,9 @@ LAYOUTS = {"axis1": 1, "classes_last": -1}
 RTOL = {"float32": 1e-5, "float64": 1e-11}
 
 # Property tests compile a fresh program for most examples; keep them few and unhurried.
-PROPERTY = settings(max_examples=10, deadline=None, database=None)
+PROPERTY = settings(max_examples=8, deadline=None, database=None)
 # For the properties whose examples cost most (eager op-by-op runs, torch plus a compile).
-PROPERTY_FEW = settings(PROPERTY, max_examples=6)
+PROPERTY_FEW = settings(PROPERTY, max_examples=5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,15 +190,17 @@ def _case_loss(case, targets_m100, targets_1, probs, weight, axis):
 def evaluate_grid(logits, targets_m100, targets_1, probs, weight, cot, *, axis):
     """Every grid case's value and input gradient (of ``sum(loss * cot)`` for ``"none"``).
 
-    The value is returned twice: from a plain call and from ``jax.vjp``, since the forward-only
-    and the differentiated paths are different kernels.
+    For ``"none"`` the value also comes from a plain call: the forward-only kernel differs from the
+    differentiated one, while the reductions after it are shared (and checked under ``vjp``).
     """
     out = {}
     for case in CASES:
         loss = _case_loss(case, targets_m100, targets_1, probs, weight, axis)
         value, vjp = jax.vjp(loss, logits)
-        ct = cot.astype(value.dtype) if case[4] == "none" else jnp.ones((), value.dtype)
-        out["__".join(case)] = (loss(logits), value, vjp(ct)[0])
+        if case[4] == "none":
+            out["__".join(case)] = (loss(logits), value, vjp(cot.astype(value.dtype))[0])
+        else:
+            out["__".join(case)] = (value, value, vjp(jnp.ones((), value.dtype))[0])
     return out
 
 
