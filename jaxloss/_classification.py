@@ -52,7 +52,7 @@ class _IndexTargets:
         else:
             self.class_weight = self.class_weight.astype(dtype)
             safe = jnp.clip(targets, 0, self.num_classes - 1)
-            self.pos_weight = jnp.where(self.valid, self.class_weight[safe], 0)
+            self.pos_weight = jnp.where(self.valid, _take(self.class_weight, safe), 0)
 
     def reduce(self, loss: jax.Array, reduction: str) -> jax.Array:
         """PyTorch's reduction: "mean" divides by the total weight of the non-ignored targets."""
@@ -169,6 +169,24 @@ class _Normalizer:
         return self.e.astype(self.sum.dtype)
 
 
+def _explicit_spec(x: jax.Array) -> tuple:
+    """The mesh axes ``x``'s type says it is split over, per dimension (explicit sharding)."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return tuple(spec or ())
+
+
+def _sharded_along(x: jax.Array, axis: int) -> bool:
+    spec = _explicit_spec(x)
+    return axis < len(spec) and spec[axis] is not None
+
+
+def _take(weight: jax.Array, index: jax.Array) -> jax.Array:
+    """``weight[index]``; under explicit sharding a gather must name its output's sharding."""
+    if any(_explicit_spec(weight)) or any(_explicit_spec(index)):
+        return weight.at[index].get(out_sharding=jax.typeof(index).sharding)
+    return weight[index]
+
+
 def _pick(x: jax.Array, targets: jax.Array, axis: int) -> jax.Array:
     """``x`` at the target class, keeping the class axis (size 1).
 
@@ -176,6 +194,11 @@ def _pick(x: jax.Array, targets: jax.Array, axis: int) -> jax.Array:
     CPU, an N×C temporary, since XLA does not fuse a reduction into its producer there. Bad
     targets are clipped here and turned into NaN by the caller.
     """
+    if _sharded_along(x, axis):
+        # Classes split over devices (explicit sharding): a gather along them cannot be typed
+        # without gathering the logits; the one-hot sum reduces locally, then all-reduces [N].
+        hit = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis) == jnp.expand_dims(targets, axis)
+        return jnp.sum(jnp.where(hit, x, 0), axis, keepdims=True)
     safe = jnp.clip(jnp.expand_dims(targets, axis), 0, x.shape[axis] - 1)
     return jnp.take_along_axis(x, safe.astype(jnp.int32), axis)
 
@@ -198,7 +221,7 @@ def _index_terms(norm, z, targets, valid, pos_weight, class_weight, axis, smooth
 
 
 def _index_loss(z, targets, valid, bad, pos_weight, class_weight, axis, smoothing, z_loss):
-    norm = _Normalizer(z, axis, jnp.float32)
+    norm = _Normalizer(z, axis, _common.compute_dtype(z.dtype))
     args = (targets, valid, pos_weight, class_weight, axis, smoothing, z_loss)
     return _index_terms(norm, z, *args)
 
@@ -241,7 +264,7 @@ def _prob_terms(norm, targets, class_weight, axis, smoothing, z_loss):
 
 
 def _prob_loss(z, targets, class_weight, axis, smoothing, z_loss):
-    norm = _Normalizer(z, axis, jnp.float32)
+    norm = _Normalizer(z, axis, _common.compute_dtype(z.dtype))
     return _prob_terms(norm, targets, class_weight, axis, smoothing, z_loss)[0]
 
 
