@@ -116,8 +116,17 @@ class Inputs:
         """Random output cotangent, for the backward pass of array-valued functions."""
         return self._get("cotangent", lambda k: jax.random.normal(k, self.shape).astype(self.dtype))
 
+    def names_of(self, arrays: Sequence[Any]) -> set[str]:
+        """The names under which ``arrays`` (the very objects) are cached."""
+        return {name for name, v in self._cache.items() if any(v is a for a in arrays)}
+
+    def keep(self, names: set[str]) -> None:
+        """Drops every array not in ``names``: the biggest shapes hold several GB of inputs."""
+        for name in set(self._cache) - names:
+            del self._cache[name]
+
     def clear(self) -> None:
-        """Drops every array (the big shapes hold several hundred MB each)."""
+        """Drops every array."""
         self._cache.clear()
 
 

@@ -184,6 +184,13 @@ def _compile_async(pool: ThreadPoolExecutor, task: Task) -> dict[str, Future]:
     }
 
 
+def _input_names(task: Task) -> set[str]:
+    try:
+        return harness.input_plan(task.case, task.mode, task.dtype, task.shape)[1]
+    except Exception:  # the task reports its own error when it runs
+        return set()
+
+
 def _copy_floor(
     task: Task, floors: dict[str, dict[str, float]], settings: harness.Settings
 ) -> dict[str, float] | None:
@@ -294,8 +301,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             # then time it with nothing else running.
             compiling = {task.name: _compile_async(pool, task) for task in group}
             wait([f for futures in compiling.values() for f in futures.values()])
+            # The input arrays each task reads, so that the ones no later task needs are freed.
+            needs = [_input_names(task) for task in group]
             inputs = None
-            for task in group:
+            for i, task in enumerate(group):
                 bar.set_postfix_str(task.name, refresh=True)
                 compiled = {k: f.result for k, f in compiling.pop(task.name).items()}
                 if task.memory_only:
@@ -306,6 +315,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     continue
                 if inputs is None:
                     inputs = task.case.make_inputs(task.shape, DTYPES[task.dtype])
+                inputs.keep(set().union(*needs[i:]))
                 copy = _copy_floor(task, floors, settings)
                 record = harness.run_one(
                     task.case, task.mode, task.dtype, task.shape, inputs, settings, copy, compiled

@@ -164,9 +164,26 @@ def compile_jax(case: Case, fn: Callable, mode: str, args: Sequence[Any]) -> tup
 
 def abstract_args(case: Case, mode: str, dtype_name: str, shape: Shape) -> tuple[Any, ...]:
     """``jax.ShapeDtypeStruct`` of the arguments: compiles without allocating anything."""
-    return jax.eval_shape(
-        lambda: bench_args(case, mode, case.make_inputs(shape, DTYPES[dtype_name]))
-    )
+    return input_plan(case, mode, dtype_name, shape)[0]
+
+
+def input_plan(
+    case: Case, mode: str, dtype_name: str, shape: Shape
+) -> tuple[tuple[Any, ...], set[str]]:
+    """The abstract arguments and the names of the :class:`Inputs` arrays passed to the case.
+
+    Arrays only derived from (``logits`` for ``log_probs``) are not named: inputs are
+    deterministic, so a dropped one is rebuilt identically if it is needed again.
+    """
+    direct: set[str] = set()
+
+    def build() -> tuple[Any, ...]:
+        inputs = case.make_inputs(shape, DTYPES[dtype_name])
+        args = bench_args(case, mode, inputs)
+        direct.update(inputs.names_of(args))
+        return args
+
+    return jax.eval_shape(build), direct
 
 
 def jax_runner(
