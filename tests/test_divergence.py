@@ -51,8 +51,12 @@ def _x64_does_not_leak():
     assert jnp.asarray(1.0).dtype == jnp.float32, "jax_enable_x64 leaked out of a test"
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
 def _value_and_vjp(fn, args, ct):
+    """``fn(*args)`` and the VJP of ``ct`` with respect to every argument.
+
+    Eager ``jax.vjp`` of the jitted loss: its compilations are cached per shape and static
+    arguments, so the closed-form tests below reuse those of the golden tests.
+    """
     out, vjp = jax.vjp(fn, *args)
     return out, vjp(ct)
 
@@ -95,7 +99,7 @@ def test_golden_kl_div_float64(case, x64):
     defined = np.isfinite(c["grad_target"])
     assert defined.mean() > 0.8
     np.testing.assert_allclose(
-        grad_target[defined], c["grad_target"][defined], rtol=1e-11, atol=1e-14
+        np.asarray(grad_target)[defined], c["grad_target"][defined], rtol=1e-11, atol=1e-14
     )
 
 
@@ -113,17 +117,17 @@ def test_golden_kl_div_float32(case):
 @pytest.mark.parametrize("case", sorted(GOLDEN_ENTROPY))
 def test_golden_entropy_float64(case, x64):
     c = GOLDEN_ENTROPY[case]
-    p, axis = jnp.asarray(c["probs"]), int(c["axis"])
+    p, axis = c["probs"], int(c["axis"])
     out, (grad,) = _value_and_vjp(
-        functools.partial(jaxloss.entropy, axis=axis), (p,), jnp.asarray(c["ct"])
+        functools.partial(jaxloss.entropy, axis=axis), (jnp.asarray(p),), jnp.asarray(c["ct"])
     )
     np.testing.assert_allclose(out, c["out"], rtol=1e-12, atol=1e-15)
     if "grad_probs" not in c:
         return  # Categorical with zero probabilities: value only (see the generator)
-    positive = np.asarray(p > 0)
+    grad, positive = np.asarray(grad), p > 0
     if str(c["reference"]) == "categorical":
         # Categorical normalises p, so its gradient is ours projected onto the simplex.
-        projected = grad - jnp.sum(grad * p, axis, keepdims=True)
+        projected = grad - np.sum(grad * p, axis, keepdims=True)
         np.testing.assert_allclose(projected, c["grad_probs"], rtol=1e-10, atol=1e-13)
     else:
         np.testing.assert_allclose(
@@ -181,7 +185,7 @@ def test_live_torch_parity_entropy(shape, axis, x64):
         functools.partial(jaxloss.entropy, axis=axis), (jnp.asarray(p),), jnp.asarray(ct)
     )
     np.testing.assert_allclose(out, t_out.detach().numpy(), rtol=1e-12)
-    projected = grad - jnp.sum(grad * p, axis, keepdims=True)
+    projected = np.asarray(grad) - np.sum(np.asarray(grad) * p, axis, keepdims=True)
     np.testing.assert_allclose(projected, p_torch.grad.numpy(), rtol=1e-10, atol=1e-13)
 
 
@@ -189,46 +193,60 @@ def test_live_torch_parity_entropy(shape, axis, x64):
 # Gradients: closed form (float64), check_grads (orders 1 and 2, fwd and rev), Hessians
 
 
-@pytest.mark.parametrize("reduction", KL_REDUCTIONS)
-@pytest.mark.parametrize("log_target", [False, True], ids=["probs", "log_target"])
-def test_kl_div_gradient_closed_form(reduction, log_target, x64):
-    shape = (3, 5)
-    log_q = np.log(_distribution(1, shape))
-    t = _distribution(2, shape)
-    target = np.log(t) if log_target else t
-    loss = lambda q, tg: jnp.sum(jaxloss.kl_div(q, tg, reduction=reduction, log_target=log_target))
-    grad_q, grad_t = jax.grad(loss, (0, 1))(log_q, target)
-    n = _kl_divisor(reduction, shape)
-    # ∂/∂log_q = -t; ∂/∂t = log t + 1 - log_q (or, for a log-target s = log t, e^s (s - log_q + 1)).
-    np.testing.assert_allclose(grad_q, -t / n, rtol=1e-12)
-    expected_t = t * (target - log_q + 1) if log_target else np.log(t) + 1 - log_q
-    np.testing.assert_allclose(grad_t, expected_t / n, rtol=1e-12)
+# The golden inputs double as closed-form test points (their compilations are already cached).
+@pytest.mark.parametrize("case", sorted(GOLDEN_KL))
+def test_kl_div_gradient_closed_form(case, x64):
+    c = GOLDEN_KL[case]
+    reduction, log_target = str(c["reduction"]), bool(c["log_target"])
+    log_q, target = c["log_q"], c["target"]
+    args = (jnp.asarray(log_q), jnp.asarray(target))
+    _, (grad_q, grad_t) = _value_and_vjp(_kl_fn(reduction, log_target), args, c["ct"])
+    scale = np.broadcast_to(c["ct"], log_q.shape) / _kl_divisor(reduction, log_q.shape)
+    t = np.exp(target) if log_target else target
+    # ∂/∂log_q = -t; ∂/∂t = log t + 1 - log_q (for a log-target s = log t: e^s (s - log_q + 1)),
+    # taken as 0 at t = 0 (see the zero-probability tests).
+    np.testing.assert_allclose(grad_q, -scale * t, rtol=1e-12)
+    with np.errstate(divide="ignore"):
+        d_t = t * (target - log_q + 1) if log_target else np.log(t) + 1 - log_q
+    expected_t = np.where(t > 0, scale * d_t, 0.0)
+    np.testing.assert_allclose(grad_t, expected_t, rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize(("shape", "axis"), [((6,), -1), ((4, 5), -1), ((3, 4, 2), 1)])
-def test_entropy_gradient_closed_form(shape, axis, x64):
-    p = _distribution(3, shape, axis)
-    ct = np.random.default_rng(4).normal(size=np.delete(shape, axis % len(shape)))
-    _, (grad,) = _value_and_vjp(
-        functools.partial(jaxloss.entropy, axis=axis), (jnp.asarray(p),), jnp.asarray(ct)
-    )
-    np.testing.assert_allclose(grad, -(np.log(p) + 1) * np.expand_dims(ct, axis), rtol=1e-12)
+@pytest.mark.parametrize("case", sorted(GOLDEN_ENTROPY))
+def test_entropy_gradient_closed_form(case, x64):
+    c = GOLDEN_ENTROPY[case]
+    p, axis = c["probs"], int(c["axis"])
+    fn = functools.partial(jaxloss.entropy, axis=axis)
+    _, (grad,) = _value_and_vjp(fn, (jnp.asarray(p),), jnp.asarray(c["ct"]))
+    # ∂H/∂p = -(log p + 1) for p > 0, and 0 at p = 0 by the documented convention.
+    with np.errstate(divide="ignore"):
+        d_p = np.where(p > 0, -(np.log(p) + 1), 0.0)
+    np.testing.assert_allclose(grad, d_p * np.expand_dims(c["ct"], axis), rtol=1e-12)
+
+
+def check_grads_eagerly(fn, args):
+    """``check_grads`` orders 1 and 2, forward and reverse, run op by op.
+
+    Under ``disable_jit`` each primitive compiles once and is shared by every later call, where
+    jit would compile every transformed function anew (about 3x the compile time). The jitted
+    path is held equal to this one by ``test_properties.test_jit_equals_eager``.
+    """
+    with jax.disable_jit():
+        check_grads(fn, args, order=2, modes=("fwd", "rev"))
 
 
 @pytest.mark.parametrize("log_target", [False, True], ids=["probs", "log_target"])
 def test_check_grads_kl_div(log_target, x64):
     # Interior points away from t = 0, where the curvature 1/t defeats finite differences.
-    log_q = np.log(_distribution(5, (3, 4), scale=0.5))
-    t = _distribution(6, (3, 4), scale=0.5)
+    log_q = np.log(_distribution(5, (3, 4, 5), scale=0.5))
+    t = _distribution(6, (3, 4, 5), scale=0.5)
     target = np.log(t) if log_target else t
-    fn = _kl_fn("batchmean", log_target)
-    check_grads(fn, (log_q, target), order=2, modes=("fwd", "rev"))
+    check_grads_eagerly(_kl_fn("batchmean", log_target), (log_q, target))
 
 
 def test_check_grads_entropy(x64):
-    p = _distribution(7, (2, 3, 4), axis=1, scale=0.5)
-    fn = functools.partial(jaxloss.entropy, axis=1)
-    check_grads(fn, (p,), order=2, modes=("fwd", "rev"))
+    p = _distribution(7, (3, 4, 5), axis=1, scale=0.5)
+    check_grads_eagerly(functools.partial(jaxloss.entropy, axis=1), (p,))
 
 
 @pytest.mark.parametrize("log_target", [False, True], ids=["probs", "log_target"])
@@ -258,103 +276,105 @@ def test_entropy_hessian_closed_form(x64):
 
 def test_kl_div_zero_target_with_neg_inf_log_q_is_zero(x64):
     # q = 0 where t = 0: 0 · (log 0 - log 0) = 0, the KL of the remaining classes.
-    log_q = jnp.asarray([-jnp.inf, np.log(0.25), np.log(0.75)])
-    t = jnp.asarray([0.0, 0.5, 0.5])
+    log_q = np.asarray([-np.inf, np.log(0.25), np.log(0.75)])
+    t = np.asarray([0.0, 0.5, 0.5])
     loss = jaxloss.kl_div(log_q, t, reduction="sum")
     expected = 0.5 * np.log(0.5 / 0.25) + 0.5 * np.log(0.5 / 0.75)
     np.testing.assert_allclose(loss, expected, rtol=1e-14)
-    pointwise = jaxloss.kl_div(log_q, t, reduction="none")
+    pointwise = np.asarray(jaxloss.kl_div(log_q, t, reduction="none"))
     assert pointwise[0] == 0.0
 
 
 @pytest.mark.parametrize("reduction", KL_REDUCTIONS)
 def test_kl_div_zero_target_with_neg_inf_log_q_has_finite_gradients(reduction, x64):
-    log_q = jnp.asarray([[-jnp.inf, np.log(0.25), np.log(0.75)]])
-    t = jnp.asarray([[0.0, 0.5, 0.5]])
-    loss = lambda q, tg: jnp.sum(jaxloss.kl_div(q, tg, reduction=reduction))
-    grad_q = jax.grad(loss, 0)(log_q, t)
-    np.testing.assert_allclose(grad_q, -t / _kl_divisor(reduction, t.shape), rtol=1e-14)
+    log_q = np.asarray([[-np.inf, np.log(0.25), np.log(0.75)]])
+    t = np.asarray([[0.0, 0.5, 0.5]])
+    out, vjp = jax.vjp(_kl_fn(reduction, False), jnp.asarray(log_q), jnp.asarray(t))
+    grad_q, grad_t = (np.asarray(g) for g in vjp(jnp.ones_like(out)))
+    n = _kl_divisor(reduction, t.shape)
+    np.testing.assert_allclose(grad_q, -t / n, rtol=1e-14)
     # The target gradient too: a learned teacher must not receive NaN from a masked class.
-    grad_t = jax.grad(loss, 1)(log_q, t)
     assert np.all(np.isfinite(grad_t)), grad_t
-    np.testing.assert_allclose(
-        grad_t[0, 1:], (np.log(t[0, 1:]) + 1 - log_q[0, 1:]) / _kl_divisor(reduction, t.shape)
-    )
+    np.testing.assert_allclose(grad_t[0, 1:], (np.log(t[0, 1:]) + 1 - log_q[0, 1:]) / n)
 
 
 def test_kl_div_zero_target_with_finite_log_q(x64):
-    log_q = jnp.log(jnp.asarray([0.2, 0.3, 0.5]))
-    t = jnp.asarray([0.0, 0.4, 0.6])
-    np.testing.assert_array_equal(jaxloss.kl_div(log_q, t, reduction="none")[0], 0.0)
-    grads = jax.grad(lambda q, tg: jaxloss.kl_div(q, tg, reduction="sum"), (0, 1))(log_q, t)
+    log_q = np.log([0.2, 0.3, 0.5])
+    t = np.asarray([0.0, 0.4, 0.6])
+    out, vjp = jax.vjp(_kl_fn("none", False), jnp.asarray(log_q), jnp.asarray(t))
+    assert np.asarray(out)[0] == 0.0
+    grads = vjp(jnp.ones_like(out))
     assert all(np.all(np.isfinite(g)) for g in grads)
 
 
-@pytest.mark.parametrize("log_q_value", [-jnp.inf, -2.0])
+@pytest.mark.parametrize("log_q_value", [-np.inf, -2.0])
 def test_kl_div_log_target_neg_inf_is_zero_with_finite_gradients(log_q_value, x64):
-    log_q = jnp.asarray([log_q_value, np.log(0.4), np.log(0.6)])
-    log_t = jnp.asarray([-jnp.inf, np.log(0.5), np.log(0.5)])
-    pointwise = jaxloss.kl_div(log_q, log_t, reduction="none", log_target=True)
-    assert pointwise[0] == 0.0
-    reference = jaxloss.kl_div(log_q[1:], jnp.exp(log_t[1:]), reduction="sum")
-    total = jaxloss.kl_div(log_q, log_t, reduction="sum", log_target=True)
-    np.testing.assert_allclose(total, reference, rtol=1e-14)
-    loss = lambda q, s: jaxloss.kl_div(q, s, reduction="sum", log_target=True)
-    grad_q, grad_t = jax.grad(loss, (0, 1))(log_q, log_t)
+    log_q = np.asarray([log_q_value, np.log(0.4), np.log(0.6)])
+    log_t = np.asarray([-np.inf, np.log(0.5), np.log(0.5)])
+    out, vjp = jax.vjp(_kl_fn("none", True), jnp.asarray(log_q), jnp.asarray(log_t))
+    out = np.asarray(out)
+    assert out[0] == 0.0
+    np.testing.assert_allclose(out[1:], 0.5 * (np.log(0.5) - log_q[1:]), rtol=1e-14)
+    grad_q, grad_t = (np.asarray(g) for g in vjp(jnp.ones_like(log_q)))
     np.testing.assert_array_equal(grad_q[0], 0.0)
-    np.testing.assert_allclose(grad_q[1:], -jnp.exp(log_t[1:]), rtol=1e-14)
+    np.testing.assert_allclose(grad_q[1:], -np.exp(log_t[1:]), rtol=1e-14)
     assert np.all(np.isfinite(grad_t))
 
 
 def test_entropy_with_zeros_is_finite_and_matches_subvector(x64):
-    p = jnp.asarray([[0.0, 0.2, 0.0, 0.8], [1.0, 0.0, 0.0, 0.0]])
-    h = jaxloss.entropy(p)
-    np.testing.assert_allclose(h[0], jaxloss.entropy(p[0, jnp.asarray([1, 3])]), rtol=1e-14)
+    p = np.asarray([[0.0, 0.2, 0.0, 0.8], [1.0, 0.0, 0.0, 0.0]])
+    h, vjp = jax.vjp(jaxloss.entropy, jnp.asarray(p))
+    np.testing.assert_allclose(h[0], -(0.2 * np.log(0.2) + 0.8 * np.log(0.8)), rtol=1e-14)
     assert h[1] == 0.0  # a one-hot distribution
-    grad = jax.grad(lambda p: jnp.sum(jaxloss.entropy(p)))(p)
+    grad = np.asarray(vjp(jnp.ones(2))[0])
     assert np.all(np.isfinite(grad))
     np.testing.assert_array_equal(grad[p == 0], 0.0)
     np.testing.assert_allclose(grad[p > 0], -(np.log(p[p > 0]) + 1), rtol=1e-14)
 
 
 def _masked_logits():
-    z = jnp.asarray([[-jnp.inf, 0.3, 1.2, -jnp.inf, -0.7], [0.5, -jnp.inf, -1.0, 2.0, 0.1]])
+    z = np.asarray([[-np.inf, 0.3, 1.2, -np.inf, -0.7], [0.5, -np.inf, -1.0, 2.0, 0.1]])
     return z, np.isfinite(z)
+
+
+def _entropy_of_softmax(z):
+    return jaxloss.entropy(jaxloss.softmax(z))
 
 
 def test_entropy_of_softmax_with_neg_inf_logits(x64):
     z, keep = _masked_logits()
-    entropy_of_softmax = lambda z: jnp.sum(jaxloss.entropy(jaxloss.softmax(z)))
-    value, grad = jax.value_and_grad(entropy_of_softmax)(z)
-    assert np.isfinite(value) and np.all(np.isfinite(grad))
+    value, vjp = jax.vjp(_entropy_of_softmax, jnp.asarray(z))
+    grad = np.asarray(vjp(jnp.ones(2))[0])
+    assert np.all(np.isfinite(value)) and np.all(np.isfinite(grad))
     for row in range(z.shape[0]):
-        sub = z[row][keep[row]]
-        sub_value, sub_grad = jax.value_and_grad(lambda v: jaxloss.entropy(jaxloss.softmax(v)))(sub)
-        np.testing.assert_allclose(jaxloss.entropy(jaxloss.softmax(z[row])), sub_value, rtol=1e-13)
+        sub_value, sub_vjp = jax.vjp(_entropy_of_softmax, jnp.asarray(z[row][keep[row]]))
+        np.testing.assert_allclose(value[row], sub_value, rtol=1e-13)
+        sub_grad = sub_vjp(jnp.ones(()))[0]
         np.testing.assert_allclose(grad[row][keep[row]], sub_grad, rtol=1e-12, atol=1e-15)
         np.testing.assert_array_equal(grad[row][~keep[row]], 0.0)
 
 
 def test_entropy_of_softmax_with_neg_inf_logits_hessian(x64):
     z, keep = _masked_logits()
-    hessian = jax.jit(jax.hessian(lambda v: jaxloss.entropy(jaxloss.softmax(v))))(z[0])
+    hessian = np.asarray(jax.jit(jax.hessian(_entropy_of_softmax))(z[0]))
     assert np.all(np.isfinite(hessian))
-    sub = z[0][keep[0]]
-    sub_hessian = jax.jit(jax.hessian(lambda v: jaxloss.entropy(jaxloss.softmax(v))))(sub)
+    sub_hessian = jax.jit(jax.hessian(_entropy_of_softmax))(z[0][keep[0]])
     np.testing.assert_allclose(hessian[np.ix_(keep[0], keep[0])], sub_hessian, rtol=1e-11)
+    np.testing.assert_array_equal(hessian[~keep[0]], 0.0)
 
 
 def test_entropy_of_masked_softmax_with_where(x64):
     # The same through softmax's where mask, with garbage in the masked entries.
     z, keep = _masked_logits()
-    garbage = jnp.where(keep, z, jnp.nan)
-    fn = lambda z: jnp.sum(jaxloss.entropy(jaxloss.softmax(z, where=jnp.asarray(keep))))
-    value, grad = jax.value_and_grad(fn)(garbage)
-    expected_value, expected_grad = jax.value_and_grad(
-        lambda z: jnp.sum(jaxloss.entropy(jaxloss.softmax(z)))
-    )(z)
+
+    def masked(z):
+        return jaxloss.entropy(jaxloss.softmax(z, where=keep))
+
+    value, vjp = jax.vjp(masked, jnp.asarray(np.where(keep, z, np.nan)))
+    expected_value, expected_vjp = jax.vjp(_entropy_of_softmax, jnp.asarray(z))
     np.testing.assert_allclose(value, expected_value, rtol=1e-13)
-    np.testing.assert_allclose(grad, expected_grad, rtol=1e-12, atol=1e-15)
+    ct = jnp.asarray([1.0, -0.5])
+    np.testing.assert_allclose(vjp(ct)[0], expected_vjp(ct)[0], rtol=1e-12, atol=1e-15)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,13 +427,13 @@ def test_entropy_half_precision(dtype):
 )
 def test_kl_div_mismatched_shapes_raise(q_shape, t_shape):
     with pytest.raises(ValueError, match="`target`"):
-        jaxloss.kl_div(jnp.zeros(q_shape), jnp.ones(t_shape))
+        jaxloss.kl_div(np.zeros(q_shape, np.float32), np.ones(t_shape, np.float32))
 
 
 @pytest.mark.parametrize("which", ["log_q", "target"])
-@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
+@pytest.mark.parametrize("dtype", [np.int32, np.bool_])
 def test_kl_div_non_floating_raises_type_error(which, dtype):
-    good, bad = jnp.zeros((2, 3)), jnp.zeros((2, 3), dtype)
+    good, bad = np.zeros((2, 3), np.float32), np.zeros((2, 3), dtype)
     args = (bad, good) if which == "log_q" else (good, bad)
     with pytest.raises(TypeError, match=f"`{which}`"):
         jaxloss.kl_div(*args)
@@ -422,31 +442,33 @@ def test_kl_div_non_floating_raises_type_error(which, dtype):
 @pytest.mark.parametrize("reduction", ["batch_mean", "avg", "Mean", None])
 def test_kl_div_unknown_reduction_raises(reduction):
     with pytest.raises(ValueError, match="reduction"):
-        jaxloss.kl_div(jnp.zeros((2, 3)), jnp.ones((2, 3)), reduction=reduction)
+        jaxloss.kl_div(
+            np.zeros((2, 3), np.float32), np.ones((2, 3), np.float32), reduction=reduction
+        )
 
 
 def test_kl_div_batchmean_needs_a_batch_axis():
     with pytest.raises(ValueError, match="batchmean"):
-        jaxloss.kl_div(jnp.float32(0.0), jnp.float32(1.0), reduction="batchmean")
+        jaxloss.kl_div(np.float32(0.0), np.float32(1.0), reduction="batchmean")
 
 
-@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
+@pytest.mark.parametrize("dtype", [np.int32, np.bool_])
 def test_entropy_non_floating_raises_type_error(dtype):
     with pytest.raises(TypeError, match="`probs`"):
-        jaxloss.entropy(jnp.ones((2, 3), dtype))
+        jaxloss.entropy(np.ones((2, 3), dtype))
 
 
 @pytest.mark.parametrize("axis", [2, -3])
 def test_entropy_axis_out_of_range_raises(axis):
     with pytest.raises(ValueError, match="axis"):
-        jaxloss.entropy(jnp.full((2, 3), 1 / 3), axis=axis)
+        jaxloss.entropy(np.full((2, 3), 1 / 3, np.float32), axis=axis)
 
 
 def test_entropy_non_int_axis_raises():
     with pytest.raises(TypeError, match="axis"):
-        jaxloss.entropy(jnp.full((2, 3), 1 / 3), axis=1.0)
+        jaxloss.entropy(np.full((2, 3), 1 / 3, np.float32), axis=1.0)
 
 
 def test_entropy_scalar_raises():
     with pytest.raises(ValueError, match="class axis"):
-        jaxloss.entropy(jnp.float32(1.0))
+        jaxloss.entropy(np.float32(1.0))
