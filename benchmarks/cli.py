@@ -204,6 +204,13 @@ def _copy_floor(
     return floors[key]
 
 
+def _work(task: Task) -> int:
+    """Rough cost: a compile-bound small benchmark is 1, plus 1 per 4 Mi logits elements."""
+    if task.memory_only:
+        return 1
+    return 1 + _elements(task.case.logits_shape(task.shape)) // 2**22
+
+
 def _elements(shape: Shape) -> int:
     n = 1
     for d in shape:
@@ -294,7 +301,14 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     records: list[dict[str, Any]] = []
     floors: dict[str, dict[str, float]] = {}
-    bar = tqdm(total=len(tasks), file=sys.stderr, disable=args.no_progress, unit="bench")
+    # Progress in units of estimated work, so that the ETA accounts for the big shapes at the end.
+    bar = tqdm(
+        total=sum(_work(t) for t in tasks),
+        file=sys.stderr,
+        disable=args.no_progress,
+        bar_format="{l_bar}{bar}| [{elapsed}<{remaining}]{postfix}",
+    )
+    done = 0
     with ThreadPoolExecutor(max(1, min(args.compile_workers, 8))) as pool:
         for group in _groups(tasks):
             # Compile the whole group in parallel on abstract inputs (XLA releases the GIL),
@@ -305,13 +319,14 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             needs = [_input_names(task) for task in group]
             inputs = None
             for i, task in enumerate(group):
-                bar.set_postfix_str(task.name, refresh=True)
+                done += 1
+                bar.set_postfix_str(f"{done}/{len(tasks)} {task.name}", refresh=True)
                 compiled = {k: f.result for k, f in compiling.pop(task.name).items()}
                 if task.memory_only:
                     records.append(
                         harness.memory_only(task.case, task.mode, task.dtype, task.shape, compiled)
                     )
-                    bar.update()
+                    bar.update(_work(task))
                     continue
                 if inputs is None:
                     inputs = task.case.make_inputs(task.shape, DTYPES[task.dtype])
@@ -321,7 +336,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     task.case, task.mode, task.dtype, task.shape, inputs, settings, copy, compiled
                 )
                 records.append(record)
-                bar.update()
+                bar.update(_work(task))
             if inputs is not None:
                 inputs.clear()  # the biggest shapes hold several arrays of 512 MiB
             del inputs
