@@ -256,8 +256,11 @@ def _prob_terms(norm, targets, class_weight, axis, smoothing, z_loss):
     """Per-position cross-entropy of probability targets (PyTorch's soft-label formula)."""
     logp = norm.shifted - norm.log_sum
     wt = _smoothed_weighted_targets(targets, class_weight, axis, smoothing)
-    # 0 · log 0 = 0: a class with no target mass (e.g. a -inf masked logit) contributes nothing.
-    loss = -jnp.sum(jnp.where(wt == 0, 0, wt * logp), axis)
+    # 0 · log 0 = 0: a class with no target mass at a -inf (masked) logit contributes nothing.
+    # Only that corner is masked: elsewhere the loss stays linear in the targets, so their
+    # gradient is -w·log p even where a target is exactly 0 (as in PyTorch).
+    logp = jnp.where((wt == 0) & jnp.isneginf(logp), 0, logp)
+    loss = -jnp.sum(wt * logp, axis)
     if z_loss:
         loss = loss + z_loss * jnp.squeeze(norm.lse, axis) ** 2
     return loss, wt
@@ -415,7 +418,9 @@ def check_targets(
     targets = _common.check_integer("targets", "check_targets", targets)
     valid = ~_ignored(targets, int(ignore_index))
     bad = valid & ((targets < 0) | (targets >= num_classes))
-    first = jnp.where(bad, targets, 0).ravel()[jnp.argmax(bad.ravel())] if targets.size else 0
+    first = jnp.zeros((), targets.dtype)
+    if targets.size:
+        first = jnp.where(bad, targets, 0).ravel()[jnp.argmax(bad.ravel())]
     checkify.check(
         ~jnp.any(bad),
         f"cross_entropy targets out of range [0, {num_classes}): {{t}} (and not ignore_index)",
