@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 from jaxloss import _common
@@ -13,8 +14,9 @@ from jaxloss._softmax import softplus_neg
 
 # PyTorch clamps each log at -100 so that p = 0 or 1 gives a finite loss.
 _LOG_CLAMP = -100.0
-# PyTorch's backward divides by max(p (1 - p), 1e-12).
-_GRAD_EPS = 1e-12
+# PyTorch's backward divides by max(p (1 - p), 1e-12), its 1e-12 rounded to float32 even in
+# float64; the same constant keeps float64 results bit-comparable.
+_GRAD_EPS = float(np.float32(1e-12))
 
 
 def _binary_inputs(fn, inputs, targets, weight, reduction, input_name):

@@ -67,7 +67,8 @@ def kl_div(
         loss = jnp.where(absent, 0, jnp.exp(safe_t) * (safe_t - x))
     else:
         # 0 · (log 0 - log q) = 0 even where log q = -inf.
-        loss = xlogx(t) - jnp.where(t == 0, 0, t * x)
+        # The inner where keeps 0 · (-inf) out of the target's gradient as well as the value.
+        loss = xlogx(t) - t * jnp.where(t == 0, 0, x)
     if reduction == "batchmean":
         return _common.reduce_loss(loss, "mean", log_q.shape[0]).astype(log_q.dtype)
     return _common.reduce_loss(loss, reduction).astype(log_q.dtype)

@@ -146,7 +146,9 @@ def sigmoid(x: Float[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
 
 def softplus_neg(x: jax.Array) -> jax.Array:
     """``log(1 + exp(-x))``, exact and finite for any magnitude of ``x``."""
-    return jnp.log1p(jnp.exp(-jnp.abs(x))) + jnp.maximum(-x, 0)
+    # relu, not maximum: its derivative at 0 is 0, so that d/dx at x = 0 comes out as exactly 1/2
+    # (maximum splits a tie 1/2-1/2 and abs' derivative there is 1, which would give 1).
+    return jnp.log1p(jnp.exp(-jnp.abs(x))) + jax.nn.relu(-x)
 
 
 @_common.jit
