@@ -191,19 +191,6 @@ def _input_names(task: Task) -> set[str]:
         return set()
 
 
-def _copy_floor(
-    task: Task, floors: dict[str, dict[str, float]], settings: harness.Settings
-) -> dict[str, float] | None:
-    """The copy floor of the task's logits shape and dtype, measured once per run."""
-    if not task.case.memory_bound:
-        return None
-    logits_shape = task.case.logits_shape(task.shape)
-    key = f"{task.dtype} {'x'.join(map(str, logits_shape))}"
-    if key not in floors:
-        floors[key] = harness.copy_floor(logits_shape, task.dtype, settings)
-    return floors[key]
-
-
 def _work(task: Task) -> int:
     """Rough cost: a compile-bound small benchmark is 1, plus 1 per 4 Mi logits elements."""
     if task.memory_only:
@@ -300,7 +287,6 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
     records: list[dict[str, Any]] = []
-    floors: dict[str, dict[str, float]] = {}
     # Progress in units of estimated work, so that the ETA accounts for the big shapes at the end.
     bar = tqdm(
         total=sum(_work(t) for t in tasks),
@@ -331,9 +317,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 if inputs is None:
                     inputs = task.case.make_inputs(task.shape, DTYPES[task.dtype])
                 inputs.keep(set().union(*needs[i:]))
-                copy = _copy_floor(task, floors, settings)
                 record = harness.run_one(
-                    task.case, task.mode, task.dtype, task.shape, inputs, settings, copy, compiled
+                    task.case, task.mode, task.dtype, task.shape, inputs, settings, compiled
                 )
                 records.append(record)
                 bar.update(_work(task))
@@ -374,7 +359,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if _selected(c, [f for f in args.filter.split(",") if f])
         },
     }
-    payload = {"meta": meta, "copy_floors": floors, "results": records, "goals": goals}
+    payload = {"meta": meta, "results": records, "goals": goals}
 
     title = f"{meta['device']}, jax {jax.__version__}{', quick' if args.quick else ''}"
     text = "\n\n".join(
@@ -383,7 +368,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             + (f", torch threads {torch_threads}" if use_torch else f" ({torch_note})"),
             report.format_table(records),
             "byte model: " + harness.BYTE_MODEL,
-            report.format_copy_floors(floors),
+            report.format_copy_floors(records),
             report.format_goals(goals),
         ]
     )

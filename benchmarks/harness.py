@@ -15,7 +15,9 @@ so XLA can neither elide nor fold it), donated so that it runs in place. A funct
 fresh logits-sized array (a gradient, softmax's output) also pays for a new buffer: on CPU the
 page faults of a fresh 512 MiB output cost about as much as the copy itself, so the same ``x * s``
 is timed into a fresh buffer and the difference is charged per fresh output byte. ``floor_s`` is
-the resulting speed of light and ``copy_fraction = floor_s / t`` (1.0: as fast as a copy).
+the resulting speed of light and ``copy_fraction = floor_s / t`` (1.0: as fast as a copy). Both
+copies join the round-robin of every benchmark they apply to, so the floor is paired with the
+timings like the peers are.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ BYTE_MODEL = (
     "= 2 x logits_bytes / t(x * s in place, donated; s a runtime scalar so XLA cannot elide "
     "it). A fresh array output (the gradient, softmax's output) also pays t(x * s into a new "
     "buffer) - t(in place) per logits_bytes: page faults on CPU. floor_s = min_bytes / "
-    "bandwidth + fresh_output_bytes x that price; copy_fraction = floor_s / t (1 = speed of "
-    "light)."
+    "bandwidth + fresh_output_bytes x that price; copy_fraction = median over rounds of "
+    "floor_s / t, both copies timed in the same rounds as the functions (1 = speed of light); "
+    "only for logits >= 8 MiB."
 )
 
 
@@ -280,32 +283,33 @@ _SCALE_IN_PLACE = jax.jit(lambda x, s: x * s, donate_argnums=0)
 _SCALE = jax.jit(lambda x, s: x * s)
 
 
-def copy_floor(shape: Shape, dtype_name: str, settings: Settings) -> dict[str, float]:
-    """Times ``x * s`` on a logits-sized array, in place and into a fresh buffer."""
-    dtype = DTYPES[dtype_name]
-    s = jnp.asarray(1, dtype)
-    state = {"x": jax.block_until_ready(jnp.ones(shape, dtype))}
-    nbytes = state["x"].nbytes
+# Below this many logits bytes a copy measures dispatch and caches, not memory: no floor.
+COPY_FLOOR_MIN_BYTES = 8 * 2**20
+
+
+def copy_runners(source: jax.Array) -> list[Runner]:
+    """``x * s`` on an array like ``source``: in place (donated) and into a fresh buffer."""
+    s = jnp.asarray(1, source.dtype)
+    state = {"x": jax.block_until_ready(jnp.ones(source.shape, source.dtype))}
 
     def in_place() -> jax.Array:
         state["x"] = _SCALE_IN_PLACE(state["x"], s)
         return state["x"]
 
-    source = jnp.ones(shape, dtype)
-    runners = [
-        Runner("in_place", in_place, jax.block_until_ready),
-        Runner("fresh", lambda: _SCALE(source, s), jax.block_until_ready),
+    return [
+        Runner("copy_in_place", in_place, jax.block_until_ready),
+        Runner("copy_fresh", lambda: _SCALE(source, s), jax.block_until_ready),
     ]
-    _time_runners(runners, settings)
-    t_in_place, t_fresh = (float(np.median(r.times)) for r in runners)
-    return {
-        "in_place_s": t_in_place,
-        "fresh_output_s": t_fresh,
-        "bytes_moved": 2 * nbytes,
-        "bytes_per_s": 2 * nbytes / t_in_place,
-        # The price of a fresh output buffer beyond its bandwidth (page faults on CPU).
-        "fresh_s_per_byte": max(0.0, t_fresh - t_in_place) / nbytes,
-    }
+
+
+def floor_per_round(
+    in_place: Sequence[float], fresh: Sequence[float], nbytes: int, min_bytes: int, fresh_bytes: int
+) -> np.ndarray:
+    """The speed-of-light time of each round from that round's two copies (see module doc)."""
+    in_place, fresh = np.asarray(in_place), np.asarray(fresh)
+    bandwidth = 2 * nbytes / in_place
+    fresh_price = np.maximum(fresh - in_place, 0) / nbytes  # seconds per fresh output byte
+    return min_bytes / bandwidth + fresh_bytes * fresh_price
 
 
 def _calibrate(runner: Runner, settings: Settings) -> float:
@@ -355,7 +359,6 @@ def run_one(
     shape: Shape,
     inputs: Any,
     settings: Settings,
-    copy: dict[str, float] | None,
     compiled: dict[str, Callable[[], tuple[Any, float]]] | None = None,
 ) -> dict[str, Any]:
     """Compiles, checks and times every implementation of ``case`` at one point of the grid.
@@ -370,12 +373,6 @@ def run_one(
     outputs = jax.eval_shape(jax_function(case, case.impls["jaxloss"], mode), *args)
     record["min_bytes"] = _nbytes(args) + _nbytes(outputs)
     record["fresh_output_bytes"] = _nbytes([x for x in jax.tree.leaves(outputs) if x.ndim])
-    record["floor_s"] = (
-        record["min_bytes"] / copy["bytes_per_s"]
-        + record["fresh_output_bytes"] * copy["fresh_s_per_byte"]
-        if copy and case.memory_bound
-        else None
-    )
     runners: list[Runner] = []
     reference = None
     for name, fn in case.impls.items():
@@ -406,7 +403,27 @@ def run_one(
     tolerance = case.tolerance.get(dtype_name, 1e-2)
     record["agrees"] = all(e <= tolerance for e in record["agreement"].values())
     record["tolerance"] = tolerance
-    record["repeats"] = _time_runners(runners, settings) if runners else 0
+    # The copy floor runs in the same rounds as the implementations, so that a change of load
+    # on the machine moves the floor and the timings together.
+    floor_runners = []
+    if runners and case.memory_bound and record["logits_bytes"] >= COPY_FLOOR_MIN_BYTES:
+        source = args[0] if args[0].shape == case.logits_shape(shape) else None
+        if source is not None:
+            floor_runners = copy_runners(source)
+    record["repeats"] = _time_runners(runners + floor_runners, settings) if runners else 0
+    floor = None
+    if floor_runners:
+        in_place, fresh = (r.times for r in floor_runners)
+        floor = floor_per_round(
+            in_place, fresh, record["logits_bytes"], record["min_bytes"],
+            record["fresh_output_bytes"],
+        )  # fmt: skip
+        record["copy"] = {
+            "in_place_s": float(np.median(in_place)),
+            "fresh_output_s": float(np.median(fresh)),
+            "bytes_per_s": 2 * record["logits_bytes"] / float(np.median(in_place)),
+        }
+    record["floor_s"] = None if floor is None else float(np.median(floor))
     for runner in runners:
         median = float(np.median(runner.times))
         entry = record["impls"][runner.name]
@@ -417,7 +434,9 @@ def run_one(
             calls_per_sample=runner.number,
             elements_per_s=record["elements"] / median,
             bytes_per_s=record["min_bytes"] / median,
-            copy_fraction=None if record["floor_s"] is None else record["floor_s"] / median,
+            copy_fraction=(
+                None if floor is None else float(np.median(floor / np.asarray(runner.times)))
+            ),
         )
     finish_record(record)
     record["wall_s"] = time.perf_counter() - started

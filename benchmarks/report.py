@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,6 @@ from typing import Any
 from benchmarks.cases import GOAL_SHAPE, GOAL_SMALL_SHAPE
 
 IMPL_COLUMNS = ("jaxloss", "optax", "torch")
-# Below this many logits bytes the copy floor measures dispatch and caches, not memory: the
-# table leaves the copy fraction out (the JSON keeps it).
-COPY_FLOOR_MIN_BYTES = 8 * 2**20
 IMPL_COLORS = {"jaxloss": "tab:blue", "optax": "tab:orange", "torch": "tab:green"}
 MODE_LABELS = {"fwd": "forward", "vag": "value_and_grad"}
 
@@ -92,15 +90,13 @@ def format_table(records: Sequence[dict]) -> str:
         ]
         mode = "mem" if r["memory_only"] else r["mode"]
         gel = jl.get("elements_per_s")
-        big = r["logits_bytes"] >= COPY_FLOOR_MIN_BYTES
         lines.append(
             f"{r['case']:<28} {mode:<4} {r['dtype']:<5} {_shape(r):<13} "
             f"{fmt_time(jl.get('median_s')):>8} {fmt_time(ox.get('median_s')):>8} "
             f"{fmt_time(to.get('median_s')):>8} "
             f"{fmt_ratio(ratios.get('jaxloss')):>6} {fmt_ratio(ratios.get('torch')):>6} "
             f"{'-' if gel is None else f'{gel / 1e9:.3g}':>8} "
-            f"{fmt_frac(jl.get('copy_fraction') if big else None):>6} "
-            f"{fmt_frac(ox.get('copy_fraction') if big else None):>6} "
+            f"{fmt_frac(jl.get('copy_fraction')):>6} {fmt_frac(ox.get('copy_fraction')):>6} "
             f"{fmt_bytes(jl.get('temp_bytes')):>8} {fmt_bytes(ox.get('temp_bytes')):>8} "
             f"{fmt_ratio(jl.get('temp_ratio'), 3):>6} {fmt_ratio(ox.get('temp_ratio'), 3):>6} "
             f"{_ops(jl) + '/' + _ops(ox):>7}"
@@ -121,13 +117,24 @@ def format_table(records: Sequence[dict]) -> str:
     return "\n".join([*lines, "", legend])
 
 
-def format_copy_floors(floors: dict[str, dict]) -> str:
-    lines = ["copy floor (jitted x * s of the logits: in place (donated) | into a fresh buffer):"]
-    for key, f in floors.items():
+def format_copy_floors(records: Sequence[dict]) -> str:
+    """Median copy times per logits shape and dtype, over the benchmarks that ran them."""
+    floors: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        if r.get("copy"):
+            floors.setdefault((r["dtype"], _shape(r)), []).append(r["copy"])
+    lines = ["copy floor (x * s of the logits, in place (donated) | into a fresh buffer; median"]
+    lines.append("over the benchmarks that timed it alongside themselves):")
+    for (dtype, shape), copies in floors.items():
+        in_place = statistics.median(c["in_place_s"] for c in copies)
+        fresh = statistics.median(c["fresh_output_s"] for c in copies)
+        rate = statistics.median(c["bytes_per_s"] for c in copies)
         lines.append(
-            f"  {key:<18} {fmt_time(f['in_place_s']):>8} ({f['bytes_per_s'] / 1e9:.3g} GB/s) | "
-            f"{fmt_time(f['fresh_output_s']):>8}"
+            f"  {dtype:<5} {shape:<12} {fmt_time(in_place):>8} ({rate / 1e9:.3g} GB/s) | "
+            f"{fmt_time(fresh):>8}"
         )
+    if len(lines) == 2:
+        lines.append("  (none: no memory-bound benchmark with logits >= 8 MiB)")
     return "\n".join(lines)
 
 
