@@ -305,8 +305,9 @@ def write_plots(out: Path, records: Sequence[dict], title: str) -> list[Path]:
     dtypes = sorted({r["dtype"] for r in timed}, key=_dtype_order)
     for case in cases:
         fig, axes = plt.subplots(
-            1, len(dtypes), figsize=(5.2 * len(dtypes), 4.4), squeeze=False, sharey=True
-        )
+            1, len(dtypes), figsize=(5.2 * len(dtypes), 4.4), squeeze=False, sharex=True,
+            sharey=True,
+        )  # fmt: skip
         handles: dict[str, Any] = {}
         for ax, dtype in zip(axes[0], dtypes, strict=True):
             rows = [r for r in timed if r["case"] == case and r["dtype"] == dtype]
