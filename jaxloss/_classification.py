@@ -144,6 +144,7 @@ class _Normalizer:
     """
 
     def __init__(self, z: jax.Array, axis: int, e_dtype):
+        self.logits, self.axis = z, axis
         zc = _common.upcast(z)
         # The max is exact in any dtype; taking it before the upcast keeps XLA from materialising
         # a float32 copy of half-precision logits.
@@ -155,6 +156,15 @@ class _Normalizer:
         self.sum = jnp.sum(self.e.astype(zc.dtype), axis, keepdims=True)
         self.log_sum = jnp.log(self.sum)
         self.lse = self.max + self.log_sum
+
+    def max_again(self) -> jax.Array:
+        """The same row maximum, computed by a second reduction (as ``-min(-z)``).
+
+        A second consumer of the broadcast ``max`` would make XLA:CPU materialise it as an N×C
+        buffer, whose first touch costs more than this extra read of the logits.
+        """
+        m = -jnp.min(-self.logits, self.axis, keepdims=True).astype(self.max.dtype)
+        return jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0))
 
     def e_wide(self) -> jax.Array:
         """``e`` in float32 for the gradient's arithmetic.
@@ -205,15 +215,22 @@ def _pick(x: jax.Array, targets: jax.Array, axis: int) -> jax.Array:
 
 def _index_terms(norm, z, targets, valid, pos_weight, class_weight, axis, smoothing, z_loss):
     """Per-position cross-entropy of index targets; PyTorch's smoothing formula; PaLM's z-loss."""
-    target_logp = _pick(norm.shifted, targets, axis) - norm.log_sum
+    # Picked from the raw logits (N reads), so that the N×C shifted logits feed only reductions
+    # and XLA never materialises them.
+    target_logp = (_common.upcast(_pick(z, targets, axis)) - norm.max) - norm.log_sum
     valid_k = jnp.expand_dims(valid, axis)
     w = jnp.expand_dims(pos_weight, axis)
     loss = jnp.where(valid_k, -(1 - smoothing) * w * target_logp, 0)
     if smoothing:
-        logp = norm.shifted - norm.log_sum
-        if class_weight is not None:
-            logp = _common.expand_at(class_weight, axis, z.ndim) * logp
-        smooth = -jnp.sum(logp, axis, keepdims=True)
+        # -Σ_c w_c log p_c = Σ_c w_c (max - z_c) + (Σ_c w_c) log s: two sums of non-negative
+        # terms (no cancellation), each a single reduction over the logits.
+        gap = norm.max_again() - _common.upcast(z)
+        if class_weight is None:
+            total_weight = z.shape[axis]
+        else:
+            gap = _common.expand_at(class_weight, axis, z.ndim) * gap
+            total_weight = jnp.sum(class_weight)
+        smooth = jnp.sum(gap, axis, keepdims=True) + total_weight * norm.log_sum
         loss = loss + jnp.where(valid_k, smoothing / z.shape[axis] * smooth, 0)
     if z_loss:
         loss = loss + jnp.where(valid_k, z_loss * norm.lse**2, 0)
@@ -254,13 +271,16 @@ _index_ce = _common.fused_jvp(_index_loss, _index_loss_and_grad, 3, _common.cont
 
 def _prob_terms(norm, targets, class_weight, axis, smoothing, z_loss):
     """Per-position cross-entropy of probability targets (PyTorch's soft-label formula)."""
-    logp = norm.shifted - norm.log_sum
     wt = _smoothed_weighted_targets(targets, class_weight, axis, smoothing)
+    # -Σ_c t_c log p_c = Σ_c t_c (max - z_c) + (Σ_c t_c) log s: sums of non-negative terms, each
+    # one reduction reading the logits (the N×C log-probabilities are never materialised).
     # 0 · log 0 = 0: a class with no target mass at a -inf (masked) logit contributes nothing.
     # Only that corner is masked: elsewhere the loss stays linear in the targets, so their
     # gradient is -w·log p even where a target is exactly 0 (as in PyTorch).
-    logp = jnp.where((wt == 0) & jnp.isneginf(logp), 0, logp)
-    loss = -jnp.sum(wt * logp, axis)
+    gap = norm.max_again() - _common.upcast(norm.logits)
+    gap = jnp.where((wt == 0) & jnp.isposinf(gap), 0, gap)
+    log_sum = jnp.squeeze(norm.log_sum, axis)
+    loss = jnp.sum(wt * gap, axis) + jnp.sum(wt, axis) * log_sum
     if z_loss:
         loss = loss + z_loss * jnp.squeeze(norm.lse, axis) ** 2
     return loss, wt
