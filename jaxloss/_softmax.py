@@ -23,12 +23,17 @@ def _mask(fn: str, where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array
 
 
 def _shifted(x: jax.Array, axis: int, where: jax.Array | None) -> jax.Array:
-    """``x`` minus its (gradient-free) maximum along ``axis``, -inf where masked out."""
+    """``x`` minus its (gradient-free) maximum along ``axis``, -inf where masked out.
+
+    Half-precision ``x`` is upcast here, after the maximum: the maximum is exact in any dtype, and
+    taking it first keeps XLA from materialising a float32 copy of ``x`` for it.
+    """
     m = jnp.max(x, axis, keepdims=True, where=where, initial=-jnp.inf)
+    m = _common.upcast(m)
     # A row that is entirely -inf (or masked) keeps a finite shift so that the result is the NaN
     # PyTorch gives rather than an inf - inf produced here.
     m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0))
-    shifted = x - m
+    shifted = _common.upcast(x) - m
     return shifted if where is None else jnp.where(where, shifted, -jnp.inf)
 
 
@@ -63,17 +68,38 @@ def log_softmax(
     x = _common.check_floating("x", "log_softmax", x)
     axis = _common.class_axis("log_softmax", axis, x.ndim)
     mask = _mask("log_softmax", where, x.shape)
-    shifted = _shifted(_common.upcast(x), axis, mask)
-    lse = jnp.log(jnp.sum(jnp.exp(shifted), axis, keepdims=True, where=mask))
-    return (shifted - lse).astype(x.dtype)
+    return _log_softmax(x, axis, mask)
+
+
+# The custom JVP is for memory: the tangent dx - sum(exp(y) * dx) needs only the output y as a
+# residual (in x's dtype), where autodiff would keep float32 copies of the shifted logits.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _log_softmax(x: jax.Array, axis: int, where: jax.Array | None) -> jax.Array:
+    shifted = _shifted(x, axis, where)
+    log_sum = jnp.log(jnp.sum(jnp.exp(shifted), axis, keepdims=True, where=where))
+    return (shifted - log_sum).astype(x.dtype)
+
+
+@_log_softmax.defjvp
+def _log_softmax_jvp(axis, primals, tangents):
+    x, where = primals
+    dx, _ = tangents
+    y = _log_softmax(x, axis, where)
+    dxc = _common.upcast(dx)
+    dy = dxc - jnp.sum(jnp.exp(_common.upcast(y)) * dxc, axis, keepdims=True, where=where)
+    dy = dy if where is None else jnp.where(where, dy, 0)
+    return y, dy.astype(dx.dtype)
 
 
 # The custom JVP is for speed and numerics: the tangent y * (t - sum(y * t)) needs no second exp,
 # and stays finite (zero) at masked or -inf entries where autodiff of exp(x - lse) would not.
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _softmax(x: jax.Array, axis: int, where: jax.Array | None) -> jax.Array:
-    e = jnp.exp(_shifted(x, axis, where))
-    return e / jnp.sum(e, axis, keepdims=True, where=where)
+    # exp is kept in x's dtype: that buffer becomes the output in place, and for half precision
+    # no float32 copy of the logits or of exp exists (the sum still accumulates in float32).
+    e = jnp.exp(_shifted(x, axis, where)).astype(x.dtype)
+    wide = _common.upcast(e)
+    return (wide / jnp.sum(wide, axis, keepdims=True, where=where)).astype(x.dtype)
 
 
 @_softmax.defjvp
@@ -81,8 +107,10 @@ def _softmax_jvp(axis, primals, tangents):
     x, where = primals
     dx, _ = tangents
     y = _softmax(x, axis, where)
-    dy = y * (dx - jnp.sum(y * dx, axis, keepdims=True, where=where))
-    return y, dy if where is None else jnp.where(where, dy, 0)
+    yc, dxc = _common.upcast(y), _common.upcast(dx)
+    dy = yc * (dxc - jnp.sum(yc * dxc, axis, keepdims=True, where=where))
+    dy = dy if where is None else jnp.where(where, dy, 0)
+    return y, dy.astype(dx.dtype)
 
 
 @functools.partial(_common.jit, static_argnames=("axis",))
@@ -115,7 +143,7 @@ def softmax(
     x = _common.check_floating("x", "softmax", x)
     axis = _common.class_axis("softmax", axis, x.ndim)
     mask = _mask("softmax", where, x.shape)
-    return _softmax(_common.upcast(x), axis, mask).astype(x.dtype)
+    return _softmax(x, axis, mask)
 
 
 @_common.jit
