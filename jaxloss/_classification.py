@@ -278,9 +278,8 @@ def _prob_terms(norm, targets, class_weight, axis, smoothing, z_loss):
     # Only that corner is masked: elsewhere the loss stays linear in the targets, so their
     # gradient is -w·log p even where a target is exactly 0 (as in PyTorch).
     gap = norm.max_again() - _common.upcast(norm.logits)
-    gap = jnp.where((wt == 0) & jnp.isposinf(gap), 0, gap)
     log_sum = jnp.squeeze(norm.log_sum, axis)
-    loss = jnp.sum(wt * gap, axis) + jnp.sum(wt, axis) * log_sum
+    loss = jnp.sum(_common.absorbing_product(wt, gap), axis) + jnp.sum(wt, axis) * log_sum
     if z_loss:
         loss = loss + z_loss * jnp.squeeze(norm.lse, axis) ** 2
     return loss, wt

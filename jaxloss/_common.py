@@ -182,6 +182,39 @@ def expand_at(v: jax.Array, axis: int, ndim: int) -> jax.Array:
     return v.reshape(shape)
 
 
+# XLA:CPU fuses elementwise producers into a reduction only when they hold no select: a
+# ``jnp.where`` in front of a sum materialises the full array first. The zero-probability
+# corners are therefore written with ``sign`` arithmetic, and the conventions that need a select
+# (gradients at zero probability) live in custom JVP rules, which run only when differentiated.
+
+
+def zero_indicator(p: jax.Array) -> jax.Array:
+    """1 where ``p == 0``, 0 elsewhere (NaN stays NaN), without a select."""
+    return 1 - jnp.abs(jnp.sign(p))
+
+
+def _finite_where_zero(w: jax.Array, x: jax.Array) -> jax.Array:
+    """``x`` clipped to the finite range where ``w == 0``, untouched elsewhere (no select)."""
+    bound = jax.lax.stop_gradient(jnp.finfo(x.dtype).max / zero_indicator(w).astype(x.dtype))
+    return jnp.clip(x, -bound, bound)
+
+
+@jax.custom_jvp
+def absorbing_product(w: jax.Array, x: jax.Array) -> jax.Array:
+    """``w · x`` where a zero ``w`` absorbs an infinite ``x``: ``0 · ±inf = 0``, not NaN.
+
+    The derivative in ``w`` at such a corner is 0 as well (``x`` there is taken as 0).
+    """
+    return w * _finite_where_zero(w, x)
+
+
+@absorbing_product.defjvp
+def _absorbing_product_jvp(primals, tangents):
+    (w, x), (dw, dx) = primals, tangents
+    silenced = (w == 0) & jnp.isinf(x)
+    return absorbing_product(w, x), jnp.where(silenced, 0, x) * dw + w * dx
+
+
 def safe_divide(total: jax.Array, denominator: jax.Array) -> jax.Array:
     """``total / denominator``, NaN when the denominator is 0, with a zero gradient there.
 

@@ -11,10 +11,56 @@ from jaxtyping import Array, ArrayLike, Float
 from jaxloss import _common
 
 
+@jax.custom_jvp
 def xlogx(p: jax.Array) -> jax.Array:
-    """``p log p`` with ``0 log 0 = 0`` and a finite (zero) gradient at ``p = 0``."""
-    zero = p == 0
-    return jnp.where(zero, 0, p * jnp.log(jnp.where(zero, 1, p)))
+    """``p log p`` with ``0 log 0 = 0``; its derivative ``log p + 1`` is taken as 0 at ``p = 0``."""
+    return p * jnp.log(p + _common.zero_indicator(p))
+
+
+@xlogx.defjvp
+def _xlogx_jvp(primals, tangents):
+    (p,), (dp,) = primals, tangents
+    # A zero derivative at p = 0 (not -inf) keeps entropy(softmax(z)) trainable with -inf
+    # (masked) logits. Without a select (see _common.zero_indicator) it fuses into a reduction;
+    # its own derivative is 1/p, and 0 at p = 0.
+    slope = jnp.abs(jnp.sign(p)) * (jnp.log(p + _common.zero_indicator(p)) + 1)
+    return xlogx(p), slope * dp
+
+
+def _kl_primal(log_q: jax.Array, target: jax.Array, log_target: bool) -> jax.Array:
+    # Select-free (see _common.zero_indicator): a zero target probability absorbs a -inf log_q.
+    if log_target:
+        p = jnp.exp(target)
+        return _common.absorbing_product(p, target) - _common.absorbing_product(p, log_q)
+    return xlogx(target) - _common.absorbing_product(target, log_q)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _kl_pointwise(log_q: jax.Array, target: jax.Array, log_target: bool) -> jax.Array:
+    """``t (log t - log q)`` elementwise, 0 wherever the target probability is 0."""
+    return _kl_primal(log_q, target, log_target)
+
+
+def _kl_pointwise_jvp(log_target, primals, tangents):
+    (log_q, target), (d_log_q, d_target) = primals, tangents
+    out = _kl_pointwise(log_q, target, log_target)
+    p = jnp.exp(target) if log_target else target
+    # ∂/∂log_q = -p everywhere (0 where p = 0): no select, so it fuses into the gradient's write.
+    tangent = jnp.zeros_like(out) if _common.is_zero(d_log_q) else -p * d_log_q
+    if not _common.is_zero(d_target):
+        # ∂/∂t = log t + 1 - log q (for a log-target s: e^s (s - log q + 1)), taken as 0 where
+        # the target probability is 0 so that a masked class sends no NaN to a learned teacher.
+        absent = p == 0
+        safe_q = jnp.where(absent, 0, log_q)
+        if log_target:
+            d_t = jnp.where(absent, 0, p * (jnp.where(absent, 0, target) - safe_q + 1))
+        else:
+            d_t = jnp.where(absent, 0, jnp.log(jnp.where(absent, 1, target)) + 1 - safe_q)
+        tangent = tangent + d_t * d_target
+    return out, tangent
+
+
+_kl_pointwise.defjvp(_kl_pointwise_jvp, symbolic_zeros=True)
 
 
 @functools.partial(_common.jit, static_argnames=("reduction", "log_target"))
@@ -59,16 +105,7 @@ def kl_div(
         raise ValueError(
             f"{fn}: reduction='batchmean' needs an input with a batch axis, got shape ()"
         )
-    x, t = _common.upcast(log_q), _common.upcast(target)
-    if log_target:
-        # A -inf log-target is a zero-probability class: it contributes 0, not exp(-inf)·inf.
-        absent = t == -jnp.inf
-        safe_t = jnp.where(absent, 0, t)
-        loss = jnp.where(absent, 0, jnp.exp(safe_t) * (safe_t - x))
-    else:
-        # 0 · (log 0 - log q) = 0 even where log q = -inf.
-        # The inner where keeps 0 · (-inf) out of the target's gradient as well as the value.
-        loss = xlogx(t) - t * jnp.where(t == 0, 0, x)
+    loss = _kl_pointwise(_common.upcast(log_q), _common.upcast(target), log_target)
     if reduction == "batchmean":
         return _common.reduce_loss(loss, "mean", log_q.shape[0]).astype(log_q.dtype)
     return _common.reduce_loss(loss, reduction).astype(log_q.dtype)
