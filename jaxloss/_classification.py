@@ -57,7 +57,7 @@ class _IndexTargets:
     def reduce(self, loss: jax.Array, reduction: str) -> jax.Array:
         """PyTorch's reduction: "mean" divides by the total weight of the non-ignored targets."""
         loss = jnp.where(self.bad, jnp.nan, loss)
-        return _common.reduce_loss(loss, reduction, jnp.sum(self.pos_weight))
+        return _common.reduce_loss(loss, reduction, weights=self.pos_weight)
 
 
 # ----------------------------------------------------------------------------------------------

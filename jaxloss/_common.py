@@ -226,7 +226,11 @@ def safe_divide(total: jax.Array, denominator: jax.Array) -> jax.Array:
 
 
 def reduce_loss(
-    loss: jax.Array, reduction: str, denominator: jax.Array | float | None = None
+    loss: jax.Array,
+    reduction: str,
+    denominator: jax.Array | float | None = None,
+    *,
+    weights: jax.Array | None = None,
 ) -> jax.Array:
     """Applies a PyTorch reduction to per-position losses.
 
@@ -234,12 +238,20 @@ def reduce_loss(
       loss: per-position losses, any shape.
       reduction: ``"none"``, ``"sum"`` or ``"mean"``.
       denominator: the divisor for ``"mean"``; the number of elements when omitted.
+      weights: per-position weights, the shape of ``loss``: ``"mean"`` divides by their sum
+        (instead of ``denominator``).
 
     Returns:
       ``loss`` itself, its sum, or its sum over ``denominator``.
     """
     if reduction == "none":
         return loss
+    if reduction == "mean" and weights is not None:
+        # Both sums in one reduction: at small shapes each reduction is a kernel launch or two,
+        # and these launches, not the arithmetic, set the time.
+        pair = jnp.stack([loss, weights.astype(loss.dtype)]).reshape(2, -1)
+        total, denominator = jnp.sum(pair, axis=1)
+        return safe_divide(total, denominator)
     total = jnp.sum(loss)
     if reduction == "sum":
         return total
