@@ -143,14 +143,18 @@ class _Normalizer:
     writes the gradient in place of ``e``: one exp per logit and no temporaries, even for bf16).
     """
 
-    def __init__(self, z: jax.Array, axis: int, e_dtype):
+    def __init__(self, z: jax.Array, axis: int, e_dtype, finite_shift: bool = True):
         self.logits, self.axis = z, axis
         zc = _common.upcast(z)
         # The max is exact in any dtype; taking it before the upcast keeps XLA from materialising
         # a float32 copy of half-precision logits.
         m = jnp.max(z, axis, keepdims=True).astype(zc.dtype)
-        # A row of all -inf keeps a finite shift, giving PyTorch's NaN rather than inf - inf here.
-        self.max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0))
+        if finite_shift:
+            # A row of all -inf keeps a finite shift, so that its gradient (PyTorch's NaN) does
+            # not come from inf - inf in the shift's own arithmetic. The loss alone is NaN for
+            # such a row either way, and skipping the select lets XLA:CPU fuse the whole forward.
+            m = jnp.where(jnp.isfinite(m), m, 0)
+        self.max = jax.lax.stop_gradient(m)
         self.shifted = zc - self.max
         self.e = jnp.exp(self.shifted).astype(e_dtype)
         self.sum = jnp.sum(self.e.astype(zc.dtype), axis, keepdims=True)
@@ -238,7 +242,7 @@ def _index_terms(norm, z, targets, valid, pos_weight, class_weight, axis, smooth
 
 
 def _index_loss(z, targets, valid, bad, pos_weight, class_weight, axis, smoothing, z_loss):
-    norm = _Normalizer(z, axis, _common.compute_dtype(z.dtype))
+    norm = _Normalizer(z, axis, _common.compute_dtype(z.dtype), finite_shift=False)
     args = (targets, valid, pos_weight, class_weight, axis, smoothing, z_loss)
     return _index_terms(norm, z, *args)
 
@@ -269,30 +273,33 @@ def _index_loss_and_grad(z, targets, valid, bad, pos_weight, class_weight, axis,
 _index_ce = _common.fused_jvp(_index_loss, _index_loss_and_grad, 3, _common.contract_axis)
 
 
-def _prob_terms(norm, targets, class_weight, axis, smoothing, z_loss):
-    """Per-position cross-entropy of probability targets (PyTorch's soft-label formula)."""
+def _prob_terms(norm, shift, targets, class_weight, axis, smoothing, z_loss):
+    """Per-position cross-entropy of probability targets (PyTorch's soft-label formula).
+
+    ``shift`` is the row maximum: ``norm.max`` itself, or when the gradient also reads it (and
+    would make XLA:CPU materialise its broadcast) ``norm.max_again()``.
+    """
     wt = _smoothed_weighted_targets(targets, class_weight, axis, smoothing)
-    # -Σ_c t_c log p_c = Σ_c t_c (max - z_c) + (Σ_c t_c) log s: sums of non-negative terms, each
-    # one reduction reading the logits (the N×C log-probabilities are never materialised).
-    # 0 · log 0 = 0: a class with no target mass at a -inf (masked) logit contributes nothing.
-    # Only that corner is masked: elsewhere the loss stays linear in the targets, so their
-    # gradient is -w·log p even where a target is exactly 0 (as in PyTorch).
-    gap = norm.max_again() - _common.upcast(norm.logits)
-    log_sum = jnp.squeeze(norm.log_sum, axis)
-    loss = jnp.sum(_common.absorbing_product(wt, gap), axis) + jnp.sum(wt, axis) * log_sum
+    # -Σ_c t_c log p_c: terms of one sign (no cancellation), written as one expression so that
+    # XLA:CPU fuses max, exp-sum and this sum into a single pass (the N×C log-probabilities are
+    # never materialised). 0 · log 0 = 0: a class with no target mass at a -inf (masked) logit
+    # contributes nothing; elsewhere the loss stays linear in the targets, so their gradient is
+    # -w·log p even where a target is exactly 0 (as in PyTorch).
+    log_p = (_common.upcast(norm.logits) - shift) - norm.log_sum
+    loss = -jnp.sum(_common.absorbing_product(wt, log_p), axis)
     if z_loss:
         loss = loss + z_loss * jnp.squeeze(norm.lse, axis) ** 2
     return loss, wt
 
 
 def _prob_loss(z, targets, class_weight, axis, smoothing, z_loss):
-    norm = _Normalizer(z, axis, _common.compute_dtype(z.dtype))
-    return _prob_terms(norm, targets, class_weight, axis, smoothing, z_loss)[0]
+    norm = _Normalizer(z, axis, _common.compute_dtype(z.dtype), finite_shift=False)
+    return _prob_terms(norm, norm.max, targets, class_weight, axis, smoothing, z_loss)[0]
 
 
 def _prob_loss_and_grad(z, targets, class_weight, axis, smoothing, z_loss):
     norm = _Normalizer(z, axis, z.dtype)
-    loss, wt = _prob_terms(norm, targets, class_weight, axis, smoothing, z_loss)
+    loss, wt = _prob_terms(norm, norm.max_again(), targets, class_weight, axis, smoothing, z_loss)
     a = jnp.sum(wt, axis, keepdims=True)
     if z_loss:
         a = a + 2 * z_loss * norm.lse

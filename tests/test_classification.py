@@ -730,6 +730,48 @@ def test_negative_infinity_masked_logits_probability_targets():
     assert_close(value, expected, 1e-6)
 
 
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "probs"])
+def test_degenerate_rows_are_nan_and_do_not_leak(soft):
+    """A row of all -inf or with +inf logits has no softmax: its loss is NaN (as in PyTorch),
+    in the forward-only path and in value_and_grad alike, and the other rows keep their loss."""
+    z = np.array(
+        [[0.3, -1.0, 1.2], [-np.inf, -np.inf, -np.inf], [0.0, np.inf, 1.0], [2.0, 0.5, -0.5]],
+        np.float32,
+    )
+    y = np.array([2, 0, 1, 0])
+    t = random_probs(3, z.shape).astype(np.float32)
+    targets = t if soft else y
+    loss = lambda x: jaxloss.cross_entropy(x, targets, reduction="none")
+    value = np.asarray(jax.jit(loss)(jnp.asarray(z)))
+    value_vag, grad = _value_and_grads(loss, jnp.asarray(z), "none")
+    healthy = [0, 3]
+    for v in (value, np.asarray(value_vag)):
+        assert np.all(np.isnan(v[[1, 2]])), v
+        if soft:
+            expected = -np.sum(t[healthy] * np_log_softmax(z[healthy].astype(np.float64)), -1)
+        else:
+            expected = np_cross_entropy(z[healthy], y[healthy], reduction="none")
+        assert_close(v[healthy], expected, 1e-6)
+    assert np.all(np.isfinite(np.asarray(grad)[healthy]))
+
+
+def test_ignored_all_negative_infinity_row_is_dropped():
+    """Ignored padding rows of all -inf logits leave the loss and gradients of the rest alone."""
+    z = np.array([[0.3, -1.0, 1.2], [-np.inf, -np.inf, -np.inf], [2.0, 0.5, -0.5]], np.float32)
+    y = np.array([2, -100, 0])
+    for reduction in GEN.REDUCTIONS:
+        loss = lambda x: jaxloss.cross_entropy(x, y, reduction=reduction)
+        forward = np.asarray(jax.jit(loss)(jnp.asarray(z)))
+        value, grad = _value_and_grads(loss, jnp.asarray(z), reduction)
+        expected = np_cross_entropy(z[[0, 2]], y[[0, 2]], reduction=reduction)
+        if reduction == "none":
+            expected = np.array([expected[0], 0.0, expected[1]])
+        assert_close(forward, expected, 1e-6)
+        assert_close(value, expected, 1e-6)
+        np.testing.assert_array_equal(np.asarray(grad)[1], 0.0)
+        assert np.all(np.isfinite(grad))
+
+
 def test_negative_infinity_with_label_smoothing_is_infinite():
     # README: with ε > 0 a -inf logit makes the loss inf, as in PyTorch.
     z = jnp.array([[0.0, -jnp.inf, 1.0]])
