@@ -29,10 +29,9 @@ def _shifted(x: jax.Array, axis: int, where: jax.Array | None) -> jax.Array:
     taking it first keeps XLA from materialising a float32 copy of ``x`` for it.
     """
     m = jnp.max(x, axis, keepdims=True, where=where, initial=-jnp.inf)
-    m = _common.upcast(m)
-    # A row that is entirely -inf (or masked) keeps a finite shift so that the result is the NaN
-    # PyTorch gives rather than an inf - inf produced here.
-    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0))
+    # No finite-shift select: a row that is all -inf (or masked) or holds +inf comes out all NaN,
+    # as in PyTorch, and without a select XLA:CPU fuses the max into the shift.
+    m = jax.lax.stop_gradient(_common.upcast(m))
     shifted = _common.upcast(x) - m
     return shifted if where is None else jnp.where(where, shifted, -jnp.inf)
 

@@ -381,6 +381,14 @@ def test_all_neg_inf_row_is_nan_like_torch(name):
 
 
 @pytest.mark.parametrize("name", AXIS_FUNCTIONS)
+def test_pos_inf_row_is_all_nan_like_torch(name):
+    # torch.softmax / torch.log_softmax of [0, inf, 1] is [nan, nan, nan] (torch 2.13).
+    out = np.asarray(bind(name)(np.asarray([[0.0, np.inf, 1.0], [0.0, 1.0, 2.0]], np.float32)))
+    assert np.all(np.isnan(out[0])), out
+    assert np.all(np.isfinite(out[1]))
+
+
+@pytest.mark.parametrize("name", AXIS_FUNCTIONS)
 @pytest.mark.parametrize("magnitude", [1e4, 1e30, 1e38])
 def test_softmax_family_huge_logits_are_finite(name, magnitude):
     x = jnp.asarray([magnitude, 0.0, -magnitude, magnitude], jnp.float32)
