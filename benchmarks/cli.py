@@ -345,7 +345,12 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "git_commit": _git_commit(),
         "argv": list(sys.argv[1:] if argv is None else argv),
         "quick": args.quick,
-        "torch": {"used": use_torch, "num_threads": torch_threads, "note": torch_note},
+        "torch": {
+            "used": use_torch,
+            "num_threads": torch_threads,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "note": torch_note,
+        },
         "xla_flags": os.environ.get("XLA_FLAGS"),
         # Other processes on the machine skew absolute timings (ratios less so: interleaved).
         "load_average_1min": {"start": load_before, "end": _load_average()},
@@ -365,7 +370,12 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     text = "\n\n".join(
         [
             f"jaxloss benchmarks — {title}, {meta['date']}"
-            + (f", torch threads {torch_threads}" if use_torch else f" ({torch_note})"),
+            + (
+                f", torch threads {torch_threads}"
+                f", OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
+                if use_torch
+                else f" ({torch_note})"
+            ),
             report.format_table(records),
             "byte model: " + harness.BYTE_MODEL,
             report.format_copy_floors(records),

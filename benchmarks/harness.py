@@ -334,8 +334,11 @@ def _time_runners(runners: list[Runner], settings: Settings) -> int:
         for t, r in zip(calibration, runners, strict=True):
             r.times.append(t)
         done = 1
-    for _ in range(repeats - done):
-        for r in runners:
+    for k in range(repeats - done):
+        # Rotated order: no implementation always runs right after the same neighbour (whose
+        # threads or caches it would otherwise inherit in every round).
+        shift = (k + done) % len(runners)
+        for r in runners[shift:] + runners[:shift]:
             r.times.append(r.sample(r.number))
     return repeats
 

@@ -250,8 +250,8 @@ def reduce_loss(
         # Both sums in one reduction: at small shapes each reduction is a kernel launch or two,
         # and these launches, not the arithmetic, set the time.
         pair = jnp.stack([loss, weights.astype(loss.dtype)]).reshape(2, -1)
-        total, denominator = jnp.sum(pair, axis=1)
-        return safe_divide(total, denominator)
+        total, weight_sum = jnp.sum(pair, axis=1)
+        return safe_divide(total, weight_sum)
     total = jnp.sum(loss)
     if reduction == "sum":
         return total
