@@ -171,16 +171,8 @@ class _Normalizer:
         return jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0))
 
     def e_wide(self) -> jax.Array:
-        """``e`` in float32 for the gradient's arithmetic.
-
-        For bf16 the widening is written as a bit shift (exact: bf16 is the top half of a float32)
-        rather than a second ``convert``: XLA would merge two converts into one, shared by the sum
-        and the gradient, and materialise it as an N×C float32 temporary.
-        """
-        if self.e.dtype == jnp.bfloat16:
-            bits = jax.lax.bitcast_convert_type(self.e, jnp.uint16).astype(jnp.uint32) << 16
-            return jax.lax.bitcast_convert_type(bits, jnp.float32)
-        return self.e.astype(self.sum.dtype)
+        """``e`` in float32 for the gradient's arithmetic, apart from the sum's own upcast."""
+        return _common.upcast_apart(self.e).astype(self.sum.dtype)
 
 
 def _explicit_spec(x: jax.Array) -> tuple:

@@ -175,6 +175,31 @@ def upcast(x: jax.Array) -> jax.Array:
     return x.astype(compute_dtype(x.dtype))
 
 
+def upcast_apart(x: jax.Array) -> jax.Array:
+    """:func:`upcast`, written so that XLA does not merge it with another upcast of ``x``.
+
+    Two consumers of one ``convert`` (say a loss's sum and its gradient) make XLA:CPU
+    materialise the float32 copy as an N×C temporary. For bf16 this widening is a bit shift
+    (exact: bf16 is the top half of a float32), which XLA leaves apart and fuses into its own
+    consumer.
+    """
+    return _widen_bf16_bits(x) if x.dtype == jnp.bfloat16 else upcast(x)
+
+
+@jax.custom_jvp
+def _widen_bf16_bits(x: jax.Array) -> jax.Array:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) << 16
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+@_widen_bf16_bits.defjvp
+def _widen_bf16_bits_jvp(primals, tangents):
+    # A bitcast has no derivative in JAX (its tangent would be silently zero): the widening's
+    # derivative is the identity, as for the convert it stands for.
+    (x,), (dx,) = primals, tangents
+    return _widen_bf16_bits(x), dx.astype(jnp.float32)
+
+
 def expand_at(v: jax.Array, axis: int, ndim: int) -> jax.Array:
     """Reshapes a per-class vector so that it lies along ``axis`` of a rank-``ndim`` array."""
     shape = [1] * ndim

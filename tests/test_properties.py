@@ -245,3 +245,35 @@ def test_vmap_softmax_family_equals_batched(x, name):
     fn = getattr(jaxloss, name)
     x = jnp.asarray(x, jnp.float32)
     np.testing.assert_allclose(jax.vmap(fn)(x), fn(x), rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Second derivatives in half precision (the bf16 paths widen with bit shifts: their derivative
+# must still be the identity, or Hessians silently lose terms).
+
+_RNG = np.random.default_rng(11)
+_Z = _RNG.normal(size=(3, 4))
+_P = np.exp(_Z) / np.exp(_Z).sum(-1, keepdims=True)
+_HALF_HESSIAN_CASES = {
+    "cross_entropy_index": (lambda z: jaxloss.cross_entropy(z, jnp.array([1, 0, 3])), _Z),
+    "cross_entropy_probs": (lambda z: jaxloss.cross_entropy(z, jnp.asarray(_P[::-1])), _Z),
+    "cross_entropy_smooth": (
+        lambda z: jaxloss.cross_entropy(z, jnp.array([1, 0, 3]), label_smoothing=0.2),
+        _Z,
+    ),
+    "log_softmax": (lambda z: jnp.sum(jaxloss.log_softmax(z) * jnp.asarray(_P)), _Z),
+    "softmax": (lambda z: jnp.sum(jaxloss.softmax(z) * jnp.asarray(_Z)), _Z),
+    "entropy": (lambda p: jnp.sum(jaxloss.entropy(p)), _P),
+    "kl_div": (lambda lq: jaxloss.kl_div(lq, jnp.asarray(_P[::-1])), np.log(_P)),
+    "bce_with_logits": (lambda z: jaxloss.bce_with_logits(z, jnp.asarray(_P)), _Z),
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("name", sorted(_HALF_HESSIAN_CASES))
+def test_half_precision_hessian_matches_float32(name, dtype):
+    fn, x = _HALF_HESSIAN_CASES[name]
+    reference = np.asarray(jax.hessian(fn)(jnp.asarray(x, jnp.float32)), np.float64)
+    half = np.asarray(jax.hessian(fn)(jnp.asarray(x, dtype)).astype(jnp.float32), np.float64)
+    scale = np.max(np.abs(reference))
+    np.testing.assert_allclose(half, reference, rtol=3e-2, atol=3e-2 * scale)
