@@ -13,8 +13,13 @@ from jaxloss import _common
 
 @jax.custom_jvp
 def xlogx(p: jax.Array) -> jax.Array:
-    """``p log p`` with ``0 log 0 = 0``; its derivative ``log p + 1`` is taken as 0 at ``p = 0``."""
-    return p * jnp.log(p + _common.zero_indicator(p))
+    """``p log p`` with ``0 log 0 = 0``, in float32 for half-precision ``p``; its derivative
+    ``log p + 1`` is taken as 0 at ``p = 0``."""
+    q = _common.upcast(p)
+    # max(q, tiny) rather than a select: 0 · log(tiny) = 0 exactly, and for a subnormal q the
+    # term moves by less than 1e-36. (This form also keeps XLA:CPU from materialising a
+    # broadcast constant for half-precision inputs.)
+    return q * jnp.log(jnp.maximum(q, jnp.finfo(q.dtype).tiny))
 
 
 @xlogx.defjvp
@@ -22,13 +27,16 @@ def _xlogx_jvp(primals, tangents):
     (p,), (dp,) = primals, tangents
     # A zero derivative at p = 0 (not -inf) keeps entropy(softmax(z)) trainable with -inf
     # (masked) logits. Without a select (see _common.zero_indicator) it fuses into a reduction;
-    # its own derivative is 1/p, and 0 at p = 0.
-    slope = jnp.abs(jnp.sign(p)) * (jnp.log(p + _common.zero_indicator(p)) + 1)
-    return xlogx(p), slope * dp
+    # its own derivative is 1/p, and 0 at p = 0. The widening is kept apart from the value's so
+    # that XLA does not materialise a shared float32 copy of half-precision p.
+    q = _common.upcast_apart(p)
+    slope = jnp.abs(jnp.sign(q)) * (jnp.log(q + _common.zero_indicator(q)) + 1)
+    return xlogx(p), slope * _common.upcast(dp)
 
 
 def _kl_primal(log_q: jax.Array, target: jax.Array, log_target: bool) -> jax.Array:
     # Select-free (see _common.zero_indicator): a zero target probability absorbs a -inf log_q.
+    log_q, target = _common.upcast(log_q), _common.upcast(target)
     if log_target:
         p = jnp.exp(target)
         return _common.absorbing_product(p, target) - _common.absorbing_product(p, log_q)
@@ -37,17 +45,23 @@ def _kl_primal(log_q: jax.Array, target: jax.Array, log_target: bool) -> jax.Arr
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _kl_pointwise(log_q: jax.Array, target: jax.Array, log_target: bool) -> jax.Array:
-    """``t (log t - log q)`` elementwise, 0 wherever the target probability is 0."""
+    """``t (log t - log q)`` elementwise, 0 wherever the target probability is 0.
+
+    Half-precision inputs are widened inside (float32 result), the gradient's widening kept
+    apart from the value's so that XLA does not materialise a shared float32 copy.
+    """
     return _kl_primal(log_q, target, log_target)
 
 
 def _kl_pointwise_jvp(log_target, primals, tangents):
     (log_q, target), (d_log_q, d_target) = primals, tangents
     out = _kl_pointwise(log_q, target, log_target)
-    p = jnp.exp(target) if log_target else target
+    wide_target = _common.upcast_apart(target)
+    p = jnp.exp(wide_target) if log_target else wide_target
     # ∂/∂log_q = -p everywhere (0 where p = 0): no select, so it fuses into the gradient's write.
-    tangent = jnp.zeros_like(out) if _common.is_zero(d_log_q) else -p * d_log_q
+    tangent = jnp.zeros_like(out) if _common.is_zero(d_log_q) else -p * _common.upcast(d_log_q)
     if not _common.is_zero(d_target):
+        log_q, target, d_target = (_common.upcast(a) for a in (log_q, target, d_target))
         # ∂/∂t = log t + 1 - log q (for a log-target s: e^s (s - log q + 1)), taken as 0 where
         # the target probability is 0 so that a masked class sends no NaN to a learned teacher.
         absent = p == 0
@@ -105,7 +119,7 @@ def kl_div(
         raise ValueError(
             f"{fn}: reduction='batchmean' needs an input with a batch axis, got shape ()"
         )
-    loss = _kl_pointwise(_common.upcast(log_q), _common.upcast(target), log_target)
+    loss = _kl_pointwise(log_q, target, log_target)
     if reduction == "batchmean":
         return _common.reduce_loss(loss, "mean", log_q.shape[0]).astype(log_q.dtype)
     return _common.reduce_loss(loss, reduction).astype(log_q.dtype)
@@ -139,4 +153,4 @@ def entropy(probs: Float[ArrayLike, "*batch classes"], *, axis: int = -1) -> Flo
     """
     probs = _common.check_floating("probs", "entropy", probs)
     axis = _common.class_axis("entropy", axis, probs.ndim)
-    return (-jnp.sum(xlogx(_common.upcast(probs)), axis)).astype(probs.dtype)
+    return (-jnp.sum(xlogx(probs), axis)).astype(probs.dtype)
