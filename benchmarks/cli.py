@@ -372,7 +372,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"jaxloss benchmarks — {title}, {meta['date']}"
             + (
                 f", torch threads {torch_threads}"
-                f", OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
+                f", OMP_WAIT_POLICY={meta['torch']['omp_wait_policy']}"
                 if use_torch
                 else f" ({torch_note})"
             ),

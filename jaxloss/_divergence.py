@@ -27,20 +27,12 @@ def _xlogx_jvp(primals, tangents):
     (p,), (dp,) = primals, tangents
     # A zero derivative at p = 0 (not -inf) keeps entropy(softmax(z)) trainable with -inf
     # (masked) logits. Without a select (see _common.zero_indicator) it fuses into a reduction;
-    # its own derivative is 1/p, and 0 at p = 0. The widening is kept apart from the value's so
-    # that XLA does not materialise a shared float32 copy of half-precision p.
+    # its own derivative is 1/p, and 0 at p = 0. Both the widening and the log are written
+    # differently from the value's (q + [q == 0] here, max(q, tiny) there): identical ones would
+    # be merged by XLA into one N×C float32 temporary for half-precision p.
     q = _common.upcast_apart(p)
     slope = jnp.abs(jnp.sign(q)) * (jnp.log(q + _common.zero_indicator(q)) + 1)
     return xlogx(p), slope * _common.upcast(dp)
-
-
-def _kl_primal(log_q: jax.Array, target: jax.Array, log_target: bool) -> jax.Array:
-    # Select-free (see _common.zero_indicator): a zero target probability absorbs a -inf log_q.
-    log_q, target = _common.upcast(log_q), _common.upcast(target)
-    if log_target:
-        p = jnp.exp(target)
-        return _common.absorbing_product(p, target) - _common.absorbing_product(p, log_q)
-    return xlogx(target) - _common.absorbing_product(target, log_q)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -50,7 +42,12 @@ def _kl_pointwise(log_q: jax.Array, target: jax.Array, log_target: bool) -> jax.
     Half-precision inputs are widened inside (float32 result), the gradient's widening kept
     apart from the value's so that XLA does not materialise a shared float32 copy.
     """
-    return _kl_primal(log_q, target, log_target)
+    # Select-free (see _common.zero_indicator): a zero target probability absorbs a -inf log_q.
+    log_q, target = _common.upcast(log_q), _common.upcast(target)
+    if log_target:
+        p = jnp.exp(target)
+        return _common.absorbing_product(p, target) - _common.absorbing_product(p, log_q)
+    return xlogx(target) - _common.absorbing_product(target, log_q)
 
 
 def _kl_pointwise_jvp(log_target, primals, tangents):

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
-
-# `pytest` (unlike `python -m pytest`) does not put the repository root on sys.path.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import cli, harness
 from benchmarks.cases import GOAL_SHAPE, all_cases

@@ -9,12 +9,7 @@ speed issue: ``value_and_grad`` temporaries at most the logits' own bytes.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import harness
 from benchmarks.cases import all_cases
