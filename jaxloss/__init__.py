@@ -2,6 +2,7 @@
 
 from jaxloss._binary import bce, bce_with_logits
 from jaxloss._classification import check_targets, cross_entropy, nll
+from jaxloss._distillation import linear_distillation
 from jaxloss._divergence import entropy, kl_div
 from jaxloss._linear import linear_cross_entropy
 from jaxloss._softmax import log_sigmoid, log_softmax, sigmoid, softmax
@@ -16,6 +17,7 @@ __all__ = [
     "entropy",
     "kl_div",
     "linear_cross_entropy",
+    "linear_distillation",
     "log_sigmoid",
     "log_softmax",
     "nll",

@@ -1,0 +1,732 @@
+"""Distillation divergences between two linear heads' distributions, without their logits.
+
+Distilling a teacher language model into a student compares, at every token, the teacher's and
+the student's softmax distributions over the vocabulary: ``N × V`` numbers each (4 GiB apiece in
+float32 at ``N = 8192`` tokens, ``V = 131072`` classes). ``linear_distillation`` produces both
+heads' logits one ``token_chunk × vocab_chunk`` block at a time and keeps only a few numbers per
+token:
+
+* ``"kl"`` and ``"reverse_kl"``: each head's log-sum-exp and the reference distribution's mean
+  log-ratio ``Σ_c p_c (a_c - b_c)``, all three accumulated in one pass with online rescaling
+  (the running sums are rescaled whenever a token's running maximum grows);
+* ``"jsd"``: the mixture ``m = β p_t + (1 - β) p_s`` needs both normalised distributions, so a
+  first pass finds the two log-sum-exps and a second accumulates ``Σ p_t log(p_t / m)`` and
+  ``Σ p_s log(p_s / m)``.
+
+A ``jax.custom_vjp`` saves those ``O(N)`` statistics and recomputes each block in the backward
+pass to form ``∂ℓ/∂z_s`` blockwise, contracting it straight into the student's gradients. The
+teacher is a constant: its inputs get no gradient.
+
+Under ``jax.shard_map`` (named mesh axes) each device works on its own tokens and vocabulary
+columns; only per-token statistics cross devices (a ``pmax``/``psum`` log-sum-exp of the shards'
+ones, ``psum`` of their shares of the sums).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
+from jaxtyping import Array, ArrayLike, Bool, Float
+
+from jaxloss import _common
+
+_FN = "linear_distillation"
+DIVERGENCES = ("kl", "reverse_kl", "jsd")
+# The same blocks as linear_cross_entropy's defaults (tuned there on a 2-core CPU).
+DEFAULT_TOKEN_CHUNK = 1024
+DEFAULT_VOCAB_CHUNK = 1024
+
+
+class _Config(NamedTuple):
+    """The static options the blockwise passes need (hashable: a custom_vjp's nondiff arg)."""
+
+    divergence: str
+    beta: float
+    temperature: float
+    chunks: tuple[int, int]
+    vocab_axis: Any
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks. Small twins of jaxloss._linear's helpers: that module is being restructured, and these
+# few lines are not worth a dependency on its private names.
+# ----------------------------------------------------------------------------------------------
+
+
+class _Chunk(NamedTuple):
+    """A chunk of static ``width`` read from ``start``; ``fresh`` masks overlap with the last one.
+
+    A short last chunk is slid back to end at the array's edge (no padding, which would copy
+    the kernel); ``fresh`` is ``None`` when ``width`` divides the size.
+    """
+
+    start: jax.Array
+    fresh: jax.Array | None
+
+
+def _chunk(index: jax.Array, width: int, size: int) -> _Chunk:
+    nominal = index * width
+    start = jnp.minimum(nominal, size - width)
+    ids = start + jax.lax.iota(jnp.int32, width)
+    return _Chunk(start, None if size % width == 0 else ids >= nominal)
+
+
+def _num_chunks(size: int, width: int) -> int:
+    return -(-size // width)
+
+
+def _vma(x: Any) -> frozenset:
+    """The manual mesh axes ``x`` varies over inside ``shard_map`` (empty elsewhere)."""
+    manual = getattr(jax.typeof(x), "manual_axis_type", None)
+    return frozenset(getattr(manual, "varying", None) or ())
+
+
+def _vary(x: jax.Array, *like: Any) -> jax.Array:
+    """``x`` marked as varying over every manual axis that any of ``like`` varies over."""
+    missing = frozenset().union(*(_vma(a) for a in like if a is not None)) - _vma(x)
+    return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
+
+
+def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int], out_dtype: Any) -> jax.Array:
+    """A 2-D matmul in the operands' dtype, accumulated in ``out_dtype`` (no transposed copies)."""
+    dims = (((contract[0],), (contract[1],)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=out_dtype)
+
+
+def _finite_or_zero(m: jax.Array) -> jax.Array:
+    # A degenerate row (all -inf, or a +inf) keeps a finite shift: it ends NaN, not inf - inf.
+    return jnp.where(jnp.isfinite(m), m, 0)
+
+
+def _columns(head, start, width):
+    """A head's kernel (and bias) columns ``[start, start + width)``."""
+    _, kernel, bias = head
+    k_j = jax.lax.dynamic_slice_in_dim(kernel, start, width, axis=1)
+    return k_j, None if bias is None else jax.lax.dynamic_slice_in_dim(bias, start, width)
+
+
+def _scaled_logits(h_i, k_j, b_j, col: _Chunk, cfg: _Config, cdt):
+    """``(h_i @ k_j + b_j) / τ``, with the columns already seen in the previous chunk at -inf.
+
+    A -inf column is no class at all to every statistic below (zero probability, zero term), so
+    the overlap of a slid-back last chunk needs no other masking.
+    """
+    z = _dot(h_i, k_j, (1, 0), cdt)
+    if b_j is not None:
+        z = z + b_j.astype(cdt)[None, :]
+    if cfg.temperature != 1.0:
+        z = z * (1.0 / cfg.temperature)
+    return z if col.fresh is None else jnp.where(col.fresh[None, :], z, -jnp.inf)
+
+
+def _rows(arrays, start, width):
+    return tuple(jax.lax.dynamic_slice_in_dim(a, start, width) for a in arrays)
+
+
+def _sweep(student, teacher, stats, init, update, cfg: _Config, cdt):
+    """Folds ``update`` over every block of both heads' scaled logits; returns per-token carries.
+
+    ``update(a, b, carry_i, stats_i)`` gets the teacher's and the student's block ``(nc, vc)``
+    and the row chunk's slices of the carries and of the read-only per-token ``stats``. Loops
+    run over vocabulary chunks outside and token chunks inside.
+    """
+    n, v = student[0].shape[0], student[1].shape[1]
+    nc, vc = cfg.chunks
+
+    def vocab_step(j, carry):
+        col = _chunk(j, vc, v)
+        cols_t, cols_s = _columns(teacher, col.start, vc), _columns(student, col.start, vc)
+
+        def token_step(i, carry):
+            row = _chunk(i, nc, n)
+            old = _rows(carry, row.start, nc)
+            (th_i,), (h_i,) = _rows(teacher[:1], row.start, nc), _rows(student[:1], row.start, nc)
+            a = _scaled_logits(th_i, *cols_t, col, cfg, cdt)
+            b = _scaled_logits(h_i, *cols_s, col, cfg, cdt)
+            new = update(a, b, old, _rows(stats, row.start, nc))
+            if row.fresh is not None:
+                new = tuple(jnp.where(row.fresh, x, y) for x, y in zip(new, old, strict=True))
+            return tuple(
+                jax.lax.dynamic_update_slice_in_dim(c, x, row.start, 0)
+                for c, x in zip(carry, new, strict=True)
+            )
+
+        return jax.lax.fori_loop(0, _num_chunks(n, nc), token_step, carry)
+
+    init = tuple(_vary(x, *student, *teacher, *stats) for x in init)
+    return jax.lax.fori_loop(0, _num_chunks(v, vc), vocab_step, init)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward statistics
+# ----------------------------------------------------------------------------------------------
+
+
+def _online_step(m, s, x):
+    """One online log-sum-exp step: the new running max, the rescale factor and ``exp(x - max)``."""
+    m_new = jnp.maximum(m, jnp.max(x, 1))
+    shift = _finite_or_zero(m_new)
+    return m_new, jnp.exp(m - shift), jnp.exp(x - shift[:, None])
+
+
+def _log_ratio(x, other):
+    """``x - other`` where ``x`` is finite; 0 where ``x = -inf`` (its probability is 0 there)."""
+    return jnp.where(jnp.isneginf(x), 0, x - other)
+
+
+def _first_pass(student, teacher, cfg: _Config, cdt):
+    """Per token: ``lse_t``, ``lse_s`` and, for the KLs, ``Σ_c p_c (x_c - y_c)``.
+
+    ``p``/``x`` are the reference distribution's (teacher for ``"kl"``, student for
+    ``"reverse_kl"``) and ``y`` the other's scaled logits; the sum is kept relative to the
+    reference's running maximum and rescaled with it. Combined over ``cfg.vocab_axis``.
+    """
+    with_ratio = cfg.divergence != "jsd"
+    teacher_ref = cfg.divergence == "kl"
+
+    def update(a, b, carry, _):
+        m_t, s_t, m_s, s_s, u = carry
+        m_t, scale_t, e_t = _online_step(m_t, s_t, a)
+        m_s, scale_s, e_s = _online_step(m_s, s_s, b)
+        if with_ratio:
+            x, y, e, scale = (a, b, e_t, scale_t) if teacher_ref else (b, a, e_s, scale_s)
+            u = u * scale + jnp.sum(e * _log_ratio(x, y), 1)
+        return m_t, s_t * scale_t + jnp.sum(e_t, 1), m_s, s_s * scale_s + jnp.sum(e_s, 1), u
+
+    n = student[0].shape[0]
+    ninf, zero = jnp.full((n,), -jnp.inf, cdt), jnp.zeros((n,), cdt)
+    m_t, s_t, m_s, s_s, u = _sweep(
+        student, teacher, (), (ninf, zero, ninf, zero, zero), update, cfg, cdt
+    )
+    local_t, local_s = _finite_or_zero(m_t) + jnp.log(s_t), _finite_or_zero(m_s) + jnp.log(s_s)
+    lse_t, lse_s = _combine_lse(local_t, cfg.vocab_axis), _combine_lse(local_s, cfg.vocab_axis)
+    if not with_ratio:
+        return lse_t, lse_s, None
+    s_ref, local_ref, lse_ref = (s_t, local_t, lse_t) if teacher_ref else (s_s, local_s, lse_s)
+    mean = jnp.where(s_ref > 0, u / jnp.where(s_ref > 0, s_ref, 1), 0)
+    return lse_t, lse_s, _combine_mean(mean, local_ref, lse_ref, cfg.vocab_axis)
+
+
+def _combine_lse(lse, axis):
+    """The log-sum-exp over every vocabulary shard of the shards' own ones."""
+    if axis is None:
+        return lse
+    shift = _finite_or_zero(jax.lax.pmax(lse, axis))
+    return shift + jnp.log(jax.lax.psum(jnp.exp(lse - shift), axis))
+
+
+def _combine_mean(mean, local_lse, lse, axis):
+    """Shards' ``p``-weighted means, each weighted by its shard's share of ``p``, summed."""
+    if axis is None:
+        return mean
+    share = jnp.where(jnp.isneginf(local_lse), 0, jnp.exp(local_lse - _finite_or_zero(lse)))
+    return jax.lax.psum(share * mean, axis)
+
+
+def _log_mixture(lp_t, lp_s, beta):
+    """``log(β p_t + (1 - β) p_s)`` from the two log-probabilities (β = 0 or 1 exact)."""
+    log_beta = math.log(beta) if beta > 0 else -math.inf
+    log_rest = math.log1p(-beta) if beta < 1 else -math.inf
+    return jnp.logaddexp(lp_t + log_beta, lp_s + log_rest)
+
+
+def _xlogy_ratio(lp, lm):
+    """``p · (log p - log m)`` with ``0 · log 0 = 0``."""
+    return jnp.where(jnp.isneginf(lp), 0, jnp.exp(lp) * (lp - lm))
+
+
+def _jsd_pass(student, teacher, lse_t, lse_s, cfg: _Config, cdt):
+    """Per token ``Σ p_t log(p_t / m)`` and ``Σ p_s log(p_s / m)``, given the two lse."""
+
+    def update(a, b, carry, stats):
+        kl_t, kl_s = carry
+        lse_t, lse_s = (x[:, None] for x in stats)
+        lp_t, lp_s = a - lse_t, b - lse_s
+        lm = _log_mixture(lp_t, lp_s, cfg.beta)
+        return kl_t + jnp.sum(_xlogy_ratio(lp_t, lm), 1), kl_s + jnp.sum(_xlogy_ratio(lp_s, lm), 1)
+
+    zero = jnp.zeros((student[0].shape[0],), cdt)
+    stats = (_finite_or_zero(lse_t), _finite_or_zero(lse_s))
+    kl_t, kl_s = _sweep(student, teacher, stats, (zero, zero), update, cfg, cdt)
+    axis = cfg.vocab_axis
+    return (kl_t, kl_s) if axis is None else (jax.lax.psum(kl_t, axis), jax.lax.psum(kl_s, axis))
+
+
+def _divergences(student, teacher, cfg: _Config):
+    """Per-token divergence (not yet times τ²) and the statistics its gradient needs."""
+    cdt = _compute_dtype(*student, *teacher)
+    lse_t, lse_s, mean_ratio = _first_pass(student, teacher, cfg, cdt)
+    if cfg.divergence == "jsd":
+        kl_t, kl_s = _jsd_pass(student, teacher, lse_t, lse_s, cfg, cdt)
+        # β = 0 or 1 drop a term outright: an infinite KL times 0 is no NaN here.
+        parts = [(cfg.beta, kl_t), (1 - cfg.beta, kl_s)]
+        div, extra = sum(w * kl for w, kl in parts if w > 0), kl_s
+    elif cfg.divergence == "kl":
+        div = extra = mean_ratio - lse_t + lse_s
+    else:
+        div = extra = mean_ratio - lse_s + lse_t
+    div = jnp.where(jnp.isfinite(lse_t) & jnp.isfinite(lse_s), div, jnp.nan)
+    return div, (lse_t, lse_s, extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward: ∂ℓ/∂z_s recomputed block by block
+# ----------------------------------------------------------------------------------------------
+
+
+def _student_slope(a, b, stats, cfg: _Config):
+    """``∂ div / ∂b`` for a block (``b`` the student's scaled logits), before the cotangent.
+
+    kl: ``p_s - p_t``; reverse_kl: ``p_s (log p_s/p_t - KL)``; jsd: ``(1-β) p_s (log p_s/m -
+    KL(p_s‖m))``. Entries of zero student probability are exactly 0.
+    """
+    lse_t, lse_s, extra = (x[:, None] for x in stats)
+    lp_t, lp_s = a - lse_t, b - lse_s
+    p_s = jnp.exp(lp_s)
+    if cfg.divergence == "kl":
+        return p_s - jnp.exp(lp_t)
+    if cfg.divergence == "reverse_kl":
+        return jnp.where(p_s == 0, 0, p_s * (lp_s - lp_t - extra))
+    lm = _log_mixture(lp_t, lp_s, cfg.beta)
+    return jnp.where(p_s == 0, 0, (1 - cfg.beta) * p_s * (lp_s - lm - extra))
+
+
+def _grads(student, teacher, stats, g, cfg: _Config):
+    """Gradients for the student's hidden, kernel and bias from the per-token cotangent ``g``.
+
+    Vocabulary chunks outside (each kernel-gradient column block is finished and written once),
+    token chunks inside (the hidden gradient accumulates in place).
+    """
+    hidden, kernel, bias = student
+    (n, d), v = hidden.shape, kernel.shape[1]
+    nc, vc = cfg.chunks
+    mm = jnp.result_type(hidden.dtype, kernel.dtype)
+    cdt = _compute_dtype(*student, *teacher)
+    # 1/τ: the slope is in the scaled logits z/τ.
+    per_row = (*stats, g.astype(cdt) / cfg.temperature)
+    inputs = (*student, *teacher, *per_row)
+
+    def vocab_step(j, carry):
+        dh, dk, db = carry
+        col = _chunk(j, vc, v)
+        cols_t, cols_s = _columns(teacher, col.start, vc), _columns(student, col.start, vc)
+
+        def token_step(i, inner):
+            dh, dk_j, db_j = inner
+            row = _chunk(i, nc, n)
+            (th_i,), (h_i,) = _rows(teacher[:1], row.start, nc), _rows(student[:1], row.start, nc)
+            *stats_i, g_i = _rows(per_row, row.start, nc)
+            a = _scaled_logits(th_i, *cols_t, col, cfg, cdt)
+            b = _scaled_logits(h_i, *cols_s, col, cfg, cdt)
+            # Tokens without a cotangent (masked) contribute exactly nothing, even degenerate ones.
+            live = g_i != 0 if row.fresh is None else (g_i != 0) & row.fresh
+            dz = jnp.where(live[:, None], g_i[:, None] * _student_slope(a, b, stats_i, cfg), 0)
+            dz_mm = dz.astype(mm)
+            dh_i = jax.lax.dynamic_slice_in_dim(dh, row.start, nc)
+            dh_i = dh_i + _dot(dz_mm, cols_s[0].astype(mm), (1, 1), cdt)
+            dh = jax.lax.dynamic_update_slice_in_dim(dh, dh_i, row.start, 0)
+            return dh, dk_j + _dot(h_i.astype(mm), dz_mm, (0, 0), cdt), db_j + jnp.sum(dz, 0)
+
+        zeros = (jnp.zeros((d, vc), cdt), jnp.zeros((vc,), cdt))
+        inner = (dh, *(_vary(z, *inputs) for z in zeros))
+        dh, dk_j, db_j = jax.lax.fori_loop(0, _num_chunks(n, nc), token_step, inner)
+        if col.fresh is not None:
+            # The slid-back last chunk's overlap columns were finished by the previous chunk.
+            old = jax.lax.dynamic_slice_in_dim(dk, col.start, vc, axis=1)
+            dk_j = jnp.where(col.fresh[None, :], dk_j.astype(dk.dtype), old)
+            db_j = jnp.where(col.fresh, db_j, jax.lax.dynamic_slice_in_dim(db, col.start, vc))
+        dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_j.astype(dk.dtype), col.start, 1)
+        return dh, dk, jax.lax.dynamic_update_slice_in_dim(db, db_j, col.start, 0)
+
+    init = (jnp.zeros((n, d), cdt), jnp.zeros((d, v), kernel.dtype), jnp.zeros((v,), cdt))
+    init = tuple(_vary(x, *inputs) for x in init)
+    dh, dk, db = jax.lax.fori_loop(0, _num_chunks(v, vc), vocab_step, init)
+    return dh.astype(hidden.dtype), dk, (None if bias is None else db.astype(bias.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _token_divergence(hidden, kernel, bias, t_hidden, t_kernel, t_bias, cfg):
+    """Per-token divergence of the two heads' tempered distributions, with a recomputing VJP."""
+    return _divergences((hidden, kernel, bias), (t_hidden, t_kernel, t_bias), cfg)[0]
+
+
+def _token_divergence_fwd(hidden, kernel, bias, t_hidden, t_kernel, t_bias, cfg):
+    student, teacher = (hidden, kernel, bias), (t_hidden, t_kernel, t_bias)
+    div, stats = _divergences(student, teacher, cfg)
+    return div, (student, teacher, stats)
+
+
+def _token_divergence_bwd(cfg, residuals, g):
+    student, teacher, stats = residuals
+    dh, dk, db = _grads(student, teacher, stats, g, cfg)
+    # The teacher is a constant (its inputs also pass through stop_gradient).
+    return dh, dk, db, None, None, None
+
+
+_token_divergence.defvjp(_token_divergence_fwd, _token_divergence_bwd)
+
+
+def _compute_dtype(*arrays) -> jnp.dtype:
+    return _common.compute_dtype(jnp.result_type(*(a.dtype for a in arrays if a is not None)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Assembly: temperature, mask, reduction; the sharded form
+# ----------------------------------------------------------------------------------------------
+
+
+def _loss(student, teacher, mask, cfg: _Config, reduction: str, batch_axis=None):
+    """τ²-scaled per-token divergences, masked and reduced (summed over ``batch_axis``)."""
+    teacher = tuple(None if x is None else jax.lax.stop_gradient(x) for x in teacher)
+    div = _token_divergence(*student, *teacher, cfg)
+    loss = div * cfg.temperature**2
+    if mask is not None:
+        # A select, so a masked token's NaN (a degenerate row) leaks into neither value nor grad.
+        loss = jnp.where(mask, loss, 0)
+    if reduction == "none":
+        return loss
+    total = jnp.sum(loss)
+    count = (
+        jnp.asarray(loss.shape[0], loss.dtype) if mask is None else jnp.sum(mask, dtype=loss.dtype)
+    )
+    if batch_axis is not None:
+        total, count = jax.lax.psum(total, batch_axis), jax.lax.psum(count, batch_axis)
+    return total if reduction == "sum" else _common.safe_divide(total, count)
+
+
+def _axis_size(mesh, axes) -> int:
+    names = axes if isinstance(axes, tuple) else (axes,)
+    return int(np.prod([mesh.shape[a] for a in names]))
+
+
+def _sharded(student, teacher, mask, cfg: _Config, reduction, mesh, batch_axis):
+    """Token- and/or vocabulary-parallel loss under ``jax.shard_map``.
+
+    Every device runs the blockwise passes on its own token rows and kernel columns; the
+    per-token statistics are combined over the vocabulary shards inside the passes (``O(N)``
+    numbers cross devices; no logits and no kernel are gathered). The student's inputs are
+    marked as varying over every mesh axis in use, so that autodiff sums their per-device
+    gradients over the axes each is replicated on.
+    """
+    has = tuple(x is not None for x in (student[2], teacher[2], mask))
+
+    def local(h, k, b, th, tk, tb, mask):
+        arrays = (h, k, b, th, tk, tb, mask)
+        h, k, b, th, tk, tb, mask = (_vary(x, *arrays) for x in arrays)
+        b, tb, mask = (x if kept else None for x, kept in zip((b, tb, mask), has, strict=True))
+        return _loss((h, k, b), (th, tk, tb), mask, cfg, reduction, batch_axis)
+
+    rows, cols = PartitionSpec(batch_axis), PartitionSpec(cfg.vocab_axis)
+    matrix_rows = PartitionSpec(batch_axis, None)
+    matrix_cols = PartitionSpec(None, cfg.vocab_axis)
+    in_specs = (matrix_rows, matrix_cols, cols, matrix_rows, matrix_cols, cols, rows)
+    n, v = student[0].shape[0], student[1].shape[1]
+    # shard_map takes arrays only: absent biases and mask travel as inert placeholders.
+    (h, k, b), (th, tk, tb) = student, teacher
+    no_bias = jnp.zeros((v,), jnp.float32)
+    b, tb = (no_bias if x is None else x for x in (b, tb))
+    args = (h, k, b, th, tk, tb, jnp.ones((n,), bool) if mask is None else mask)
+    if any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+        # Explicitly sharded inputs must arrive in exactly the in_specs' layout.
+        target = in_specs
+        if isinstance(mesh, Mesh):
+            target = tuple(jax.sharding.NamedSharding(mesh, spec) for spec in in_specs)
+        args = jax.reshard(args, target)
+    out_specs = rows if reduction == "none" else PartitionSpec()
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_chunk(name: str, value: Any) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+        raise TypeError(f"{_FN}: `{name}` must be a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{_FN}: `{name}` must be a positive int, got {value}")
+    return int(value)
+
+
+def _check_options(divergence, beta, temperature, reduction) -> tuple[float, float]:
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"{_FN}: `divergence` must be one of {DIVERGENCES}, got {divergence!r}")
+    _common.check_reduction(_FN, reduction)
+    beta = _common.check_unit_interval("beta", _FN, beta)
+    try:
+        temperature = float(temperature)
+    except TypeError as err:
+        raise TypeError(
+            f"{_FN}: `temperature` must be a Python float, got {type(temperature).__name__}"
+        ) from err
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{_FN}: `temperature` must be a finite number > 0, got {temperature}")
+    return beta, temperature
+
+
+def _check_head(prefix: str, hidden, kernel, bias, batch_shape):
+    """A head's ``(hidden, kernel, bias)`` as arrays; ``hidden`` is ``(*batch_shape, D)``."""
+    h, k = f"{prefix}hidden", f"{prefix}kernel"
+    hidden = _common.check_floating(h, _FN, hidden)
+    kernel = _common.check_floating(k, _FN, kernel)
+    if hidden.ndim < 1:
+        raise ValueError(f"{_FN}: `{h}` must have a feature axis (..., D), got a scalar")
+    if batch_shape is not None and hidden.shape[:-1] != batch_shape:
+        raise ValueError(
+            f"{_FN}: `{h}` must have the student's token shape {batch_shape} before its feature "
+            f"axis (its own D may differ), got shape {tuple(hidden.shape)}"
+        )
+    if kernel.ndim != 2 or kernel.shape[0] != hidden.shape[-1] or kernel.shape[1] == 0:
+        raise ValueError(
+            f"{_FN}: `{k}` must have shape (D, V) = ({hidden.shape[-1]}, V) with V >= 1 for "
+            f"`{h}` with shape {tuple(hidden.shape)}; got `{k}` with shape "
+            f"{tuple(kernel.shape)} and dtype {kernel.dtype}"
+        )
+    if bias is not None:
+        name = f"{prefix}bias"
+        bias = _common.check_floating(name, _FN, bias)
+        if bias.shape != (kernel.shape[1],):
+            raise ValueError(
+                f"{_FN}: `{name}` must have shape ({kernel.shape[1]},), one entry per class "
+                f"(column of `{k}`), got shape {tuple(bias.shape)}"
+            )
+    return hidden, kernel, bias
+
+
+def _check_mask(mask, batch_shape):
+    if mask is None:
+        return None
+    mask = _common.as_array("mask", _FN, mask)
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"{_FN}: `mask` must be boolean (True = a token that counts), got dtype "
+                        f"{mask.dtype}; pass e.g. `targets != pad_id`")  # fmt: skip
+    if mask.shape != batch_shape:
+        raise ValueError(
+            f"{_FN}: `mask` must have the token shape {batch_shape} (`hidden` without its "
+            f"feature axis), got shape {tuple(mask.shape)}"
+        )
+    return mask
+
+
+def _explicit_layout(student, teacher, mask):
+    """``(mesh, batch_axis, vocab_axis)`` read from explicitly sharded inputs, else Nones.
+
+    Under explicit sharding (``jax.make_mesh``'s default) the blockwise loops cannot slice split
+    arrays, so the loss takes the ``shard_map`` form over the axes the inputs' types name: rows
+    of the hidden states (or mask) for tokens, kernel or bias columns for classes.
+    """
+    mesh, axes = None, []
+    token_dims = ((student[0], 0), (teacher[0], 0), (mask, 0))
+    class_dims = ((student[1], 1), (teacher[1], 1), (student[2], 0), (teacher[2], 0))
+    for candidates in (token_dims, class_dims):
+        found = None
+        for x, dim in candidates:
+            sharding = getattr(jax.typeof(x), "sharding", None) if x is not None else None
+            spec = tuple(getattr(sharding, "spec", None) or ())
+            if dim < len(spec) and spec[dim] is not None:
+                found, mesh = spec[dim], sharding.mesh  # pyright: ignore[reportOptionalMemberAccess]
+                break
+        axes.append(found)
+    return mesh, axes[0], axes[1]
+
+
+def _check_mesh_axes(mesh, batch_axis, vocab_axis, n: int, v: int):
+    if batch_axis is None and vocab_axis is None:
+        return None
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            raise ValueError(
+                f"{_FN}: `batch_axis`/`vocab_axis` need a `mesh` (or a context mesh set with "
+                "jax.set_mesh)"
+            )
+    elif not isinstance(mesh, (Mesh, jax.sharding.AbstractMesh)):
+        raise TypeError(f"{_FN}: `mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    named = {}
+    for name, axes, size, what in (
+        ("batch_axis", batch_axis, n, "tokens"), ("vocab_axis", vocab_axis, v, "classes")
+    ):  # fmt: skip
+        if axes is None:
+            continue
+        named[name] = set(axes if isinstance(axes, tuple) else (axes,))
+        missing = sorted(a for a in named[name] if a not in mesh.shape)
+        if missing:
+            raise ValueError(
+                f"{_FN}: `{name}`={axes!r} names axes {missing} that are not in the mesh's axes "
+                f"{tuple(mesh.shape)}"
+            )
+        if size % _axis_size(mesh, axes):
+            raise ValueError(
+                f"{_FN}: the {size} {what} do not split evenly over `{name}`={axes!r} of size "
+                f"{_axis_size(mesh, axes)}"
+            )
+    if len(named) == 2 and named["batch_axis"] & named["vocab_axis"]:
+        raise ValueError(f"{_FN}: `batch_axis` and `vocab_axis` must name different mesh axes")
+    return mesh
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.partial(
+    _common.jit,
+    static_argnames=(
+        "divergence", "beta", "temperature", "reduction", "token_chunk", "vocab_chunk", "mesh",
+        "batch_axis", "vocab_axis",
+    ),
+)  # fmt: skip
+def linear_distillation(
+    hidden: Float[ArrayLike, "*batch dim"],
+    kernel: Float[ArrayLike, "dim classes"],
+    teacher_hidden: Float[ArrayLike, "*batch teacher_dim"],
+    teacher_kernel: Float[ArrayLike, "teacher_dim classes"],
+    *,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    mask: Bool[ArrayLike, "*batch"] | None = None,
+    reduction: str = "mean",
+    bias: Float[ArrayLike, " classes"] | None = None,
+    teacher_bias: Float[ArrayLike, " classes"] | None = None,
+    token_chunk: int = DEFAULT_TOKEN_CHUNK,
+    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+    mesh: Mesh | None = None,
+    batch_axis: str | tuple[str, ...] | None = None,
+    vocab_axis: str | tuple[str, ...] | None = None,
+) -> Float[Array, "*batch"] | Float[Array, ""]:
+    r"""Distillation divergence between a teacher's and a student's linear heads, fused.
+
+    With the student's logits \(z_s = h K + b\), the teacher's \(z_t = h_t K_t + b_t\) (the
+    teacher may have another hidden size) and temperature τ, per token
+    \(p_t = \mathrm{softmax}(z_t/τ)\), \(p_s = \mathrm{softmax}(z_s/τ)\) and
+
+    $$
+    \ell = τ^2 \cdot \begin{cases}
+      \mathrm{KL}(p_t \,\|\, p_s) = \sum_c p_{t,c} \log (p_{t,c} / p_{s,c}) & \texttt{"kl"} \\
+      \mathrm{KL}(p_s \,\|\, p_t) & \texttt{"reverse\_kl"} \\
+      β\,\mathrm{KL}(p_t \,\|\, m) + (1-β)\,\mathrm{KL}(p_s \,\|\, m),
+      \quad m = β p_t + (1-β) p_s & \texttt{"jsd"}
+    \end{cases}
+    $$
+
+    (τ² keeps the gradient's scale independent of τ, as in Hinton et al.). Neither ``[N, V]``
+    logit matrix is ever materialised: both are produced one ``token_chunk × vocab_chunk``
+    block at a time. The KLs need per token the two log-sum-exps and the reference's mean
+    log-ratio \(\sum_c p_c (x_c - y_c)\), accumulated in one pass with online rescaling; the JSD
+    needs \(\log m\) per class, hence a first pass for the log-sum-exps and a second for the two
+    KLs to \(m\). A ``jax.custom_vjp`` keeps those ``O(N)`` statistics and recomputes each block
+    in the backward pass to form \(\partial\ell/\partial z_s\) (``p_s − p_t`` for ``"kl"``)
+    and contract it with ``hidden`` and ``kernel``. Half-precision inputs are multiplied with
+    float32 accumulation; the result comes back in the inputs' dtype.
+
+    The teacher is a constant: ``teacher_hidden``, ``teacher_kernel`` and ``teacher_bias`` pass
+    through ``jax.lax.stop_gradient`` (their gradients are zero). Reverse-mode differentiation
+    only (no ``jax.jvp``/Hessians), in ``hidden``, ``kernel`` and ``bias``.
+
+    Corners (τ-scaled logits; \(0 \log 0 = 0\) throughout):
+
+    - a ``-inf`` teacher logit where the student's is finite adds nothing to ``"kl"`` and a
+      finite term to ``"jsd"``, but makes ``"reverse_kl"`` ``inf`` (with NaN gradients): the
+      student puts mass where the teacher has none; symmetrically a ``-inf`` student logit
+      where the teacher's is finite makes ``"kl"`` ``inf``. Both ``-inf``: no term.
+    - a token whose teacher or student logits are all ``-inf``, or hold a ``+inf``, has no
+      distribution: its loss is NaN (as ``cross_entropy`` gives for such a row). Masked out,
+      it contributes nothing to the value or the gradients.
+    - ``mask`` all False: ``"mean"`` is NaN, ``"sum"`` is 0 and the gradients are 0
+      (``cross_entropy``'s convention for all-ignored targets).
+
+    Sharding: naming ``batch_axis`` (tokens: rows of ``hidden``, ``teacher_hidden``, ``mask``)
+    and/or ``vocab_axis`` (classes: columns of both kernels and both biases) runs the loss under
+    ``jax.shard_map``; each device works on its own blocks and only per-token statistics cross
+    devices (``pmax``/``psum``): no logits and no kernel are ever gathered. With explicit
+    sharding (``jax.make_mesh``'s default) the axes are read from the inputs' types.
+
+    Args:
+      hidden: the student's floating features ``(N, D)`` or ``(*batch, D)``.
+      kernel: the student's head ``(D, V)``, laid out like a Flax ``Dense`` kernel.
+      teacher_hidden: the teacher's features ``(*batch, D_t)``, the same tokens as ``hidden``.
+      teacher_kernel: the teacher's head ``(D_t, V)``, over the same ``V`` classes.
+      divergence: ``"kl"`` (forward KL, the teacher as reference), ``"reverse_kl"`` or ``"jsd"``.
+      beta: β in ``[0, 1]``, the teacher's weight in the JSD mixture (``"jsd"`` only; β = 0 or 1
+        give 0).
+      temperature: τ > 0, dividing both heads' logits.
+      mask: optional boolean ``(*batch)``: True for the tokens that count (e.g. not padding).
+      reduction: ``"none"`` (per token, shape ``(*batch)``, masked tokens 0), ``"sum"`` or
+        ``"mean"`` (over the tokens where ``mask`` is True; over all tokens without a mask).
+      bias: the student's optional bias ``(V,)``.
+      teacher_bias: the teacher's optional bias ``(V,)``.
+      token_chunk: rows per block (clipped to ``N``; need not divide it).
+      vocab_chunk: columns per block (clipped to ``V``; need not divide it).
+      mesh: the ``jax.sharding.Mesh`` for ``batch_axis``/``vocab_axis`` (default: the context
+        mesh).
+      batch_axis: mesh axis name(s) the tokens are split over (evenly), or ``None``.
+      vocab_axis: mesh axis name(s) the classes are split over (evenly), or ``None``.
+
+    Returns:
+      Per-token losses (``"none"``) or a scalar, in the inputs' common floating dtype.
+
+    Raises:
+      ValueError: for inconsistent shapes, bad options or mesh axes.
+      TypeError: for non-floating inputs, a non-boolean mask or non-int chunk sizes.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxloss
+      >>> h, k = jnp.ones((6, 4)) / 4, jax.random.normal(jax.random.key(0), (4, 10))
+      >>> th, tk = jnp.ones((6, 8)) / 8, jax.random.normal(jax.random.key(1), (8, 10))
+      >>> fused = jaxloss.linear_distillation(h, k, th, tk, temperature=2.0, vocab_chunk=4)
+      >>> log_p_t = jax.nn.log_softmax(th @ tk / 2.0)
+      >>> log_p_s = jax.nn.log_softmax(h @ k / 2.0)
+      >>> dense = 4.0 * jnp.mean(jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), -1))
+      >>> bool(jnp.allclose(fused, dense, rtol=1e-5))
+      True
+
+    References:
+      Hinton et al., "Distilling the Knowledge in a Neural Network" (2015); Agarwal et al.,
+      "On-Policy Distillation of Language Models" (2024, generalised JSD); Liger Kernel's
+      ``LigerFusedLinearJSD``; Milakov & Gimelshein, "Online normalizer calculation for
+      softmax" (2018).
+    """
+    beta, temperature = _check_options(divergence, beta, temperature, reduction)
+    token_chunk = _check_chunk("token_chunk", token_chunk)
+    vocab_chunk = _check_chunk("vocab_chunk", vocab_chunk)
+    student = _check_head("", hidden, kernel, bias, None)
+    batch_shape = tuple(student[0].shape[:-1])
+    teacher = _check_head("teacher_", teacher_hidden, teacher_kernel, teacher_bias, batch_shape)
+    if teacher[1].shape[1] != student[1].shape[1]:
+        raise ValueError(
+            f"{_FN}: `teacher_kernel` must cover the student's {student[1].shape[1]} classes, got "
+            f"shape {tuple(teacher[1].shape)} for `kernel` with shape {tuple(student[1].shape)}"
+        )
+    mask = _check_mask(mask, batch_shape)
+    out_dtype = jnp.result_type(*(x for x in (*student, *teacher) if x is not None))
+    flat = lambda head: (head[0].reshape(-1, head[0].shape[-1]), *head[1:])
+    student, teacher = flat(student), flat(teacher)
+    mask = None if mask is None else mask.reshape(-1)
+    n, v = student[0].shape[0], student[1].shape[1]
+    if mesh is None and batch_axis is None and vocab_axis is None:
+        mesh, batch_axis, vocab_axis = _explicit_layout(student, teacher, mask)
+    resolved_mesh = _check_mesh_axes(mesh, batch_axis, vocab_axis, n, v)
+    if n == 0:
+        empty = jnp.zeros((0,), _common.compute_dtype(out_dtype))
+        loss = _common.reduce_loss(empty, reduction)
+    else:
+        n_local = n // (1 if batch_axis is None else _axis_size(resolved_mesh, batch_axis))
+        v_local = v // (1 if vocab_axis is None else _axis_size(resolved_mesh, vocab_axis))
+        chunks = (min(token_chunk, n_local), min(vocab_chunk, v_local))
+        cfg = _Config(divergence, beta, temperature, chunks, vocab_axis)
+        if resolved_mesh is None:
+            loss = _loss(student, teacher, mask, cfg, reduction)
+        else:
+            loss = _sharded(student, teacher, mask, cfg, reduction, resolved_mesh, batch_axis)
+    if reduction == "none":
+        loss = loss.reshape(batch_shape)
+    return loss.astype(out_dtype)
