@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -267,10 +267,10 @@ def _divergences(student, teacher, cfg: _Config):
         # β = 0 or 1 drop a term outright: an infinite KL times 0 is no NaN here.
         parts = [(cfg.beta, kl_t), (1 - cfg.beta, kl_s)]
         div, extra = sum(w * kl for w, kl in parts if w > 0), kl_s
-    elif cfg.divergence == "kl":
-        div = extra = mean_ratio - lse_t + lse_s
     else:
-        div = extra = mean_ratio - lse_s + lse_t
+        mean_ratio = cast(jax.Array, mean_ratio)  # the KLs' first pass always computes it
+        sign = 1 if cfg.divergence == "kl" else -1
+        div = extra = mean_ratio - sign * (lse_t - lse_s)
     div = jnp.where(jnp.isfinite(lse_t) & jnp.isfinite(lse_s), div, jnp.nan)
     return div, (lse_t, lse_s, extra)
 
@@ -384,7 +384,7 @@ def _compute_dtype(*arrays) -> jnp.dtype:
 def _loss(student, teacher, mask, cfg: _Config, reduction: str, batch_axis=None):
     """τ²-scaled per-token divergences, masked and reduced (summed over ``batch_axis``)."""
     teacher = tuple(None if x is None else jax.lax.stop_gradient(x) for x in teacher)
-    div = _token_divergence(*student, *teacher, cfg)
+    div = cast(jax.Array, _token_divergence(*student, *teacher, cfg))
     loss = div * cfg.temperature**2
     if mask is not None:
         # A select, so a masked token's NaN (a degenerate row) leaks into neither value nor grad.
