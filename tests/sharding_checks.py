@@ -309,14 +309,26 @@ for _layout in LAYOUTS:
 
     @check(f"explicit/linear_cross_entropy/{_layout}")
     def _linear_explicit(mesh: Mesh, layout=_layout):
-        """Explicit sharding: the axes are read from the inputs' types (shard_map form)."""
-        got, hlo = _sharded(explicit(mesh), layout, _linear_fn(), _linear_args(), LINEAR_KINDS)
+        """Explicit sharding with the axes named: the shard_map form, nothing gathered."""
+        fn = _linear_fn(**_axes(layout))
+        got, hlo = _sharded(explicit(mesh), layout, fn, _linear_args(), LINEAR_KINDS)
         problems = _compare(got, _linear_reference(), f"linear_cross_entropy (explicit) {layout}")
         gathers = all_gather_shapes(hlo)
         vocab = [s for s in gathers if gathers_vocabulary_matrix(s)]
         if vocab:
             problems.append(f"all-gather of a [*, V] array {vocab}; all: {gathers}")
         return problems, gathers
+
+    @check(f"explicit/linear_cross_entropy/{_layout}/without_axes_is_an_error")
+    def _linear_explicit_unnamed(mesh: Mesh, layout=_layout):
+        """Explicitly sharded inputs and no axes named: a ValueError naming the fix."""
+        try:
+            _sharded(explicit(mesh), layout, _linear_fn(), _linear_args(), LINEAR_KINDS)
+        except ValueError as err:
+            if "`batch_axis`" not in str(err) or "`vocab_axis`" not in str(err):
+                return [f"unexpected message: {err}"], []
+            return [], []
+        return ["no ValueError for explicitly sharded inputs without batch_axis/vocab_axis"], []
 
 
 @check("linear_cross_entropy/shard_map/uneven_split_is_an_error")
