@@ -42,7 +42,7 @@ class Task:
 
     @property
     def name(self) -> str:
-        kind = "mem" if self.memory_only else self.mode
+        kind = f"{self.mode}-mem" if self.memory_only else self.mode
         return f"{self.case.name}/{kind}/{self.dtype}/{'x'.join(map(str, self.shape))}"
 
 
@@ -98,6 +98,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="torch intra-op threads (default: as many as XLA uses, i.e. the available cores)",
     )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="exit with status 1 if a goal FAILs (INCONCLUSIVE, too noisy to tell, does not)",
+    )
+    p.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="compile every benchmark for its temporary memory and kernels, time nothing",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the planned benchmarks (and their implementations) and the expected "
+        "duration, run nothing",
+    )
+    p.add_argument(
+        "--wide", action="store_true", help="print every column (table.txt always has them)"
+    )
     p.add_argument("--no-check", action="store_true", help="skip the peer agreement check")
     p.add_argument("--no-plots", action="store_true", help="with --out: JSON and table only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -126,7 +145,11 @@ def plan(args: argparse.Namespace, cases: Sequence[Case], backend: str) -> list[
         points = case.points(backend, args.quick) if case.points else grid
         for shape, dtype in points:
             if dtype in dtypes:
-                tasks += [Task(case, m, dtype, tuple(shape)) for m in modes if m in case.modes]
+                tasks += [
+                    Task(case, m, dtype, tuple(shape), memory_only=args.memory_only)
+                    for m in modes
+                    if m in case.modes
+                ]
         if case.memory_only:
             tasks += [
                 Task(case, "vag", dtype, tuple(shape), memory_only=True)
@@ -141,7 +164,7 @@ def plan(args: argparse.Namespace, cases: Sequence[Case], backend: str) -> list[
             if point in timed:
                 continue
             # --quick times the goal point (vag only); otherwise only its memory is compiled.
-            timed_goal = args.quick and not args.sizes and "vag" in modes
+            timed_goal = args.quick and not args.sizes and "vag" in modes and not args.memory_only
             tasks.append(Task(goal_case, "vag", dtype, GOAL_SHAPE, memory_only=not timed_goal))
     # Group by input set; small before big so that the progress bar moves early.
     order = {c.name: i for i, c in enumerate(cases)}
@@ -269,21 +292,43 @@ def _setup_torch(backend: str, threads: int | None) -> tuple[bool, int | None, s
     return False, None, f"torch cannot run on the {backend} backend here"
 
 
-def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Runs the suite and returns the results payload (also printed and written)."""
-    args = build_parser().parse_args(argv)
-    started = time.perf_counter()
-    load_before = _load_average()
-    backend = jax.default_backend()
-    use_torch, torch_threads, torch_note = (
-        (False, None, "--no-torch") if args.no_torch else _setup_torch(backend, args.torch_threads)
-    )
-    cases = all_cases(include_torch=use_torch)
-    tasks = plan(args, cases, backend)
-    settings = harness.settings_for(args.quick, args.repeats)
-    if args.no_check:
-        settings = dataclasses.replace(settings, check=False)
+# Seconds per unit of :func:`_work` on a 2-core x86 VM: the full CPU grid (1634 units) took 446 s
+# and --quick (110 units) 32 s on a quiet machine; a busy one took up to 1.6x as long.
+_SECONDS_PER_WORK = 0.28
+_SECONDS_PER_COMPILE_ONLY = 0.6
+_BUSY_FACTOR = 1.6
 
+
+def expected_seconds(tasks: Sequence[Task], quick: bool) -> float:
+    """A quiet 2-core machine's wall time for ``tasks``, goal checks and start-up included."""
+    timed = sum(_work(t) for t in tasks if not t.memory_only)
+    compile_only = sum(_work(t) for t in tasks if t.memory_only)
+    goal_checks = 5.0 if quick else 20.0
+    return 5.0 + goal_checks + _SECONDS_PER_WORK * timed + _SECONDS_PER_COMPILE_ONLY * compile_only
+
+
+def _fmt_duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 100 else f"{seconds / 60:.0f} min"
+
+
+def _announce(tasks: Sequence[Task], args: argparse.Namespace) -> None:
+    """The plan's size and expected duration, on stderr before anything runs."""
+    timed = sum(not t.memory_only for t in tasks)
+    seconds = expected_seconds(tasks, args.quick)
+    line = (
+        f"{timed} benchmarks to time and {len(tasks) - timed} to compile only: expected "
+        f"{_fmt_duration(seconds)} to {_fmt_duration(_BUSY_FACTOR * seconds)} on a 2-core CPU "
+        "(quiet to busy)."
+    )
+    if not args.quick and not args.sizes and not args.memory_only:
+        line += " For a first look, --quick takes under a minute."
+    print(line, file=sys.stderr, flush=True)
+
+
+def _run_grid(
+    tasks: Sequence[Task], settings: harness.Settings, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Compiles each group of tasks in parallel, then times its tasks one at a time."""
     from tqdm import tqdm
 
     records: list[dict[str, Any]] = []
@@ -327,13 +372,73 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             del inputs
             gc.collect()
     bar.close()
+    return records
 
-    goals = report.evaluate_goals(records, backend)
+
+def _goal_runner(case: Case, impl: str, dtype: str, *, goal: report.SpeedGoal) -> harness.Runner:
+    inputs = case.make_inputs(goal.shape, DTYPES[dtype])
+    args = jax.block_until_ready(harness.bench_args(case, goal.mode, inputs))
+    runner = harness.jax_runner(f"{impl} {dtype}", case, case.impls[impl], goal.mode, args)
+    runner.sample(1)  # compile-time effects and page faults out of the first sample
+    runner.warm = True
+    return runner
+
+
+def check_goals(
+    records: Sequence[dict[str, Any]], cases: Sequence[Case], quick: bool
+) -> dict[str, dict[str, Any]]:
+    """A paired measurement, until its verdict is clear, of every speed goal the grid timed."""
+    settings = harness.CheckSettings(
+        max_rounds=15 if quick else 41, budget_s=4.0 if quick else 20.0
+    )
+    by_name = {c.name: c for c in cases}
+    checks: dict[str, dict[str, Any]] = {}
+    for goal in report.speed_goals():
+        if goal.case not in by_name or not report.timed(records, goal):
+            continue
+        print(f"goal check: {goal.description}", file=sys.stderr, flush=True)
+        case = by_name[goal.case]
+        numerator = _goal_runner(case, *goal.numerator, goal=goal)
+        denominator = _goal_runner(case, *goal.denominator, goal=goal)
+        checks[goal.id] = harness.compare_until_clear(
+            numerator, denominator, goal.threshold, settings
+        )
+        del numerator, denominator
+        gc.collect()
+    return checks
+
+
+def _device_name(device: Any) -> str:
+    """The processor model on CPU (XLA says only "cpu"), the device kind elsewhere."""
+    if device.platform != "cpu":
+        return device.device_kind
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _metadata(
+    args: argparse.Namespace,
+    argv: Sequence[str] | None,
+    tasks: Sequence[Task],
+    cases: Sequence[Case],
+    torch_state: tuple[bool, int | None, str | None],
+    settings: harness.Settings,
+    load_before: float | None,
+) -> dict[str, Any]:
+    use_torch, torch_threads, torch_note = torch_state
     device = jax.devices()[0]
-    meta = {
+    filters = [f for f in args.filter.split(",") if f]
+    return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "backend": backend,
-        "device": f"{device.platform}: {device.device_kind}",
+        "backend": jax.default_backend(),
+        "device": f"{device.platform}: {_device_name(device)}",
+        "device_kind": device.device_kind,
         "devices": [str(d) for d in jax.devices()],
         "host": {
             "platform": platform.platform(),
@@ -361,47 +466,91 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "cases": {
             c.name: {"description": c.description, "peers": c.peer_note, "impls": list(c.impls)}
             for c in cases
-            if _selected(c, [f for f in args.filter.split(",") if f])
+            if _selected(c, filters)
         },
     }
-    payload = {"meta": meta, "results": records, "goals": goals}
 
-    title = f"{meta['device']}, jax {jax.__version__}{', quick' if args.quick else ''}"
-    text = "\n\n".join(
-        [
-            f"jaxloss benchmarks — {title}, {meta['date']}"
-            + (
-                f", torch threads {torch_threads}"
-                f", OMP_WAIT_POLICY={meta['torch']['omp_wait_policy']}"
-                if use_torch
-                else f" ({torch_note})"
-            ),
-            report.format_table(records),
-            "byte model: " + harness.BYTE_MODEL,
-            report.format_copy_floors(records),
-            report.format_goals(goals),
-        ]
+
+def plot_title(meta: dict[str, Any]) -> str:
+    """What ran where: device model, threads, versions, date (the plots and the table say it)."""
+    versions = meta["versions"]
+    device = meta["device"].split(": ", 1)[-1]
+    if meta["backend"] == "cpu":
+        device += f", {meta['host']['cpu_threads_available']} threads"
+    peers = f"jax {versions['jax']}, optax {versions['optax']}"
+    if meta["torch"]["used"]:
+        peers += f", torch {versions['torch']}"
+    quick = ", --quick" if meta["quick"] else ""
+    return f"{device} (XLA:{meta['backend'].upper()}) · {peers} · {meta['date'][:10]}{quick}"
+
+
+def _text(meta: dict[str, Any], records: Sequence[dict], goals: Sequence[dict], wide: bool) -> str:
+    torch = meta["torch"]
+    heading = f"jaxloss benchmarks, {meta['date']}\n{plot_title(meta)}\n" + (
+        f"torch threads {torch['num_threads']}, OMP_WAIT_POLICY={torch['omp_wait_policy']}"
+        if torch["used"]
+        else f"no torch peers ({torch['note']})"
     )
-    busiest = max((v for v in meta["load_average_1min"].values() if v is not None), default=0.0)
-    if backend == "cpu" and busiest > 0.5 * _cpu_threads():
+    parts = [heading, report.format_table(records, wide=wide)]
+    if wide:
+        parts += ["byte model: " + harness.BYTE_MODEL, report.format_copy_floors(records)]
+    text = "\n\n".join([*parts, report.format_goals(goals)])
+    loads = [v for v in meta["load_average_1min"].values() if v is not None]
+    busiest = max(loads, default=0.0)
+    threads = meta["host"]["cpu_threads_available"]
+    if meta["backend"] == "cpu" and busiest > 0.5 * threads:
         text += (
             f"\n\nnote: the machine was busy (1-min load average up to {busiest:.1f} on "
-            f"{_cpu_threads()} cores): absolute times are inflated and noisy; multi-threaded "
-            "torch suffers most from oversubscription."
+            f"{threads} cores): absolute times are\ninflated and noisy (ratios less so: paired "
+            "rounds); multi-threaded torch suffers most."
         )
+    return text + f"\n\nwall time {meta['wall_s']:.1f} s\n"
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the suite and returns the results payload (also printed and written)."""
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    load_before = _load_average()
+    backend = jax.default_backend()
+    torch_state = (
+        (False, None, "--no-torch") if args.no_torch else _setup_torch(backend, args.torch_threads)
+    )
+    cases = all_cases(include_torch=torch_state[0])
+    tasks = plan(args, cases, backend)
+    if args.dry_run:
+        for task in tasks:
+            print(f"{task.name}  {','.join(task.case.impls)}")
+        seconds = expected_seconds(tasks, args.quick)
+        print(f"expected: {_fmt_duration(seconds)} to {_fmt_duration(_BUSY_FACTOR * seconds)}")
+        return {"tasks": [task.name for task in tasks]}
+    _announce(tasks, args)
+    settings = harness.settings_for(args.quick, args.repeats)
+    if args.no_check:
+        settings = dataclasses.replace(settings, check=False)
+    records = _run_grid(tasks, settings, args)
+    goals = report.evaluate_goals(records, backend, check_goals(records, cases, args.quick))
+    meta = _metadata(args, argv, tasks, cases, torch_state, settings, load_before)
+    payload = {"meta": meta, "results": records, "goals": goals}
     meta["wall_s"] = time.perf_counter() - started
-    text += f"\n\nwall time {meta['wall_s']:.1f} s\n"
-    print(text)
+    print(_text(meta, records, goals, wide=args.wide))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "table.txt").write_text(text)
+        (args.out / "table.txt").write_text(_text(meta, records, goals, wide=True))
         if not args.no_plots:
-            meta["plots"] = [p.name for p in report.write_plots(args.out, records, title)]
+            plots = report.write_plots(args.out, records, plot_title(meta))
+            meta["plots"] = [p.name for p in plots]
         report.write_json(args.out / "results.json", payload)
-        print(f"wrote {args.out / 'results.json'}", file=sys.stderr)
+        print(f"wrote {args.out / 'results.json'}, table.txt and the plots", file=sys.stderr)
     return payload
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    run(argv)
+    """``python -m benchmarks``; with ``--check``, exit status 1 when a goal FAILs."""
+    args = build_parser().parse_args(argv)
+    payload = run(argv)
+    failed = [g["id"] for g in payload.get("goals", ()) if g["status"] == "FAIL"]
+    if args.check and failed:
+        print(f"--check: goals failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0

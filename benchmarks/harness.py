@@ -425,6 +425,10 @@ def run_one(
             "in_place_s": float(np.median(in_place)),
             "fresh_output_s": float(np.median(fresh)),
             "bytes_per_s": 2 * record["logits_bytes"] / float(np.median(in_place)),
+            # Per round, in the rounds of the implementations' ``times_s``: floor_s and each
+            # copy_fraction can be recomputed from the JSON alone.
+            "in_place_times_s": [float(t) for t in in_place],
+            "fresh_output_times_s": [float(t) for t in fresh],
         }
     record["floor_s"] = None if floor is None else float(np.median(floor))
     for runner in runners:
@@ -529,3 +533,85 @@ def memory_only(
     finish_record(record)
     record["wall_s"] = time.perf_counter() - started
     return record
+
+
+# ----------------------------------------------------------------------------------------------
+# Goal checks: a paired comparison sampled until its verdict is clear.
+# ----------------------------------------------------------------------------------------------
+
+
+def median_interval(
+    values: Sequence[float], confidence: float = 0.95
+) -> tuple[float, float] | None:
+    """Distribution-free interval for the median: order statistics ``x_(k)``, ``x_(n+1-k)``.
+
+    ``k`` is the largest rank with ``P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2``, so the
+    interval holds the true median with at least ``confidence`` whatever the noise distribution
+    (a sign test; load bursts give heavy tails that a normal interval would understate). None
+    when ``n`` is too small for any such interval (n < 6 at 95 %).
+    """
+    x = sorted(values)
+    n = len(x)
+    tail, k = 0.0, 0
+    for j in range(n + 1):
+        tail += math.comb(n, j) / 2**n
+        if tail > (1 - confidence) / 2:
+            break
+        k = j + 1
+    return None if k == 0 else (x[k - 1], x[n - k])
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckSettings:
+    """How long a goal check may sample: see :func:`compare_until_clear`."""
+
+    min_sample_s: float = 0.05  # long samples average a microsecond call over many calls
+    min_rounds: int = 7
+    max_rounds: int = 41
+    budget_s: float = 20.0
+
+
+def compare_until_clear(
+    numerator: Runner, denominator: Runner, threshold: float, settings: CheckSettings
+) -> dict[str, Any]:
+    """Samples ``numerator / denominator`` in paired rounds until the goal's verdict is clear.
+
+    Each round times both runners back to back (alternating which goes first) and records their
+    ratio, so load from other processes hits both. After ``min_rounds``, and after every round
+    from then on, the 95 % interval of the median ratio (:func:`median_interval`) is compared
+    with ``threshold``: wholly below is PASS, wholly above is FAIL. A ratio near the threshold
+    keeps sampling until ``max_rounds`` or ``budget_s``, then is INCONCLUSIVE: a verdict that
+    the noise cannot flip, rather than a coin toss.
+    """
+    timing = Settings(settings.min_sample_s, 10**6, 1, 1, 0.0)
+    for runner in (numerator, denominator):
+        _calibrate(runner, timing)
+    started = time.perf_counter()
+    times: dict[str, list[float]] = {"numerator": [], "denominator": []}
+    verdict, interval = "INCONCLUSIVE", None
+    for k in range(settings.max_rounds):
+        pair = [("numerator", numerator), ("denominator", denominator)]
+        for key, runner in pair if k % 2 == 0 else pair[::-1]:
+            times[key].append(runner.sample(runner.number))
+        ratios = [a / b for a, b in zip(times["numerator"], times["denominator"], strict=True)]
+        if k + 1 < settings.min_rounds:
+            continue
+        interval = median_interval(ratios)
+        if interval is not None and interval[1] <= threshold:
+            verdict = "PASS"
+        elif interval is not None and interval[0] > threshold:
+            verdict = "FAIL"
+        if verdict != "INCONCLUSIVE" or time.perf_counter() - started > settings.budget_s:
+            break
+    ratios = [a / b for a, b in zip(times["numerator"], times["denominator"], strict=True)]
+    return {
+        "verdict": verdict,
+        "ratio": float(np.median(ratios)),
+        "interval": None if interval is None else [float(interval[0]), float(interval[1])],
+        "rounds": len(ratios),
+        "ratios": [float(r) for r in ratios],
+        "numerator_s": float(np.median(times["numerator"])),
+        "denominator_s": float(np.median(times["denominator"])),
+        "calls_per_sample": [numerator.number, denominator.number],
+        "seconds": time.perf_counter() - started,
+    }
