@@ -414,12 +414,14 @@ def _sharded(student, teacher, mask, cfg: _Config, reduction, mesh, batch_axis):
     marked as varying over every mesh axis in use, so that autodiff sums their per-device
     gradients over the axes each is replicated on.
     """
-    has = tuple(x is not None for x in (student[2], teacher[2], mask))
+    has_bias = (student[2] is not None, teacher[2] is not None)
 
     def local(h, k, b, th, tk, tb, mask):
-        arrays = (h, k, b, th, tk, tb, mask)
-        h, k, b, th, tk, tb, mask = (_vary(x, *arrays) for x in arrays)
-        b, tb, mask = (x if kept else None for x, kept in zip((b, tb, mask), has, strict=True))
+        # Not the mask: it must stay invariant over the vocabulary axis, like the loss.
+        heads = (h, k, b, th, tk, tb)
+        h, k, b, th, tk, tb = (_vary(x, *heads) for x in heads)
+        b, tb = (x if kept else None for x, kept in zip((b, tb), has_bias, strict=True))
+        # The mask travels even when absent (all True): its sum counts the tokens per device.
         return _loss((h, k, b), (th, tk, tb), mask, cfg, reduction, batch_axis)
 
     rows, cols = PartitionSpec(batch_axis), PartitionSpec(cfg.vocab_axis)

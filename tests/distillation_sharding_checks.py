@@ -1,0 +1,228 @@
+"""Sharding checks for ``linear_distillation`` on 8 CPU devices (a 2 × 4 mesh).
+
+Run by ``tests/test_distillation.py`` in a subprocess, because the device count must be fixed
+before JAX initialises::
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/distillation_sharding_checks.py
+
+Each check compiles a jitted ``value_and_grad`` (plus the ``"mean"`` and ``"sum"`` values) with
+the inputs placed by ``NamedSharding`` — tokens split over all 8 devices (``batch``), classes
+split over all 8 (``classes``), or tokens over ``data`` and classes over ``model`` (``both``) —
+and compares it with the same function run on one device. It then parses the compiled HLO:
+
+- ``shard_map`` form (axes named, or read from explicitly sharded inputs): no all-gather of any
+  array of rank >= 2 with the full vocabulary in it (logits or kernels);
+- plain call under automatic sharding (XLA partitions the loops): no all-gather of logits.
+
+Prints one JSON object per check (``name``, ``ok``, ``message``, ``all_gathers``) and exits with
+status 0 only if every check passed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import sys
+import traceback
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxloss
+
+NUM_DEVICES = 8
+# Distinct sizes (and shard sizes), so that a dimension in an HLO shape says which axis it is.
+N, D, D_T, V = 16, 12, 6, 40
+N_ROWS = {N, N // 2, N // 4, N // 8}
+BATCH = ("data", "model")
+LAYOUTS = ("batch", "classes", "both")
+OPTIONS = dict(beta=0.3, temperature=1.5, token_chunk=3, vocab_chunk=3)
+RTOL = 2e-5
+
+_ALL_GATHER = re.compile(r"=\s*(?P<type>.+?)\s+all-gather(?:-start)?\(")
+_SHAPE = re.compile(r"\b[a-z]+\d*\[(?P<dims>[\d,]*)\]")
+
+
+def all_gather_shapes(hlo_text: str) -> list[tuple[int, ...]]:
+    """The result shapes of every all-gather in compiled HLO text (tuple results flattened)."""
+    shapes = []
+    for line in hlo_text.splitlines():
+        match = _ALL_GATHER.search(line)
+        if match:
+            for shape in _SHAPE.finditer(match.group("type")):
+                dims = shape.group("dims")
+                shapes.append(tuple(int(d) for d in dims.split(",")) if dims else ())
+    return shapes
+
+
+def _specs(layout: str) -> dict[str, P]:
+    rows = {"batch": BATCH, "classes": None, "both": "data"}[layout]
+    cols = {"batch": None, "classes": BATCH, "both": "model"}[layout]
+    return {"hidden": P(rows, None), "kernel": P(None, cols), "cols": P(cols), "rows": P(rows)}
+
+
+def _axes(layout: str) -> dict:
+    return {
+        "batch": {"batch_axis": BATCH},
+        "classes": {"vocab_axis": BATCH},
+        "both": {"batch_axis": "data", "vocab_axis": "model"},
+    }[layout]
+
+
+KINDS = {
+    "hidden": "hidden", "kernel": "kernel", "bias": "cols", "teacher_hidden": "hidden",
+    "teacher_kernel": "kernel", "teacher_bias": "cols", "mask": "rows", "cotangent": "rows",
+}  # fmt: skip
+
+
+def _data() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    mask = rng.random(N) > 0.25
+    return {
+        "hidden": rng.standard_normal((N, D)).astype(np.float32),
+        "kernel": (2 * rng.standard_normal((D, V)) / np.sqrt(D)).astype(np.float32),
+        "bias": rng.standard_normal(V).astype(np.float32),
+        "teacher_hidden": rng.standard_normal((N, D_T)).astype(np.float32),
+        "teacher_kernel": (2 * rng.standard_normal((D_T, V)) / np.sqrt(D_T)).astype(np.float32),
+        "teacher_bias": rng.standard_normal(V).astype(np.float32),
+        "mask": mask,
+        "cotangent": rng.standard_normal(N).astype(np.float32),
+    }
+
+
+def _fn(divergence: str, masked: bool = True, **axes) -> Callable:
+    def fn(hidden, kernel, bias, teacher_hidden, teacher_kernel, teacher_bias, mask, cotangent):
+        def loss(reduction, h, k, b):
+            return jaxloss.linear_distillation(
+                h, k, teacher_hidden, teacher_kernel, bias=b, teacher_bias=teacher_bias,
+                mask=mask if masked else None, divergence=divergence, reduction=reduction,
+                **OPTIONS, **axes,
+            )  # fmt: skip
+
+        def weighted(h, k, b):
+            per_token = loss("none", h, k, b)
+            return jnp.sum(per_token * cotangent), per_token
+
+        (_, per_token), grads = jax.value_and_grad(weighted, (0, 1, 2), has_aux=True)(
+            hidden, kernel, bias
+        )
+        mean_grads = jax.grad(lambda *a: loss("mean", *a), (0, 1, 2))(hidden, kernel, bias)
+        return (
+            per_token,
+            loss("mean", hidden, kernel, bias),
+            loss("sum", hidden, kernel, bias),
+            (grads, mean_grads),
+        )
+
+    return fn
+
+
+def _run(mesh: Mesh, layout: str, fn: Callable):
+    placed = {
+        k: jax.device_put(v, NamedSharding(mesh, _specs(layout)[KINDS[k]]))
+        for k, v in _data().items()
+    }
+    context = jax.set_mesh(mesh) if AxisType.Explicit in mesh.axis_types else nullcontext()
+    with context:
+        compiled = jax.jit(fn).lower(**placed).compile()
+        return compiled(**placed), compiled.as_text()
+
+
+def _compare(got, want, what: str) -> list[str]:
+    problems = []
+    for i, (g, w) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)):
+        g, w = np.asarray(g), np.asarray(w)
+        scale = float(np.max(np.abs(w)))
+        if g.shape != w.shape or not np.allclose(g, w, rtol=RTOL, atol=RTOL * scale):
+            err = np.max(np.abs(g - w)) if g.shape == w.shape else "shape"
+            problems.append(f"{what}: output {i} differs from unsharded (max abs diff {err})")
+    return problems
+
+
+@functools.cache
+def _reference(divergence: str, masked: bool):
+    """The plain call on one device (itself checked against the formulas in test_distillation)."""
+    args = {k: jnp.asarray(v) for k, v in _data().items()}
+    return jax.jit(_fn(divergence, masked))(**args)
+
+
+CHECKS: dict[str, Callable[[Mesh], tuple[list[str], list[tuple[int, ...]]]]] = {}
+
+
+def _register(mode: str, layout: str, divergence: str, masked: bool = True) -> None:
+    name = f"{mode}/{divergence}/{layout}{'' if masked else '/no_mask'}"
+
+    def run(mesh: Mesh):
+        if mode == "explicit":
+            mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Explicit,) * 2)
+        axes = dict(mesh=mesh, **_axes(layout)) if mode == "shard_map" else {}
+        got, hlo = _run(mesh, layout, _fn(divergence, masked, **axes))
+        problems = _compare(got, _reference(divergence, masked), name)
+        gathers = all_gather_shapes(hlo)
+        if mode == "auto":  # XLA may gather a kernel here, never the logits
+            bad = [s for s in gathers if V in s and N_ROWS & set(s)]
+        else:
+            bad = [s for s in gathers if len(s) >= 2 and V in s]
+        if bad and layout != "batch":
+            problems.append(f"{name}: all-gather of a vocabulary-wide array {bad}; all: {gathers}")
+        return problems, gathers
+
+    CHECKS[name] = run
+
+
+# Every divergence under every layout in the shard_map form; the other modes where they differ
+# (explicit sharding reads the axes from the inputs; automatic sharding may gather kernels).
+for _layout in LAYOUTS:
+    for _divergence in ("kl", "reverse_kl", "jsd"):
+        _register("shard_map", _layout, _divergence)
+for _layout in ("classes", "both"):
+    _register("explicit", _layout, "jsd")
+    _register("auto", _layout, "kl")
+_register("shard_map", "both", "reverse_kl", masked=False)
+
+
+def _parser_self_test(mesh: Mesh):
+    """The HLO parser finds a forced all-gather of a class-sharded kernel (so a pass means much)."""
+    kernel = jax.device_put(jnp.zeros((D, V)), NamedSharding(mesh, _specs("classes")["kernel"]))
+    replicated = NamedSharding(mesh, P())
+    hlo = jax.jit(lambda x: x * 2, out_shardings=replicated).lower(kernel).compile().as_text()
+    gathers = all_gather_shapes(hlo)
+    ok = any(len(s) >= 2 and V in s for s in gathers)
+    return ([] if ok else [f"parser found no [D, V] all-gather in a forced gather: {gathers}"]), (
+        gathers
+    )
+
+
+CHECKS["hlo_parser/sees_all_gathers"] = _parser_self_test
+
+
+def main(names: list[str]) -> int:
+    jax.config.update("jax_numpy_rank_promotion", "raise")
+    devices = jax.devices()
+    if len(devices) != NUM_DEVICES:
+        print(json.dumps({"name": "setup", "ok": False, "message": (
+            f"expected {NUM_DEVICES} devices, got {len(devices)}: set XLA_FLAGS="
+            f"--xla_force_host_platform_device_count={NUM_DEVICES} before JAX starts"
+        ), "all_gathers": []}), flush=True)  # fmt: skip
+        return 1
+    mesh = Mesh(np.array(devices).reshape(2, 4), ("data", "model"))
+    failed = 0
+    for name in names or list(CHECKS):
+        try:
+            problems, gathers = CHECKS[name](mesh)
+        except Exception:  # A crash is a failed check, reported with its traceback.
+            problems, gathers = [traceback.format_exc(limit=-6)], []
+        failed += bool(problems)
+        record = {"name": name, "ok": not problems, "message": "\n".join(problems)}
+        print(json.dumps({**record, "all_gathers": [list(s) for s in gathers]}), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
