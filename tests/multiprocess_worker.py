@@ -1,0 +1,437 @@
+"""One process of a two-process JAX cluster on this machine, run by ``tests/test_multiprocess.py``.
+
+Each process owns 2 CPU devices; ``jax.distributed`` joins them into one 4-device runtime with
+gloo collectives, and a ``(2, 2)`` mesh (axes ``data`` × ``model``) spans both processes::
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 \
+        python tests/multiprocess_worker.py --port PORT --process-id I [--fault-victim K]
+
+``--mode checks`` (default) runs every case in ``CASES``: each builds global arrays with
+``jax.make_array_from_callback`` (every process fills only its own shards), runs a jitted
+value-and-gradient function on them, gathers the results with ``process_allgather`` and compares
+them with the same function run unsharded on this process's first device. One JSON line per case
+(``case``, ``process``, ``ok``, ``message``), all cases in one launch.
+
+``--mode fault`` prints ``READY`` once the cluster has run a collective; then process K sleeps
+(the harness kills it) while the other waits in a cross-process all-reduce that cannot complete.
+
+Layouts on the mesh: ``batch`` splits rows over all 4 devices (both processes), ``classes``
+splits the class axis over all 4 devices, ``both`` splits rows over ``data`` (across processes)
+and classes over ``model`` (within a process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxloss
+
+NUM_PROCESSES = 2
+LOCAL_DEVICES = 2
+N, D, V = 16, 6, 20  # rows, hidden features, classes: N and V split over 4 devices
+ALL = ("data", "model")
+LAYOUTS = ("batch", "classes", "both")
+RTOL = 2e-5
+# A cluster member that stops sending heartbeats this long is declared dead (JAX's default: 100).
+HEARTBEAT_TIMEOUT_S = 5
+
+# Spec kinds: matrix (N, V), rows (N,), cols (V,), hidden (N, D), kernel (D, V), replicated.
+KINDS = ("matrix", "rows", "cols", "hidden", "kernel", "replicated")
+
+
+def layout_specs(layout: str) -> dict[str, P]:
+    rows = {"batch": ALL, "classes": None, "both": "data"}[layout]
+    cols = {"batch": None, "classes": ALL, "both": "model"}[layout]
+    return {
+        "matrix": P(rows, cols),
+        "rows": P(rows),
+        "cols": P(cols),
+        "hidden": P(rows, None),
+        "kernel": P(None, cols),
+        "replicated": P(),
+    }
+
+
+def linear_axes(layout: str) -> dict[str, str | tuple[str, ...] | None]:
+    """``batch_axis``/``vocab_axis`` of ``linear_cross_entropy``'s shard_map form for a layout."""
+    return {
+        "batch": {"batch_axis": ALL, "vocab_axis": None},
+        "classes": {"batch_axis": None, "vocab_axis": ALL},
+        "both": {"batch_axis": "data", "vocab_axis": "model"},
+    }[layout]
+
+
+def problem_data(seed: int) -> dict[str, np.ndarray]:
+    """The same arrays in every process (a fixed seed): each process places only its shards."""
+    rng = np.random.default_rng(seed)
+    targets = rng.integers(0, V, N).astype(np.int32)
+    targets[[1, 6, 11]] = -100
+    return {
+        "logits": 2 * rng.standard_normal((N, V)).astype(np.float32),
+        "log_probs": np.log(rng.dirichlet(np.ones(V), N)).astype(np.float32),
+        "probs": rng.dirichlet(np.ones(V), N).astype(np.float32),
+        "binary": rng.integers(0, 2, (N, V)).astype(np.float32),
+        "targets": targets,
+        "weight": rng.uniform(0.2, 2.0, V).astype(np.float32),
+        "pos_weight": rng.uniform(0.5, 3.0, V).astype(np.float32),
+        "hidden": rng.standard_normal((N, D)).astype(np.float32),
+        "kernel": (rng.standard_normal((D, V)) / np.sqrt(D)).astype(np.float32),
+        "bias": rng.standard_normal(V).astype(np.float32),
+        "cotangent": rng.standard_normal(N).astype(np.float32),
+    }
+
+
+def global_array(mesh: Mesh, spec: P, value: np.ndarray) -> jax.Array:
+    """A global array whose shards this process fills only for its own devices."""
+    return jax.make_array_from_callback(
+        value.shape, NamedSharding(mesh, spec), lambda index: value[index]
+    )
+
+
+def to_host(tree):
+    """Every leaf as a full numpy array on every process (gathering non-addressable shards)."""
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def compare(got, want, what: str) -> list[str]:
+    problems = []
+    got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
+    if len(got_leaves) != len(want_leaves):
+        return [f"{what}: {len(got_leaves)} outputs, the unsharded run has {len(want_leaves)}"]
+    for i, (g, w) in enumerate(zip(got_leaves, want_leaves, strict=True)):
+        g, w = np.asarray(g), np.asarray(w)
+        scale = float(np.max(np.abs(w))) if w.size else 0.0
+        if g.shape != w.shape or not np.allclose(g, w, rtol=RTOL, atol=RTOL * scale):
+            diff = np.max(np.abs(g - w)) if g.shape == w.shape else f"shape {g.shape} vs {w.shape}"
+            problems.append(f"{what}: output {i} differs from the unsharded run (max diff {diff})")
+    return problems
+
+
+def unsharded(fn: Callable, args: dict[str, np.ndarray]):
+    """``jit(fn)`` on this process's first device alone: the single-process oracle."""
+    return jax.device_get(jax.jit(fn)(**{k: jnp.asarray(v) for k, v in args.items()}))
+
+
+def sharded(
+    mesh: Mesh, layout: str, fn: Callable, args: dict[str, np.ndarray], kinds: dict[str, str]
+) -> tuple[object, str]:
+    """``jit(fn)`` on global arrays placed per ``kinds``, gathered to numpy; and its HLO text."""
+    specs = layout_specs(layout)
+    placed = {k: global_array(mesh, specs[kinds.get(k, "replicated")], v) for k, v in args.items()}
+    compiled = jax.jit(fn).lower(**placed).compile()
+    return to_host(compiled(**placed)), compiled.as_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# Cases: name -> fn(mesh) returning a list of problems (empty: passed)
+# ----------------------------------------------------------------------------------------------
+
+CASES: dict[str, Callable[[Mesh], list[str]]] = {}
+
+
+def loss_case(name: str, make: Callable[[], tuple[Callable, dict, dict]]) -> None:
+    """Registers ``name/layout`` for every layout: values and gradients against unsharded."""
+    reference = functools.cache(lambda: unsharded(*make()[:2]))  # one compile for all layouts
+    for layout in LAYOUTS:
+
+        def run(mesh: Mesh, layout=layout) -> list[str]:
+            got, _ = sharded(mesh, layout, *make())
+            return compare(got, reference(), f"{name} sharded over {layout}")
+
+        CASES[f"{name}/{layout}"] = run
+
+
+def cross_entropy_index():
+    data = problem_data(0)
+    options = dict(label_smoothing=0.1, z_loss=1e-3)
+
+    def fn(logits, targets, weight, cotangent):
+        def per_row(logits, weight):
+            loss = jaxloss.cross_entropy(
+                logits, targets, weight=weight, reduction="none", **options
+            )
+            return jnp.sum(loss * cotangent), loss
+
+        (_, loss), grads = jax.value_and_grad(per_row, (0, 1), has_aux=True)(logits, weight)
+        mean = jaxloss.cross_entropy(logits, targets, weight=weight, **options)
+        return loss, grads, mean
+
+    kinds = {"logits": "matrix", "targets": "rows", "weight": "cols", "cotangent": "rows"}
+    return fn, {k: data[k] for k in kinds}, kinds
+
+
+def cross_entropy_probs():
+    data = problem_data(1)
+
+    def fn(logits, probs, weight):
+        def mean(logits, weight):
+            return jaxloss.cross_entropy(logits, probs, weight=weight, label_smoothing=0.05)
+
+        return jax.value_and_grad(mean, (0, 1))(logits, weight)
+
+    kinds = {"logits": "matrix", "probs": "matrix", "weight": "cols"}
+    return fn, {k: data[k] for k in kinds}, kinds
+
+
+def nll():
+    data = problem_data(2)
+
+    def fn(log_probs, targets, weight):
+        def mean(log_probs, weight):
+            return jaxloss.nll(log_probs, targets, weight=weight)
+
+        return jax.value_and_grad(mean, (0, 1))(log_probs, weight)
+
+    kinds = {"log_probs": "matrix", "targets": "rows", "weight": "cols"}
+    return fn, {k: data[k] for k in kinds}, kinds
+
+
+def bce_with_logits():
+    data = problem_data(3)
+
+    def fn(logits, binary, weight, pos_weight):
+        def mean(logits, weight, pos_weight):
+            return jaxloss.bce_with_logits(logits, binary, weight=weight, pos_weight=pos_weight)
+
+        return jax.value_and_grad(mean, (0, 1, 2))(logits, weight, pos_weight)
+
+    kinds = {"logits": "matrix", "binary": "matrix", "weight": "cols", "pos_weight": "cols"}
+    return fn, {k: data[k] for k in kinds}, kinds
+
+
+loss_case("cross_entropy/index", cross_entropy_index)
+loss_case("cross_entropy/probs", cross_entropy_probs)
+loss_case("nll", nll)
+loss_case("bce_with_logits", bce_with_logits)
+
+LINEAR_OPTIONS = dict(label_smoothing=0.1, z_loss=1e-3, token_chunk=3, vocab_chunk=3)
+LINEAR_KINDS = {
+    "hidden": "hidden", "kernel": "kernel", "bias": "cols", "targets": "rows", "weight": "cols",
+    "cotangent": "rows",
+}  # fmt: skip
+
+
+def linear_fn(**axes) -> Callable:
+    """Per-token losses, gradients of their cotangent-weighted sum in all four inputs, the mean."""
+
+    def fn(hidden, kernel, bias, targets, weight, cotangent):
+        def loss(hidden, kernel, bias, weight, reduction):
+            return jaxloss.linear_cross_entropy(
+                hidden, kernel, targets, bias=bias, weight=weight, reduction=reduction,
+                **LINEAR_OPTIONS, **axes,
+            )  # fmt: skip
+
+        def weighted(*params):
+            per_token = loss(*params, "none")
+            return jnp.sum(per_token * cotangent), per_token
+
+        params = (hidden, kernel, bias, weight)
+        (_, per_token), grads = jax.value_and_grad(weighted, (0, 1, 2, 3), has_aux=True)(*params)
+        return per_token, grads, loss(*params, "mean")
+
+    return fn
+
+
+def linear_args() -> dict[str, np.ndarray]:
+    data = problem_data(4)
+    return {k: data[k] for k in LINEAR_KINDS}
+
+
+# The plain call on one device (itself checked against cross_entropy in test_linear.py).
+linear_reference = functools.cache(lambda: unsharded(linear_fn(), linear_args()))
+
+for _layout in LAYOUTS:
+
+    def _linear_auto(mesh: Mesh, layout=_layout) -> list[str]:
+        """Plain call under jit: XLA partitions the blockwise loops across the processes."""
+        got, _ = sharded(mesh, layout, linear_fn(), linear_args(), LINEAR_KINDS)
+        return compare(got, linear_reference(), f"automatic sharding over {layout}")
+
+    def _linear_shard_map(mesh: Mesh, layout=_layout) -> list[str]:
+        """mesh/batch_axis/vocab_axis: shard_map; nothing is all-gathered across devices."""
+        fn = linear_fn(mesh=mesh, **linear_axes(layout))
+        got, hlo = sharded(mesh, layout, fn, linear_args(), LINEAR_KINDS)
+        problems = compare(got, linear_reference(), f"shard_map form over {layout}")
+        gathers = [line.strip()[:160] for line in hlo.splitlines() if "all-gather" in line]
+        if gathers:
+            problems.append(f"the shard_map form all-gathers: {gathers}")
+        return problems
+
+    CASES[f"linear_cross_entropy/auto/{_layout}"] = _linear_auto
+    CASES[f"linear_cross_entropy/shard_map/{_layout}"] = _linear_shard_map
+
+
+# ----------------------------------------------------------------------------------------------
+# A sharded train step: plain JAX + optax, batch over "data" (across processes), vocab over "model"
+# ----------------------------------------------------------------------------------------------
+
+TRAIN_STEPS = 3
+FEATURES = 5
+
+
+def train_problem() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    rng = np.random.default_rng(5)
+    params = {
+        "trunk": (rng.standard_normal((FEATURES, D)) / np.sqrt(FEATURES)).astype(np.float32),
+        "trunk_bias": np.zeros(D, np.float32),
+        "head": (rng.standard_normal((D, V)) / np.sqrt(D)).astype(np.float32),
+        "head_bias": np.zeros(V, np.float32),
+    }
+    batch = {
+        "x": rng.standard_normal((TRAIN_STEPS, N, FEATURES)).astype(np.float32),
+        "y": rng.integers(0, V, (TRAIN_STEPS, N)).astype(np.int32),
+    }
+    return params, batch
+
+
+def train(mesh: Mesh | None, params: dict, batch: dict) -> tuple[dict, list]:
+    """``TRAIN_STEPS`` adamw steps; with a mesh, the head's loss runs in its shard_map form."""
+    optimizer = optax.adamw(1e-2)
+    axes = {} if mesh is None else dict(mesh=mesh, batch_axis="data", vocab_axis="model")
+
+    def loss_fn(params, x, y):
+        hidden = jnp.tanh(x @ params["trunk"] + params["trunk_bias"][None, :])
+        return jaxloss.linear_cross_entropy(
+            hidden, params["head"], y, bias=params["head_bias"], label_smoothing=0.1,
+            token_chunk=4, vocab_chunk=4, **axes,
+        )  # fmt: skip
+
+    def step(params, opt_state, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    if mesh is None:
+        init, step = jax.jit(optimizer.init), jax.jit(step)
+    else:
+        # Fixed shardings for params and optimizer state (adamw's moments like their params),
+        # so that the step compiles once and its state never leaves the mesh.
+        replicated = NamedSharding(mesh, P())
+        param_shardings = jax.tree.map(lambda a: a.sharding, params)
+        opt_shardings = optax.tree_map_params(
+            optimizer, lambda _, sharding: sharding, jax.eval_shape(optimizer.init, params),
+            param_shardings, transform_non_params=lambda _: replicated,
+        )  # fmt: skip
+        init = jax.jit(optimizer.init, out_shardings=opt_shardings)
+        step = jax.jit(step, out_shardings=(param_shardings, opt_shardings, replicated))
+    opt_state = init(params)
+    losses = []
+    for x, y in zip(batch["x"], batch["y"], strict=True):
+        params, opt_state, loss = step(params, opt_state, x, y)
+        losses.append(loss)
+    return params, losses
+
+
+def train_step_case(mesh: Mesh) -> list[str]:
+    """Parameters and losses after a few adamw steps equal the single-process run's."""
+    params, batch = train_problem()
+    specs = {"trunk": P(), "trunk_bias": P(), "head": P(None, "model"), "head_bias": P("model")}
+    placed = {k: global_array(mesh, specs[k], v) for k, v in params.items()}
+    placed_batch = {
+        "x": [global_array(mesh, P("data", None), x) for x in batch["x"]],
+        "y": [global_array(mesh, P("data"), y) for y in batch["y"]],
+    }
+    got = to_host(train(mesh, placed, placed_batch))
+    want = jax.device_get(train(None, jax.tree.map(jnp.asarray, params), batch))
+    return compare(got, want, f"params and losses after {TRAIN_STEPS} steps")
+
+
+CASES["train_step/linear_cross_entropy+adamw"] = train_step_case
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def start_cluster(port: int, process_id: int) -> Mesh:
+    jax.config.update("jax_numpy_rank_promotion", "raise")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        f"127.0.0.1:{port}",
+        num_processes=NUM_PROCESSES,
+        process_id=process_id,
+        initialization_timeout=60,
+        heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+    )
+    if jax.local_device_count() != LOCAL_DEVICES or jax.device_count() != 4:
+        raise RuntimeError(
+            f"expected {LOCAL_DEVICES} local and 4 global devices, got {jax.local_device_count()}"
+            f" and {jax.device_count()}: set XLA_FLAGS=--xla_force_host_platform_device_count="
+            f"{LOCAL_DEVICES} before JAX starts"
+        )
+    mesh = jax.make_mesh((NUM_PROCESSES, LOCAL_DEVICES), ALL, axis_types=(AxisType.Auto,) * 2)
+    owners = [[d.process_index for d in row] for row in mesh.devices]
+    if owners != [[0, 0], [1, 1]]:
+        raise RuntimeError(f"expected `data` across processes, `model` within; owners {owners}")
+    return mesh
+
+
+def run_checks(mesh: Mesh, process_id: int, names: list[str]) -> int:
+    failed = 0
+    for name in names:
+        case = CASES[name]
+        start, cpu_start = time.perf_counter(), time.process_time()
+        try:
+            problems = case(mesh)
+        except Exception:  # A crash is a failed case, reported with its traceback.
+            problems = [traceback.format_exc(limit=-6)]
+        failed += bool(problems)
+        record = {"case": name, "process": process_id, "ok": not problems}
+        record |= {
+            "message": "\n".join(problems),
+            "seconds": round(time.perf_counter() - start, 2),
+            "cpu_seconds": round(time.process_time() - cpu_start, 2),
+        }
+        print(json.dumps(record), flush=True)
+        # Both processes enter each case together, even after one raised in the previous one.
+        multihost_utils.sync_global_devices(name)
+    return 1 if failed else 0
+
+
+def wait_for_the_dead(mesh: Mesh, process_id: int, victim: int) -> int:
+    """Signals READY after one collective, then the victim sleeps and the other all-reduces."""
+    ones = global_array(mesh, P(ALL), np.ones(4, np.float32))
+    total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))
+    print(f"collective ok: {float(total(ones))}", flush=True)
+    print("READY", flush=True)
+    if process_id == victim:
+        time.sleep(600)  # the harness kills this process now
+        return 0
+    print(f"all-reduce with a dead peer returned {float(total(ones))}", flush=True)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--process-id", type=int, required=True)
+    parser.add_argument("--mode", choices=("checks", "fault"), default="checks")
+    parser.add_argument("--fault-victim", type=int, default=1)
+    parser.add_argument("cases", nargs="*", help=f"default: all of {list(CASES)}")
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.cases if name not in CASES]
+    if unknown:
+        parser.error(f"unknown cases {unknown}; known: {list(CASES)}")
+    mesh = start_cluster(args.port, args.process_id)
+    if args.mode == "fault":
+        return wait_for_the_dead(mesh, args.process_id, args.fault_victim)
+    return run_checks(mesh, args.process_id, args.cases or list(CASES))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
