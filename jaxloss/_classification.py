@@ -25,6 +25,17 @@ def _ignored(targets: jax.Array, ignore_index: int) -> jax.Array:
     return targets == ignore_index
 
 
+def _axis_hint(shape: tuple[int, ...], target_shape: tuple[int, ...], axis: int) -> str:
+    """Names the class axis that would fit, e.g. ``axis=1`` for PyTorch's ``(N, C, d1)``."""
+    fits = [a for a in range(len(shape)) if _common.without_axis(shape, a) == target_shape]
+    if not fits or axis in fits:
+        return ""
+    return (
+        f". With the classes along axis {fits[0]} (PyTorch's (N, C, d1, ...) layout is axis=1), "
+        f"pass `axis={fits[0]}`"
+    )
+
+
 class _IndexTargets:
     """Validated index targets and the per-position quantities every index loss needs."""
 
@@ -39,6 +50,7 @@ class _IndexTargets:
                 f"axis {self.axis}, i.e. {expected}; got `targets` with shape "
                 f"{tuple(targets.shape)} (dtype {targets.dtype}) for `{input_name}` with shape "
                 f"{tuple(inputs.shape)} (dtype {inputs.dtype})"
+                + _axis_hint(inputs.shape, targets.shape, self.axis)
             )
         self.num_classes = inputs.shape[self.axis]
         self.targets = targets
@@ -60,12 +72,52 @@ class _IndexTargets:
         return _common.reduce_loss(loss, reduction, weights=self.pos_weight)
 
 
+def _concrete_target_check(fn: str, input_name: str):
+    """An ``eager_check`` raising PyTorch's out-of-bounds error on concrete index targets."""
+
+    def check(inputs, targets, *, ignore_index=-100, axis=-1, **_) -> None:
+        if not _common.is_concrete(targets) or not isinstance(ignore_index, (int, np.integer)):
+            return
+        t, shape = np.asarray(targets), np.shape(inputs)
+        if not np.issubdtype(t.dtype, np.integer) or not isinstance(axis, (int, np.integer)):
+            return  # the compiled function names what is wrong with these
+        if not -len(shape) <= axis < len(shape):
+            return
+        axis = int(axis) % len(shape)
+        if t.shape != _common.without_axis(shape, axis):
+            return
+        num_classes = shape[axis]
+        bad = (t != ignore_index) & ((t < 0) | (t >= num_classes))
+        if not bad.any():
+            return
+        position = tuple(int(i) for i in np.argwhere(bad)[0])
+        hint = ""
+        if num_classes == 1 and fn == "cross_entropy":
+            hint = (
+                ". `logits` have a single class: for a binary task with 0/1 targets use "
+                "`jaxloss.bce_with_logits(jnp.squeeze(logits, axis), targets.astype(logits.dtype))`"
+            )
+        raise ValueError(
+            f"{fn}: `targets` holds class index {t[position]} at position {position}, out of "
+            f"bounds for `{input_name}` of shape {shape} with {num_classes} "
+            f"class{'es' if num_classes != 1 else ''} along axis {axis}: valid targets lie in "
+            f"[0, {num_classes}) or equal ignore_index={ignore_index}{hint}. (Under jit such a "
+            "target gives NaN; see check_targets.)"
+        )
+
+    return check
+
+
 # ----------------------------------------------------------------------------------------------
 # nll
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.partial(_common.jit, static_argnames=("ignore_index", "reduction", "axis"))
+@functools.partial(
+    _common.jit,
+    static_argnames=("ignore_index", "reduction", "axis"),
+    eager_check=_concrete_target_check("nll", "log_probs"),
+)
 def nll(
     log_probs: Float[ArrayLike, "*batch classes *rest"],
     targets: Int[ArrayLike, "*batch *rest"],
@@ -88,7 +140,8 @@ def nll(
       weight: optional per-class weight, shape ``(classes,)``.
       ignore_index: target value that contributes neither loss, weight nor gradient.
       reduction: ``"none"`` (per position), ``"sum"`` or ``"mean"`` (weighted mean).
-      axis: the class axis (``-1``; ``1`` for PyTorch's ``(N, C, d1, ...)`` layout).
+      axis: the class axis (``-1``; ``1`` for PyTorch's ``(N, C, d1, ...)`` layout, which is
+        ambiguous without it when ``C`` equals the last size).
 
     Returns:
       Per-position losses (``"none"``) or a scalar, in the dtype of ``log_probs``. A target out
@@ -315,8 +368,27 @@ _prob_ce = _common.fused_jvp(_prob_loss, _prob_loss_and_grad, 3, _common.contrac
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_probability_targets(logits, targets, axis: int, ignore_index: int) -> None:
+    fn = "cross_entropy"
+    if targets.shape == _common.without_axis(logits.shape, axis) and targets.ndim < logits.ndim:
+        raise TypeError(
+            f"{fn}: floating `targets` are read as class probabilities of the logits' shape "
+            f"{tuple(logits.shape)}; got {_common.describe(targets)}, the shape of class "
+            "indices: class indices need an integer dtype (e.g. `targets.astype(jnp.int32)`)"
+        )
+    _common.check_same_shape(fn, ("logits", "targets"), logits, targets)
+    if isinstance(ignore_index, (int, np.integer)) and ignore_index >= 0:
+        raise ValueError(
+            f"{fn}: `ignore_index`={ignore_index} is not supported for floating point (class "
+            "probability) targets, as in PyTorch: only index targets can be ignored. Leave it at "
+            "its default; to drop positions, use reduction='none' and average the kept ones"
+        )
+
+
 @functools.partial(
-    _common.jit, static_argnames=("ignore_index", "reduction", "label_smoothing", "axis", "z_loss")
+    _common.jit,
+    static_argnames=("ignore_index", "reduction", "label_smoothing", "axis", "z_loss"),
+    eager_check=_concrete_target_check("cross_entropy", "logits"),
 )
 def cross_entropy(
     logits: Float[ArrayLike, "*batch classes *rest"],
@@ -347,7 +419,9 @@ def cross_entropy(
 
     Args:
       logits: floating scores, classes along ``axis``: ``(..., C)`` or PyTorch's
-        ``(N, C, d1, ...)`` with ``axis=1``.
+        ``(N, C, d1, ...)`` with ``axis=1``. That layout needs ``axis=1`` explicitly: where
+        ``C`` equals the last size the call is ambiguous (both readings fit the targets' shape)
+        and the default ``axis=-1`` reads the last axis as the classes.
       targets: integer class indices with the logits' shape without ``axis``, or floating class
         probabilities with the logits' shape.
       weight: optional per-class weight, shape ``(C,)``.
@@ -395,8 +469,8 @@ def cross_entropy(
             f"{fn}: `targets` must be integer class indices or floating probabilities, got "
             f"shape {tuple(targets.shape)} and dtype {targets.dtype}"
         )
-    _common.check_same_shape(fn, ("logits", "targets"), logits, targets)
     ax = _common.class_axis(fn, axis, logits.ndim)
+    _check_probability_targets(logits, targets, ax, ignore_index)
     class_weight = _common.check_class_weight(fn, weight, logits.shape[ax])
     if class_weight is not None:
         class_weight = class_weight.astype(_common.compute_dtype(z.dtype))
@@ -439,8 +513,39 @@ def check_targets(
     first = jnp.zeros((), targets.dtype)
     if targets.size:
         first = jnp.where(bad, targets, 0).ravel()[jnp.argmax(bad.ravel())]
+    if _staged_outside_checkify():
+        raise ValueError(
+            "check_targets: under jit (or scan, shard_map, ...) it must run inside a function "
+            "transformed by `jax.experimental.checkify.checkify`, which turns the check into an "
+            "error value:\n"
+            "    err, loss = jax.jit(checkify.checkify(step))(logits, targets)\n"
+            "    err.throw()  # raises if a target was out of range"
+        )
     checkify.check(
         ~jnp.any(bad),
         f"cross_entropy targets out of range [0, {num_classes}): {{t}} (and not ignore_index)",
         t=first,
     )
+
+
+def _staged_outside_checkify() -> bool:
+    """Whether the check is being staged (jit, scan, ...) with no ``checkify`` around it.
+
+    JAX itself reports that case only when lowering, with a message that names neither the
+    function nor the fix. This reads JAX's trace stack; where that internal API differs, it says
+    False and JAX's own error stands.
+    """
+    try:
+        from jax._src import core
+        from jax._src.interpreters import partial_eval
+
+        trace, staged = core.trace_ctx.trace, False
+        while trace is not None:
+            debug_info = getattr(getattr(trace, "frame", None), "debug_info", None)
+            if getattr(debug_info, "traced_for", None) == "checkify":
+                return False
+            staged = staged or isinstance(trace, partial_eval.DynamicJaxprTrace)
+            trace = getattr(trace, "parent_trace", None)
+        return staged
+    except (AttributeError, ImportError):
+        return False

@@ -8,6 +8,7 @@ inside ``jax.jit``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, ParamSpec, TypeVar, cast
@@ -24,14 +25,41 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
-def jit(fn: Callable[_P, _R], *, static_argnames: tuple[str, ...] = ()) -> Callable[_P, _R]:
+def jit(
+    fn: Callable[_P, _R],
+    *,
+    static_argnames: tuple[str, ...] = (),
+    eager_check: Callable[..., None] | None = None,
+) -> Callable[_P, _R]:
     """``jax.jit`` that keeps ``fn``'s signature visible to type checkers and IDEs.
 
     ``jax.jit`` returns a ``JitWrapped`` typed ``(*args, **kwargs) -> Any``: with it, a misspelt
     keyword in user code is no type error and every loss is ``Any``. At run time this is exactly
     ``jax.jit`` (``.lower``, ``.trace`` and the rest still work; type checkers just don't see them).
+
+    ``eager_check(*args, **kwargs)``, if given, runs before each call outside the compiled
+    function, where concrete data can still raise (PyTorch's errors on bad values); it must
+    return at once for traced arguments, so that under an outer ``jit`` it costs nothing.
     """
-    return cast(Callable[_P, _R], jax.jit(fn, static_argnames=static_argnames))
+    jitted = jax.jit(fn, static_argnames=static_argnames)
+    if eager_check is None:
+        return cast(Callable[_P, _R], jitted)
+
+    @functools.wraps(fn)
+    def checked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        eager_check(*args, **kwargs)
+        return jitted(*args, **kwargs)
+
+    for name in ("lower", "trace", "eval_shape"):
+        setattr(checked, name, getattr(jitted, name))
+    return checked
+
+
+def is_concrete(x: Any) -> bool:
+    """Whether ``x`` holds data this process can read now (not a tracer, not multi-host)."""
+    if isinstance(x, jax.core.Tracer):  # pyright: ignore[reportAttributeAccessIssue]
+        return False
+    return getattr(x, "is_fully_addressable", True)
 
 
 def as_array(name: str, fn: str, x: Any) -> jax.Array:
@@ -42,7 +70,7 @@ def as_array(name: str, fn: str, x: Any) -> jax.Array:
         raise TypeError(f"{fn}: `{name}` must be an array, got {type(x).__name__}: {err}") from err
 
 
-def _describe(x: jax.Array) -> str:
+def describe(x: jax.Array) -> str:
     return f"shape {tuple(x.shape)} and dtype {x.dtype}"
 
 
@@ -50,7 +78,7 @@ def check_floating(name: str, fn: str, x: Any) -> jax.Array:
     """Returns ``x`` as an array, raising ``TypeError`` unless its dtype is real floating."""
     x = as_array(name, fn, x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{fn}: `{name}` must have a floating dtype, got {_describe(x)}")
+        raise TypeError(f"{fn}: `{name}` must have a floating dtype, got {describe(x)}")
     return x
 
 
@@ -58,7 +86,7 @@ def check_integer(name: str, fn: str, x: Any) -> jax.Array:
     """Returns ``x`` as an array, raising ``TypeError`` unless its dtype is integer."""
     x = as_array(name, fn, x)
     if not jnp.issubdtype(x.dtype, jnp.integer):
-        raise TypeError(f"{fn}: `{name}` must have an integer dtype, got {_describe(x)}")
+        raise TypeError(f"{fn}: `{name}` must have an integer dtype, got {describe(x)}")
     return x
 
 
@@ -66,7 +94,7 @@ def check_real(name: str, fn: str, x: Any) -> jax.Array:
     """Returns ``x`` as an array, raising ``TypeError`` unless it is real (integer or floating)."""
     x = as_array(name, fn, x)
     if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
-        raise TypeError(f"{fn}: `{name}` must have a real numeric dtype, got {_describe(x)}")
+        raise TypeError(f"{fn}: `{name}` must have a real numeric dtype, got {describe(x)}")
     return x
 
 
@@ -75,7 +103,7 @@ def check_same_shape(fn: str, names: tuple[str, str], a: jax.Array, b: jax.Array
     if a.shape != b.shape:
         raise ValueError(
             f"{fn}: `{names[1]}` must have the same shape as `{names[0]}` (no broadcasting), "
-            f"got `{names[0]}` with {_describe(a)} and `{names[1]}` with {_describe(b)}"
+            f"got `{names[0]}` with {describe(a)} and `{names[1]}` with {describe(b)}"
         )
 
 
@@ -134,7 +162,7 @@ def check_class_weight(fn: str, weight: Any, num_classes: int) -> jax.Array | No
     if weight.shape != (num_classes,):
         raise ValueError(
             f"{fn}: `weight` must have shape ({num_classes},), one entry per class, "
-            f"got {_describe(weight)}"
+            f"got {describe(weight)}"
         )
     return weight
 
@@ -158,7 +186,7 @@ def broadcast_like(
         out_shape = None
     if out_shape != tuple(shape):
         raise ValueError(
-            f"{fn}: `{name}` with {_describe(arr)} does not broadcast to the input's shape "
+            f"{fn}: `{name}` with {describe(arr)} does not broadcast to the input's shape "
             f"{tuple(shape)}"
         )
     return jnp.broadcast_to(arr, shape)

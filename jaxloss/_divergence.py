@@ -13,13 +13,12 @@ from jaxloss import _common
 
 @jax.custom_jvp
 def xlogx(p: jax.Array) -> jax.Array:
-    """``p log p`` with ``0 log 0 = 0``, in float32 for half-precision ``p``; its derivative
-    ``log p + 1`` is taken as 0 at ``p = 0``."""
+    """``p log p`` with ``0 log 0 = 0``, NaN for ``p < 0``, in float32 for half-precision ``p``;
+    its derivative ``log p + 1`` is taken as 0 at ``p = 0``."""
     q = _common.upcast(p)
-    # max(q, tiny) rather than a select: 0 · log(tiny) = 0 exactly, and for a subnormal q the
-    # term moves by less than 1e-36. (This form also keeps XLA:CPU from materialising a
-    # broadcast constant for half-precision inputs.)
-    return q * jnp.log(jnp.maximum(q, jnp.finfo(q.dtype).tiny))
+    # q + tiny·[q = 0] rather than a select: 0 · log(tiny) = 0 exactly, a negative q (outside
+    # the domain) gives log of a negative number, NaN, as in PyTorch.
+    return q * jnp.log(q + jnp.finfo(q.dtype).tiny * _common.zero_indicator(q))
 
 
 @xlogx.defjvp
@@ -28,8 +27,8 @@ def _xlogx_jvp(primals, tangents):
     # A zero derivative at p = 0 (not -inf) keeps entropy(softmax(z)) trainable with -inf
     # (masked) logits. Without a select (see _common.zero_indicator) it fuses into a reduction;
     # its own derivative is 1/p, and 0 at p = 0. Both the widening and the log are written
-    # differently from the value's (q + [q == 0] here, max(q, tiny) there): identical ones would
-    # be merged by XLA into one N×C float32 temporary for half-precision p.
+    # differently from the value's (q + [q == 0] here, q + tiny·[q == 0] there): identical ones
+    # would be merged by XLA into one N×C float32 temporary for half-precision p.
     q = _common.upcast_apart(p)
     slope = jnp.abs(jnp.sign(q)) * (jnp.log(q + _common.zero_indicator(q)) + 1)
     return xlogx(p), slope * _common.upcast(dp)
@@ -92,7 +91,8 @@ def kl_div(
       log_q: log-probabilities of the model distribution ``q``.
       target: probabilities ``t`` (or log-probabilities with ``log_target=True``), same shape.
       reduction: ``"none"``, ``"sum"``, ``"mean"`` (over all elements, as PyTorch) or
-        ``"batchmean"`` (the sum over the size of axis 0: the true KL per example).
+        ``"batchmean"`` (the sum over the size of axis 0: the true KL per example; for 0-d
+        inputs the pointwise value, as PyTorch).
       log_target: whether ``target`` holds log-probabilities.
 
     Returns:
@@ -112,13 +112,11 @@ def kl_div(
     target = _common.check_floating("target", fn, target)
     _common.check_same_shape(fn, ("log_q", "target"), log_q, target)
     _common.check_reduction(fn, reduction, ("none", "mean", "sum", "batchmean"))
-    if reduction == "batchmean" and log_q.ndim == 0:
-        raise ValueError(
-            f"{fn}: reduction='batchmean' needs an input with a batch axis, got shape ()"
-        )
     loss = _kl_pointwise(log_q, target, log_target)
     if reduction == "batchmean":
-        return _common.reduce_loss(loss, "mean", log_q.shape[0]).astype(log_q.dtype)
+        # PyTorch divides by the size of axis 0; a 0-d input has none and keeps its value.
+        batch = log_q.shape[0] if log_q.ndim else 1
+        return _common.reduce_loss(loss, "mean", batch).astype(log_q.dtype)
     return _common.reduce_loss(loss, reduction).astype(log_q.dtype)
 
 

@@ -36,6 +36,24 @@ def _shifted(x: jax.Array, axis: int, where: jax.Array | None) -> jax.Array:
     return shifted if where is None else jnp.where(where, shifted, -jnp.inf)
 
 
+def _along_axis(fn: str, kernel, x: ArrayLike, axis: int, where: ArrayLike | None) -> jax.Array:
+    """Validates the arguments and applies ``kernel(x, axis, mask)``.
+
+    A 0-d ``x`` is one class, as in PyTorch (``axis`` -1 or 0): softmax 1, log-softmax 0.
+    """
+    x = _common.check_floating("x", fn, x)
+    if x.ndim == 0:
+        if axis not in (-1, 0) and not isinstance(axis, (bool, float)):
+            raise ValueError(
+                f"{fn}: `axis`={axis!r} is out of range for a 0-d `x` (a single class): "
+                "use -1 or 0, as in PyTorch"
+            )
+        _common.class_axis(fn, axis, 1)  # a non-int axis is a TypeError
+        return kernel(x.reshape(1), 0, _mask(fn, where, (1,))).reshape(())
+    axis = _common.class_axis(fn, axis, x.ndim)
+    return kernel(x, axis, _mask(fn, where, x.shape))
+
+
 @functools.partial(_common.jit, static_argnames=("axis",))
 def log_softmax(
     x: Float[ArrayLike, "*shape"], axis: int = -1, where: Bool[ArrayLike, "*shape"] | None = None
@@ -47,14 +65,21 @@ def log_softmax(
     $$
 
     Args:
-      x: floating input of any rank ≥ 1.
+      x: floating input of any rank (a 0-d input is a single class, as in PyTorch).
       axis: the class axis (``-1``, JAX layout; ``1`` for PyTorch's ``(N, C, ...)``).
       where: optional boolean mask broadcastable to ``x``; masked-out entries take no part in the
-        normaliser and come out as ``-inf``.
+        normaliser and come out as ``-inf``. A row masked out entirely comes out NaN (as
+        ``torch.masked.log_softmax``) with a zero gradient.
 
     Returns:
       Log-probabilities with the shape and dtype of ``x`` (half-precision inputs are accumulated
       in float32).
+
+    The masked-out outputs are constants (``-inf``), as in ``jax.nn.log_softmax``: with the
+    mask \(m\) and cotangent \(g\), the gradient is
+    \(m_i \,(g_i - p_i \sum_{j: m_j} g_j)\). ``torch.masked.log_softmax`` also sends the
+    masked-out cotangents through the normaliser: \(m_i \,(g_i - p_i \sum_j g_j)\). The two
+    agree whenever the cotangent is zero at the masked-out entries (any loss that ignores them).
 
     Examples:
       >>> import jax.numpy as jnp, jaxloss
@@ -64,10 +89,7 @@ def log_softmax(
     References:
       PyTorch ``torch.nn.functional.log_softmax``; JAX ``jax.nn.log_softmax``.
     """
-    x = _common.check_floating("x", "log_softmax", x)
-    axis = _common.class_axis("log_softmax", axis, x.ndim)
-    mask = _mask("log_softmax", where, x.shape)
-    return _log_softmax(x, axis, mask)
+    return _along_axis("log_softmax", _log_softmax, x, axis, where)
 
 
 # The custom JVP is for memory: the tangent dx - sum(exp(y) * dx) needs only the output y as a
@@ -84,8 +106,12 @@ def _log_softmax_jvp(axis, primals, tangents):
     x, where = primals
     dx, _ = tangents
     y = _log_softmax(x, axis, where)
-    dxc = _common.upcast(dx)
-    dy = dxc - jnp.sum(jnp.exp(_common.upcast(y)) * dxc, axis, keepdims=True, where=where)
+    dxc, p = _common.upcast(dx), jnp.exp(_common.upcast(y))
+    if where is not None:
+        # A fully masked row has a NaN output; its entries must send no NaN into the normaliser
+        # (0 · NaN) when transposed: a padded row then gets a zero gradient, as in jax.nn.
+        p = jnp.where(where, p, 0)
+    dy = dxc - jnp.sum(p * dxc, axis, keepdims=True, where=where)
     dy = dy if where is None else jnp.where(where, dy, 0)
     return y, dy.astype(dx.dtype)
 
@@ -107,6 +133,8 @@ def _softmax_jvp(axis, primals, tangents):
     dx, _ = tangents
     y = _softmax(x, axis, where)
     yc, dxc = _common.upcast(y), _common.upcast(dx)
+    if where is not None:
+        yc = jnp.where(where, yc, 0)  # a fully masked row's NaN stays out of the gradient
     dy = yc * (dxc - jnp.sum(yc * dxc, axis, keepdims=True, where=where))
     dy = dy if where is None else jnp.where(where, dy, 0)
     return y, dy.astype(dx.dtype)
@@ -123,9 +151,11 @@ def softmax(
     $$
 
     Args:
-      x: floating input of any rank ≥ 1.
+      x: floating input of any rank (a 0-d input is a single class, as in PyTorch).
       axis: the class axis.
       where: optional boolean mask broadcastable to ``x``; masked-out entries get probability 0.
+        A row masked out entirely comes out NaN (as ``torch.masked.softmax``) with a zero
+        gradient.
 
     Returns:
       Probabilities with the shape and dtype of ``x``; ``-inf`` entries get exactly 0 and a zero
@@ -139,10 +169,7 @@ def softmax(
     References:
       PyTorch ``torch.nn.functional.softmax``; JAX ``jax.nn.softmax``.
     """
-    x = _common.check_floating("x", "softmax", x)
-    axis = _common.class_axis("softmax", axis, x.ndim)
-    mask = _mask("softmax", where, x.shape)
-    return _softmax(x, axis, mask)
+    return _along_axis("softmax", _softmax, x, axis, where)
 
 
 @_common.jit

@@ -900,7 +900,10 @@ def test_out_of_range_target_is_nan(fn):
 
 def test_ignore_index_of_a_real_class_makes_minus_100_out_of_range():
     z = jnp.zeros((2, 3))
-    assert np.isnan(jaxloss.cross_entropy(z, np.array([0, -100]), ignore_index=1))
+    under_jit = jax.jit(lambda z, y: jaxloss.cross_entropy(z, y, ignore_index=1))
+    assert np.isnan(under_jit(z, np.array([0, -100])))
+    with pytest.raises(ValueError, match=r"class index -100 at position \(1,\)"):
+        jaxloss.cross_entropy(z, np.array([0, -100]), ignore_index=1)  # concrete: PyTorch's error
     np.testing.assert_allclose(
         jaxloss.cross_entropy(z, np.array([0, 1]), ignore_index=1, reduction="none"),
         [np.log(3), 0.0],

@@ -447,11 +447,6 @@ def test_kl_div_unknown_reduction_raises(reduction):
         )
 
 
-def test_kl_div_batchmean_needs_a_batch_axis():
-    with pytest.raises(ValueError, match="batchmean"):
-        jaxloss.kl_div(np.float32(0.0), np.float32(1.0), reduction="batchmean")
-
-
 @pytest.mark.parametrize("dtype", [np.int32, np.bool_])
 def test_entropy_non_floating_raises_type_error(dtype):
     with pytest.raises(TypeError, match="`probs`"):

@@ -467,9 +467,10 @@ def test_non_int_axis_raises(name, axis):
 
 
 @pytest.mark.parametrize("name", AXIS_FUNCTIONS)
-def test_scalar_input_raises(name):
-    with pytest.raises(ValueError, match="class axis"):
-        bind(name)(jnp.float32(1.0))
+@pytest.mark.parametrize("axis", [1, -2])
+def test_scalar_input_axis_outside_pytorchs_range_raises(name, axis):
+    with pytest.raises(ValueError, match=r"`axis`=.*0-d `x`.*-1 or 0"):
+        bind(name, axis)(jnp.float32(1.0))
 
 
 @pytest.mark.parametrize("name", AXIS_FUNCTIONS)
