@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import datetime
 import gc
+import importlib.metadata
 import os
 import platform
 import re
@@ -157,14 +158,15 @@ def plan(args: argparse.Namespace, cases: Sequence[Case], backend: str) -> list[
                 if dtype in dtypes and "vag" in modes
             ]
     goal_case = next((c for c in cases if c.name == "cross_entropy"), None)
-    if goal_case is not None and _selected(goal_case, filters):
+    # --memory-only compiles the grid asked for, nothing else.
+    if goal_case is not None and _selected(goal_case, filters) and not args.memory_only:
         timed = {(t.case.name, t.mode, t.dtype, t.shape) for t in tasks}
         for dtype in ("f32", "bf16"):
             point = ("cross_entropy", "vag", dtype, GOAL_SHAPE)
             if point in timed:
                 continue
             # --quick times the goal point (vag only); otherwise only its memory is compiled.
-            timed_goal = args.quick and not args.sizes and "vag" in modes and not args.memory_only
+            timed_goal = args.quick and not args.sizes and "vag" in modes
             tasks.append(Task(goal_case, "vag", dtype, GOAL_SHAPE, memory_only=not timed_goal))
     # Group by input set; small before big so that the progress bar moves early.
     order = {c.name: i for i, c in enumerate(cases)}
@@ -243,11 +245,11 @@ def _versions() -> dict[str, str | None]:
         "numpy": numpy.__version__,
         "jaxloss": jaxloss.__version__,
     }
+    # Read from the installed metadata: importing torch (seconds) only for its version is waste
+    # when --no-torch leaves it out.
     try:
-        import torch
-
-        versions["torch"] = torch.__version__
-    except ImportError:
+        versions["torch"] = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
         versions["torch"] = None
     return versions
 
@@ -320,8 +322,8 @@ def _announce(tasks: Sequence[Task], args: argparse.Namespace) -> None:
         f"{_fmt_duration(seconds)} to {_fmt_duration(_BUSY_FACTOR * seconds)} on a 2-core CPU "
         "(quiet to busy)."
     )
-    if not args.quick and not args.sizes and not args.memory_only:
-        line += " For a first look, --quick takes under a minute."
+    if not args.quick and not args.memory_only:
+        line += " For a first look, --quick takes about a minute."
     print(line, file=sys.stderr, flush=True)
 
 
@@ -518,13 +520,13 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     cases = all_cases(include_torch=torch_state[0])
     tasks = plan(args, cases, backend)
+    _announce(tasks, args)
     if args.dry_run:
         for task in tasks:
             print(f"{task.name}  {','.join(task.case.impls)}")
         seconds = expected_seconds(tasks, args.quick)
         print(f"expected: {_fmt_duration(seconds)} to {_fmt_duration(_BUSY_FACTOR * seconds)}")
         return {"tasks": [task.name for task in tasks]}
-    _announce(tasks, args)
     settings = harness.settings_for(args.quick, args.repeats)
     if args.no_check:
         settings = dataclasses.replace(settings, check=False)

@@ -571,6 +571,16 @@ class CheckSettings:
     budget_s: float = 20.0
 
 
+def _calibrate_long(runner: Runner, min_sample_s: float) -> None:
+    """Calls per sample such that one sample lasts ``min_sample_s``, measured on whole samples
+    (a single call's time includes the dispatch that back-to-back calls overlap)."""
+    runner.number = 1
+    while (elapsed := runner.sample(runner.number) * runner.number) < min_sample_s:
+        runner.number = max(
+            runner.number + 1, math.ceil(1.2 * runner.number * min_sample_s / elapsed)
+        )
+
+
 def compare_until_clear(
     numerator: Runner, denominator: Runner, threshold: float, settings: CheckSettings
 ) -> dict[str, Any]:
@@ -583,9 +593,8 @@ def compare_until_clear(
     keeps sampling until ``max_rounds`` or ``budget_s``, then is INCONCLUSIVE: a verdict that
     the noise cannot flip, rather than a coin toss.
     """
-    timing = Settings(settings.min_sample_s, 10**6, 1, 1, 0.0)
     for runner in (numerator, denominator):
-        _calibrate(runner, timing)
+        _calibrate_long(runner, settings.min_sample_s)
     started = time.perf_counter()
     times: dict[str, list[float]] = {"numerator": [], "denominator": []}
     verdict, interval = "INCONCLUSIVE", None
