@@ -440,9 +440,13 @@ def _linear_cross_entropy_case(with_torch: bool) -> Case | None:
         impls["torch"] = lambda h, k, y: F.cross_entropy(h @ k, y.long())
 
     def points(backend: str, quick: bool) -> list[tuple[Shape, str]]:
-        # bf16 matmuls are emulated (slow) on most CPUs: f32 only there.
+        # bf16 matmuls are emulated (slow) on most CPUs: f32 only there. Several sizes, so
+        # that its plot shows how the fused path scales.
         if backend == "cpu":
-            return [((512, 256, 8192) if quick else (2048, 512, 32768), "f32")]
+            sizes = [(256, 128, 4096), (512, 256, 8192)]
+            if not quick:
+                sizes = [(512, 256, 8192), (1024, 512, 16384), (2048, 512, 32768)]
+            return [(size, "f32") for size in sizes]
         return (
             [((2048, 512, 32768), "f32")]
             if quick

@@ -404,77 +404,126 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def write_plots(out: Path, records: Sequence[dict], title: str) -> list[Path]:
-    """Throughput vs size per function, temp memory and time ratios at the biggest size."""
+    """Throughput vs size per function; temp memory and time ratios, one size per function."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib import ticker
 
     timed = [r for r in records if not r["memory_only"]]
-    written: list[Path] = []
-    cases = list(dict.fromkeys(r["case"] for r in timed))
-    dtypes = sorted({r["dtype"] for r in timed}, key=_dtype_order)
-    for case in cases:
-        fig, axes = plt.subplots(
-            1, len(dtypes), figsize=(5.2 * len(dtypes), 4.4), squeeze=False, sharex=True,
-            sharey=True,
-        )  # fmt: skip
-        handles: dict[str, Any] = {}
-        for ax, dtype in zip(axes[0], dtypes, strict=True):
-            rows = [r for r in timed if r["case"] == case and r["dtype"] == dtype]
-            for mode, style in (("fwd", "-"), ("vag", "--")):
-                mode_rows = sorted(
-                    (r for r in rows if r["mode"] == mode), key=lambda r: r["elements"]
-                )
-                impls = dict.fromkeys(k for r in mode_rows for k in r["impls"])
-                for impl in impls:
-                    pts = [
-                        (r["elements"], _impl(r, impl)["elements_per_s"])
-                        for r in mode_rows
-                        if _impl(r, impl).get("elements_per_s")
-                    ]
-                    if pts:
-                        xs, ys = zip(*pts, strict=True)
-                        label = f"{impl} {MODE_LABELS[mode]}"
-                        (line,) = ax.plot(
-                            xs, ys, style, marker="o" if mode == "fwd" else "s",
-                            color=IMPL_COLORS.get(impl, "tab:gray"), label=label,
-                        )  # fmt: skip
-                        handles.setdefault(label, line)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_title(f"{case} — {dtype}", fontsize=10)
-            ax.set_xlabel("logits elements (N x C)")
-            ax.grid(True, which="both", alpha=0.3)
-        axes[0][0].set_ylabel("elements / s (higher is better)")
-        fig.suptitle(f"throughput vs size ({title})", fontsize=9)
-        fig.legend(
-            handles.values(), handles.keys(), loc="lower center", ncol=3, fontsize=8,
-            frameon=False,
-        )  # fmt: skip
-        fig.tight_layout(rect=(0, 0.12, 1, 1))
-        path = out / f"throughput_{case}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    written.append(_bar_plot(plt, ticker, out, timed, "temp_ratio", title))
-    written.append(_bar_plot(plt, ticker, out, timed, "time_ratio", title))
+    written = [
+        _throughput_plot(plt, out, [r for r in timed if r["case"] == case], title)
+        for case in dict.fromkeys(r["case"] for r in timed)
+    ]
+    rows = _bar_rows(timed)
+    written.append(_bar_plot(plt, out, rows, "temp_ratio", title))
+    written.append(_bar_plot(plt, out, rows, "time_ratio", title))
     return written
+
+
+def _log_ticks(ax: Any, axis: str, unit: str = "") -> None:
+    """Labelled ticks at 1, 2 and 5 per decade (the default labels only the decades, and a
+    range narrower than a decade then has no label at all)."""
+    from matplotlib import ticker
+
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    target.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    target.set_major_formatter(ticker.EngFormatter(unit=unit, places=0, sep=""))
+    target.set_minor_formatter(ticker.NullFormatter())
+
+
+def _ratio_axis(ax: Any, values: Sequence[float]) -> None:
+    """A log x axis around 1 that spans ``values``, with 4-9 labelled ticks ("0.5x", "1x")."""
+    from matplotlib import ticker
+
+    lo, hi = min([1.0, *values]) / 1.3, max([1.0, *values]) * 1.3
+    ax.set_xscale("log")
+    ax.set_xlim(lo, hi)
+    ticks: list[float] = []
+    for mantissas in ((1, 1.5, 2, 3, 5, 7), (1, 2, 5), (1,)):
+        ticks = [
+            m * 10.0**e
+            for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+            for m in mantissas
+            if lo <= m * 10.0**e <= hi
+        ]
+        if len(ticks) <= 9:
+            break
+    ax.xaxis.set_major_locator(ticker.FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+
+
+def _throughput_plot(plt: Any, out: Path, rows: Sequence[dict], title: str) -> Path:
+    """One panel per dtype the function ran in; x: its sizes (labelled), y: elements per s."""
+    case = rows[0]["case"]
+    dtypes = sorted({r["dtype"] for r in rows}, key=_dtype_order)
+    sizes = sorted({(r["elements"], _shape(r)) for r in rows})
+    fig, axes = plt.subplots(
+        1, len(dtypes), figsize=(max(6.5, 1.3 * len(sizes) + 3) * len(dtypes), 4.6),
+        squeeze=False, sharey=True,
+    )  # fmt: skip
+    handles: dict[str, Any] = {}
+    for ax, dtype in zip(axes[0], dtypes, strict=True):
+        for mode, style in (("fwd", "-"), ("vag", "--")):
+            mode_rows = sorted(
+                (r for r in rows if (r["mode"], r["dtype"]) == (mode, dtype)),
+                key=lambda r: r["elements"],
+            )
+            for impl in dict.fromkeys(k for r in mode_rows for k in r["impls"]):
+                pts = [
+                    (r["elements"], _impl(r, impl)["elements_per_s"])
+                    for r in mode_rows
+                    if _impl(r, impl).get("elements_per_s")
+                ]
+                if not pts:
+                    continue
+                label = f"{impl} {MODE_LABELS[mode]}"
+                (line,) = ax.plot(
+                    *zip(*pts, strict=True), style, marker="o" if mode == "fwd" else "s",
+                    color=IMPL_COLORS.get(impl, "tab:gray"), label=label,
+                )  # fmt: skip
+                handles.setdefault(label, line)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        _log_ticks(ax, "y", unit="/s")
+        ax.set_xticks([e for e, _ in sizes], [name for _, name in sizes], fontsize=7)
+        ax.xaxis.set_minor_locator(plt.NullLocator())  # the sizes are the ticks
+        ax.set_xlim(sizes[0][0] / 2, sizes[-1][0] * 2)
+        names = " x ".join(rows[0].get("shape_names", ["N", "C"]))
+        ax.set_xlabel(f"size ({names}); spaced by logits elements")
+        ax.set_title(dtype, fontsize=10)
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0][0].set_ylabel("logits elements per second (higher is better)")
+    fig.suptitle(f"{case}: throughput by size\n{title}", fontsize=9)
+    fig.legend(
+        handles.values(), handles.keys(), loc="lower center", ncol=3, fontsize=8, frameon=False
+    )
+    fig.tight_layout(rect=(0, 0.1 + 0.03 * (len(handles) > 6), 1, 1))
+    path = out / f"throughput_{case}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _dtype_order(dtype: str) -> int:
     return {"f32": 0, "bf16": 1}.get(dtype, 2)
 
 
-def _largest(records: Sequence[dict]) -> dict[tuple[str, str, str], dict]:
-    """Per (case, mode, dtype), the record at the largest size."""
-    best: dict[tuple[str, str, str], dict] = {}
-    for r in records:
-        key = (r["case"], r["mode"], r["dtype"])
-        if key not in best or r["elements"] > best[key]["elements"]:
-            best[key] = r
-    return best
+def _bar_rows(records: Sequence[dict]) -> list[tuple[str, str, dict[tuple[str, str], dict]]]:
+    """Per function, one size and its records by (mode, dtype): the largest size among those
+    with the most (mode, dtype) series, so that every bar of a row is at the size it names."""
+    rows = []
+    for case in dict.fromkeys(r["case"] for r in records):
+        by_size: dict[str, dict[tuple[str, str], dict]] = {}
+        elements: dict[str, int] = {}
+        for r in records:
+            if r["case"] == case:
+                by_size.setdefault(_shape(r), {})[r["mode"], r["dtype"]] = r
+                elements[_shape(r)] = r["elements"]
+        size = max(by_size, key=lambda k: (len(by_size[k]), elements[k]))
+        rows.append((case, size, by_size[size]))
+    return rows
 
 
 _SERIES_COLORS = {
@@ -483,67 +532,68 @@ _SERIES_COLORS = {
 }  # fmt: skip
 
 
+def _bar_value(r: dict, impl: str, kind: str) -> float | None:
+    if kind == "temp_ratio":
+        return _impl(r, impl).get("temp_ratio")
+    return r.get("ratio_to_optax", {}).get(impl)
+
+
 def _bar_plot(
-    plt: Any, ticker: Any, out: Path, records: Sequence[dict], kind: str, title: str
+    plt: Any, out: Path, rows: Sequence[tuple[str, str, dict]], kind: str, title: str
 ) -> Path:
-    """Horizontal bars per function at its largest size: temp/logits or time/optax."""
-    best = _largest(records)
-    cases = list(dict.fromkeys(k[0] for k in best))
-    series = sorted({(k[1], k[2]) for k in best}, key=lambda s: (_dtype_order(s[1]), s[0] != "fwd"))
+    """Horizontal bars per function at one size: temp/logits, or time/optax (log axis)."""
+    series = sorted(
+        {key for _, _, by in rows for key in by}, key=lambda s: (_dtype_order(s[1]), s[0] != "fwd")
+    )
     impls = ("jaxloss", "optax") if kind == "temp_ratio" else ("jaxloss", "torch")
     height = 0.8 / max(1, len(series))
     fig, axes = plt.subplots(
-        1, len(impls), figsize=(6.5 * len(impls), 1.2 + 0.32 * len(cases) * len(series)),
+        1, len(impls), figsize=(6.5 * len(impls), 1.6 + 0.3 * len(rows) * len(series)),
         squeeze=False, sharey=True, sharex=kind == "temp_ratio",
     )  # fmt: skip
     for ax, impl in zip(axes[0], impls, strict=True):
         for j, (mode, dtype) in enumerate(series):
-            ys, vals = [], []
-            for i, case in enumerate(cases):
-                r = best.get((case, mode, dtype))
-                if r is None:
-                    continue
-                v = (
-                    _impl(r, impl).get("temp_ratio")
-                    if kind == "temp_ratio"
-                    else r.get("ratio_to_optax", {}).get(impl)
-                )
-                if v is not None:
-                    ys.append(i + j * height)
-                    vals.append(v)
+            bars = [
+                (i + j * height, v)
+                for i, (_, _, by) in enumerate(rows)
+                if (mode, dtype) in by
+                and (v := _bar_value(by[mode, dtype], impl, kind)) is not None
+                and (kind == "temp_ratio" or v > 0)
+            ]
+            if not bars:
+                continue
+            ys, vals = zip(*bars, strict=True)
             # Time ratios are drawn from 1 on a log axis: left of 1 is faster than optax.
             base = 0.0 if kind == "temp_ratio" else 1.0
             ax.barh(
                 ys, [v - base for v in vals], left=base, height=height,
-                color=_SERIES_COLORS.get((mode, dtype)), label=f"{MODE_LABELS[mode]} {dtype}",
+                color=_SERIES_COLORS.get((mode, dtype), "tab:gray"),
+                label=f"{MODE_LABELS[mode]} {dtype}",
             )  # fmt: skip
             for y, v in zip(ys, vals, strict=True):
                 ax.text(
                     v, y, f" {v:.2f} ", va="center", fontsize=6, ha="left" if v >= base else "right"
                 )
         ax.axvline(1.0, color="k", lw=0.8, ls=":")
-        ax.grid(True, axis="x", alpha=0.3)
+        ax.grid(True, axis="x", which="major", alpha=0.3)
         if kind == "temp_ratio":
-            ax.set_title(f"{impl}: compiled temp memory / logits bytes", fontsize=9)
+            ax.set_title(f"{impl}: compiled temporaries / logits bytes", fontsize=9)
             ax.set_xlabel("temp_size_in_bytes / logits bytes (lower is better)")
         else:
-            ax.set_xscale("log")
-            # Plain numbers on the major ticks only: log minor labels overlap.
-            ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-            ax.set_title(f"{impl} time / optax time", fontsize=9)
-            ax.set_xlabel("time ratio to optax (< 1: faster than optax)")
-    sizes = {
-        case: "/".join(dict.fromkeys(_shape(r) for k, r in best.items() if k[0] == case))
-        for case in cases
-    }
-    ticks = [i + (len(series) - 1) * height / 2 for i in range(len(cases))]
-    axes[0][0].set_yticks(ticks, [f"{c}\n{sizes[c]}" for c in cases], fontsize=7)
+            _ratio_axis(
+                ax,
+                [v for _, _, by in rows for r in by.values() if (v := _bar_value(r, impl, kind))],
+            )
+            ax.set_title(f"{impl} time / optax time (same rounds)", fontsize=9)
+            ax.set_xlabel("time ratio to optax, log scale (< 1x: faster than optax)")
+    ticks = [i + (len(series) - 1) * height / 2 for i in range(len(rows))]
+    axes[0][0].set_yticks(ticks, [f"{case}\n{size}" for case, size, _ in rows], fontsize=7)
     axes[0][0].invert_yaxis()  # once: the y axis is shared
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(series), fontsize=8, frameon=False)
-    fig.suptitle(f"at each function's largest size run ({title})", fontsize=9)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    what = "compiled temporary memory" if kind == "temp_ratio" else "time relative to optax"
+    fig.suptitle(f"{what}, each function at the size named\n{title}", fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     path = out / ("temp_memory.png" if kind == "temp_ratio" else "ratio_to_optax.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
