@@ -38,6 +38,15 @@ from jaxloss import _common
 
 _FN = "linear_distillation"
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
+_ARRAY_NAMES = (
+    "hidden",
+    "kernel",
+    "bias",
+    "teacher_hidden",
+    "teacher_kernel",
+    "teacher_bias",
+    "mask",
+)
 # The same blocks as linear_cross_entropy's defaults (tuned there on a 2-core CPU).
 DEFAULT_TOKEN_CHUNK = 1024
 DEFAULT_VOCAB_CHUNK = 1024
@@ -517,26 +526,21 @@ def _check_mask(mask, batch_shape):
     return mask
 
 
-def _explicit_layout(student, teacher, mask):
-    """``(mesh, batch_axis, vocab_axis)`` read from explicitly sharded inputs, else Nones.
+def _reject_explicit_sharding(**arrays) -> None:
+    """Explicitly sharded inputs need named axes: the blocked loops cannot slice them.
 
-    Under explicit sharding (``jax.make_mesh``'s default) the blockwise loops cannot slice split
-    arrays, so the loss takes the ``shard_map`` form over the axes the inputs' types name: rows
-    of the hidden states (or mask) for tokens, kernel or bias columns for classes.
+    As ``linear_cross_entropy``: no silent switch to the ``shard_map`` form from the inputs'
+    types; the error names the fix.
     """
-    mesh, axes = None, []
-    token_dims = ((student[0], 0), (teacher[0], 0), (mask, 0))
-    class_dims = ((student[1], 1), (teacher[1], 1), (student[2], 0), (teacher[2], 0))
-    for candidates in (token_dims, class_dims):
-        found = None
-        for x, dim in candidates:
-            sharding = getattr(jax.typeof(x), "sharding", None) if x is not None else None
-            spec = tuple(getattr(sharding, "spec", None) or ())
-            if dim < len(spec) and spec[dim] is not None:
-                found, mesh = spec[dim], sharding.mesh  # pyright: ignore[reportOptionalMemberAccess]
-                break
-        axes.append(found)
-    return mesh, axes[0], axes[1]
+    for name, x in arrays.items():
+        sharding = getattr(jax.typeof(x), "sharding", None) if x is not None else None
+        spec = tuple(getattr(sharding, "spec", None) or ())
+        if any(axis is not None for axis in spec):
+            raise ValueError(
+                f"{_FN}: `{name}` is sharded with explicit axis types (spec {spec}); pass "
+                "`batch_axis` (the axes of the tokens) and/or `vocab_axis` (the axes of the "
+                "classes) for the shard_map form, or reshard the inputs to replicated"
+            )
 
 
 def _check_mesh_axes(mesh, batch_axis, vocab_axis, n: int, v: int):
@@ -649,8 +653,10 @@ def linear_distillation(
     Sharding: naming ``batch_axis`` (tokens: rows of ``hidden``, ``teacher_hidden``, ``mask``)
     and/or ``vocab_axis`` (classes: columns of both kernels and both biases) runs the loss under
     ``jax.shard_map``; each device works on its own blocks and only per-token statistics cross
-    devices (``pmax``/``psum``): no logits and no kernel are ever gathered. With explicit
-    sharding (``jax.make_mesh``'s default) the axes are read from the inputs' types.
+    devices (``pmax``/``psum``): no logits and no kernel are ever gathered. Inputs sharded with
+    explicit axis types (``jax.make_mesh``'s default) need the axes named: without them a
+    ``ValueError`` says so. Under automatic sharding with no axes named, XLA partitions the
+    loops itself (correct, but it may all-gather a vocabulary-sharded kernel).
 
     Args:
       hidden: the student's floating features ``(N, D)`` or ``(*batch, D)``.
@@ -714,8 +720,6 @@ def linear_distillation(
     student, teacher = flat(student), flat(teacher)
     mask = None if mask is None else mask.reshape(-1)
     n, v = student[0].shape[0], student[1].shape[1]
-    if mesh is None and batch_axis is None and vocab_axis is None:
-        mesh, batch_axis, vocab_axis = _explicit_layout(student, teacher, mask)
     resolved_mesh = _check_mesh_axes(mesh, batch_axis, vocab_axis, n, v)
     if n == 0:
         empty = jnp.zeros((0,), _common.compute_dtype(out_dtype))
@@ -726,6 +730,8 @@ def linear_distillation(
         chunks = (min(token_chunk, n_local), min(vocab_chunk, v_local))
         cfg = _Config(divergence, beta, temperature, chunks, vocab_axis)
         if resolved_mesh is None:
+            arrays = zip(_ARRAY_NAMES, (*student, *teacher, mask), strict=True)
+            _reject_explicit_sharding(**dict(arrays))
             loss = _loss(student, teacher, mask, cfg, reduction)
         else:
             loss = _sharded(student, teacher, mask, cfg, reduction, resolved_mesh, batch_axis)

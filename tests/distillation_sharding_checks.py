@@ -10,8 +10,8 @@ the inputs placed by ``NamedSharding`` — tokens split over all 8 devices (``ba
 split over all 8 (``classes``), or tokens over ``data`` and classes over ``model`` (``both``) —
 and compares it with the same function run on one device. It then parses the compiled HLO:
 
-- ``shard_map`` form (axes named, or read from explicitly sharded inputs): no all-gather of any
-  array of rank >= 2 with the full vocabulary in it (logits or kernels);
+- ``shard_map`` form (axes named, under automatic or explicit axis types): no all-gather of
+  any array of rank >= 2 with the full vocabulary in it (logits or kernels);
 - plain call under automatic sharding (XLA partitions the loops): no all-gather of logits.
 
 Prints one JSON object per check (``name``, ``ok``, ``message``, ``all_gathers``) and exits with
@@ -161,7 +161,7 @@ def _register(mode: str, layout: str, divergence: str, masked: bool = True) -> N
     def run(mesh: Mesh):
         if mode == "explicit":
             mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Explicit,) * 2)
-        axes = dict(mesh=mesh, **_axes(layout)) if mode == "shard_map" else {}
+        axes = {} if mode == "auto" else dict(mesh=mesh, **_axes(layout))
         got, hlo = _run(mesh, layout, _fn(divergence, masked, **axes))
         problems = _compare(got, _reference(divergence, masked), name)
         gathers = all_gather_shapes(hlo)
@@ -177,7 +177,7 @@ def _register(mode: str, layout: str, divergence: str, masked: bool = True) -> N
 
 
 # Every divergence under every layout in the shard_map form; the other modes where they differ
-# (explicit sharding reads the axes from the inputs; automatic sharding may gather kernels).
+# (explicit axis types reshard into the shard_map; automatic sharding may gather kernels).
 for _layout in LAYOUTS:
     for _divergence in ("kl", "reverse_kl", "jsd"):
         _register("shard_map", _layout, _divergence)
@@ -200,6 +200,21 @@ def _parser_self_test(mesh: Mesh):
 
 
 CHECKS["hlo_parser/sees_all_gathers"] = _parser_self_test
+
+
+def _explicit_without_axes(mesh: Mesh):
+    """Explicitly sharded inputs and no axes named: a ValueError naming the fix."""
+    mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Explicit,) * 2)
+    try:
+        _run(mesh, "both", _fn("kl"))
+    except ValueError as err:
+        if "`batch_axis`" not in str(err) or "`vocab_axis`" not in str(err):
+            return [f"unexpected message: {err}"], []
+        return [], []
+    return ["no ValueError for explicitly sharded inputs without batch_axis/vocab_axis"], []
+
+
+CHECKS["explicit/without_axes_is_an_error"] = _explicit_without_axes
 
 
 def main(names: list[str]) -> int:
