@@ -1,6 +1,7 @@
-"""The public ``linear_cross_entropy``: argument checks, then one of three forms.
+"""The public ``linear_cross_entropy``: argument checks, then one of four forms.
 
-The forms: the blocked kernel (:mod:`jaxloss._linear.chunked`, the default), its ``shard_map``
+The forms: the fused gradient pass for ``"sum"``/``"mean"`` (:func:`chunked.fused_total`), the
+per-token blocked statistics for ``"none"`` (:func:`chunked.token_stats`), the ``shard_map``
 form when mesh axes are named (:mod:`jaxloss._linear.sharded`), and nothing for an empty batch.
 """
 
@@ -17,6 +18,7 @@ from jaxtyping import Array, ArrayLike, Float, Int
 
 from jaxloss import _common
 from jaxloss._linear import assembly, chunked, sharded
+from jaxloss._stats import LogitStats
 
 _FN = "linear_cross_entropy"
 
@@ -26,23 +28,31 @@ def _check_arrays(hidden, kernel, targets, bias):
     fn = _FN
     hidden = _common.check_floating("hidden", fn, hidden)
     kernel = _common.check_floating("kernel", fn, kernel)
-    targets = _common.check_integer("targets", fn, targets)
+    targets = _common.check_real("targets", fn, targets)
     if hidden.ndim < 1:
         raise ValueError(f"{fn}: `hidden` must have a feature axis (..., D), got a scalar")
     if kernel.ndim != 2 or kernel.shape[0] != hidden.shape[-1] or kernel.shape[1] == 0:
         raise ValueError(
             f"{fn}: `kernel` must have shape (D, V) = ({hidden.shape[-1]}, V) with V >= 1 for "
             f"`hidden` with shape {tuple(hidden.shape)}; got `kernel` with shape "
-            f"{tuple(kernel.shape)} and dtype {kernel.dtype}"
+            f"{tuple(kernel.shape)} and dtype {kernel.dtype} (a PyTorch `(V, D)` weight: pass "
+            "its transpose, or use jaxloss.torch_linear_cross_entropy)"
         )
-    if targets.shape != hidden.shape[:-1]:
+    batch, v = tuple(hidden.shape[:-1]), kernel.shape[1]
+    floating = jnp.issubdtype(targets.dtype, jnp.floating)
+    if floating and targets.shape == batch:
+        raise TypeError(
+            f"{fn}: floating `targets` are read as class probabilities of shape {(*batch, v)}; "
+            f"got shape {tuple(targets.shape)}, the shape of class indices: class indices need "
+            "an integer dtype (e.g. `targets.astype(jnp.int32)`)"
+        )
+    if targets.shape != ((*batch, v) if floating else batch):
+        want = f"{batch} for class indices or {(*batch, v)} for class probabilities"
         raise ValueError(
-            f"{fn}: `targets` must have the shape of `hidden` without its feature axis, i.e. "
-            f"{tuple(hidden.shape[:-1])}; got `targets` with shape {tuple(targets.shape)} (dtype "
-            f"{targets.dtype}) for `hidden` with shape {tuple(hidden.shape)}"
+            f"{fn}: `targets` must have shape {want} (`hidden` has shape {tuple(hidden.shape)}, "
+            f"{v} classes); got shape {tuple(targets.shape)} and dtype {targets.dtype}"
         )
     if bias is not None:
-        v = kernel.shape[1]
         bias = _common.check_floating("bias", fn, bias)
         if bias.shape != (v,):
             raise ValueError(
@@ -52,17 +62,35 @@ def _check_arrays(hidden, kernel, targets, bias):
     return hidden, kernel, targets, bias
 
 
-def _check_options(ignore_index, reduction, label_smoothing, z_loss) -> dict[str, Any]:
-    fn = _FN
-    _common.check_reduction(fn, reduction)
+def _hyperparameter(name: str, value: Any, low: float, high: float, *, open_low=False):
+    """``(present, value)``: a concrete value is range-checked; a traced one is taken as is."""
+    try:
+        number = float(value)
+    except jax.errors.ConcretizationTypeError:
+        return True, value  # traced: checkable with checkify, like targets
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{_FN}: `{name}` must be a real scalar, got {value!r}") from err
+    ok = (low < number if open_low else low <= number) and number <= high
+    if not ok:
+        bounds = f"{'(' if open_low else '['}{low}, {high}]"
+        raise ValueError(f"{_FN}: `{name}` must lie in {bounds}, got {number}")
+    return number != 0, value
+
+
+def _check_options(ignore_index, reduction, label_smoothing, z_loss, soft_cap):
+    """``(static Options without num_classes, (smoothing, z_loss), soft_cap)``."""
+    _common.check_reduction(_FN, reduction)
     if not isinstance(ignore_index, (int, np.integer)) or isinstance(ignore_index, bool):
-        raise TypeError(f"{fn}: `ignore_index` must be an int, got {ignore_index!r}")
-    return dict(
-        ignore_index=int(ignore_index),
-        reduction=reduction,
-        smoothing=_common.check_unit_interval("label_smoothing", fn, label_smoothing),
-        z_loss=_common.check_nonnegative("z_loss", fn, z_loss),
-    )
+        raise TypeError(f"{_FN}: `ignore_index` must be an int, got {ignore_index!r}")
+    has_smoothing, smoothing = _hyperparameter("label_smoothing", label_smoothing, 0.0, 1.0)
+    has_z_loss, z_loss = _hyperparameter("z_loss", z_loss, 0.0, np.inf)
+    if soft_cap is not None:
+        soft_cap = _hyperparameter("soft_cap", soft_cap, 0.0, np.inf, open_low=True)[1]
+    static = dict(
+        ignore_index=int(ignore_index), reduction=reduction, smoothing=has_smoothing,
+        z_loss=has_z_loss,
+    )  # fmt: skip
+    return static, (smoothing, z_loss), soft_cap
 
 
 def _reject_explicit_sharding(**arrays) -> None:
@@ -78,36 +106,37 @@ def _reject_explicit_sharding(**arrays) -> None:
             )
 
 
-@functools.partial(
-    _common.jit,
-    static_argnames=(
-        "ignore_index", "reduction", "label_smoothing", "z_loss", "token_chunk", "vocab_chunk",
-        "mesh", "batch_axis", "vocab_axis",
-    ),
-)  # fmt: skip
 def linear_cross_entropy(
     hidden: Float[ArrayLike, "*batch dim"],
     kernel: Float[ArrayLike, "dim classes"],
-    targets: Int[ArrayLike, "*batch"],
+    targets: Int[ArrayLike, "*batch"] | Float[ArrayLike, "*batch classes"],
     *,
     bias: Float[ArrayLike, " classes"] | None = None,
     weight: Float[ArrayLike, " classes"] | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
+    label_smoothing: float | Float[ArrayLike, ""] = 0.0,
+    z_loss: float | Float[ArrayLike, ""] = 0.0,
+    soft_cap: float | Float[ArrayLike, ""] | None = None,
+    return_stats: bool = False,
     token_chunk: int = chunked.DEFAULT_TOKEN_CHUNK,
     vocab_chunk: int = chunked.DEFAULT_VOCAB_CHUNK,
+    grad_token_chunk: int | None = None,
     mesh: Mesh | None = None,
     batch_axis: str | tuple[str, ...] | None = None,
     vocab_axis: str | tuple[str, ...] | None = None,
-) -> Float[Array, "*batch"] | Float[Array, ""]:
+) -> (
+    Float[Array, "*batch"]
+    | Float[Array, ""]
+    | tuple[Float[Array, "*batch"] | Float[Array, ""], LogitStats]
+):
     r"""Cross-entropy of the logits ``hidden @ kernel + bias``, never materialising them.
 
-    Equal to ``cross_entropy(hidden @ kernel + bias, targets, weight=..., ignore_index=...,
+    Equal to ``cross_entropy(cap(hidden @ kernel + bias), targets, weight=..., ignore_index=...,
     reduction=..., label_smoothing=..., z_loss=...)`` — same semantics in every corner — but the
-    ``[N, V]`` logits are produced one ``token_chunk × vocab_chunk`` block at a time. With
-    \(z_n = h_n K + b\), over ``V`` classes with class weights ``w``:
+    ``[N, V]`` logits only ever exist one block at a time. With
+    \(z_n = \mathrm{cap}(h_n K + b)\), \(\mathrm{cap}(x) = c \tanh(x / c)\) (the identity
+    without ``soft_cap``), over ``V`` classes with class weights ``w``:
 
     $$
     \ell_n = (1-\varepsilon)\, w_{y_n} (L_n - z_{n,y_n})
@@ -116,15 +145,21 @@ def linear_cross_entropy(
     \qquad L_n = \log \sum_c e^{z_{n,c}}
     $$
 
-    \(L_n\) is accumulated by an online logsumexp over vocabulary chunks; the backward pass
-    (a ``jax.custom_vjp``) keeps only \(L\) and recomputes each logit block to form
-    \(\partial \ell / \partial z = a_n\, \mathrm{softmax}(z_n) - b_{n,c}\) and its
-    contractions with ``hidden`` and ``kernel``. Temporaries are ``O(token_chunk · vocab_chunk +
-    (token_chunk + vocab_chunk) · D)`` besides the gradients themselves; the price is one more
-    ``N × D × V`` matmul than the materialised path (four instead of three). Half-precision
-    inputs are multiplied with float32 accumulation and never rounded to half precision as
-    logits. Reverse-mode differentiation only (no ``jax.jvp``/``jax.hessian``), in ``hidden``,
-    ``kernel``, ``bias`` and ``weight``.
+    and for probability targets ``t`` (shape ``(*batch, V)``) \(\ell_n = \sum_c w_c t'_{n,c}
+    (L_n - z_{n,c}) + \lambda_z L_n^2\) with \(t' = (1-\varepsilon) t + \varepsilon / V\),
+    ``"mean"`` dividing by the number of positions (PyTorch's rules).
+
+    \(L_n\) is accumulated by an online logsumexp over ``token_chunk × vocab_chunk`` blocks.
+    Differentiated with ``"sum"``/``"mean"``, the forward pass already forms the gradient
+    (per ``grad_token_chunk`` tokens, the logits over the whole vocabulary, then
+    \(\partial \ell / \partial z\) contracted with ``hidden`` and ``kernel``): three
+    ``N × D × V`` matmuls, as many as the materialised path; forward-only calls take the cheap
+    blocked pass. With ``"none"`` the per-token cotangents arrive only in the backward pass,
+    which recomputes each block (four matmuls). Half-precision inputs are multiplied with
+    float32 accumulation and never rounded to half precision as logits. Reverse-mode
+    differentiation only (no ``jax.jvp``/``jax.hessian``), in ``hidden``, ``kernel``, ``bias``
+    and ``weight``; the targets and the hyperparameters (``label_smoothing``, ``z_loss``,
+    ``soft_cap``) are not differentiated.
 
     Sharding: naming the mesh axes — ``vocab_axis`` (kernel columns, ``bias`` and ``weight``)
     and/or ``batch_axis`` (tokens) — runs the loss under ``jax.shard_map``, each device working
@@ -137,19 +172,30 @@ def linear_cross_entropy(
 
     Args:
       hidden: floating features ``(N, D)`` or ``(*batch, D)`` (flattened to tokens).
-      kernel: floating weights ``(D, V)``, laid out like a Flax ``Dense`` kernel.
-      targets: integer class indices of shape ``hidden.shape[:-1]``.
+      kernel: floating weights ``(D, V)``, laid out like a Flax ``Dense`` kernel (a PyTorch
+        ``nn.Linear.weight`` is its transpose; see :func:`jaxloss.torch_linear_cross_entropy`).
+      targets: integer class indices of shape ``hidden.shape[:-1]``, or floating class
+        probabilities of shape ``(*hidden.shape[:-1], V)``.
       bias: optional floating bias ``(V,)``.
       weight: optional per-class weight ``(V,)``.
       ignore_index: index target that contributes no loss, weight or gradient.
       reduction: ``"none"`` (per token, shape ``hidden.shape[:-1]``), ``"sum"`` or ``"mean"``
-        (weighted mean: divided by the total class weight of the non-ignored targets).
-      label_smoothing: ε in ``[0, 1]`` (PyTorch's formula, class weights included).
-      z_loss: coefficient λ_z on ``logsumexp(z)²`` at non-ignored positions, reduced like the
-        main loss.
-      token_chunk: rows of ``hidden`` per block (clipped to ``N``; any value works, the last
-        chunk may overlap the previous one).
-      vocab_chunk: columns of ``kernel`` per block (clipped to ``V``).
+        (index targets: divided by the total class weight of the non-ignored targets;
+        probability targets: by the number of positions).
+      label_smoothing: ε in ``[0, 1]`` (PyTorch's formula, class weights included); a Python
+        float or a traced scalar (a schedule compiles once).
+      z_loss: coefficient λ_z ≥ 0 on ``logsumexp(z)²`` at non-ignored positions, reduced like
+        the main loss; a Python float or a traced scalar.
+      soft_cap: ``c > 0`` for Gemma-2 style logit soft-capping ``z → c·tanh(z/c)`` before
+        everything else (the loss, z-loss and the statistics see the capped logits); ``None``
+        disables it. A Python float or a traced scalar.
+      return_stats: also return a :class:`jaxloss.LogitStats` of per-position ``lse``,
+        ``correct`` and ``entropy`` of the (capped) logits, from the same pass.
+      token_chunk: rows of ``hidden`` per block of the blocked pass (clipped to ``N``; any
+        value works, the last chunk may overlap the previous one).
+      vocab_chunk: columns of ``kernel`` per block of the blocked pass (clipped to ``V``).
+      grad_token_chunk: tokens per block of the fused gradient pass, which holds
+        ``[grad_token_chunk, V]`` logits and their cotangent; default ``2**22 // V``.
       mesh: the ``jax.sharding.Mesh`` for ``batch_axis``/``vocab_axis`` (default: the context
         mesh).
       batch_axis: mesh axis name(s) the tokens are split over, or ``None``. Tokens must split
@@ -159,12 +205,13 @@ def linear_cross_entropy(
 
     Returns:
       Per-token losses (``"none"``) or a scalar, in the dtype ``hidden @ kernel + bias`` would
-      have. A target outside ``[0, V)`` that is not ``ignore_index`` gives NaN at its position
-      (and NaN gradients), as in ``jaxloss.cross_entropy``.
+      have; with ``return_stats``, ``(loss, stats)``. A target outside ``[0, V)`` that is not
+      ``ignore_index`` gives NaN at its position (and NaN gradients), as in
+      ``jaxloss.cross_entropy``.
 
     Raises:
       ValueError: for inconsistent shapes, bad options or mesh axes.
-      TypeError: for non-floating inputs, non-integer targets or non-int options.
+      TypeError: for non-floating inputs, non-numeric targets or non-int options.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxloss
@@ -175,55 +222,106 @@ def linear_cross_entropy(
       >>> dense = jaxloss.cross_entropy(h @ k, y, label_smoothing=0.1)
       >>> bool(jnp.allclose(fused, dense, rtol=1e-5))
       True
+      >>> loss, stats = jaxloss.linear_cross_entropy(h, k, y, soft_cap=5.0, return_stats=True)
+      >>> stats.correct.shape, stats.correct[4].item()  # an ignored position is never correct
+      ((6,), False)
 
     References:
-      Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models" (2024); Milakov &
-      Gimelshein, "Online normalizer calculation for softmax" (2018); Shoeybi et al.,
-      "Megatron-LM" (2019) for the vocabulary-parallel form.
+      Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models" (2024); Hsu et al.,
+      "Liger Kernel" (2024) for the gradient in the forward pass; Milakov & Gimelshein, "Online
+      normalizer calculation for softmax" (2018); Shoeybi et al., "Megatron-LM" (2019) for the
+      vocabulary-parallel form; Gemma Team, "Gemma 2" (2024) for logit soft-capping.
     """
+    static, hyper, soft_cap = _check_options(
+        ignore_index, reduction, label_smoothing, z_loss, soft_cap
+    )
+    config = chunked.ChunkConfig(token_chunk, vocab_chunk, grad_token_chunk)
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"{_FN}: `return_stats` must be a bool, got {return_stats!r}")
+    return _linear_cross_entropy(
+        hidden, kernel, targets, bias, weight, hyper, soft_cap, static=tuple(static.items()),
+        config=config, mesh=mesh, batch_axis=batch_axis, vocab_axis=vocab_axis,
+        return_stats=return_stats,
+    )  # fmt: skip
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("static", "config", "mesh", "batch_axis", "vocab_axis", "return_stats"),
+)
+def _linear_cross_entropy(
+    hidden, kernel, targets, bias, weight, hyper, soft_cap, *, static, config, mesh, batch_axis,
+    vocab_axis, return_stats,
+):  # fmt: skip
     hidden, kernel, targets, bias = _check_arrays(hidden, kernel, targets, bias)
-    options = _check_options(ignore_index, reduction, label_smoothing, z_loss)
-    config = chunked.ChunkConfig(token_chunk, vocab_chunk)
     d, v = kernel.shape
+    options = assembly.Options(num_classes=v, **dict(static))
     out_dtype = jnp.result_type(hidden.dtype, kernel.dtype, *([] if bias is None else [bias]))
     cdt = _common.compute_dtype(out_dtype)
     class_weight = _common.check_class_weight(_FN, weight, v)
     if class_weight is not None:
         class_weight = class_weight.astype(cdt)
+    probabilities = jnp.issubdtype(targets.dtype, jnp.floating)
+    if probabilities and options.ignore_index >= 0:
+        raise ValueError(
+            f"{_FN}: `ignore_index`={options.ignore_index} is not supported for probability "
+            "targets, as in PyTorch: only index targets can be ignored"
+        )
     batch_shape = hidden.shape[:-1]
-    h, y = hidden.reshape(-1, d), targets.reshape(-1)
+    h = hidden.reshape(-1, d)
     n = h.shape[0]
+    labels = None if probabilities else targets.reshape(-1)
+    probs = jax.lax.stop_gradient(targets.reshape(n, v)) if probabilities else None
+    hyper = tuple(jax.lax.stop_gradient(jnp.asarray(x, cdt)) for x in hyper)
+    if soft_cap is not None:
+        soft_cap = jax.lax.stop_gradient(jnp.asarray(soft_cap, cdt))
+    problem = chunked.Problem(
+        h, kernel, bias, labels, probs, class_weight, soft_cap, options.smoothing, return_stats
+    )
     resolved_mesh = sharded.check_mesh_axes(mesh, batch_axis, vocab_axis, n, v)
     if n == 0:
         # Nothing to loop over: the loss of an empty batch, as cross_entropy gives it.
         empty = jnp.zeros((0,), cdt)
-        loss = assembly.reduce(empty, empty, reduction)
+        loss = assembly.reduce(empty, empty, options.reduction)
+        stats = (empty, jnp.zeros((0,), jnp.int32), empty)
     elif resolved_mesh is None:
-        _reject_explicit_sharding(hidden=h, kernel=kernel, targets=y, bias=bias, weight=weight)
-        loss = _blocked(h, kernel, bias, y, class_weight, options, config.clipped(n, v))
+        _reject_explicit_sharding(
+            hidden=h, kernel=kernel, targets=targets, bias=bias, weight=weight
+        )
+        loss, stats = _single_device(problem, options, hyper, config.clipped(n, v))
     else:
-        n_local = n // (1 if batch_axis is None else sharded.axis_size(resolved_mesh, batch_axis))
-        v_local = v // (1 if vocab_axis is None else sharded.axis_size(resolved_mesh, vocab_axis))
-        loss = sharded.sharded_loss(
-            h, kernel, bias, y, class_weight, options=options,
-            chunks=config.clipped(n_local, v_local), mesh=resolved_mesh,
-            batch_axis=batch_axis, vocab_axis=vocab_axis,
+        loss, stats = sharded.sharded_loss(
+            problem, options, hyper, config, mesh=resolved_mesh, batch_axis=batch_axis,
+            vocab_axis=vocab_axis,
         )  # fmt: skip
-    if reduction == "none":
+    if options.reduction == "none":
         loss = loss.reshape(batch_shape)
-    return loss.astype(out_dtype)
+    loss = loss.astype(out_dtype)
+    if not return_stats:
+        return loss
+    return loss, _logit_stats(problem, options, stats, batch_shape)
 
 
-def _blocked(h, kernel, bias, y, class_weight, options, chunks):
-    """The single-device (or automatically partitioned) path."""
-    v = kernel.shape[1]
-    smoothing = options["smoothing"]
-    lse, tgt, wsum = chunked.linear_stats(h, kernel, bias, y, class_weight, chunks, smoothing)
-    valid, bad, pos_weight = assembly.index_setup(
-        y, class_weight, v, options["ignore_index"], lse.dtype
-    )
-    sum_weight = v if class_weight is None else jnp.sum(class_weight)
-    loss = assembly.row_losses(
-        lse, tgt, wsum, valid, bad, pos_weight, sum_weight, v, smoothing, options["z_loss"]
-    )
-    return assembly.reduce(loss, pos_weight, options["reduction"])
+def _single_device(p: chunked.Problem, options: assembly.Options, hyper, chunks):
+    """The loss (reduced as asked) and ``(lse, argmax, entropy)`` on one device (or XLA's
+    automatic partitioning of it)."""
+    if options.reduction == "none":
+        s = chunked.token_stats(p, chunks[:2])
+        losses = assembly.RowLoss(options)(s, chunked.whole_block(p), p.class_weight, hyper)
+        return losses, (s.lse, s.arg, s.entropy)
+    total, stats = chunked.fused_total(p, hyper, assembly.RowLoss(options), chunks)
+    if options.reduction == "sum":
+        return total, stats
+    n = p.hidden.shape[0]
+    den = assembly.denominator(options, p.labels, p.class_weight, n, total.dtype)
+    return _common.safe_divide(total, den), stats
+
+
+def _logit_stats(p: chunked.Problem, options: assembly.Options, stats, batch_shape) -> LogitStats:
+    lse, arg, entropy = (jax.lax.stop_gradient(a) for a in stats)
+    if p.labels is None:
+        correct = arg == jnp.argmax(p.probs, axis=-1)
+    else:
+        valid = ~assembly.ignored(p.labels, options.ignore_index)
+        correct = valid & (arg == p.labels)
+    return LogitStats(*(a.reshape(batch_shape) for a in (lse, correct, entropy)))

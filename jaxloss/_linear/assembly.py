@@ -1,11 +1,15 @@
 """cross_entropy's per-token loss and PyTorch's reduction, from per-token logit statistics.
 
-Every form of ``linear_cross_entropy`` (materialised reference, blocked kernel, ``shard_map``)
-produces the same ``O(N)`` statistics and assembles the loss here with ordinary JAX, so the
-options (ignore mask, class weights, smoothing, z-loss, reduction) are written once.
+Every form of ``linear_cross_entropy`` (materialised reference, blocked kernel, fused gradient
+pass, ``shard_map``) produces the same ``O(N)`` statistics and assembles the loss here with
+ordinary JAX, so the options (ignore mask, class weights, smoothing, z-loss, reduction) are
+written once.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,18 +36,35 @@ def index_setup(targets, class_weight, num_classes, ignore_index, cdt):
     return valid, bad, jnp.where(valid, class_weight[safe], 0)
 
 
-def row_losses(lse, tgt, wsum, valid, bad, pos_weight, sum_weight, num_classes, smoothing, z_loss):
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The static options; ``smoothing``/``z_loss`` values travel as ``hyper`` arrays.
+
+    ``smoothing``/``z_loss`` say whether the term is present at all (a Python 0 is not, a
+    traced value is).
+    """
+
+    num_classes: int
+    ignore_index: int = -100
+    reduction: str = "mean"
+    smoothing: bool = False
+    z_loss: bool = False
+
+
+def index_losses(o: Options, lse, tgt, wsum, valid, bad, pos_weight, sum_weight, hyper):
     """cross_entropy's per-position formula in terms of ``lse``, ``z[y]`` and ``Σ_c w_c z_c``.
 
     ``-log p_y = lse - z_y`` and ``-Σ_c w_c log p_c = lse Σ_c w_c - Σ_c w_c z_c``.
     """
+    smoothing, z_loss = hyper
     # Ignored rows are zeroed before any arithmetic so that not even an inf there leaks a NaN
     # into the gradient.
     lse, tgt = jnp.where(valid, lse, 0), jnp.where(valid, tgt, 0)
-    loss = (1 - smoothing) * pos_weight * (lse - tgt)
-    if smoothing:
-        loss = loss + smoothing / num_classes * (sum_weight * lse - jnp.where(valid, wsum, 0))
-    if z_loss:
+    loss = pos_weight * (lse - tgt)
+    if o.smoothing:
+        smooth = (sum_weight * lse - jnp.where(valid, wsum, 0)) / o.num_classes
+        loss = (1 - smoothing) * loss + smoothing * smooth
+    if o.z_loss:
         loss = loss + z_loss * lse**2
     loss = jnp.where(valid, loss, 0)
     # A bad target (out of range, not ignored) is NaN, in value and — as in cross_entropy — in
@@ -52,14 +73,64 @@ def row_losses(lse, tgt, wsum, valid, bad, pos_weight, sum_weight, num_classes, 
     return loss + jnp.where(bad, jnp.nan, 0) * lse
 
 
-def reduce(loss, pos_weight, reduction, sum_over=None):
+def prob_losses(o: Options, lse, tz, wsum, mass, sum_weight, hyper):
+    """``-Σ_c w_c t'_c log p_c`` with ``t' = (1-ε) t + ε/V``, from ``Σ w t z`` and ``Σ w t``.
+
+    ``= (1-ε)(lse Σ_c w_c t_c - Σ_c w_c t_c z_c) + ε/V (lse Σ_c w_c - Σ_c w_c z_c)``.
+    """
+    smoothing, z_loss = hyper
+    loss = lse * mass - tz
+    if o.smoothing:
+        smooth = (sum_weight * lse - wsum) / o.num_classes
+        loss = (1 - smoothing) * loss + smoothing * smooth
+    if o.z_loss:
+        loss = loss + z_loss * lse**2
+    return loss
+
+
+def target_mass(probs: jax.Array, class_weight: jax.Array | None) -> jax.Array:
+    """``Σ_c w_c t_{n,c}`` per row."""
+    if class_weight is None:
+        return jnp.sum(probs, -1)
+    return probs @ class_weight.astype(probs.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowLoss:
+    """Per-row losses of a block of rows, from its statistics (what the fused pass calls)."""
+
+    options: Options
+
+    def __call__(self, stats: Any, blk: Any, class_weight, hyper) -> jax.Array:
+        o = self.options
+        v = o.num_classes
+        sum_weight = v if class_weight is None else jnp.sum(class_weight)
+        if blk.probs is not None:
+            mass = target_mass(blk.probs, class_weight)
+            return prob_losses(o, stats.lse, stats.tz, stats.wz, mass, sum_weight, hyper)
+        valid, bad, pos_weight = index_setup(
+            blk.labels, class_weight, v, o.ignore_index, stats.lse.dtype
+        )
+        return index_losses(
+            o, stats.lse, stats.tgt, stats.wz, valid, bad, pos_weight, sum_weight, hyper
+        )
+
+
+def denominator(o: Options, labels, class_weight, n: int, cdt) -> jax.Array:
+    """PyTorch's ``"mean"`` divisor: total weight of the non-ignored targets, or positions."""
+    if labels is None:
+        return jnp.asarray(n, cdt)
+    return jnp.sum(index_setup(labels, class_weight, o.num_classes, o.ignore_index, cdt)[2])
+
+
+def reduce(loss, denominator_value, reduction, sum_over=None):
     """PyTorch's reduction; ``sum_over`` names the mesh axes to sum partial results over."""
     if reduction == "none":
         return loss
-    total, denominator = jnp.sum(loss), jnp.sum(pos_weight)
+    total, den = jnp.sum(loss), jnp.sum(denominator_value)
     if sum_over:
         total = jax.lax.psum(total, sum_over)
-        denominator = jax.lax.psum(denominator, sum_over)
+        den = jax.lax.psum(den, sum_over)
     if reduction == "sum":
         return total
-    return _common.safe_divide(total, denominator)
+    return _common.safe_divide(total, den)

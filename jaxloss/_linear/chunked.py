@@ -1,23 +1,38 @@
 """The blocked kernel: per-token statistics of ``hidden @ kernel + bias`` without the logits.
 
-The loss needs only a few numbers per token — ``logsumexp(z_n)``, the target logit ``z_{n,y_n}``
-and, for label smoothing, ``Σ_c w_c z_{n,c}`` — so they are computed one ``token_chunk ×
-vocab_chunk`` block of logits at a time (an online logsumexp over vocabulary chunks), and the
-``custom_vjp`` recomputes each block in the backward pass instead of storing it.
+The loss needs only a few numbers per token — ``logsumexp(z_n)``, the target logit ``z_{n,y_n}``,
+``Σ_c w_c z_{n,c}`` for label smoothing, ``Σ_c w_c t_{n,c} z_{n,c}`` for probability targets —
+and the per-token statistics (argmax, entropy) need two more, so all of them are accumulated one
+``token_chunk × vocab_chunk`` block of (soft-capped) logits at a time: an online logsumexp over
+vocabulary chunks (a running maximum and a rescaled running sum, Milakov & Gimelshein 2018).
+
+Two differentiable forms share those block rules:
+
+- :func:`token_stats` returns the statistics per token; its ``custom_vjp`` recomputes each
+  logit block in the backward pass (four ``N·D·V`` matmuls in a ``value_and_grad``). For
+  ``reduction="none"`` and the ``shard_map`` form, where the per-token cotangents are only known
+  in the backward pass.
+- :func:`fused_total` returns the summed loss; when differentiated, its forward rule already
+  computes the gradient (Liger Kernel's method: per token chunk, the logits over the whole
+  vocabulary, their logsumexp, then ``softmax − onehot`` contracted into the gradients): three
+  matmuls, and the backward pass only scales. Its primal (forward-only calls) is the cheap
+  blocked pass.
 
 Blocks that do not divide evenly are handled without padding (which would copy the kernel): the
 last chunk is slid back to end at the array's edge and the rows or columns it shares with the
 previous chunk are masked out.
 
 Small helpers other blockwise losses may reuse: :class:`ChunkConfig`, :func:`chunk`,
-:func:`num_chunks`, :func:`dot` (a matmul with float32 accumulation), :func:`vary`.
+:func:`num_chunks`, :func:`dot` (a matmul with float32 accumulation), :func:`vary`,
+:func:`finite_or_zero`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple, cast
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +45,10 @@ from jaxloss import _common
 # (f32); larger blocks only cost memory. GPUs and TPUs may prefer larger chunks.
 DEFAULT_TOKEN_CHUNK = 1024
 DEFAULT_VOCAB_CHUNK = 1024
+# The fused gradient pass holds [rows, V] logits and their cotangent: 2^22 logits (16 MiB in
+# float32) per block keeps value_and_grad at N=8192, D=2048, V=131072 within ~100 MiB of
+# temporaries, with rows (256 at V=16384) still large enough for full-speed matmuls on CPU.
+DEFAULT_FUSED_BLOCK = 2**22
 
 
 def _positive_int(fn: str, name: str, value: Any) -> int:
@@ -47,19 +66,25 @@ class ChunkConfig:
     Attributes:
       token_chunk: rows of ``hidden`` per block (clipped to the number of tokens).
       vocab_chunk: columns of ``kernel`` per block (clipped to the number of classes).
+      grad_token_chunk: rows per block of the fused gradient pass, which holds
+        ``[grad_token_chunk, V]`` logits; ``None``: ``2**22 // V`` (at least 1).
     """
 
     token_chunk: int = DEFAULT_TOKEN_CHUNK
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK
+    grad_token_chunk: int | None = None
     fn: dataclasses.InitVar[str] = "linear_cross_entropy"
 
     def __post_init__(self, fn: str) -> None:
-        for field in ("token_chunk", "vocab_chunk"):
-            object.__setattr__(self, field, _positive_int(fn, field, getattr(self, field)))
+        for field in ("token_chunk", "vocab_chunk", "grad_token_chunk"):
+            value = getattr(self, field)
+            if value is not None or field != "grad_token_chunk":
+                object.__setattr__(self, field, _positive_int(fn, field, value))
 
-    def clipped(self, tokens: int, classes: int) -> tuple[int, int]:
-        """``(token_chunk, vocab_chunk)`` no larger than the array they cut."""
-        return min(self.token_chunk, tokens), min(self.vocab_chunk, classes)
+    def clipped(self, tokens: int, classes: int) -> tuple[int, int, int]:
+        """``(token_chunk, vocab_chunk, grad_token_chunk)`` no larger than the array they cut."""
+        fused = self.grad_token_chunk or max(1, DEFAULT_FUSED_BLOCK // classes)
+        return min(self.token_chunk, tokens), min(self.vocab_chunk, classes), min(fused, tokens)
 
 
 class Chunk(NamedTuple):
@@ -116,11 +141,6 @@ def dot(a: jax.Array, b: jax.Array, contract: tuple[int, int], out_dtype: Any) -
     return jax.lax.dot_general(a, b, dims, preferred_element_type=out_dtype)
 
 
-def _logits_block(h_i, k_j, b_j, cdt):
-    z = dot(h_i, k_j, (1, 0), cdt)
-    return z if b_j is None else z + b_j.astype(cdt)[None, :]
-
-
 def finite_or_zero(m: jax.Array) -> jax.Array:
     # A row whose logits are all -inf (or that has a +inf) keeps a finite shift, so the result is
     # the NaN/inf cross_entropy gives rather than an inf - inf produced here.
@@ -131,185 +151,502 @@ def _slice(x: jax.Array, start, width: int, axis: int = 0) -> jax.Array:
     return jax.lax.dynamic_slice_in_dim(x, start, width, axis=axis)
 
 
-def _maybe_slice(x: jax.Array | None, start, width: int) -> jax.Array | None:
-    return None if x is None else _slice(x, start, width)
+def _maybe_slice(x: jax.Array | None, start, width: int, axis: int = 0) -> jax.Array | None:
+    return None if x is None else _slice(x, start, width, axis)
 
 
-def _row_stats(hidden, kernel, bias, targets, chunks):
-    """Per-row ``logsumexp(z)`` and ``z[target]`` of ``z = hidden @ kernel + bias``, blockwise.
+def _put(x: jax.Array, update: jax.Array, start, axis: int = 0) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(x, update, start, axis)
 
-    ``targets`` outside ``[0, V)`` (e.g. owned by another vocabulary shard) hit no column and
-    leave a target logit of 0. Loops run over vocabulary chunks outside, token chunks inside.
+
+def _absorbing(u: jax.Array, z: jax.Array) -> jax.Array:
+    """``u · z`` with ``0 · z = 0`` for every ``z`` (a masked ``-inf`` logit without mass)."""
+    return jnp.where(u == 0, 0, u * z)
+
+
+# ----------------------------------------------------------------------------------------------
+# The problem, and one block of it
+# ----------------------------------------------------------------------------------------------
+
+
+class Problem(NamedTuple):
+    """Everything the kernel reads; ``labels`` xor ``probs`` are the targets.
+
+    ``hidden (N, D)``, ``kernel (D, V)``, ``bias (V,)`` or None, ``labels (N,)`` int32 class
+    indices (any value outside ``[0, V)`` hits no column), ``probs (N, V)`` probability targets,
+    ``class_weight (V,)`` or None, ``soft_cap`` a scalar or None. ``weighted_sum`` (static):
+    whether ``Σ_c w_c z_c`` is needed (label smoothing may be nonzero); ``with_stats`` (static):
+    whether argmax and entropy are accumulated.
     """
-    n, _ = hidden.shape
-    v = kernel.shape[1]
+
+    hidden: jax.Array
+    kernel: jax.Array
+    bias: Any  # None when absent
+    labels: Any  # None when absent
+    probs: Any  # None when absent
+    class_weight: Any  # None when absent
+    soft_cap: Any  # None when absent
+    weighted_sum: bool
+    with_stats: bool
+
+    @property
+    def cdt(self) -> Any:
+        return _common.compute_dtype(jnp.result_type(self.hidden.dtype, self.kernel.dtype))
+
+    @property
+    def arrays(self) -> tuple[Any, ...]:
+        return (self.hidden, self.kernel, self.bias, self.labels, self.probs, self.class_weight)
+
+
+# Accumulator names: running max and rescaled exp-sum; target logit; Σ w t z; Σ w z; argmax;
+# rescaled Σ e^z z (entropy).
+_ALL = ("m", "s", "tgt", "tz", "wz", "arg", "ent")
+
+
+def _names(p: Problem) -> tuple[str, ...]:
+    keep = {"m", "s"}
+    keep |= {"tgt"} if p.labels is not None else {"tz"}
+    keep |= {"wz"} if p.weighted_sum else set()
+    keep |= {"arg", "ent"} if p.with_stats else set()
+    return tuple(name for name in _ALL if name in keep)
+
+
+def _init(p: Problem, n: int) -> dict[str, jax.Array]:
+    cdt = p.cdt
+    acc = {name: jnp.zeros((n,), cdt) for name in _names(p)}
+    acc["m"] = jnp.full((n,), -jnp.inf, cdt)
+    if "arg" in acc:
+        acc["arg"] = jnp.zeros((n,), jnp.int32)
+    return {k: vary(v, *p.arrays) for k, v in acc.items()}
+
+
+class Block(NamedTuple):
+    """One block: its rows and columns, and the slices of the problem they read."""
+
+    rows: Chunk
+    cols: Chunk
+    labels: Any  # None when absent; (rows,)
+    probs: Any  # None when absent; (rows, cols)
+    weight: Any  # None when absent; (cols,)
+
+
+def _block(p: Problem, rows: Chunk, cols: Chunk, nc: int, vc: int) -> Block:
+    probs = None
+    if p.probs is not None:
+        probs = _slice(_slice(p.probs, rows.start, nc), cols.start, vc, 1).astype(p.cdt)
+    return Block(
+        rows, cols, _maybe_slice(p.labels, rows.start, nc), probs,
+        _maybe_slice(p.class_weight, cols.start, vc),
+    )  # fmt: skip
+
+
+def _capped_logits(p: Problem, h_i, k_j, b_j, cols: Chunk) -> jax.Array:
+    """``c · tanh((h K + b) / c)`` of one block (no cap: ``h K + b``), stale columns ``-inf``."""
+    z = dot(h_i, k_j, (1, 0), p.cdt)
+    if b_j is not None:
+        z = z + b_j.astype(p.cdt)[None, :]
+    if p.soft_cap is not None:
+        cap = p.soft_cap.astype(p.cdt)
+        z = cap * jnp.tanh(z / cap)
+    return z if cols.fresh is None else jnp.where(cols.fresh[None, :], z, -jnp.inf)
+
+
+def _live(z: jax.Array, cols: Chunk) -> jax.Array:
+    """``z`` with stale columns at 0, for the linear sums."""
+    return z if cols.fresh is None else jnp.where(cols.fresh[None, :], z, 0)
+
+
+def _absorb(acc: dict, z: jax.Array, blk: Block) -> dict:
+    """The accumulators after one more block of logits ``z`` (rows × cols) of the same rows."""
+    cols = blk.cols
+    block_max = jnp.max(z, 1)
+    m = jnp.maximum(acc["m"], block_max)
+    shift = finite_or_zero(m)
+    rescale = jnp.exp(acc["m"] - shift)
+    e = jnp.exp(z - shift[:, None])
+    new = {"m": m, "s": acc["s"] * rescale + jnp.sum(e, 1)}
+    if "tgt" in acc:
+        local = blk.labels - cols.start
+        hit = (local >= 0) & (local < z.shape[1])
+        if cols.fresh is not None:
+            hit = hit & jnp.take(cols.fresh, jnp.clip(local, 0, z.shape[1] - 1))
+        picked = jnp.take_along_axis(z, jnp.clip(local, 0, z.shape[1] - 1)[:, None], 1)[:, 0]
+        new["tgt"] = acc["tgt"] + jnp.where(hit, picked, 0)
+    if "tz" in acc:
+        u = blk.probs if blk.weight is None else blk.probs * blk.weight[None, :]
+        new["tz"] = acc["tz"] + jnp.sum(_absorbing(_live(u, cols), z), 1)
+    if "wz" in acc:
+        live = _live(z, cols)
+        new["wz"] = acc["wz"] + (
+            jnp.sum(live, 1) if blk.weight is None else jnp.sum(live * blk.weight[None, :], 1)
+        )
+    if "arg" in acc:
+        # Strictly greater: a tie keeps the earlier (lower) class index, as jnp.argmax.
+        better = block_max > acc["m"]
+        new["arg"] = jnp.where(better, cols.start + jnp.argmax(z, 1).astype(jnp.int32), acc["arg"])
+        new["ent"] = acc["ent"] * rescale + jnp.sum(_absorbing(e, z), 1)
+    return new
+
+
+def _keep_fresh_rows(new: dict, old: dict, rows: Chunk) -> dict:
+    if rows.fresh is None:
+        return new
+    return {k: jnp.where(rows.fresh, new[k], old[k]) for k in new}
+
+
+class Stats(NamedTuple):
+    """Per-token results of the blocked pass (``None`` where not asked for)."""
+
+    lse: jax.Array
+    tgt: Any  # None when absent
+    tz: Any  # None when absent
+    wz: Any  # None when absent
+    arg: Any  # None when absent
+    entropy: Any  # None when absent
+    max: Any  # None when absent; the largest logit (with the statistics: to combine shards' argmax)
+
+
+def _finish(acc: dict) -> Stats:
+    lse = finite_or_zero(acc["m"]) + jnp.log(acc["s"])
+    entropy, top = None, None
+    if "ent" in acc:
+        entropy, top = lse - acc["ent"] / acc["s"], acc["m"]
+    get = acc.get
+    return Stats(lse, get("tgt"), get("tz"), get("wz"), get("arg"), entropy, top)
+
+
+# ----------------------------------------------------------------------------------------------
+# The forward pass (vocabulary chunks outside, token chunks inside)
+# ----------------------------------------------------------------------------------------------
+
+
+def blocked_stats(p: Problem, chunks: tuple[int, int]) -> Stats:
+    """Per-token statistics, one ``token_chunk × vocab_chunk`` block of logits at a time."""
+    n, v = p.hidden.shape[0], p.kernel.shape[1]
     nc, vc = chunks
-    cdt = _common.compute_dtype(jnp.result_type(hidden.dtype, kernel.dtype))
 
-    def vocab_step(j, carry):
-        col = chunk(j, vc, v)
-        k_j, b_j = _slice(kernel, col.start, vc, 1), _maybe_slice(bias, col.start, vc)
+    def vocab_step(j, acc):
+        cols = chunk(j, vc, v)
+        k_j, b_j = _slice(p.kernel, cols.start, vc, 1), _maybe_slice(p.bias, cols.start, vc)
 
-        def token_step(i, carry):
-            row = chunk(i, nc, n)
-            m, s, tgt = (_slice(c, row.start, nc) for c in carry)
-            y_i = _slice(targets, row.start, nc)
-            z = _logits_block(_slice(hidden, row.start, nc), k_j, b_j, cdt)
-            if col.fresh is not None:
-                z = jnp.where(col.fresh[None, :], z, -jnp.inf)
-            m_new = jnp.maximum(m, jnp.max(z, 1))
-            shift = finite_or_zero(m_new)
-            s_new = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(z - shift[:, None]), 1)
-            local = y_i - col.start
-            hit = (local >= 0) & (local < vc)
-            if col.fresh is not None:
-                hit = hit & (y_i >= j * vc)
-            picked = jnp.take_along_axis(z, jnp.clip(local, 0, vc - 1)[:, None], 1)[:, 0]
-            new = (m_new, s_new, tgt + jnp.where(hit, picked, 0))
-            if row.fresh is not None:
-                new = tuple(
-                    jnp.where(row.fresh, a, b) for a, b in zip(new, (m, s, tgt), strict=True)
-                )
-            return tuple(
-                jax.lax.dynamic_update_slice_in_dim(c, x, row.start, 0)
-                for c, x in zip(carry, new, strict=True)
-            )
+        def token_step(i, acc):
+            rows = chunk(i, nc, n)
+            old = {k: _slice(a, rows.start, nc) for k, a in acc.items()}
+            z = _capped_logits(p, _slice(p.hidden, rows.start, nc), k_j, b_j, cols)
+            new = _keep_fresh_rows(_absorb(old, z, _block(p, rows, cols, nc, vc)), old, rows)
+            return {k: _put(acc[k], new[k], rows.start) for k in acc}
 
-        return jax.lax.fori_loop(0, num_chunks(n, nc), token_step, carry)
+        return jax.lax.fori_loop(0, num_chunks(n, nc), token_step, acc)
 
-    init = (jnp.full((n,), -jnp.inf, cdt), jnp.zeros((n,), cdt), jnp.zeros((n,), cdt))
-    init = tuple(vary(a, hidden, kernel, bias, targets) for a in init)
-    m, s, tgt = jax.lax.fori_loop(0, num_chunks(v, vc), vocab_step, init)
-    return finite_or_zero(m) + jnp.log(s), tgt
+    return _finish(jax.lax.fori_loop(0, num_chunks(v, vc), vocab_step, _init(p, n)))
 
 
-def _weighted_logit_sum(hidden, kernel, bias, class_weight, cdt):
-    """``Σ_c w_c z_{n,c}`` (``w = 1`` when unweighted) as ``hidden @ (kernel @ w) + bias · w``."""
-    w = jnp.ones((kernel.shape[1],), cdt) if class_weight is None else class_weight
-    kw = dot(kernel, w.astype(kernel.dtype), (1, 0), cdt)
-    out = dot(hidden, kw.astype(hidden.dtype), (1, 0), cdt)
-    if bias is not None:
-        out = out + jnp.sum(bias.astype(cdt) * w)
-    return out
+# ----------------------------------------------------------------------------------------------
+# Gradients of one block
+# ----------------------------------------------------------------------------------------------
 
 
-def _logit_cotangent(z, lse_i, gl_i, gt_i, gw_i, y_i, col, row, w_j):
-    """``∂/∂z = g_lse softmax(z) + g_tgt [c = y] + g_wsum w_c`` on one block, overlap masked."""
-    # Rows with no logsumexp cotangent (ignored targets) contribute exactly nothing, even where
-    # their logits overflow.
-    dz = jnp.where(gl_i != 0, gl_i * jnp.exp(z - lse_i), 0)
-    hit = jax.lax.iota(jnp.int32, z.shape[1])[None, :] == (y_i - col.start)[:, None]
-    dz = dz + jnp.where(hit, gt_i, 0)
-    if gw_i is not None:
-        dz = dz + (gw_i if w_j is None else gw_i * w_j[None, :])
-    if col.fresh is not None:
-        dz = jnp.where(col.fresh[None, :], dz, 0)
-    if row.fresh is not None:
-        dz = jnp.where(row.fresh[:, None], dz, 0)
-    return dz
+class Cotangents(NamedTuple):
+    """Per-token cotangents of ``lse``, ``tgt``, ``tz`` and ``wz`` (``None``: not used)."""
+
+    lse: Any
+    tgt: Any  # None when absent
+    tz: Any  # None when absent
+    wz: Any  # None when absent
+
+    def rows(self, start, width: int) -> Cotangents:
+        return Cotangents(*(None if g is None else _slice(g, start, width)[:, None] for g in self))
 
 
-def _grads(hidden, kernel, bias, targets, class_weight, lse, g_lse, g_tgt, g_wsum, chunks):
-    """Gradients for hidden, kernel and bias, recomputing each logit block.
+def _block_grads(p: Problem, z, lse_i, g: Cotangents, blk: Block):
+    """``(∂/∂(hK + b), ∂/∂w)`` of one block; stale rows and columns contribute nothing.
 
-    Loops run over vocabulary chunks outside (each kernel-gradient chunk is finished and written
-    once) and token chunks inside (the hidden gradient is accumulated in place).
+    ``∂/∂z = g_lse softmax(z) + g_tgt [c = y] + (g_tz t + g_wz) w``, then through the cap:
+    ``∂z/∂x = 1 − (z / c)²``. Rows without a logsumexp cotangent (ignored targets) contribute
+    exactly nothing, even where their logits overflow.
     """
-    n, d = hidden.shape
-    v = kernel.shape[1]
+    dz = jnp.where(g.lse != 0, g.lse * jnp.exp(z - lse_i), 0)
+    if g.tgt is not None:
+        hit = jax.lax.iota(jnp.int32, z.shape[1])[None, :] == (blk.labels - blk.cols.start)[:, None]
+        dz = dz + jnp.where(hit, g.tgt, 0)
+    mass = 0  # ∂/∂(w_c z_c) per row and class: g_tz t + g_wz
+    if g.tz is not None:
+        mass = g.tz * blk.probs
+    if g.wz is not None:
+        mass = mass + g.wz
+    if g.tz is not None or g.wz is not None:
+        dz = dz + (mass if blk.weight is None else mass * blk.weight[None, :])
+    dw = None
+    if blk.weight is not None and (g.tz is not None or g.wz is not None):
+        live = _live(z, blk.cols)
+        if blk.rows.fresh is not None:
+            live = jnp.where(blk.rows.fresh[:, None], live, 0)
+        dw = jnp.sum(_absorbing(jnp.broadcast_to(mass, z.shape), live), 0)
+    if p.soft_cap is not None:
+        dz = dz * (1 - jnp.square(z / p.soft_cap.astype(z.dtype)))
+    if blk.cols.fresh is not None:
+        dz = jnp.where(blk.cols.fresh[None, :], dz, 0)
+    if blk.rows.fresh is not None:
+        dz = jnp.where(blk.rows.fresh[:, None], dz, 0)
+    return dz, dw
+
+
+def _grad_zeros(p: Problem):
+    n, d = p.hidden.shape
+    v = p.kernel.shape[1]
+    cdt = p.cdt
+    zeros = (jnp.zeros((n, d), cdt), jnp.zeros((d, v), cdt), jnp.zeros((v,), cdt))
+    return tuple(vary(a, *p.arrays) for a in (*zeros, jnp.zeros((v,), cdt)))
+
+
+def _cast_grads(p: Problem, dh, dk, db, dw):
+    return (
+        dh.astype(p.hidden.dtype),
+        dk.astype(p.kernel.dtype),
+        None if p.bias is None else db.astype(p.bias.dtype),
+        None if p.class_weight is None else dw.astype(p.class_weight.dtype),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-token statistics, with a recomputing backward pass
+# ----------------------------------------------------------------------------------------------
+
+
+def _recomputed_grads(p: Problem, chunks, lse, g: Cotangents):
+    """Gradients for hidden, kernel, bias and weight, recomputing each logit block.
+
+    Vocabulary chunks outside (each kernel-gradient column block is finished and written once),
+    token chunks inside (the hidden gradient is accumulated in place).
+    """
+    n, v = p.hidden.shape[0], p.kernel.shape[1]
     nc, vc = chunks
-    mm = jnp.result_type(hidden.dtype, kernel.dtype)
-    cdt = _common.compute_dtype(mm)
+    mm = jnp.result_type(p.hidden.dtype, p.kernel.dtype)
     lse = finite_or_zero(lse)
-    inputs = (hidden, kernel, bias, targets, class_weight, lse, g_lse, g_tgt, g_wsum)
 
     def vocab_step(j, carry):
-        dh, dk, db = carry
-        col = chunk(j, vc, v)
-        k_j, b_j = _slice(kernel, col.start, vc, 1), _maybe_slice(bias, col.start, vc)
-        w_j = None
-        if g_wsum is not None and class_weight is not None:
-            w_j = _slice(class_weight, col.start, vc).astype(cdt)
+        dh, dk, db, dw = carry
+        cols = chunk(j, vc, v)
+        k_j, b_j = _slice(p.kernel, cols.start, vc, 1), _maybe_slice(p.bias, cols.start, vc)
 
         def token_step(i, inner):
-            dh, dk_j, db_j = inner
-            row = chunk(i, nc, n)
-            h_i, y_i = _slice(hidden, row.start, nc), _slice(targets, row.start, nc)
-            lse_i, gl_i, gt_i = (_slice(a, row.start, nc)[:, None] for a in (lse, g_lse, g_tgt))
-            gw_i = None if g_wsum is None else _slice(g_wsum, row.start, nc)[:, None]
-            z = _logits_block(h_i, k_j, b_j, cdt)
-            dz = _logit_cotangent(z, lse_i, gl_i, gt_i, gw_i, y_i, col, row, w_j).astype(mm)
-            dh_i = _slice(dh, row.start, nc) + dot(dz, k_j.astype(mm), (1, 1), cdt)
-            dh = jax.lax.dynamic_update_slice_in_dim(dh, dh_i, row.start, 0)
-            dk_j = dk_j + dot(h_i.astype(mm), dz, (0, 0), cdt)
-            return dh, dk_j, db_j + jnp.sum(dz.astype(cdt), 0)
+            dh, dk_j, db_j, dw_j = inner
+            rows = chunk(i, nc, n)
+            h_i = _slice(p.hidden, rows.start, nc)
+            z = _capped_logits(p, h_i, k_j, b_j, cols)
+            blk = _block(p, rows, cols, nc, vc)
+            dz, dw_i = _block_grads(
+                p, z, _slice(lse, rows.start, nc)[:, None], g.rows(rows.start, nc), blk
+            )
+            dz = dz.astype(mm)
+            dh = _put(
+                dh, _slice(dh, rows.start, nc) + dot(dz, k_j.astype(mm), (1, 1), p.cdt), rows.start
+            )
+            dk_j = dk_j + dot(h_i.astype(mm), dz, (0, 0), p.cdt)
+            dw_j = dw_j if dw_i is None else dw_j + dw_i
+            return dh, dk_j, db_j + jnp.sum(dz.astype(p.cdt), 0), dw_j
 
-        inner = (dh, vary(jnp.zeros((d, vc), cdt), *inputs), vary(jnp.zeros((vc,), cdt), *inputs))
-        dh, dk_j, db_j = jax.lax.fori_loop(0, num_chunks(n, nc), token_step, inner)
-        dk_j = dk_j.astype(dk.dtype)
-        if col.fresh is not None:
-            # The slid-back last chunk shares columns with the previous one: keep those.
-            dk_j = jnp.where(col.fresh[None, :], dk_j, _slice(dk, col.start, vc, 1))
-            db_j = jnp.where(col.fresh, db_j, _slice(db, col.start, vc))
-        dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_j, col.start, 1)
-        db = jax.lax.dynamic_update_slice_in_dim(db, db_j, col.start, 0)
-        return dh, dk, db
+        zeros = tuple(
+            vary(jnp.zeros(s, p.cdt), *p.arrays, *g) for s in ((dk.shape[0], vc), (vc,), (vc,))
+        )
+        dh, dk_j, db_j, dw_j = jax.lax.fori_loop(0, num_chunks(n, nc), token_step, (dh, *zeros))
+        out = []
+        for full, part, axis in ((dk, dk_j, 1), (db, db_j, 0), (dw, dw_j, 0)):
+            if cols.fresh is not None:
+                # The slid-back last chunk shares columns with the previous one: keep those.
+                fresh = cols.fresh[None, :] if axis else cols.fresh
+                part = jnp.where(fresh, part, _slice(full, cols.start, vc, axis))
+            out.append(_put(full, part, cols.start, axis))
+        return (dh, *out)
 
-    init = (jnp.zeros((n, d), cdt), jnp.zeros((d, v), kernel.dtype), jnp.zeros((v,), cdt))
-    init = tuple(vary(a, *inputs) for a in init)
-    dh, dk, db = jax.lax.fori_loop(0, num_chunks(v, vc), vocab_step, init)
-    return dh.astype(hidden.dtype), dk, (None if bias is None else db.astype(bias.dtype))
+    init = tuple(vary(a, *g) for a in _grad_zeros(p))
+    return _cast_grads(p, *jax.lax.fori_loop(0, num_chunks(v, vc), vocab_step, init))
 
 
 # What the custom_vjp buys: the backward pass recomputes each logit block instead of storing
 # the [N, V] logits (O(blocks) memory instead of O(N·V)).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _linear_stats(hidden, kernel, bias, targets, class_weight, chunks, smoothing):
-    """``(logsumexp(z), z[target], Σ_c w_c z_c or None)`` per row, with a recomputing VJP."""
-    (lse, tgt, wsum), _ = _linear_stats_fwd(
-        hidden, kernel, bias, targets, class_weight, chunks, smoothing
-    )
-    return lse, tgt, wsum
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _token_stats(hidden, kernel, bias, labels, probs, class_weight, soft_cap, chunks, ws, st):
+    p = Problem(hidden, kernel, bias, labels, probs, class_weight, soft_cap, ws, st)
+    return blocked_stats(p, chunks)
 
 
-def _linear_stats_fwd(hidden, kernel, bias, targets, class_weight, chunks, smoothing):
-    lse, tgt = _row_stats(hidden, kernel, bias, targets, chunks)
-    wsum = None
-    if smoothing:
-        wsum = _weighted_logit_sum(hidden, kernel, bias, class_weight, lse.dtype)
-    return (lse, tgt, wsum), (hidden, kernel, bias, targets, class_weight, lse)
+def _token_stats_fwd(hidden, kernel, bias, labels, probs, class_weight, soft_cap, chunks, ws, st):
+    p = Problem(hidden, kernel, bias, labels, probs, class_weight, soft_cap, ws, st)
+    stats = blocked_stats(p, chunks)
+    return stats, (p.arrays, soft_cap, stats.lse)
 
 
-def _linear_stats_bwd(chunks, smoothing, residuals, cotangents):
-    hidden, kernel, bias, targets, class_weight, lse = residuals
-    g_lse, g_tgt, g_wsum = cotangents
-    dh, dk, db = _grads(
-        hidden, kernel, bias, targets, class_weight, lse, g_lse, g_tgt, g_wsum, chunks
-    )
-    dw = None
-    if class_weight is not None:
-        dw = vary(jnp.zeros_like(class_weight), class_weight)
-        if smoothing:
-            # ∂(Σ_n g_n Σ_c w_c z_nc)/∂w_c = Σ_n g_n z_nc = ((g @ hidden) @ kernel)_c + Σ g · b_c.
-            cdt = lse.dtype
-            gh = dot(g_wsum.astype(hidden.dtype), hidden, (0, 0), cdt)
-            dw = dot(gh.astype(kernel.dtype), kernel, (0, 0), cdt)
-            if bias is not None:
-                dw = dw + jnp.sum(g_wsum) * bias.astype(cdt)
-            dw = dw.astype(class_weight.dtype)
-    return dh, dk, db, None, dw
+def _token_stats_bwd(chunks, ws, st, residuals, cotangents: Stats):
+    arrays, soft_cap, lse = residuals
+    p = Problem(*arrays, soft_cap, ws, st)  # pyright: ignore[reportCallIssue]
+    g = Cotangents(cotangents.lse, cotangents.tgt, cotangents.tz, cotangents.wz)
+    dh, dk, db, dw = _recomputed_grads(p, chunks, lse, g)
+    return dh, dk, db, None, None, dw, None
 
 
-_linear_stats.defvjp(_linear_stats_fwd, _linear_stats_bwd)
+_token_stats.defvjp(_token_stats_fwd, _token_stats_bwd)
 
 
-def linear_stats(
-    hidden, kernel, bias, targets, class_weight, chunks: tuple[int, int], smoothing
-) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """Per-row ``(logsumexp(z), z[target], Σ_c w_c z_c or None)`` of ``z = hidden @ kernel + b``.
+def token_stats(p: Problem, chunks: tuple[int, int]) -> Stats:
+    """Per-token :class:`Stats` of ``p``, differentiable (reverse mode) in ``hidden``,
+    ``kernel``, ``bias`` and ``class_weight`` through ``lse``, ``tgt``, ``tz`` and ``wz``."""
+    return _token_stats(*p.arrays, p.soft_cap, chunks, p.weighted_sum, p.with_stats)
 
-    ``chunks`` is ``(token_chunk, vocab_chunk)``, already clipped to the sizes. Differentiable
-    (reverse mode) in ``hidden``, ``kernel``, ``bias`` and ``class_weight``.
+
+# ----------------------------------------------------------------------------------------------
+# The summed loss, with its gradient computed in the forward pass
+# ----------------------------------------------------------------------------------------------
+
+RowLoss = Callable[..., jax.Array]
+
+
+def _whole_vocabulary(v: int) -> Chunk:
+    return Chunk(jnp.zeros((), jnp.int32), jax.lax.iota(jnp.int32, v), None)
+
+
+def _stats_out(p: Problem, stats: Stats) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    return stats.lse, stats.arg, stats.entropy
+
+
+def _fused_chunk(p: Problem, hyper, row_loss: RowLoss, rows: Chunk, chunks, grads):
+    """One token chunk of the fused pass: its losses and statistics; the gradients updated.
+
+    Pass 1 reduces the chunk's logits over the whole vocabulary to the statistics and
+    ``row_loss``'s VJP gives the per-token cotangents; pass 2 walks over vocabulary chunks of
+    those same logits, contracting ``∂ℓ/∂z`` into the gradients (the kernel's gradient is
+    updated in place, one column block at a time).
     """
-    out = _linear_stats(hidden, kernel, bias, targets, class_weight, chunks, bool(smoothing))
-    return cast("tuple[jax.Array, jax.Array, jax.Array | None]", out)
+    nc, vc = chunks
+    v = p.kernel.shape[1]
+    mm = jnp.result_type(p.hidden.dtype, p.kernel.dtype)
+    h_i = _slice(p.hidden, rows.start, nc)
+    blk = _block(p, rows, _whole_vocabulary(v), nc, v)
+    z = _capped_logits(p, h_i, p.kernel, p.bias, blk.cols)
+    stats = _finish(_absorb(_init(p, nc), z, blk))
+
+    def chunk_loss(lse, tgt, tz, wz, class_weight):
+        return row_loss(stats._replace(lse=lse, tgt=tgt, tz=tz, wz=wz), blk, class_weight, hyper)
+
+    losses, vjp = jax.vjp(chunk_loss, stats.lse, stats.tgt, stats.tz, stats.wz, p.class_weight)
+    fresh = jnp.ones((nc,), losses.dtype)
+    if rows.fresh is not None:
+        fresh = rows.fresh.astype(losses.dtype)
+    *g, dw_outer = vjp(fresh)
+    g = Cotangents(*(None if a is None else a[:, None] for a in g))
+    lse_i = finite_or_zero(stats.lse)[:, None]
+
+    def vocab_step(j, carry):
+        dh_i, dk, db, dw = carry
+        cols = chunk(j, vc, v)
+        k_j = _slice(p.kernel, cols.start, vc, 1)
+        # Stale columns and rows get a zero cotangent: adding their share changes nothing.
+        dz, dw_j = _block_grads(
+            p, _slice(z, cols.start, vc, 1), lse_i, g, _block(p, rows, cols, nc, vc)
+        )
+        dz = dz.astype(mm)
+        dh_i = dh_i + dot(dz, k_j.astype(mm), (1, 1), p.cdt)
+        dk = _put(
+            dk,
+            _slice(dk, cols.start, vc, 1) + dot(h_i.astype(mm), dz, (0, 0), p.cdt),
+            cols.start,
+            1,
+        )
+        db = _put(db, _slice(db, cols.start, vc) + jnp.sum(dz.astype(p.cdt), 0), cols.start)
+        if dw_j is not None:
+            dw = _put(dw, _slice(dw, cols.start, vc) + dw_j, cols.start)
+        return dh_i, dk, db, dw
+
+    dh, dk, db, dw = grads
+    dh_i = vary(jnp.zeros((nc, dh.shape[1]), p.cdt), *p.arrays)
+    dh_i, dk, db, dw = jax.lax.fori_loop(0, num_chunks(v, vc), vocab_step, (dh_i, dk, db, dw))
+    if dw_outer is not None:
+        dw = dw + dw_outer.astype(p.cdt)
+    if rows.fresh is not None:
+        dh_i = jnp.where(rows.fresh[:, None], dh_i, _slice(dh, rows.start, nc))
+    grads = (_put(dh, dh_i, rows.start), dk, db, dw)
+    return jnp.sum(losses * fresh), _stats_out(p, stats), grads
+
+
+def fused_forward_and_grads(p: Problem, hyper, row_loss: RowLoss, chunks: tuple[int, int]):
+    """``(Σ_n ℓ_n, (lse, argmax, entropy), grads)`` with per token chunk the whole vocabulary.
+
+    Pass 1 reduces a chunk's logits to the statistics, ``row_loss``'s VJP gives the per-token
+    cotangents, pass 2 forms ``∂ℓ/∂z`` and contracts it into the gradients: three ``N·D·V``
+    matmuls, ``[nc, V]`` logits at a time.
+    """
+    n = p.hidden.shape[0]
+    nc = chunks[0]
+
+    def token_step(i, carry):
+        total, stats, grads = carry
+        rows = chunk(i, nc, n)
+        loss_i, stats_i, grads = _fused_chunk(p, hyper, row_loss, rows, chunks, grads)
+        new: list[Any] = []
+        part: Any
+        for full, part in zip(stats, stats_i, strict=True):
+            if full is not None and rows.fresh is not None:
+                part = jnp.where(rows.fresh, part, _slice(full, rows.start, nc))
+            new.append(None if full is None else _put(full, part, rows.start))
+        return total + loss_i, tuple(new), grads
+
+    cdt = p.cdt
+    stats = (jnp.zeros((n,), cdt), None, None)
+    if p.with_stats:
+        stats = (stats[0], jnp.zeros((n,), jnp.int32), jnp.zeros((n,), cdt))
+    stats = tuple(None if a is None else vary(a, *p.arrays) for a in stats)
+    init = (vary(jnp.zeros((), cdt), *p.arrays), stats, _grad_zeros(p))
+    total, stats, grads = jax.lax.fori_loop(0, num_chunks(n, nc), token_step, init)
+    return total, stats, _cast_grads(p, *grads)
+
+
+def whole_block(p: Problem) -> Block:
+    """All rows and columns of ``p`` as one block (what the assembly reads)."""
+    n, v = p.hidden.shape[0], p.kernel.shape[1]
+    probs = None if p.probs is None else p.probs.astype(p.cdt)
+    return Block(_whole_vocabulary(n), _whole_vocabulary(v), p.labels, probs, p.class_weight)
+
+
+# What the custom_vjp buys: when differentiated, the gradient is formed in the forward pass from
+# logits already in hand (three N·D·V matmuls instead of four); forward-only calls keep the
+# cheap blocked pass. Measured: see docs/linear.md.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def _fused_total(
+    hidden, kernel, bias, labels, probs, class_weight, soft_cap, hyper, chunks, ws, st, row_loss
+):
+    p = Problem(hidden, kernel, bias, labels, probs, class_weight, soft_cap, ws, st)
+    stats = blocked_stats(p, chunks[:2])
+    losses = row_loss(stats, whole_block(p), class_weight, hyper)
+    return jnp.sum(losses), _stats_out(p, stats)
+
+
+def _fused_total_fwd(
+    hidden, kernel, bias, labels, probs, class_weight, soft_cap, hyper, chunks, ws, st, row_loss
+):
+    p = Problem(hidden, kernel, bias, labels, probs, class_weight, soft_cap, ws, st)
+    total, stats, grads = fused_forward_and_grads(p, hyper, row_loss, (chunks[2], chunks[1]))
+    return (total, stats), (grads, jax.tree.map(jnp.zeros_like, hyper))
+
+
+def _fused_total_bwd(chunks, ws, st, row_loss, residuals, cotangents):
+    (dh, dk, db, dw), hyper_zeros = residuals
+    g = cotangents[0]
+    scale = lambda x: None if x is None else (g * x).astype(x.dtype)
+    return scale(dh), scale(dk), scale(db), None, None, scale(dw), None, hyper_zeros
+
+
+_fused_total.defvjp(_fused_total_fwd, _fused_total_bwd)
+
+
+def fused_total(
+    p: Problem, hyper, row_loss: RowLoss, chunks: tuple[int, int, int]
+) -> tuple[jax.Array, Any]:
+    """``(Σ_n row_loss_n, (lse, argmax, entropy))``, differentiable (reverse mode) in
+    ``hidden``, ``kernel``, ``bias`` and ``class_weight``; ``hyper`` is not differentiated.
+
+    ``row_loss(stats, block, class_weight, hyper)`` maps a :class:`Stats` of some rows (and the
+    :class:`Block` holding their targets) to their losses; it must be a hashable callable.
+    """
+    return _fused_total(
+        *p.arrays, p.soft_cap, hyper, chunks, p.weighted_sum, p.with_stats, row_loss
+    )

@@ -10,26 +10,36 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxloss import _common
-from jaxloss._linear import assembly
+from jaxloss._linear import assembly, chunked
 
 
-def reference_loss(h, kernel, bias, y, class_weight, *, options):
-    """``linear_cross_entropy`` of 2-D ``h`` and 1-D ``y`` by way of the materialised logits."""
-    v = kernel.shape[1]
-    cdt = _common.compute_dtype(jnp.result_type(h.dtype, kernel.dtype))
-    z = jnp.matmul(h, kernel, preferred_element_type=cdt)
-    if bias is not None:
-        z = z + bias.astype(cdt)[None, :]
+def reference_stats(p: chunked.Problem) -> chunked.Stats:
+    """:class:`chunked.Stats` of ``p`` from its materialised (soft-capped) logits."""
+    z = jnp.matmul(p.hidden, p.kernel, preferred_element_type=p.cdt)
+    if p.bias is not None:
+        z = z + p.bias.astype(p.cdt)[None, :]
+    if p.soft_cap is not None:
+        z = p.soft_cap * jnp.tanh(z / p.soft_cap)
+    w = jnp.ones((z.shape[1],), p.cdt) if p.class_weight is None else p.class_weight
     lse = jax.nn.logsumexp(z, axis=1)
-    tgt = jnp.take_along_axis(z, jnp.clip(y, 0, v - 1)[:, None], 1)[:, 0]
-    smoothing = options["smoothing"]
-    wsum = None
-    if smoothing:
-        wsum = jnp.sum(z, 1) if class_weight is None else z @ class_weight.astype(cdt)
-    valid, bad, pos_weight = assembly.index_setup(y, class_weight, v, options["ignore_index"], cdt)
-    sum_weight = v if class_weight is None else jnp.sum(class_weight)
-    loss = assembly.row_losses(
-        lse, tgt, wsum, valid, bad, pos_weight, sum_weight, v, smoothing, options["z_loss"]
-    )
-    return assembly.reduce(loss, pos_weight, options["reduction"])
+    tgt = tz = None
+    if p.labels is not None:
+        safe = jnp.clip(p.labels, 0, z.shape[1] - 1)
+        tgt = jnp.take_along_axis(z, safe[:, None], 1)[:, 0]
+    else:
+        u = p.probs * w[None, :]
+        tz = jnp.sum(jnp.where(u == 0, 0, u * z), 1)
+    wz = z @ w if p.weighted_sum else None
+    probs = jax.nn.softmax(z, axis=1)
+    entropy = lse - jnp.sum(jnp.where(probs == 0, 0, probs * z), 1)
+    arg = jnp.argmax(z, axis=1).astype(jnp.int32)
+    return chunked.Stats(lse, tgt, tz, wz, arg, entropy, jnp.max(z, 1))
+
+
+def reference_loss(p: chunked.Problem, options: assembly.Options, hyper) -> jax.Array:
+    """``linear_cross_entropy`` of the 2-D problem ``p``, reduced as ``options`` say."""
+    stats = reference_stats(p)
+    losses = assembly.RowLoss(options)(stats, chunked.whole_block(p), p.class_weight, hyper)
+    n = p.hidden.shape[0]
+    den = assembly.denominator(options, p.labels, p.class_weight, n, losses.dtype)
+    return assembly.reduce(losses, den, options.reduction)

@@ -10,12 +10,13 @@ vocabulary-parallel cross-entropy). Nothing switches to this form by itself.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxloss import _common
 from jaxloss._linear import assembly, chunked
 
 _FN = "linear_cross_entropy"
@@ -66,76 +67,108 @@ def check_mesh_axes(mesh, batch_axis, vocab_axis, n: int, v: int):
     return mesh
 
 
-def _local_loss(h, kernel, bias, y, class_weight, *, options, chunks, axes, v):
+def _combine_over_vocabulary(s: chunked.Stats, offset, vocab_axis) -> chunked.Stats:
+    """One device's statistics of its columns combined into those of the whole vocabulary."""
+    shift = chunked.finite_or_zero(jax.lax.pmax(jax.lax.stop_gradient(s.lse), vocab_axis))
+    lse = shift + jnp.log(jax.lax.psum(jnp.exp(s.lse - shift), vocab_axis))
+    psum = lambda x: None if x is None else jax.lax.psum(x, vocab_axis)
+    arg, entropy, top = s.arg, s.entropy, s.max
+    if s.arg is not None and s.max is not None and s.entropy is not None:
+        top = jax.lax.pmax(s.max, vocab_axis)
+        mine = jnp.where(s.max == top, s.arg + offset, jnp.iinfo(jnp.int32).max)
+        arg = jax.lax.pmin(mine, vocab_axis)  # ties: the lowest class index of all shards
+        # Σ_c p_c z_c = Σ_shards e^{lse_k - lse} Σ_{c in k} p^k_c z_c, Σ p^k z = lse_k - H_k.
+        local_lse = jax.lax.stop_gradient(s.lse)
+        weight = jnp.exp(local_lse - jax.lax.stop_gradient(lse))
+        entropy = jax.lax.stop_gradient(lse) - jax.lax.psum(
+            weight * (local_lse - entropy), vocab_axis
+        )
+    return chunked.Stats(lse, psum(s.tgt), psum(s.tz), psum(s.wz), arg, entropy, top)
+
+
+def _local_loss(p: chunked.Problem, options: assembly.Options, hyper, chunks, axes):
     """One device's share: blocked statistics, combined over the vocabulary shards."""
     batch_axis, vocab_axis = axes
-    v_local = kernel.shape[1]
-    cdt = _common.compute_dtype(jnp.result_type(h.dtype, kernel.dtype))
+    v_local = p.kernel.shape[1]
     offset = 0 if vocab_axis is None else jax.lax.axis_index(vocab_axis) * v_local
-    y_local = (y - offset).astype(jnp.int32)
-    everywhere = [a for a in (h, kernel, bias, y_local, class_weight) if a is not None]
-    h, kernel, y_local = (chunked.vary(a, *everywhere) for a in (h, kernel, y_local))
-    bias, class_weight = (
-        None if a is None else chunked.vary(a, *everywhere) for a in (bias, class_weight)
+    labels: Any = None if p.labels is None else (p.labels - offset).astype(p.labels.dtype)
+    local = p._replace(labels=labels)
+    everywhere = [a for a in local.arrays if a is not None]
+    local = local._replace(
+        **{
+            k: None if a is None else chunked.vary(a, *everywhere)
+            for k, a in local._asdict().items()
+            if k in ("hidden", "kernel", "bias", "labels", "probs", "class_weight")
+        }
     )
-    smoothing = options["smoothing"]
-    lse, tgt, wsum = chunked.linear_stats(h, kernel, bias, y_local, class_weight, chunks, smoothing)
-    valid = ~assembly.ignored(y, options["ignore_index"])
-    bad = valid & ((y < 0) | (y >= v))
-    owned = (y_local >= 0) & (y_local < v_local)
-    if class_weight is not None:
-        picked = class_weight[jnp.clip(y_local, 0, v_local - 1)]
-        pos_weight, sum_weight = jnp.where(valid & owned, picked, 0), jnp.sum(class_weight)
+    s = chunked.token_stats(local, chunks)
+    w = local.class_weight
+    sum_weight = v_local if w is None else jnp.sum(w)
+    if p.labels is not None:
+        valid = ~assembly.ignored(p.labels, options.ignore_index)
+        bad = valid & ((p.labels < 0) | (p.labels >= options.num_classes))
+        owned = (labels >= 0) & (labels < v_local)
+        pos_weight = valid.astype(s.lse.dtype)
+        if w is not None:
+            pos_weight = jnp.where(valid & owned, w[jnp.clip(labels, 0, v_local - 1)], 0)
     else:
-        pos_weight, sum_weight = valid.astype(cdt), v
+        mass = assembly.target_mass(local.probs, w)
     if vocab_axis is not None:
-        shift = chunked.finite_or_zero(jax.lax.pmax(jax.lax.stop_gradient(lse), vocab_axis))
-        lse = shift + jnp.log(jax.lax.psum(jnp.exp(lse - shift), vocab_axis))
-        tgt = jax.lax.psum(tgt, vocab_axis)
-        wsum = None if wsum is None else jax.lax.psum(wsum, vocab_axis)
-        if class_weight is not None:
+        s = _combine_over_vocabulary(s, offset, vocab_axis)
+        sum_weight = jax.lax.psum(sum_weight, vocab_axis)
+        if p.labels is not None and w is not None:
             pos_weight = jax.lax.psum(pos_weight, vocab_axis)
-            sum_weight = jax.lax.psum(sum_weight, vocab_axis)
-    loss = assembly.row_losses(
-        lse, tgt, wsum, valid, bad, pos_weight, sum_weight, v, smoothing, options["z_loss"]
-    )
-    return assembly.reduce(loss, pos_weight, options["reduction"], batch_axis)
+        if p.labels is None:
+            mass = jax.lax.psum(mass, vocab_axis)
+    if p.labels is not None:
+        loss = assembly.index_losses(
+            options, s.lse, s.tgt, s.wz, valid, bad, pos_weight, sum_weight, hyper
+        )
+    else:
+        loss = assembly.prob_losses(options, s.lse, s.tz, s.wz, mass, sum_weight, hyper)
+        pos_weight = jnp.ones_like(loss)
+    stats = (s.lse, s.arg, s.entropy)
+    return assembly.reduce(loss, pos_weight, options.reduction, batch_axis), stats
 
 
-def sharded_loss(
-    h, kernel, bias, y, class_weight, *, options, chunks, mesh, batch_axis, vocab_axis
-):
-    """``linear_cross_entropy`` of 2-D ``h`` and 1-D ``y`` under ``jax.shard_map`` on ``mesh``.
+def sharded_loss(p: chunked.Problem, options, hyper, config, *, mesh, batch_axis, vocab_axis):
+    """``linear_cross_entropy`` of the 2-D problem ``p`` under ``jax.shard_map`` on ``mesh``.
 
-    The differentiable inputs are marked as varying over every mesh axis in use, so that
-    autodiff sums their per-device gradients over the axes they are replicated on (``hidden``
-    over the vocabulary axis, ``kernel``, ``bias`` and ``weight`` over the batch axis).
+    Returns the loss and ``(lse, argmax, entropy)`` per token. The differentiable inputs are
+    marked as varying over every mesh axis in use, so that autodiff sums their per-device
+    gradients over the axes they are replicated on (``hidden`` over the vocabulary axis,
+    ``kernel``, ``bias`` and ``weight`` over the batch axis).
     """
-    v = kernel.shape[1]
+    n, v = p.hidden.shape[0], p.kernel.shape[1]
+    n_local = n // (1 if batch_axis is None else axis_size(mesh, batch_axis))
+    v_local = v // (1 if vocab_axis is None else axis_size(mesh, vocab_axis))
+    chunks = config.clipped(n_local, v_local)[:2]
     rows, cols = PartitionSpec(batch_axis), PartitionSpec(vocab_axis)
-    specs = {"h": PartitionSpec(batch_axis, None), "kernel": PartitionSpec(None, vocab_axis)}
-    args, in_specs = [h, kernel, y], [specs["h"], specs["kernel"], rows]
-    extras = [a is not None for a in (bias, class_weight)]
-    for present, arg in zip(extras, (bias, class_weight), strict=True):
-        if present:
-            args.append(arg)
-            in_specs.append(cols)
+    specs = dict(
+        hidden=PartitionSpec(batch_axis, None), kernel=PartitionSpec(None, vocab_axis),
+        bias=cols, labels=rows, probs=PartitionSpec(batch_axis, vocab_axis), class_weight=cols,
+        soft_cap=PartitionSpec(),
+    )  # fmt: skip
+    present = [k for k, a in p._asdict().items() if isinstance(a, jax.Array)]
+    args = tuple(getattr(p, k) for k in present)
+    in_specs = tuple(specs[k] for k in present)
 
-    def local(h, kernel, y, *rest):
-        rest_iter = iter(rest)
-        bias_l, weight_l = (next(rest_iter) if present else None for present in extras)
-        return _local_loss(
-            h, kernel, bias_l, y, weight_l, options=options, chunks=chunks,
-            axes=(batch_axis, vocab_axis), v=v,
-        )  # fmt: skip
+    def local(hyper, *arrays):
+        given = dict(zip(present, arrays, strict=True))
+        local_p = p._replace(**{k: given.get(k) for k in present})
+        return _local_loss(local_p, options, hyper, chunks, (batch_axis, vocab_axis))
 
-    out_specs = rows if options["reduction"] == "none" else PartitionSpec()
+    out_specs = (rows if options.reduction == "none" else PartitionSpec(), (rows,) * 3)
+    if not p.with_stats:
+        out_specs = (out_specs[0], (rows, None, None))
     if any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
         # With explicit sharding (jax.make_mesh's default) shard_map takes inputs only in the
         # layout of its in_specs; with automatic sharding XLA reshards them itself.
-        target = tuple(in_specs)
+        target = in_specs
         if isinstance(mesh, Mesh):
             target = tuple(jax.sharding.NamedSharding(mesh, spec) for spec in in_specs)
-        args = jax.reshard(tuple(args), target)
-    shard_fn = jax.shard_map(local, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs)
-    return shard_fn(*args)
+        args = jax.reshard(args, target)
+    shard_fn = jax.shard_map(
+        local, mesh=mesh, in_specs=(PartitionSpec(), *in_specs), out_specs=out_specs
+    )
+    return shard_fn(hyper, *args)
