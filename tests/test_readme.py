@@ -42,6 +42,13 @@ def test_flax_nnx_train_step_runs_as_shown(tmp_path: Path) -> None:
     assert last < 0.6 * first, (first, last)  # 50 steps of adamw on a separable toy problem
 
 
+def test_docs_overview_shows_the_same_train_step() -> None:
+    """docs/index.md repeats the block; only the README's is run, so they must not drift."""
+    (readme_block,) = code_blocks(section("In a Flax NNX train step"), "python")
+    docs = (REPO / "docs" / "index.md").read_text(encoding="utf-8")
+    assert f"```python\n{readme_block}```" in docs
+
+
 def test_ci_runs_the_readme_test_line_verbatim() -> None:
     """A newcomer's test command is CI's: the README's line is in .ci/run, character for
     character, and both Quick-start lines create the venv and install from this checkout."""
