@@ -254,25 +254,77 @@ def linear_args() -> dict[str, np.ndarray]:
 # The plain call on one device (itself checked against cross_entropy in test_linear.py).
 linear_reference = functools.cache(lambda: unsharded(linear_fn(), linear_args()))
 
+
+def no_all_gather(hlo: str) -> list[str]:
+    """The shard_map forms exchange only per-token statistics: no all-gather in the program."""
+    gathers = [line.strip()[:160] for line in hlo.splitlines() if "all-gather" in line]
+    return [f"the shard_map form all-gathers: {gathers}"] if gathers else []
+
+
+def linear_case(mode: str, layout: str) -> None:
+    def run(mesh: Mesh) -> list[str]:
+        axes = dict(mesh=mesh, **linear_axes(layout)) if mode == "shard_map" else {}
+        got, hlo = sharded(mesh, layout, linear_fn(**axes), linear_args(), LINEAR_KINDS)
+        problems = compare(got, linear_reference(), f"{mode} over {layout}")
+        return problems + (no_all_gather(hlo) if mode == "shard_map" else [])
+
+    CASES[f"linear_cross_entropy/{mode}/{layout}"] = run
+
+
+# Automatic sharding (XLA partitions the blockwise loops) once, on the layout using both mesh
+# axes: compiling it costs twice the shard_map form, and tests/test_sharding.py covers the rest.
+linear_case("auto", "both")
 for _layout in LAYOUTS:
+    linear_case("shard_map", _layout)
 
-    def _linear_auto(mesh: Mesh, layout=_layout) -> list[str]:
-        """Plain call under jit: XLA partitions the blockwise loops across the processes."""
-        got, _ = sharded(mesh, layout, linear_fn(), linear_args(), LINEAR_KINDS)
-        return compare(got, linear_reference(), f"automatic sharding over {layout}")
+DISTILLATION_KINDS = {
+    "hidden": "hidden", "kernel": "kernel", "bias": "cols", "teacher_hidden": "hidden",
+    "teacher_kernel": "kernel", "teacher_bias": "cols", "mask": "rows", "cotangent": "rows",
+}  # fmt: skip
 
-    def _linear_shard_map(mesh: Mesh, layout=_layout) -> list[str]:
-        """mesh/batch_axis/vocab_axis: shard_map; nothing is all-gathered across devices."""
-        fn = linear_fn(mesh=mesh, **linear_axes(layout))
-        got, hlo = sharded(mesh, layout, fn, linear_args(), LINEAR_KINDS)
-        problems = compare(got, linear_reference(), f"shard_map form over {layout}")
-        gathers = [line.strip()[:160] for line in hlo.splitlines() if "all-gather" in line]
-        if gathers:
-            problems.append(f"the shard_map form all-gathers: {gathers}")
-        return problems
 
-    CASES[f"linear_cross_entropy/auto/{_layout}"] = _linear_auto
-    CASES[f"linear_cross_entropy/shard_map/{_layout}"] = _linear_shard_map
+def distillation_args() -> dict[str, np.ndarray]:
+    data, teacher = problem_data(6), problem_data(7)
+    return {
+        **{k: data[k] for k in ("hidden", "kernel", "bias", "cotangent")},
+        **{f"teacher_{k}": teacher[k] for k in ("hidden", "kernel", "bias")},
+        "mask": data["targets"] != -100,
+    }
+
+
+def distillation_fn(**axes) -> Callable:
+    """Per-token forward KL (τ = 2, masked), its gradients in the student's head, the mean."""
+
+    def fn(hidden, kernel, bias, teacher_hidden, teacher_kernel, teacher_bias, mask, cotangent):
+        def loss(hidden, kernel, bias, reduction):
+            return jaxloss.linear_distillation(
+                hidden, kernel, teacher_hidden, teacher_kernel, bias=bias,
+                teacher_bias=teacher_bias, mask=mask, divergence="kl", temperature=2.0,
+                reduction=reduction, token_chunk=3, vocab_chunk=3, **axes,
+            )  # fmt: skip
+
+        def weighted(*params):
+            per_token = loss(*params, "none")
+            return jnp.sum(per_token * cotangent), per_token
+
+        params = (hidden, kernel, bias)
+        (_, per_token), grads = jax.value_and_grad(weighted, (0, 1, 2), has_aux=True)(*params)
+        return per_token, grads, loss(*params, "mean")
+
+    return fn
+
+
+def linear_distillation_case(mesh: Mesh) -> list[str]:
+    """The shard_map form with the vocabulary split over both processes."""
+    layout = "classes"
+    fn = distillation_fn(mesh=mesh, **linear_axes(layout))
+    got, hlo = sharded(mesh, layout, fn, distillation_args(), DISTILLATION_KINDS)
+    want = unsharded(distillation_fn(), distillation_args())
+    return compare(got, want, f"shard_map over {layout}") + no_all_gather(hlo)
+
+
+if hasattr(jaxloss, "linear_distillation"):  # added to jaxloss alongside these tests
+    CASES["linear_distillation/shard_map/classes"] = linear_distillation_case
 
 
 # ----------------------------------------------------------------------------------------------
