@@ -322,6 +322,13 @@ def _announce(tasks: Sequence[Task], args: argparse.Namespace) -> None:
         f"{_fmt_duration(seconds)} to {_fmt_duration(_BUSY_FACTOR * seconds)} on a 2-core CPU "
         "(quiet to busy)."
     )
+    load, threads = _load_average(), _cpu_threads()
+    if load is not None and load > threads:
+        # Every process shares the cores: a 6x oversubscribed machine runs it about 6x slower.
+        line += (
+            f" The machine is busy now (1-min load {load:.1f} on {threads} cores): more like "
+            f"{_fmt_duration(seconds * load / threads)}."
+        )
     if not args.quick and not args.memory_only:
         line += " For a first look, --quick takes about a minute."
     print(line, file=sys.stderr, flush=True)
