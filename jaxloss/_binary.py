@@ -19,6 +19,10 @@ _LOG_CLAMP = -100.0
 _GRAD_EPS = float(np.float32(1e-12))
 
 
+def _upcast_or_none(w: jax.Array | None) -> jax.Array | None:
+    return None if w is None else _common.upcast(w)
+
+
 def _binary_inputs(fn, inputs, targets, weight, reduction, input_name):
     inputs = _common.check_floating(input_name, fn, inputs)
     targets = _common.check_floating("targets", fn, targets)
@@ -28,7 +32,9 @@ def _binary_inputs(fn, inputs, targets, weight, reduction, input_name):
     return inputs, targets, weight
 
 
-def _bce_loss(p, y, w):
+def _bce_loss(static, p, data):
+    del static
+    y, w = data
     log_p = jnp.maximum(jnp.log(p), _LOG_CLAMP)
     log_1mp = jnp.maximum(jnp.log1p(-p), _LOG_CLAMP)
     loss = -(y * log_p + (1 - y) * log_1mp)
@@ -42,11 +48,11 @@ def _bce_grad(p, y, w):
 
 # Custom JVP for parity: PyTorch's gradient is (p - y) / max(p(1-p), 1e-12) even where the -100
 # clamp is active, whereas autodiff of the clamp would give 0 there.
-def _bce_loss_and_grad(p, y, w):
-    return _bce_loss(p, y, w), _bce_grad(p, y, w)
+def _bce_loss_and_grad(static, p, data):
+    return _bce_loss(static, p, data), _bce_grad(p, *data)
 
 
-_bce = _common.fused_jvp(_bce_loss, _bce_loss_and_grad, 0, _common.contract_elementwise)
+_bce = _common.fused_jvp(_bce_loss, _bce_loss_and_grad, _common.contract_elementwise)
 
 
 @functools.partial(_common.jit, static_argnames=("reduction",))
@@ -84,11 +90,13 @@ def bce(
     """
     probs, targets, weight = _binary_inputs("bce", probs, targets, weight, reduction, "probs")
     up = _common.upcast
-    loss = _bce(up(probs), up(targets), None if weight is None else up(weight))
+    loss = _bce(None, up(probs), (up(targets), _upcast_or_none(weight)))
     return _common.reduce_loss(loss, reduction).astype(probs.dtype)
 
 
-def _bce_logits_loss(x, y, w, pw):
+def _bce_logits_loss(static, x, data):
+    del static
+    y, w, pw = data
     log_weight = 1 if pw is None else 1 + (pw - 1) * y
     loss = (1 - y) * x + log_weight * softplus_neg(x)
     return loss if w is None else w * loss
@@ -101,12 +109,12 @@ def _bce_logits_grad(x, y, w, pw):
 
 
 # Custom JVP for speed: σ(-x) is the whole derivative, with no softplus chain rule to unwind.
-def _bce_logits_loss_and_grad(x, y, w, pw):
-    return _bce_logits_loss(x, y, w, pw), _bce_logits_grad(x, y, w, pw)
+def _bce_logits_loss_and_grad(static, x, data):
+    return _bce_logits_loss(static, x, data), _bce_logits_grad(x, *data)
 
 
 _bce_logits = _common.fused_jvp(
-    _bce_logits_loss, _bce_logits_loss_and_grad, 0, _common.contract_elementwise
+    _bce_logits_loss, _bce_logits_loss_and_grad, _common.contract_elementwise
 )
 
 
@@ -150,10 +158,6 @@ def bce_with_logits(
     logits, targets, weight = _binary_inputs(fn, logits, targets, weight, reduction, "logits")
     pos_weight = _common.broadcast_like("pos_weight", fn, pos_weight, logits.shape)
     up = _common.upcast
-    loss = _bce_logits(
-        up(logits),
-        up(targets),
-        None if weight is None else up(weight),
-        None if pos_weight is None else up(pos_weight),
-    )
+    data = (up(targets), _upcast_or_none(weight), _upcast_or_none(pos_weight))
+    loss = _bce_logits(None, up(logits), data)
     return _common.reduce_loss(loss, reduction).astype(logits.dtype)

@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import checkify
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from jaxloss import _common
+from jaxloss import _common, _targets
 
 # ----------------------------------------------------------------------------------------------
-# Index targets: shared setup
+# Index targets: validation (the bookkeeping itself lives in _targets)
 # ----------------------------------------------------------------------------------------------
-
-
-def _ignored(targets: jax.Array, ignore_index: int) -> jax.Array:
-    """Boolean mask of ignored positions; none when ``ignore_index`` cannot occur in the dtype."""
-    info = np.iinfo(targets.dtype)
-    if not info.min <= ignore_index <= info.max:
-        return jnp.zeros(targets.shape, jnp.bool_)
-    return targets == ignore_index
 
 
 def _axis_hint(shape: tuple[int, ...], target_shape: tuple[int, ...], axis: int) -> str:
@@ -36,76 +29,55 @@ def _axis_hint(shape: tuple[int, ...], target_shape: tuple[int, ...], axis: int)
     )
 
 
-class _IndexTargets:
-    """Validated index targets and the per-position quantities every index loss needs."""
+class _Index(NamedTuple):
+    """What the index kernels read besides the logits (a pytree: custom_jvp data)."""
 
-    def __init__(self, fn, inputs, targets, weight, ignore_index, axis, input_name):
-        if not isinstance(ignore_index, (int, np.integer)) or isinstance(ignore_index, bool):
-            raise TypeError(f"{fn}: `ignore_index` must be an int, got {ignore_index!r}")
-        self.axis = _common.class_axis(fn, axis, inputs.ndim)
-        expected = _common.without_axis(inputs.shape, self.axis)
-        if targets.shape != expected:
-            raise ValueError(
-                f"{fn}: index `targets` must have the shape of `{input_name}` without its class "
-                f"axis {self.axis}, i.e. {expected}; got `targets` with shape "
-                f"{tuple(targets.shape)} (dtype {targets.dtype}) for `{input_name}` with shape "
-                f"{tuple(inputs.shape)} (dtype {inputs.dtype})"
-                + _axis_hint(inputs.shape, targets.shape, self.axis)
-            )
-        self.num_classes = inputs.shape[self.axis]
-        self.targets = targets
-        self.valid = ~_ignored(targets, int(ignore_index))
-        # Out of range and not ignored: PyTorch raises; under jit we cannot, so the loss is NaN.
-        self.bad = self.valid & ((targets < 0) | (targets >= self.num_classes))
-        self.class_weight = _common.check_class_weight(fn, weight, self.num_classes)
-        dtype = _common.compute_dtype(inputs.dtype)
-        if self.class_weight is None:
-            self.pos_weight = self.valid.astype(dtype)
-        else:
-            self.class_weight = self.class_weight.astype(dtype)
-            safe = jnp.clip(targets, 0, self.num_classes - 1)
-            self.pos_weight = jnp.where(self.valid, _take(self.class_weight, safe), 0)
-
-    def reduce(self, loss: jax.Array, reduction: str) -> jax.Array:
-        """PyTorch's reduction: "mean" divides by the total weight of the non-ignored targets."""
-        loss = jnp.where(self.bad, jnp.nan, loss)
-        return _common.reduce_loss(loss, reduction, weights=self.pos_weight)
+    targets: jax.Array
+    idx: _targets.IndexTargets
+    class_weight: jax.Array | None
+    smoothing: jax.Array | None
+    z_loss: jax.Array | None
 
 
-def _concrete_target_check(fn: str, input_name: str):
-    """An ``eager_check`` raising PyTorch's out-of-bounds error on concrete index targets."""
+def _index_inputs(fn, inputs, targets, weight, ignore_index, axis, input_name):
+    """Validated index targets: ``(axis, _targets.IndexTargets, class weight)``."""
+    ignore_index = _targets.check_ignore_index(fn, ignore_index)
+    axis = _common.class_axis(fn, axis, inputs.ndim)
+    expected = _common.without_axis(inputs.shape, axis)
+    message = (
+        f"{fn}: index `targets` must have the shape of `{input_name}` without its class axis "
+        f"{axis}, i.e. {expected}; got `targets` with {_common.describe(targets)} for "
+        f"`{input_name}` with {_common.describe(inputs)}"
+        + _axis_hint(inputs.shape, targets.shape, axis)
+    )
+    _common.expect(chex.assert_shape, targets, expected, message=message, error=ValueError)
+    num_classes = inputs.shape[axis]
+    class_weight = _common.check_class_weight(fn, weight, num_classes)
+    dtype = _common.compute_dtype(inputs.dtype)
+    if class_weight is not None:
+        class_weight = class_weight.astype(dtype)
+    idx = _targets.index_targets(targets, num_classes, ignore_index, class_weight, dtype)
+    return axis, idx, class_weight
 
-    def check(inputs, targets, *, ignore_index=-100, axis=-1, **_) -> None:
-        if not _common.is_concrete(targets) or not isinstance(ignore_index, (int, np.integer)):
-            return
-        t, shape = np.asarray(targets), np.shape(inputs)
-        if not np.issubdtype(t.dtype, np.integer) or not isinstance(axis, (int, np.integer)):
-            return  # the compiled function names what is wrong with these
-        if not -len(shape) <= axis < len(shape):
-            return
-        axis = int(axis) % len(shape)
-        if t.shape != _common.without_axis(shape, axis):
-            return
-        num_classes = shape[axis]
-        bad = (t != ignore_index) & ((t < 0) | (t >= num_classes))
-        if not bad.any():
-            return
-        position = tuple(int(i) for i in np.argwhere(bad)[0])
-        hint = ""
-        if num_classes == 1 and fn == "cross_entropy":
-            hint = (
-                ". `logits` have a single class: for a binary task with 0/1 targets use "
-                "`jaxloss.bce_with_logits(jnp.squeeze(logits, axis), targets.astype(logits.dtype))`"
-            )
-        raise ValueError(
-            f"{fn}: `targets` holds class index {t[position]} at position {position}, out of "
-            f"bounds for `{input_name}` of shape {shape} with {num_classes} "
-            f"class{'es' if num_classes != 1 else ''} along axis {axis}: valid targets lie in "
-            f"[0, {num_classes}) or equal ignore_index={ignore_index}{hint}. (Under jit such a "
-            "target gives NaN; see check_targets.)"
+
+def _prepare(fn: str, input_name: str):
+    """``_common.jit``'s ``prepare``: PyTorch's error on concrete targets, 0 options dropped."""
+
+    def prepare(arguments: dict) -> None:
+        shape = np.shape(arguments[input_name])
+        _targets.raise_if_out_of_range(
+            fn,
+            input_name,
+            shape,
+            arguments["targets"],
+            arguments["ignore_index"],
+            arguments["axis"],
         )
+        for name, high in (("label_smoothing", 1.0), ("z_loss", np.inf)):
+            if name in arguments:
+                arguments[name] = _common.hyperparameter(name, fn, arguments[name], high=high)
 
-    return check
+    return prepare
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,7 +88,7 @@ def _concrete_target_check(fn: str, input_name: str):
 @functools.partial(
     _common.jit,
     static_argnames=("ignore_index", "reduction", "axis"),
-    eager_check=_concrete_target_check("nll", "log_probs"),
+    prepare=_prepare("nll", "log_probs"),
 )
 def nll(
     log_probs: Float[ArrayLike, "*batch classes *rest"],
@@ -160,26 +132,28 @@ def nll(
     log_probs = _common.check_floating("log_probs", fn, log_probs)
     targets = _common.check_integer("targets", fn, targets)
     _common.check_reduction(fn, reduction)
-    idx = _IndexTargets(fn, log_probs, targets, weight, ignore_index, axis, "log_probs")
-    loss = _nll(log_probs, targets, idx.valid, idx.pos_weight, idx.axis)
-    return idx.reduce(loss, reduction).astype(log_probs.dtype)
+    ax, idx, _ = _index_inputs(fn, log_probs, targets, weight, ignore_index, axis, "log_probs")
+    loss = _nll(ax, log_probs, (targets, idx))
+    return _targets.reduce(loss, reduction, idx).astype(log_probs.dtype)
 
 
-def _nll_loss(x, targets, valid, pos_weight, axis):
+def _nll_loss(axis, x, data):
+    targets, idx = data
     picked = jnp.squeeze(_pick(_common.upcast(x), targets, axis), axis)
-    return jnp.where(valid, -pos_weight * picked, 0)
+    return jnp.where(idx.valid, -idx.weight * picked, 0)
 
 
-def _nll_loss_and_grad(x, targets, valid, pos_weight, axis):
+def _nll_loss_and_grad(axis, x, data):
+    targets, idx = data
     hit = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis) == jnp.expand_dims(targets, axis)
-    hit = hit & jnp.expand_dims(valid, axis)
-    grad = jnp.where(hit, -jnp.expand_dims(pos_weight, axis), 0)
-    return _nll_loss(x, targets, valid, pos_weight, axis), grad
+    hit = hit & jnp.expand_dims(idx.valid, axis)
+    grad = jnp.where(hit, -jnp.expand_dims(idx.weight, axis), 0)
+    return _nll_loss(axis, x, data), grad
 
 
 # Custom JVP for speed: the gradient is a one-hot built from an iota comparison, fused into the
 # backward pass, instead of the scatter-add that autodiff of the gather would produce.
-_nll = _common.fused_jvp(_nll_loss, _nll_loss_and_grad, 1, _common.contract_axis)
+_nll = _common.fused_jvp(_nll_loss, _nll_loss_and_grad, _common.contract_axis)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,22 +202,9 @@ class _Normalizer:
         return _common.upcast_apart(self.e).astype(self.sum.dtype)
 
 
-def _explicit_spec(x: jax.Array) -> tuple:
-    """The mesh axes ``x``'s type says it is split over, per dimension (explicit sharding)."""
-    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
-    return tuple(spec or ())
-
-
 def _sharded_along(x: jax.Array, axis: int) -> bool:
-    spec = _explicit_spec(x)
+    spec = _targets.explicit_spec(x)
     return axis < len(spec) and spec[axis] is not None
-
-
-def _take(weight: jax.Array, index: jax.Array) -> jax.Array:
-    """``weight[index]``; under explicit sharding a gather must name its output's sharding."""
-    if any(_explicit_spec(weight)) or any(_explicit_spec(index)):
-        return weight.at[index].get(out_sharding=jax.typeof(index).sharding)
-    return weight[index]
 
 
 def _pick(x: jax.Array, targets: jax.Array, axis: int) -> jax.Array:
@@ -262,105 +223,114 @@ def _pick(x: jax.Array, targets: jax.Array, axis: int) -> jax.Array:
     return jnp.take_along_axis(x, safe.astype(jnp.int32), axis)
 
 
-def _index_terms(norm, z, targets, valid, pos_weight, class_weight, axis, smoothing, z_loss):
+def _index_terms(norm: _Normalizer, z, d: _Index):
     """Per-position cross-entropy of index targets; PyTorch's smoothing formula; PaLM's z-loss."""
+    axis, eps = norm.axis, d.smoothing
     # Picked from the raw logits (N reads), so that the N×C shifted logits feed only reductions
     # and XLA never materialises them.
-    target_logp = (_common.upcast(_pick(z, targets, axis)) - norm.max) - norm.log_sum
-    valid_k = jnp.expand_dims(valid, axis)
-    w = jnp.expand_dims(pos_weight, axis)
-    loss = jnp.where(valid_k, -(1 - smoothing) * w * target_logp, 0)
-    if smoothing:
+    target_logp = (_common.upcast(_pick(z, d.targets, axis)) - norm.max) - norm.log_sum
+    valid_k = jnp.expand_dims(d.idx.valid, axis)
+    w = jnp.expand_dims(d.idx.weight, axis)
+    keep = 1 if eps is None else 1 - eps
+    loss = jnp.where(valid_k, -keep * w * target_logp, 0)
+    if eps is not None:
         # -Σ_c w_c log p_c = Σ_c w_c (max - z_c) + (Σ_c w_c) log s: two sums of non-negative
         # terms (no cancellation), each a single reduction over the logits.
         gap = norm.max_again() - _common.upcast(z)
-        if class_weight is None:
+        if d.class_weight is None:
             total_weight = z.shape[axis]
         else:
-            gap = _common.expand_at(class_weight, axis, z.ndim) * gap
-            total_weight = jnp.sum(class_weight)
+            gap = _common.expand_at(d.class_weight, axis, z.ndim) * gap
+            total_weight = jnp.sum(d.class_weight)
         smooth = jnp.sum(gap, axis, keepdims=True) + total_weight * norm.log_sum
-        loss = loss + jnp.where(valid_k, smoothing / z.shape[axis] * smooth, 0)
-    if z_loss:
-        loss = loss + jnp.where(valid_k, z_loss * norm.lse**2, 0)
+        loss = loss + jnp.where(valid_k, eps / z.shape[axis] * smooth, 0)
+    if d.z_loss is not None:
+        loss = loss + jnp.where(valid_k, d.z_loss * norm.lse**2, 0)
     return jnp.squeeze(loss, axis)
 
 
-def _index_loss(z, targets, valid, bad, pos_weight, class_weight, axis, smoothing, z_loss):
+def _index_loss(axis: int, z, d: _Index):
     norm = _Normalizer(z, axis, _common.compute_dtype(z.dtype), finite_shift=False)
-    args = (targets, valid, pos_weight, class_weight, axis, smoothing, z_loss)
-    return _index_terms(norm, z, *args)
+    return _index_terms(norm, z, d)
 
 
-def _index_loss_and_grad(z, targets, valid, bad, pos_weight, class_weight, axis, smoothing, z_loss):
+def _index_loss_and_grad(axis: int, z, d: _Index):
     """The loss and ∂loss/∂z = a·softmax(z) − b, one elementwise expression (no scatter)."""
     norm = _Normalizer(z, axis, z.dtype)
-    loss = _index_terms(norm, z, targets, valid, pos_weight, class_weight, axis, smoothing, z_loss)
-    valid_k = jnp.expand_dims(valid, axis)
-    w = jnp.expand_dims(pos_weight, axis)
-    hit = jax.lax.broadcasted_iota(jnp.int32, z.shape, axis) == jnp.expand_dims(targets, axis)
-    a = (1 - smoothing) * w
-    b = jnp.where(hit, (1 - smoothing) * w, 0)
-    if smoothing:
-        eps_c = smoothing / z.shape[axis]
-        if class_weight is None:
-            a, b = a + smoothing, b + eps_c
+    loss = _index_terms(norm, z, d)
+    w = jnp.expand_dims(d.idx.weight, axis)
+    hit = jax.lax.broadcasted_iota(jnp.int32, z.shape, axis) == jnp.expand_dims(d.targets, axis)
+    keep = 1 if d.smoothing is None else 1 - d.smoothing
+    a, b = keep * w, jnp.where(hit, keep * w, 0)
+    if d.smoothing is not None:
+        eps_c = d.smoothing / z.shape[axis]
+        if d.class_weight is None:
+            a, b = a + d.smoothing, b + eps_c
         else:
-            cw = _common.expand_at(class_weight, axis, z.ndim)
-            a, b = a + eps_c * jnp.sum(class_weight), b + eps_c * cw
-    if z_loss:
-        a = a + 2 * z_loss * norm.lse
-    a = jnp.where(jnp.expand_dims(bad, axis), jnp.nan, a)
-    grad = jnp.where(valid_k, (a / norm.sum) * norm.e_wide() - b, 0)
+            cw = _common.expand_at(d.class_weight, axis, z.ndim)
+            a, b = a + eps_c * jnp.sum(d.class_weight), b + eps_c * cw
+    if d.z_loss is not None:
+        a = a + 2 * d.z_loss * norm.lse
+    a = jnp.where(jnp.expand_dims(d.idx.bad, axis), jnp.nan, a)
+    grad = jnp.where(jnp.expand_dims(d.idx.valid, axis), (a / norm.sum) * norm.e_wide() - b, 0)
     return loss, grad
 
 
-_index_ce = _common.fused_jvp(_index_loss, _index_loss_and_grad, 3, _common.contract_axis)
+_index_ce = _common.fused_jvp(_index_loss, _index_loss_and_grad, _common.contract_axis)
 
 
-def _prob_terms(norm, shift, targets, class_weight, axis, smoothing, z_loss):
+class _Probs(NamedTuple):
+    """What the probability-target kernels read besides the logits (custom_jvp data)."""
+
+    targets: jax.Array
+    class_weight: jax.Array | None
+    smoothing: jax.Array | None
+    z_loss: jax.Array | None
+
+
+def _prob_terms(norm: _Normalizer, shift, d: _Probs):
     """Per-position cross-entropy of probability targets (PyTorch's soft-label formula).
 
     ``shift`` is the row maximum: ``norm.max`` itself, or when the gradient also reads it (and
     would make XLA:CPU materialise its broadcast) ``norm.max_again()``.
     """
-    wt = _smoothed_weighted_targets(targets, class_weight, axis, smoothing)
+    wt = _smoothed_weighted_targets(d, norm.axis)
     # -Σ_c t_c log p_c: terms of one sign (no cancellation), written as one expression so that
     # XLA:CPU fuses max, exp-sum and this sum into a single pass (the N×C log-probabilities are
     # never materialised). 0 · log 0 = 0: a class with no target mass at a -inf (masked) logit
     # contributes nothing; elsewhere the loss stays linear in the targets, so their gradient is
     # -w·log p even where a target is exactly 0 (as in PyTorch).
     log_p = (_common.upcast(norm.logits) - shift) - norm.log_sum
-    loss = -jnp.sum(_common.absorbing_product(wt, log_p), axis)
-    if z_loss:
-        loss = loss + z_loss * jnp.squeeze(norm.lse, axis) ** 2
+    loss = -jnp.sum(_common.absorbing_product(wt, log_p), norm.axis)
+    if d.z_loss is not None:
+        loss = loss + d.z_loss * jnp.squeeze(norm.lse, norm.axis) ** 2
     return loss, wt
 
 
-def _prob_loss(z, targets, class_weight, axis, smoothing, z_loss):
+def _prob_loss(axis: int, z, d: _Probs):
     norm = _Normalizer(z, axis, _common.compute_dtype(z.dtype), finite_shift=False)
-    return _prob_terms(norm, norm.max, targets, class_weight, axis, smoothing, z_loss)[0]
+    return _prob_terms(norm, norm.max, d)[0]
 
 
-def _prob_loss_and_grad(z, targets, class_weight, axis, smoothing, z_loss):
+def _prob_loss_and_grad(axis: int, z, d: _Probs):
     norm = _Normalizer(z, axis, z.dtype)
-    loss, wt = _prob_terms(norm, norm.max_again(), targets, class_weight, axis, smoothing, z_loss)
+    loss, wt = _prob_terms(norm, norm.max_again(), d)
     a = jnp.sum(wt, axis, keepdims=True)
-    if z_loss:
-        a = a + 2 * z_loss * norm.lse
+    if d.z_loss is not None:
+        a = a + 2 * d.z_loss * norm.lse
     return loss, (a / norm.sum) * norm.e_wide() - wt
 
 
-def _smoothed_weighted_targets(targets, class_weight, axis, smoothing):
-    t = _common.upcast(targets)
-    if smoothing:
-        t = t * (1 - smoothing) + smoothing / t.shape[axis]
-    if class_weight is not None:
-        t = t * _common.expand_at(class_weight, axis, t.ndim)
+def _smoothed_weighted_targets(d: _Probs, axis: int):
+    t = _common.upcast(d.targets)
+    if d.smoothing is not None:
+        t = t * (1 - d.smoothing) + d.smoothing / t.shape[axis]
+    if d.class_weight is not None:
+        t = t * _common.expand_at(d.class_weight, axis, t.ndim)
     return t
 
 
-_prob_ce = _common.fused_jvp(_prob_loss, _prob_loss_and_grad, 3, _common.contract_axis)
+_prob_ce = _common.fused_jvp(_prob_loss, _prob_loss_and_grad, _common.contract_axis)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,8 +357,8 @@ def _check_probability_targets(logits, targets, axis: int, ignore_index: int) ->
 
 @functools.partial(
     _common.jit,
-    static_argnames=("ignore_index", "reduction", "label_smoothing", "axis", "z_loss"),
-    eager_check=_concrete_target_check("cross_entropy", "logits"),
+    static_argnames=("ignore_index", "reduction", "axis"),
+    prepare=_prepare("cross_entropy", "logits"),
 )
 def cross_entropy(
     logits: Float[ArrayLike, "*batch classes *rest"],
@@ -397,9 +367,9 @@ def cross_entropy(
     weight: Float[ArrayLike, " classes"] | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
-    label_smoothing: float = 0.0,
+    label_smoothing: float | Float[ArrayLike, ""] | None = 0.0,
     axis: int = -1,
-    z_loss: float = 0.0,
+    z_loss: float | Float[ArrayLike, ""] | None = 0.0,
 ) -> Float[Array, "*batch *rest"] | Float[Array, ""]:
     r"""Cross-entropy between logits and targets, as ``torch.nn.functional.cross_entropy``.
 
@@ -427,10 +397,13 @@ def cross_entropy(
       weight: optional per-class weight, shape ``(C,)``.
       ignore_index: index target that contributes no loss, weight or gradient.
       reduction: ``"none"``, ``"sum"`` or ``"mean"``.
-      label_smoothing: ε in ``[0, 1]``.
+      label_smoothing: ε in ``[0, 1]``: a Python float or a scalar array, traced or not (a
+        schedule inside ``jit`` compiles once; a concrete value is range-checked, a traced one
+        can be checked with ``checkify``).
       axis: the class axis.
-      z_loss: PaLM's auxiliary coefficient λ_z on ``logsumexp(z)²`` at non-ignored positions,
-        reduced like the main loss (0 disables it; PyTorch has no such term).
+      z_loss: PaLM's auxiliary coefficient λ_z ≥ 0 on ``logsumexp(z)²`` at non-ignored
+        positions, reduced like the main loss (0 or None disables it; PyTorch has no such term);
+        traced like ``label_smoothing``.
 
     Returns:
       Per-position losses (``"none"``) or a scalar, in the dtype of ``logits`` (half precision
@@ -454,98 +427,37 @@ def cross_entropy(
     logits = _common.check_floating("logits", fn, logits)
     targets = _common.as_array("targets", fn, targets)
     _common.check_reduction(fn, reduction)
-    smoothing = _common.check_unit_interval("label_smoothing", fn, label_smoothing)
-    z_loss = _common.check_nonnegative("z_loss", fn, z_loss)
-    z = logits
+    hyper = _traced_hyperparameters(fn, label_smoothing, z_loss)
     if jnp.issubdtype(targets.dtype, jnp.integer):
-        idx = _IndexTargets(fn, logits, targets, weight, ignore_index, axis, "logits")
-        loss = _index_ce(
-            z, targets, idx.valid, idx.bad, idx.pos_weight, idx.class_weight,
-            idx.axis, smoothing, z_loss,
-        )  # fmt: skip
-        return idx.reduce(loss, reduction).astype(logits.dtype)
+        args = (fn, logits, targets, weight, ignore_index, axis, "logits")
+        ax, idx, class_weight = _index_inputs(*args)
+        loss = _index_ce(ax, logits, _Index(targets, idx, class_weight, *hyper))
+        return _targets.reduce(loss, reduction, idx).astype(logits.dtype)
     if not jnp.issubdtype(targets.dtype, jnp.floating):
         raise TypeError(
             f"{fn}: `targets` must be integer class indices or floating probabilities, got "
-            f"shape {tuple(targets.shape)} and dtype {targets.dtype}"
+            f"{_common.describe(targets)}"
         )
     ax = _common.class_axis(fn, axis, logits.ndim)
     _check_probability_targets(logits, targets, ax, ignore_index)
     class_weight = _common.check_class_weight(fn, weight, logits.shape[ax])
     if class_weight is not None:
-        class_weight = class_weight.astype(_common.compute_dtype(z.dtype))
-    loss = _prob_ce(z, targets, class_weight, ax, smoothing, z_loss)
-    num_positions = loss.size
-    return _common.reduce_loss(loss, reduction, num_positions).astype(logits.dtype)
+        class_weight = class_weight.astype(_common.compute_dtype(logits.dtype))
+    loss = _prob_ce(ax, logits, _Probs(targets, class_weight, *hyper))
+    return _common.reduce_loss(loss, reduction, loss.size).astype(logits.dtype)
 
 
-# ----------------------------------------------------------------------------------------------
-# Opt-in hard error for bad targets
-# ----------------------------------------------------------------------------------------------
+def _traced_hyperparameters(fn: str, label_smoothing, z_loss) -> tuple:
+    """``(ε, λ_z)`` as scalars in the compute dtype, None for an absent term.
 
-
-def check_targets(
-    targets: Int[ArrayLike, "*batch"], num_classes: int, *, ignore_index: int = -100
-) -> None:
-    """Asserts, inside ``jax.experimental.checkify``, that every index target is in range.
-
-    The losses cannot raise on data under ``jit``; they return NaN at a bad position instead.
-    Call this in a train step wrapped by ``checkify.checkify`` to get a clear error.
-
-    Args:
-      targets: integer class indices.
-      num_classes: the number of classes ``C``; valid targets lie in ``[0, C)``.
-      ignore_index: the target value that is exempt from the check.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp, jaxloss
-      >>> from jax.experimental import checkify
-      >>> def step(z, y):
-      ...     jaxloss.check_targets(y, z.shape[-1])
-      ...     return jaxloss.cross_entropy(z, y)
-      >>> err, _ = jax.jit(checkify.checkify(step))(jnp.zeros((2, 3)), jnp.array([0, 7]))
-      >>> print(err.get())  # doctest: +ELLIPSIS
-      cross_entropy targets out of range [0, 3): 7 ...
+    ``prepare`` has already range-checked concrete values and dropped zeros; what arrives here
+    otherwise (a ``.lower``/``.trace`` call) is checked again on shape and dtype.
     """
-    targets = _common.check_integer("targets", "check_targets", targets)
-    valid = ~_ignored(targets, int(ignore_index))
-    bad = valid & ((targets < 0) | (targets >= num_classes))
-    first = jnp.zeros((), targets.dtype)
-    if targets.size:
-        first = jnp.where(bad, targets, 0).ravel()[jnp.argmax(bad.ravel())]
-    if _staged_outside_checkify():
-        raise ValueError(
-            "check_targets: under jit (or scan, shard_map, ...) it must run inside a function "
-            "transformed by `jax.experimental.checkify.checkify`, which turns the check into an "
-            "error value:\n"
-            "    err, loss = jax.jit(checkify.checkify(step))(logits, targets)\n"
-            "    err.throw()  # raises if a target was out of range"
-        )
-    checkify.check(
-        ~jnp.any(bad),
-        f"cross_entropy targets out of range [0, {num_classes}): {{t}} (and not ignore_index)",
-        t=first,
-    )
-
-
-def _staged_outside_checkify() -> bool:
-    """Whether the check is being staged (jit, scan, ...) with no ``checkify`` around it.
-
-    JAX itself reports that case only when lowering, with a message that names neither the
-    function nor the fix. This reads JAX's trace stack; where that internal API differs, it says
-    False and JAX's own error stands.
-    """
-    try:
-        from jax._src import core
-        from jax._src.interpreters import partial_eval
-
-        trace, staged = core.trace_ctx.trace, False
-        while trace is not None:
-            debug_info = getattr(getattr(trace, "frame", None), "debug_info", None)
-            if getattr(debug_info, "traced_for", None) == "checkify":
-                return False
-            staged = staged or isinstance(trace, partial_eval.DynamicJaxprTrace)
-            trace = getattr(trace, "parent_trace", None)
-        return staged
-    except (AttributeError, ImportError):
-        return False
+    values = []
+    for name, value in (("label_smoothing", label_smoothing), ("z_loss", z_loss)):
+        if value is not None:
+            value = _common.check_real(name, fn, value)
+            if value.shape != ():
+                raise ValueError(f"{fn}: `{name}` must be a scalar, got {_common.describe(value)}")
+        values.append(value)
+    return tuple(values)

@@ -13,6 +13,7 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, ParamSpec, TypeVar, cast
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +30,7 @@ def jit(
     fn: Callable[_P, _R],
     *,
     static_argnames: tuple[str, ...] = (),
-    eager_check: Callable[..., None] | None = None,
+    prepare: Callable[[dict[str, Any]], None] | None = None,
 ) -> Callable[_P, _R]:
     """``jax.jit`` that keeps ``fn``'s signature visible to type checkers and IDEs.
 
@@ -37,22 +38,57 @@ def jit(
     keyword in user code is no type error and every loss is ``Any``. At run time this is exactly
     ``jax.jit`` (``.lower``, ``.trace`` and the rest still work; type checkers just don't see them).
 
-    ``eager_check(*args, **kwargs)``, if given, runs before each call outside the compiled
-    function, where concrete data can still raise (PyTorch's errors on bad values); it must
-    return at once for traced arguments, so that under an outer ``jit`` it costs nothing.
+    ``prepare(arguments)``, if given, sees every argument by name (defaults applied) before each
+    call, outside the compiled function, and may replace them: there concrete data can still
+    raise (PyTorch's errors on bad values) and a hyperparameter that is exactly 0 can be dropped
+    (no term, and no compilation per value). It must leave traced arguments alone, so that under
+    an outer ``jit`` it costs nothing.
     """
     jitted = jax.jit(fn, static_argnames=static_argnames)
-    if eager_check is None:
+    if prepare is None:
         return cast(Callable[_P, _R], jitted)
+    signature = inspect.signature(fn)
 
     @functools.wraps(fn)
-    def checked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        eager_check(*args, **kwargs)
-        return jitted(*args, **kwargs)
+    def prepared(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        prepare(bound.arguments)
+        return jitted(*bound.args, **bound.kwargs)
 
     for name in ("lower", "trace", "eval_shape"):
-        setattr(checked, name, getattr(jitted, name))
-    return checked
+        setattr(prepared, name, getattr(jitted, name))
+    return prepared
+
+
+def hyperparameter(
+    name: str, fn: str, value: Any, low: float = 0.0, high: float = np.inf
+) -> Any | None:
+    """A scalar option that may be traced: None where it is exactly 0 (the term is dropped).
+
+    A Python or concrete value outside ``[low, high]`` (or NaN) raises ``ValueError``; a traced
+    one passes as it is (check it with ``checkify`` if it can go wrong). A non-zero value is
+    passed to the compiled function as data, so that a schedule compiles once.
+    """
+    if isinstance(value, bool) or not (
+        isinstance(value, (int, float, np.number)) or hasattr(value, "dtype")
+    ):
+        raise TypeError(
+            f"{fn}: `{name}` must be a real scalar (a Python float or a 0-d array), got "
+            f"{type(value).__name__}"
+        )
+    if np.shape(value) != ():
+        raise ValueError(f"{fn}: `{name}` must be a scalar, got shape {np.shape(value)}")
+    dtype = jnp.result_type(value)
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise TypeError(f"{fn}: `{name}` must be real, got dtype {dtype}")
+    if not is_concrete(value):
+        return value
+    number = float(value)
+    if not (np.isfinite(number) and low <= number <= high):
+        bounds = f"[{low:g}, {high:g}]" if np.isfinite(high) else f">= {low:g} and finite"
+        raise ValueError(f"{fn}: `{name}` must lie in {bounds}, got {number}")
+    return None if number == 0 else value
 
 
 def is_concrete(x: Any) -> bool:
@@ -74,25 +110,38 @@ def describe(x: jax.Array) -> str:
     return f"shape {tuple(x.shape)} and dtype {x.dtype}"
 
 
+def expect(assertion: Callable[..., None], *args: Any, message: str, error: type) -> None:
+    """Runs a static chex assertion; on failure raises ``error(message)``.
+
+    chex's own wording ("[Chex] ... input 0 has shape ...") stays attached as the cause; the
+    message a user reads first names the function, the argument and the fix.
+    """
+    try:
+        assertion(*args)
+    except AssertionError as err:
+        raise error(message) from err
+
+
 def check_floating(name: str, fn: str, x: Any) -> jax.Array:
     """Returns ``x`` as an array, raising ``TypeError`` unless its dtype is real floating."""
     x = as_array(name, fn, x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{fn}: `{name}` must have a floating dtype, got {describe(x)}")
+    message = f"{fn}: `{name}` must have a floating dtype, got {describe(x)}"
+    expect(chex.assert_type, x, float, message=message, error=TypeError)
     return x
 
 
 def check_integer(name: str, fn: str, x: Any) -> jax.Array:
     """Returns ``x`` as an array, raising ``TypeError`` unless its dtype is integer."""
     x = as_array(name, fn, x)
-    if not jnp.issubdtype(x.dtype, jnp.integer):
-        raise TypeError(f"{fn}: `{name}` must have an integer dtype, got {describe(x)}")
+    message = f"{fn}: `{name}` must have an integer dtype, got {describe(x)}"
+    expect(chex.assert_type, x, int, message=message, error=TypeError)
     return x
 
 
 def check_real(name: str, fn: str, x: Any) -> jax.Array:
     """Returns ``x`` as an array, raising ``TypeError`` unless it is real (integer or floating)."""
     x = as_array(name, fn, x)
+    # chex has no "integer or floating" assertion.
     if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
         raise TypeError(f"{fn}: `{name}` must have a real numeric dtype, got {describe(x)}")
     return x
@@ -100,11 +149,11 @@ def check_real(name: str, fn: str, x: Any) -> jax.Array:
 
 def check_same_shape(fn: str, names: tuple[str, str], a: jax.Array, b: jax.Array) -> None:
     """Raises ``ValueError`` unless ``a`` and ``b`` have identical shapes (no broadcasting)."""
-    if a.shape != b.shape:
-        raise ValueError(
-            f"{fn}: `{names[1]}` must have the same shape as `{names[0]}` (no broadcasting), "
-            f"got `{names[0]}` with {describe(a)} and `{names[1]}` with {describe(b)}"
-        )
+    message = (
+        f"{fn}: `{names[1]}` must have the same shape as `{names[0]}` (no broadcasting), "
+        f"got `{names[0]}` with {describe(a)} and `{names[1]}` with {describe(b)}"
+    )
+    expect(chex.assert_equal_shape, (a, b), message=message, error=ValueError)
 
 
 def check_reduction(fn: str, reduction: str, allowed: Sequence[str] = REDUCTIONS) -> None:
@@ -159,11 +208,11 @@ def check_class_weight(fn: str, weight: Any, num_classes: int) -> jax.Array | No
     if weight is None:
         return None
     weight = check_real("weight", fn, weight)
-    if weight.shape != (num_classes,):
-        raise ValueError(
-            f"{fn}: `weight` must have shape ({num_classes},), one entry per class, "
-            f"got {describe(weight)}"
-        )
+    message = (
+        f"{fn}: `weight` must have shape ({num_classes},), one entry per class, "
+        f"got {describe(weight)}"
+    )
+    expect(chex.assert_shape, weight, (num_classes,), message=message, error=ValueError)
     return weight
 
 
@@ -319,60 +368,58 @@ def is_zero(tangent: Any) -> bool:
 
 
 def fused_jvp(
-    loss_fn: Callable, loss_and_grad_fn: Callable, num_static: int, contract: Callable
-) -> Callable:
-    """A ``custom_jvp`` whose tangent in the first argument comes from a hand-written gradient.
+    loss_fn: Callable[[Any, jax.Array, Any], jax.Array],
+    loss_and_grad_fn: Callable[[Any, jax.Array, Any], tuple[jax.Array, jax.Array]],
+    contract: Callable[[Any, jax.Array, jax.Array], jax.Array],
+) -> Callable[[Any, jax.Array, Any], jax.Array]:
+    """A ``custom_jvp`` of ``loss_fn(static, x, data)`` whose tangent in ``x`` is hand-written.
 
-    ``loss_fn(x, *arrays, *static)`` computes the loss; ``loss_and_grad_fn`` (same arguments)
-    returns the loss and its derivative ``g`` in ``x`` sharing their intermediates, and
-    ``contract(g, dx, *static)`` applies ``g`` to a tangent. Written as a JVP (not a VJP) so that
-    forward mode and Hessians keep working; under reverse mode the transposed tangent is one
-    fused elementwise expression. The tangents of the other array arguments (weights,
-    probability targets) come from ordinary autodiff of ``loss_fn`` and are computed only when
-    those arguments are actually differentiated (symbolic zeros otherwise).
+    ``static`` is a hashable description of the options (a frozen dataclass, or None), ``x``
+    the array whose derivative ``loss_and_grad_fn`` returns beside the loss (sharing their
+    intermediates), and ``data`` a pytree of every other array (targets, weights,
+    hyperparameters); ``contract(static, g, dx)`` applies that derivative to a tangent. Written
+    as a JVP (not a VJP) so that forward mode and Hessians keep working; under reverse mode the
+    transposed tangent is one fused elementwise expression. The tangents in ``data`` come from
+    ordinary autodiff of ``loss_fn`` and are computed only when some leaf of ``data`` is actually
+    differentiated (symbolic zeros otherwise).
     """
+    f = jax.custom_jvp(loss_fn, nondiff_argnums=(0,))
 
-    def primal(*args):
-        return loss_fn(*args)
-
-    num_args = len(inspect.signature(loss_fn).parameters)
-    f = jax.custom_jvp(primal, nondiff_argnums=tuple(range(num_args - num_static, num_args)))
-
-    def jvp(*args):
-        *static, primals, tangents = args
-        x, *rest = primals
-        dx, *drest = tangents
+    def jvp(static, primals, tangents):
+        (x, data), (dx, d_data) = primals, tangents
         if is_zero(dx):
-            out = loss_fn(*primals, *static)
+            out = loss_fn(static, x, data)
             tangent = jnp.zeros_like(out)
         else:
-            out, g = loss_and_grad_fn(*primals, *static)
+            out, g = loss_and_grad_fn(static, x, data)
             wide = compute_dtype(jnp.promote_types(g.dtype, dx.dtype))
-            tangent = contract(g.astype(wide), dx.astype(wide), *static).astype(out.dtype)
-        if any(not is_zero(t) for t in drest):
-            live = [i for i, t in enumerate(drest) if not is_zero(t)]
-
-            def partial_loss(*live_args):
-                args = list(rest)
-                for i, a in zip(live, live_args, strict=True):
-                    args[i] = a
-                return loss_fn(x, *args, *static)
-
-            _, t_rest = jax.jvp(
-                partial_loss, tuple(rest[i] for i in live), tuple(drest[i] for i in live)
-            )
-            tangent = tangent + t_rest
+            tangent = contract(static, g.astype(wide), dx.astype(wide)).astype(out.dtype)
+        if not all(is_zero(t) for t in jax.tree.leaves(d_data, is_leaf=is_zero)):
+            d_data = jax.tree.map(_instantiate, d_data, is_leaf=is_zero)
+            _, t_data = jax.jvp(lambda d: loss_fn(static, x, d), (data,), (d_data,))
+            tangent = tangent + t_data
         return out, tangent
 
     f.defjvp(jvp, symbolic_zeros=True)
     return f
 
 
-def contract_axis(g: jax.Array, dx: jax.Array, axis: int, *_: Any) -> jax.Array:
-    """Tangent of a per-position loss over a class axis: ``sum(g * dx, axis)``."""
+def _instantiate(tangent: Any) -> Any:
+    """A symbolic zero tangent as an array (``float0`` for integer primals), others unchanged."""
+    if not isinstance(tangent, SymbolicZero):
+        return tangent
+    aval: Any = tangent.aval
+    if aval.dtype == jax.dtypes.float0:
+        return np.zeros(aval.shape, jax.dtypes.float0)
+    return jnp.zeros(aval.shape, aval.dtype)
+
+
+def contract_axis(axis: int, g: jax.Array, dx: jax.Array) -> jax.Array:
+    """Tangent of a per-position loss over the class ``axis`` (the kernels' static): ``Σ g·dx``."""
     return jnp.sum(g * dx, axis)
 
 
-def contract_elementwise(g: jax.Array, dx: jax.Array, *_: Any) -> jax.Array:
-    """Tangent of an elementwise loss: ``g * dx``."""
+def contract_elementwise(static: Any, g: jax.Array, dx: jax.Array) -> jax.Array:
+    """Tangent of an elementwise loss: ``g · dx``."""
+    del static
     return g * dx

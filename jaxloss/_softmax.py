@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float
@@ -15,8 +16,8 @@ def _mask(fn: str, where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array
     if where is None:
         return None
     mask = _common.as_array("where", fn, where)
-    if mask.dtype != jnp.bool_:
-        raise TypeError(f"{fn}: `where` must be a boolean mask, got dtype {mask.dtype}")
+    message = f"{fn}: `where` must be a boolean mask, got {_common.describe(mask)}"
+    _common.expect(chex.assert_type, mask, bool, message=message, error=TypeError)
     out = _common.broadcast_like("where", fn, mask, shape, boolean=True)
     assert out is not None
     return out

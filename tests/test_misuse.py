@@ -181,6 +181,21 @@ CLASSIFICATION = {
         TypeError,
         (r"check_targets", r"`targets`", r"integer", r"float32"),
     ),
+    "check_hyperparameters_outside_checkify": Misuse(
+        lambda: jax.jit(lambda e: jaxloss.check_hyperparameters(label_smoothing=e))(0.1),
+        ValueError,
+        (r"check_hyperparameters", r"checkify\.checkify"),
+    ),
+    "ce_label_smoothing_not_scalar": Misuse(
+        lambda: jaxloss.cross_entropy(Z43, Y4, label_smoothing=np.ones(2)),
+        ValueError,
+        (r"cross_entropy", r"`label_smoothing` must be a scalar", r"\(2,\)"),
+    ),
+    "ce_z_loss_string": Misuse(
+        lambda: jaxloss.cross_entropy(Z43, Y4, z_loss="0.1"),
+        TypeError,
+        (r"cross_entropy", r"`z_loss` must be a real scalar", r"str"),
+    ),
     "check_targets_outside_checkify": Misuse(
         lambda: jax.jit(lambda y: jaxloss.check_targets(y, 3))(Y4),
         ValueError,
