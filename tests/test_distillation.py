@@ -1,0 +1,669 @@
+"""Tests for ``jaxloss.linear_distillation``, the fused teacher-student divergence.
+
+Oracles: the materialised formulas written out below on ``[N, V]`` logits (values and
+gradients for every divergence, β, τ, mask, reduction and chunk geometry), a float64 closed form
+of the student-logit gradient, ``jax.test_util.check_grads`` and torch autograd of the same
+formulas (``F.kl_div`` with log-targets). Besides: bf16 accumulation, ``-inf`` logits, masks,
+misuse errors, the 8-device sharding checks (a subprocess) and the memory bound at a
+large-vocabulary shape (compiled only).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax.test_util import check_grads
+
+import jaxloss
+
+N, D, D_T, V = 13, 8, 5, 29
+DIVERGENCES = ("kl", "reverse_kl", "jsd")
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def _problem(seed=0, n=N, dtype=jnp.float32, scale=1.0):
+    """Student (hidden, kernel, bias), teacher (hidden, kernel, bias) and a mask, NumPy-drawn."""
+    rng = np.random.default_rng(seed)
+    arrays = (
+        rng.standard_normal((n, D)),
+        (2 * scale / np.sqrt(D)) * rng.standard_normal((D, V)),
+        rng.standard_normal(V),
+        rng.standard_normal((n, D_T)),
+        (3 * scale / np.sqrt(D_T)) * rng.standard_normal((D_T, V)),
+        rng.standard_normal(V),
+    )
+    mask = rng.random(n) > 0.3
+    return tuple(jnp.asarray(a, dtype) for a in arrays), jnp.asarray(mask)
+
+
+def _kl_rows(log_p, log_q):
+    """``Σ_c p_c (log p_c - log q_c)`` per row, ``0 log 0 = 0`` (double select: NaN-free grads).
+
+    ``p_c = 0`` also where it underflows (saturated logits), where ``log q_c`` may be ``-inf``.
+    """
+    present = jnp.exp(log_p) > 0
+    safe_p = jnp.where(present, log_p, 0)
+    return jnp.sum(jnp.where(present, jnp.exp(safe_p) * (safe_p - log_q), 0), -1)
+
+
+def _materialised(
+    h, k, b, th, tk, tb, *, divergence="kl", beta=0.5, temperature=1.0, mask=None, reduction="mean"
+):
+    """The definition on full ``[N, V]`` logits."""
+    z_s = h @ k + (0 if b is None else b[None, :])
+    z_t = th @ tk + (0 if tb is None else tb[None, :])
+    log_s = jax.nn.log_softmax(z_s / temperature)
+    log_t = jax.nn.log_softmax(z_t / temperature)
+    if divergence == "kl":
+        per_token = _kl_rows(log_t, log_s)
+    elif divergence == "reverse_kl":
+        per_token = _kl_rows(log_s, log_t)
+    else:
+        m = beta * jnp.exp(log_t) + (1 - beta) * jnp.exp(log_s)
+        # log 0 = -inf with a NaN-free gradient (a class that both distributions rule out).
+        log_m = jnp.where(m > 0, jnp.log(jnp.where(m > 0, m, 1)), -jnp.inf)
+        per_token = beta * _kl_rows(log_t, log_m) + (1 - beta) * _kl_rows(log_s, log_m)
+    loss = temperature**2 * per_token
+    if mask is not None:
+        loss = jnp.where(mask, loss, 0)
+    if reduction == "none":
+        return loss
+    count = loss.shape[0] if mask is None else jnp.sum(mask)
+    return jnp.sum(loss) if reduction == "sum" else jnp.sum(loss) / count
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _value_and_vjp(loss_fn, student, teacher, cotangent):
+    """The loss and the VJP of ``cotangent`` in the student's hidden, kernel and bias."""
+    value, vjp = jax.vjp(lambda *s: loss_fn(*s, *teacher), *student)
+    return value, vjp(cotangent.reshape(value.shape).astype(value.dtype))
+
+
+def _compare(options, chunks=(4, 6), seed=0, masked=True, rtol=2e-5):
+    (*student, th, tk, tb), mask = _problem(seed)
+    options = {**options, "mask": mask if masked else None}
+    fused = functools.partial(
+        jaxloss.linear_distillation, token_chunk=chunks[0], vocab_chunk=chunks[1], **options
+    )
+    dense = functools.partial(_materialised, **options)
+    cotangent = jnp.asarray(np.random.default_rng(seed + 1).standard_normal(N), jnp.float32)
+    if options.get("reduction", "mean") != "none":
+        cotangent = cotangent[:1]
+
+    def fused_fn(h, k, b, th, tk, tb):
+        return fused(h, k, th, tk, bias=b, teacher_bias=tb)
+
+    got = _value_and_vjp(fused_fn, tuple(student), (th, tk, tb), cotangent)
+    want = _value_and_vjp(dense, tuple(student), (th, tk, tb), cotangent)
+    names = ("loss", "d hidden", "d kernel", "d bias")
+    for name, g, w in zip(names, (got[0], *got[1]), (want[0], *want[1]), strict=True):
+        assert g.dtype == w.dtype, name
+        assert np.all(np.isfinite(w)), name
+        scale = float(jnp.max(jnp.abs(w)))
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * scale, err_msg=name)
+
+
+# Every divergence under the default mean, a sum with β and τ, and per token at a low τ.
+OPTIONS = {
+    "mean": {},
+    "sum-beta-temperature": {"reduction": "sum", "beta": 0.2, "temperature": 2.5},
+    "none-cold": {"reduction": "none", "temperature": 0.5, "beta": 0.9},
+}
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_matches_materialised(divergence, name):
+    _compare({"divergence": divergence, **OPTIONS[name]})
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_matches_materialised_without_mask(divergence):
+    _compare({"divergence": divergence, "temperature": 1.5}, masked=False)
+
+
+# (token_chunk, vocab_chunk) against N=13, V=29: unit chunks, uneven last chunks in one or both
+# axes, chunks that divide exactly, chunks larger than the sizes. The block loops are shared by
+# every divergence; the JSD's second pass gets two geometries of its own.
+@pytest.mark.parametrize(
+    ("divergence", "chunks"),
+    [("kl", (1, 1)), ("reverse_kl", (13, 7)), ("jsd", (5, 29)), ("jsd", (64, 1024))],
+)
+def test_chunk_geometry(divergence, chunks):
+    _compare({"divergence": divergence, "temperature": 1.3, "reduction": "none"}, chunks)
+
+
+def test_jsd_beta_endpoints_are_zero():
+    """β = 0 or 1 make the mixture one of the two distributions: the JSD is exactly 0."""
+    (h, k, b, th, tk, tb), _ = _problem()
+    for beta in (0.0, 1.0):
+        f = lambda h: jaxloss.linear_distillation(
+            h, k, th, tk, bias=b, teacher_bias=tb, divergence="jsd", beta=beta, reduction="sum"
+        )
+        value, grad = jax.jit(jax.value_and_grad(f))(h)
+        assert abs(float(value)) < 1e-5
+        np.testing.assert_allclose(grad, 0, atol=1e-5)
+
+
+def test_jsd_symmetry():
+    """JSD_β(t, s) = JSD_{1-β}(s, t): swapping the heads and β gives the same value."""
+    (h, k, b, th, tk, tb), _ = _problem()
+    tk_wide = jnp.concatenate([tk, jnp.zeros((D - D_T, V))])  # same hidden size for the swap
+    th_wide = jnp.concatenate([th, jnp.ones((N, D - D_T))], 1)
+    a = jaxloss.linear_distillation(
+        h,
+        k,
+        th_wide,
+        tk_wide,
+        divergence="jsd",
+        beta=0.3,
+        bias=b,
+        teacher_bias=tb,
+        reduction="none",
+    )
+    swapped = jaxloss.linear_distillation(
+        th_wide,
+        tk_wide,
+        h,
+        k,
+        divergence="jsd",
+        beta=0.7,
+        bias=tb,
+        teacher_bias=b,
+        reduction="none",
+    )
+    np.testing.assert_allclose(a, swapped, rtol=1e-5, atol=1e-7)
+
+
+def test_batch_shape_and_teacher_hidden_size():
+    (h, k, _, th, tk, _), mask = _problem(n=12)
+    shaped = jaxloss.linear_distillation(
+        h.reshape(3, 4, D),
+        k,
+        th.reshape(3, 4, D_T),
+        tk,
+        mask=mask.reshape(3, 4),
+        reduction="none",
+        vocab_chunk=7,
+    )
+    flat = jaxloss.linear_distillation(h, k, th, tk, mask=mask, reduction="none", vocab_chunk=7)
+    assert shaped.shape == (3, 4)
+    np.testing.assert_array_equal(shaped.reshape(-1), flat)
+    mean = jaxloss.linear_distillation(h.reshape(2, 6, D), k, th.reshape(2, 6, D_T), tk)
+    np.testing.assert_allclose(mean, _materialised(h, k, None, th, tk, None), rtol=1e-6)
+
+
+def test_teacher_gets_no_gradient():
+    (h, k, b, th, tk, tb), mask = _problem()
+
+    def loss(th, tk, tb):
+        return jaxloss.linear_distillation(
+            h, k, th, tk, bias=b, teacher_bias=tb, mask=mask, divergence="jsd"
+        )
+
+    for g in jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(th, tk, tb):
+        np.testing.assert_array_equal(g, jnp.zeros_like(g))
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks, -inf logits, degenerate rows, empty batches
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_all_masked_mean_is_nan_with_zero_gradients(divergence):
+    (h, k, b, th, tk, tb), _ = _problem()
+    mask = jnp.zeros((N,), bool)
+
+    def loss(h, k, b, reduction):
+        return jaxloss.linear_distillation(
+            h,
+            k,
+            th,
+            tk,
+            bias=b,
+            teacher_bias=tb,
+            mask=mask,
+            divergence=divergence,
+            reduction=reduction,
+        )
+
+    assert np.isnan(loss(h, k, b, "mean"))
+    assert loss(h, k, b, "sum") == 0
+    for g in jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)(h, k, b, "mean"):
+        np.testing.assert_array_equal(g, jnp.zeros_like(g))
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_degenerate_rows_are_nan_unless_masked(divergence):
+    """A token whose teacher logits are all -inf has no distribution: NaN, contained by the mask."""
+    (h, k, _, th, tk, _), _ = _problem()
+    # Teacher logits z_t = th @ tk + tb: a -inf hidden feature times positive weights is -inf.
+    tk = jnp.abs(tk)
+    th = th.at[3, 0].set(-jnp.inf)
+    per_token = jaxloss.linear_distillation(h, k, th, tk, divergence=divergence, reduction="none")
+    assert np.isnan(per_token[3]) and np.all(np.isfinite(np.delete(np.asarray(per_token), 3)))
+    mask = jnp.ones((N,), bool).at[3].set(False)
+
+    def loss(h, k):
+        return jaxloss.linear_distillation(h, k, th, tk, divergence=divergence, mask=mask)
+
+    value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(h, k)
+    want = _materialised(h, k, None, th.at[3].set(0), tk, None, divergence=divergence, mask=mask)
+    np.testing.assert_allclose(value, want, rtol=2e-5)
+    assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+def _masked_vocabulary(seed=0):
+    """Problem data whose biases put -inf on some classes (teacher, student or both)."""
+    (h, k, b, th, tk, tb), mask = _problem(seed)
+    both, teacher_only, student_only = (jnp.array(c) for c in ([0, 7], [3, 20], [11, 28]))
+    tb = tb.at[jnp.concatenate([both, teacher_only])].set(-jnp.inf)
+    b = b.at[jnp.concatenate([both, student_only])].set(-jnp.inf)
+    return (h, k, b, th, tk, tb), mask, (both, teacher_only, student_only)
+
+
+def test_neg_inf_logits_where_both_or_teacher_only():
+    """kl and jsd ignore classes the teacher rules out; every divergence ignores shared -inf."""
+    (h, k, b, th, tk, tb), mask, (both, teacher_only, student_only) = _masked_vocabulary()
+    cases = {
+        # -inf in the teacher only: kl and jsd finite (p_t = 0 there adds nothing).
+        "kl": (b.at[student_only].set(0.5), tb),
+        "jsd": (b, tb),
+        # -inf in both only: reverse_kl finite too.
+        "reverse_kl": (b.at[student_only].set(0.5), tb.at[teacher_only].set(0.1)),
+    }
+    for divergence, (b_case, tb_case) in cases.items():
+        for chunks in ((4, 6), (13, 5)):
+            fused = lambda h, k, b: jaxloss.linear_distillation(
+                h,
+                k,
+                th,
+                tk,
+                bias=b,
+                teacher_bias=tb_case,
+                mask=mask,
+                divergence=divergence,
+                token_chunk=chunks[0],
+                vocab_chunk=chunks[1],
+                temperature=1.5,
+            )
+            dense = lambda h, k, b: _materialised(
+                h, k, b, th, tk, tb_case, mask=mask, divergence=divergence, temperature=1.5
+            )
+            (got, got_grads), (want, want_grads) = (
+                jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(h, k, b_case)
+                for f in (fused, dense)
+            )
+            assert np.isfinite(got), divergence
+            np.testing.assert_allclose(got, want, rtol=2e-5, err_msg=divergence)
+            for g, w in zip(got_grads, want_grads, strict=True):
+                assert np.all(np.isfinite(g)), divergence
+                np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-6, err_msg=divergence)
+            assert not np.any(got_grads[2][both]), "a -inf class got a gradient"
+
+
+def test_neg_inf_where_the_other_is_finite_is_infinite():
+    """Mass where the other distribution has none: kl (student -inf) and reverse_kl are inf."""
+    (h, k, b, th, tk, tb), _, _ = _masked_vocabulary()
+    for divergence, (b_case, tb_case) in {
+        "kl": (b, jnp.zeros(V)),  # student -inf at classes where the teacher is finite
+        "reverse_kl": (jnp.zeros(V), tb),  # teacher -inf where the student is finite
+    }.items():
+        per_token = jaxloss.linear_distillation(
+            h,
+            k,
+            th,
+            tk,
+            bias=b_case,
+            teacher_bias=tb_case,
+            divergence=divergence,
+            reduction="none",
+            vocab_chunk=6,
+        )
+        assert np.all(np.isposinf(per_token)), (divergence, per_token)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_empty_batch(reduction):
+    h, k, th, tk = jnp.zeros((0, D)), jnp.ones((D, V)), jnp.zeros((0, D_T)), jnp.ones((D_T, V))
+    got = jaxloss.linear_distillation(h, k, th, tk, reduction=reduction)
+    want = _materialised(h, k, None, th, tk, None, reduction=reduction)
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+
+
+def test_large_logits_are_stable(x64):
+    """Logits in the hundreds (saturated softmaxes) against the formulas in float64.
+
+    The fused loss runs in float32; its gradients are held to float32's roundoff of logits of
+    that size propagated through the kernel (the true reverse-KL and JSD gradients are ~0 here,
+    and ``p_s (log p_s/p_t - KL)`` cancels in every floating-point evaluation).
+    """
+    (h, k, _, th, tk, _), mask = _problem(scale=200.0)
+    assert float(jnp.max(jnp.abs(th @ tk))) > 300
+    roundoff = 1e-6 * float(jnp.max(jnp.abs(h @ k))) * float(jnp.max(jnp.abs(k)))
+    for divergence in DIVERGENCES:
+        f = lambda h, k: jaxloss.linear_distillation(
+            h, k, th, tk, mask=mask, divergence=divergence, vocab_chunk=5
+        )
+        g = lambda h, k: _materialised(
+            *(x.astype(jnp.float64) for x in (h, k)),
+            None,
+            *(x.astype(jnp.float64) for x in (th, tk)),
+            None,
+            mask=mask,
+            divergence=divergence,
+        )
+        (vf, gf), (vd, gd) = (jax.jit(jax.value_and_grad(fn, (0, 1)))(h, k) for fn in (f, g))
+        assert vf.dtype == jnp.float32 and vd.dtype == jnp.float64
+        np.testing.assert_allclose(vf, vd, rtol=1e-5, err_msg=divergence)
+        for a, w in zip(gf, gd, strict=True):
+            assert np.all(np.isfinite(a)) and np.all(np.isfinite(w)), divergence
+            np.testing.assert_allclose(a, w, rtol=1e-4, atol=roundoff, err_msg=divergence)
+
+
+# ----------------------------------------------------------------------------------------------
+# float64: closed-form gradient, finite differences, torch autograd
+# ----------------------------------------------------------------------------------------------
+
+OPTIONS_64 = dict(beta=0.35, temperature=1.7)
+
+
+def _numpy_closed_form(student, teacher, mask, divergence):
+    """Mean loss and its gradients from ``∂ℓ/∂z_s`` written out in NumPy float64."""
+    h, k, b = (np.asarray(x, np.float64) for x in student)
+    th, tk, tb = (np.asarray(x, np.float64) for x in teacher)
+    tau, beta, m = OPTIONS_64["temperature"], OPTIONS_64["beta"], np.asarray(mask, np.float64)
+
+    def log_softmax(z):
+        z = z - z.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+    ls, lt = log_softmax((h @ k + b) / tau), log_softmax((th @ tk + tb) / tau)
+    ps, pt = np.exp(ls), np.exp(lt)
+    if divergence == "kl":
+        per_token = np.sum(pt * (lt - ls), 1)
+        slope = ps - pt  # ∂ KL(p_t‖p_s) / ∂(z_s/τ)
+    elif divergence == "reverse_kl":
+        per_token = np.sum(ps * (ls - lt), 1)
+        slope = ps * (ls - lt - per_token[:, None])
+    else:
+        lm = np.log(beta * pt + (1 - beta) * ps)
+        kl_s = np.sum(ps * (ls - lm), 1)
+        per_token = beta * np.sum(pt * (lt - lm), 1) + (1 - beta) * kl_s
+        slope = (1 - beta) * ps * (ls - lm - kl_s[:, None])
+    count = m.sum()
+    value = tau**2 * np.sum(m * per_token) / count
+    dz = (tau**2 / tau) * slope * (m / count)[:, None]
+    return value, (dz @ k.T, h.T @ dz, dz.sum(0))
+
+
+def _fused_mean(student, teacher, mask, divergence, chunks=(4, 6)):
+    h, k, b = student
+    th, tk, tb = teacher
+    return jaxloss.linear_distillation(
+        h,
+        k,
+        th,
+        tk,
+        bias=b,
+        teacher_bias=tb,
+        mask=mask,
+        divergence=divergence,
+        token_chunk=chunks[0],
+        vocab_chunk=chunks[1],
+        **OPTIONS_64,
+    )
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_float64_closed_form_gradient(x64, divergence):
+    (*student, th, tk, tb), mask = _problem(dtype=jnp.float64)
+    f = lambda *s: _fused_mean(s, (th, tk, tb), mask, divergence)
+    value, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(*student)
+    assert value.dtype == jnp.float64
+    want_value, want_grads = _numpy_closed_form(student, (th, tk, tb), mask, divergence)
+    np.testing.assert_allclose(value, want_value, rtol=1e-12)
+    for g, w in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_float64_finite_differences(x64, divergence):
+    (*student, th, tk, tb), mask = _problem(n=5, dtype=jnp.float64)
+    f = lambda *s: _fused_mean(s, (th, tk, tb), mask, divergence, chunks=(2, 7))
+    check_grads(jax.jit(f), tuple(student), order=1, modes=("rev",))
+
+
+def _torch_mean(student, teacher, mask, divergence):
+    """The same formulas in torch float64 (``F.kl_div`` with log-targets), through autograd."""
+    tau, beta = OPTIONS_64["temperature"], OPTIONS_64["beta"]
+    h, k, b = (torch.tensor(np.asarray(x), requires_grad=True) for x in student)
+    th, tk, tb = (torch.tensor(np.asarray(x)) for x in teacher)
+    ls = torch.log_softmax((h @ k + b) / tau, -1)
+    lt = torch.log_softmax((th @ tk + tb) / tau, -1)
+
+    def kl(log_p, log_q):  # KL(p‖q) per row
+        return torch.nn.functional.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+
+    if divergence == "kl":
+        per_token = kl(lt, ls)
+    elif divergence == "reverse_kl":
+        per_token = kl(ls, lt)
+    else:
+        lm = torch.logaddexp(lt + np.log(beta), ls + np.log1p(-beta))
+        per_token = beta * kl(lt, lm) + (1 - beta) * kl(ls, lm)
+    m = torch.tensor(np.asarray(mask))
+    loss = tau**2 * per_token[m].mean()
+    loss.backward()
+    return loss.item(), tuple(x.grad.numpy() for x in (h, k, b))  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_matches_torch_autograd(x64, divergence):
+    (*student, th, tk, tb), mask = _problem(seed=3, dtype=jnp.float64)
+    f = lambda *s: _fused_mean(s, (th, tk, tb), mask, divergence, chunks=(5, 8))
+    value, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(*student)
+    want_value, want_grads = _torch_mean(student, (th, tk, tb), mask, divergence)
+    np.testing.assert_allclose(value, want_value, rtol=1e-12)
+    for g, w in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-13)
+
+
+# ----------------------------------------------------------------------------------------------
+# Half precision
+# ----------------------------------------------------------------------------------------------
+
+
+def _dot_output_dtypes(jaxpr) -> list[str]:
+    return re.findall(r"(\w+)\[[\d,]*\] = dot_general", str(jaxpr))
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_bf16_accumulates_in_float32(divergence):
+    (*student, th, tk, tb), mask = _problem(n=37)
+    low = [x.astype(jnp.bfloat16) for x in student]
+    teacher = [x.astype(jnp.bfloat16) for x in (th, tk, tb)]
+
+    def f(h, k, b):
+        return jaxloss.linear_distillation(
+            h,
+            k,
+            teacher[0],
+            teacher[1],
+            bias=b,
+            teacher_bias=teacher[2],
+            mask=mask[:37],
+            divergence=divergence,
+            temperature=1.5,
+            token_chunk=8,
+            vocab_chunk=16,
+        )
+
+    value, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(*low)
+    assert value.dtype == jnp.bfloat16
+    assert [g.dtype for g in grads] == [jnp.bfloat16] * 3
+    # The reference sees the same bf16 numbers but computes in float32 throughout.
+    up = [x.astype(jnp.float32) for x in low]
+    t_up = [x.astype(jnp.float32) for x in teacher]
+    dense = lambda h, k, b: _materialised(
+        h, k, b, *t_up, mask=mask[:37], divergence=divergence, temperature=1.5
+    )
+    want, want_grads = jax.jit(jax.value_and_grad(dense, argnums=(0, 1, 2)))(*up)
+    np.testing.assert_allclose(np.float32(value), want, rtol=2**-7)
+    for g, w in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(
+            np.float32(g), w, rtol=2**-6, atol=2**-6 * float(jnp.max(jnp.abs(w)))
+        )
+    dots = _dot_output_dtypes(jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(*low))
+    assert dots and set(dots) == {"f32"}, dots
+
+
+# ----------------------------------------------------------------------------------------------
+# Misuse
+# ----------------------------------------------------------------------------------------------
+
+_H, _K, _TH, _TK = jnp.zeros((4, 3)), jnp.zeros((3, 5)), jnp.zeros((4, 2)), jnp.zeros((2, 5))
+MISUSE = {
+    "integer hidden": (TypeError, "`hidden`", (_H.astype(int), _K, _TH, _TK), {}),
+    "integer teacher_kernel": (TypeError, "`teacher_kernel`", (_H, _K, _TH, _TK.astype(int)), {}),
+    "kernel rows != D": (ValueError, "`kernel`", (_H, jnp.zeros((4, 5)), _TH, _TK), {}),
+    "teacher kernel rows": (ValueError, "`teacher_kernel`", (_H, _K, _TH, jnp.zeros((3, 5))), {}),
+    "teacher classes": (ValueError, "`teacher_kernel`", (_H, _K, _TH, jnp.zeros((2, 6))), {}),
+    "teacher tokens": (ValueError, "`teacher_hidden`", (_H, _K, jnp.zeros((3, 2)), _TK), {}),
+    "scalar hidden": (ValueError, "`hidden`", (jnp.zeros(()), _K, _TH, _TK), {}),
+    "bias shape": (ValueError, "`bias`", (_H, _K, _TH, _TK), {"bias": jnp.zeros(4)}),
+    "teacher_bias shape": (
+        ValueError,
+        "`teacher_bias`",
+        (_H, _K, _TH, _TK),
+        {"teacher_bias": jnp.zeros(6)},
+    ),
+    "mask dtype": (TypeError, "`mask`", (_H, _K, _TH, _TK), {"mask": jnp.ones(4)}),
+    "mask shape": (ValueError, "`mask`", (_H, _K, _TH, _TK), {"mask": jnp.ones(3, bool)}),
+    "divergence": (ValueError, "`divergence`", (_H, _K, _TH, _TK), {"divergence": "js"}),
+    "beta": (ValueError, "`beta`", (_H, _K, _TH, _TK), {"beta": 1.5}),
+    "temperature 0": (ValueError, "`temperature`", (_H, _K, _TH, _TK), {"temperature": 0.0}),
+    "temperature inf": (ValueError, "`temperature`", (_H, _K, _TH, _TK), {"temperature": np.inf}),
+    "reduction": (ValueError, "`reduction`", (_H, _K, _TH, _TK), {"reduction": "batchmean"}),
+    "token_chunk 0": (ValueError, "`token_chunk`", (_H, _K, _TH, _TK), {"token_chunk": 0}),
+    "vocab_chunk float": (TypeError, "`vocab_chunk`", (_H, _K, _TH, _TK), {"vocab_chunk": 2.0}),
+    "axes without mesh": (ValueError, "`mesh`", (_H, _K, _TH, _TK), {"vocab_axis": "model"}),
+}
+
+
+@pytest.mark.parametrize("case", MISUSE)
+def test_misuse_names_the_argument(case):
+    error, name, args, kwargs = MISUSE[case]
+    with pytest.raises(error, match=re.escape(name)) as info:
+        jaxloss.linear_distillation(*args, **kwargs)
+    assert "linear_distillation" in str(info.value)
+
+
+def test_mesh_axis_errors():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    with pytest.raises(ValueError, match="not in the mesh"):
+        jaxloss.linear_distillation(_H, _K, _TH, _TK, mesh=mesh, vocab_axis="model")
+    with pytest.raises(ValueError, match="different mesh axes"):
+        jaxloss.linear_distillation(
+            _H, _K, _TH, _TK, mesh=mesh, vocab_axis="data", batch_axis="data"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharding: 8 CPU devices in a subprocess (the device count is fixed when JAX starts)
+# ----------------------------------------------------------------------------------------------
+
+SCRIPT = Path(__file__).with_name("distillation_sharding_checks.py")
+
+
+@pytest.fixture(scope="module")
+def sharding_verdicts() -> tuple[subprocess.CompletedProcess[str], dict[str, dict]]:
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env = {
+        **os.environ,
+        "XLA_FLAGS": " ".join([*flags, "--xla_force_host_platform_device_count=8"]),
+        "JAX_PLATFORMS": "cpu",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    records = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            records[record["name"]] = record
+    return proc, records
+
+
+def _sharding_check_names() -> list[str]:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_distillation_sharding_checks", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return list(module.CHECKS)
+
+
+@pytest.mark.parametrize("name", _sharding_check_names())
+def test_sharded_matches_unsharded(name, sharding_verdicts):
+    proc, records = sharding_verdicts
+    assert "setup" not in records, records["setup"]["message"]
+    assert name in records, (
+        f"{name} reported nothing (exit {proc.returncode})\n{proc.stderr[-3000:]}"
+    )
+    record = records[name]
+    assert record["ok"], f"{record['message']}\nall-gather result shapes: {record['all_gathers']}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory (compiled only; nothing runs)
+# ----------------------------------------------------------------------------------------------
+
+BIG_N, BIG_D, BIG_V = 8192, 2048, 131072
+
+
+def _temp_bytes(loss_fn, *shapes) -> int:
+    args = [jax.ShapeDtypeStruct(s, dtype) for s, dtype in shapes]
+    compiled = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1))).lower(*args).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("divergence", ["kl", "jsd"])
+def test_memory_within_twice_linear_cross_entropy(divergence):
+    """value_and_grad at N=8192, D=2048, V=131072 f32: each [N, V] logit matrix would be 4 GiB."""
+    f32 = jnp.float32
+    student = [((BIG_N, BIG_D), f32), ((BIG_D, BIG_V), f32)]
+    fused = _temp_bytes(
+        lambda h, k, th, tk: jaxloss.linear_distillation(h, k, th, tk, divergence=divergence),
+        *student,
+        *student,
+    )
+    linear = _temp_bytes(jaxloss.linear_cross_entropy, *student, ((BIG_N,), jnp.int32))
+    assert fused <= 2 * linear, (
+        f"{fused / 2**20:.1f} MiB vs linear_cross_entropy {linear / 2**20:.1f}"
+    )
+    assert fused < BIG_N * BIG_V * 4 // 16, "temporaries on the scale of the logits"
