@@ -414,23 +414,18 @@ def run_one(
         if source is not None:
             floor_runners = copy_runners(source)
     record["repeats"] = _time_runners(runners + floor_runners, settings) if runners else 0
-    floor = None
-    if floor_runners:
-        in_place, fresh = (r.times for r in floor_runners)
-        floor = floor_per_round(
-            in_place, fresh, record["logits_bytes"], record["min_bytes"],
-            record["fresh_output_bytes"],
-        )  # fmt: skip
-        record["copy"] = {
-            "in_place_s": float(np.median(in_place)),
-            "fresh_output_s": float(np.median(fresh)),
-            "bytes_per_s": 2 * record["logits_bytes"] / float(np.median(in_place)),
-            # Per round, in the rounds of the implementations' ``times_s``: floor_s and each
-            # copy_fraction can be recomputed from the JSON alone.
-            "in_place_times_s": [float(t) for t in in_place],
-            "fresh_output_times_s": [float(t) for t in fresh],
-        }
+    floor = _record_floor(record, floor_runners)
     record["floor_s"] = None if floor is None else float(np.median(floor))
+    _record_times(record, runners, floor)
+    finish_record(record)
+    record["wall_s"] = time.perf_counter() - started
+    return record
+
+
+def _record_times(
+    record: dict[str, Any], runners: Sequence[Runner], floor: np.ndarray | None
+) -> None:
+    """Each implementation's samples, their median and its rates and copy fraction."""
     for runner in runners:
         median = float(np.median(runner.times))
         entry = record["impls"][runner.name]
@@ -445,9 +440,25 @@ def run_one(
                 None if floor is None else float(np.median(floor / np.asarray(runner.times)))
             ),
         )
-    finish_record(record)
-    record["wall_s"] = time.perf_counter() - started
-    return record
+
+
+def _record_floor(record: dict[str, Any], floor_runners: Sequence[Runner]) -> np.ndarray | None:
+    """The copy floor of each timed round (None without copies); records the copies' times."""
+    if not floor_runners:
+        return None
+    in_place, fresh = (r.times for r in floor_runners)
+    record["copy"] = {
+        "in_place_s": float(np.median(in_place)),
+        "fresh_output_s": float(np.median(fresh)),
+        "bytes_per_s": 2 * record["logits_bytes"] / float(np.median(in_place)),
+        # Per round, in the rounds of the implementations' ``times_s``: floor_s and each
+        # copy_fraction can be recomputed from the JSON alone.
+        "in_place_times_s": [float(t) for t in in_place],
+        "fresh_output_times_s": [float(t) for t in fresh],
+    }
+    return floor_per_round(
+        in_place, fresh, record["logits_bytes"], record["min_bytes"], record["fresh_output_bytes"]
+    )
 
 
 def base_record(case: Case, mode: str, dtype_name: str, shape: Shape) -> dict[str, Any]:
