@@ -11,7 +11,7 @@ mesh spanning both processes.
   one launch; each is one test here, failing with the worker's message.
 - ``test_a_dead_peer_fails_the_survivor``: after the cluster works, one worker is killed while the
   other waits in a cross-process all-reduce; the survivor must exit non-zero with JAX's error
-  within seconds (the worker sets ``heartbeat_timeout_seconds=5``), never hang.
+  within seconds (``heartbeat_timeout_seconds=5``), never hang.
 
 Every launch has a hard timeout, shows both processes' output on failure, and kills both
 process groups when it ends.
@@ -38,6 +38,7 @@ WORKER = Path(__file__).with_name("multiprocess_worker.py")
 NUM_PROCESSES = 2
 CHECKS_TIMEOUT_S = 420  # ~40 s of CPU per process; generous for a loaded 2-core machine
 FAULT_TIMEOUT_S = 120
+HEARTBEAT_TIMEOUT_S = 5  # how long the fault test's survivor takes to learn its peer is dead
 # JAX's fatal-error line when the coordination service declares a task dead (jaxlib's client.h).
 FATAL = "Terminating process because the JAX distributed service detected fatal errors"
 
@@ -211,7 +212,8 @@ def _wait_for_ready(workers: list[Worker], deadline: float) -> None:
 def test_a_dead_peer_fails_the_survivor(victim: int, tmp_path: Path):
     survivor_id = 1 - victim
     start = time.monotonic()
-    with cluster(tmp_path, "--mode", "fault", "--fault-victim", str(victim)) as workers:
+    fault = ("--mode", "fault", "--fault-victim", str(victim))
+    with cluster(tmp_path, *fault, "--heartbeat-timeout-s", str(HEARTBEAT_TIMEOUT_S)) as workers:
         _wait_for_ready(workers, start + FAULT_TIMEOUT_S)
         time.sleep(1.0)  # the survivor is now blocked in its all-reduce
         kill(workers[victim])
