@@ -12,6 +12,7 @@ import platform
 import re
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -495,7 +496,8 @@ def plot_title(meta: dict[str, Any]) -> str:
 
 def _text(meta: dict[str, Any], records: Sequence[dict], goals: Sequence[dict], wide: bool) -> str:
     torch = meta["torch"]
-    heading = f"jaxloss benchmarks, {meta['date']}\n{plot_title(meta)}\n" + (
+    title = "\n".join(textwrap.wrap(plot_title(meta), 100, break_on_hyphens=False))
+    heading = f"jaxloss benchmarks, {meta['date']}\n{title}\n" + (
         f"torch threads {torch['num_threads']}, OMP_WAIT_POLICY={torch['omp_wait_policy']}"
         if torch["used"]
         else f"no torch peers ({torch['note']})"
