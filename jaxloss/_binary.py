@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, Float
+from jaxtyping import Array, ArrayLike, Float, Real
 
 from jaxloss import _common
 from jaxloss._softmax import softplus_neg
@@ -60,7 +60,7 @@ def bce(
     probs: Float[ArrayLike, "*shape"],
     targets: Float[ArrayLike, "*shape"],
     *,
-    weight: Float[ArrayLike, "*#shape"] | None = None,
+    weight: Real[ArrayLike, "*#shape"] | None = None,
     reduction: str = "mean",
 ) -> Float[Array, "*shape"] | Float[Array, ""]:
     r"""Binary cross-entropy on probabilities, as ``torch.nn.functional.binary_cross_entropy``.
@@ -123,8 +123,8 @@ def bce_with_logits(
     logits: Float[ArrayLike, "*shape"],
     targets: Float[ArrayLike, "*shape"],
     *,
-    weight: Float[ArrayLike, "*#shape"] | None = None,
-    pos_weight: Float[ArrayLike, "*#shape"] | None = None,
+    weight: Real[ArrayLike, "*#shape"] | None = None,
+    pos_weight: Real[ArrayLike, "*#shape"] | None = None,
     reduction: str = "mean",
 ) -> Float[Array, "*shape"] | Float[Array, ""]:
     r"""Binary cross-entropy on logits, as ``torch.nn.functional.binary_cross_entropy_with_logits``.

@@ -9,9 +9,10 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, Float, Int
+from jaxtyping import Array, ArrayLike, Float, Int, Real
 
 from jaxloss import _common, _targets
+from jaxloss._stats import LogitStats
 
 # ----------------------------------------------------------------------------------------------
 # Index targets: validation (the bookkeeping itself lives in _targets)
@@ -76,6 +77,9 @@ def _prepare(fn: str, input_name: str):
         for name, high in (("label_smoothing", 1.0), ("z_loss", np.inf)):
             if name in arguments:
                 arguments[name] = _common.hyperparameter(name, fn, arguments[name], high=high)
+        if "soft_cap" in arguments:
+            cap = arguments["soft_cap"]
+            arguments["soft_cap"] = _common.hyperparameter("soft_cap", fn, cap, positive=True)
 
     return prepare
 
@@ -91,14 +95,14 @@ def _prepare(fn: str, input_name: str):
     prepare=_prepare("nll", "log_probs"),
 )
 def nll(
-    log_probs: Float[ArrayLike, "*batch classes *rest"],
-    targets: Int[ArrayLike, "*batch *rest"],
+    log_probs: Float[ArrayLike, "*input_shape"],
+    targets: Int[ArrayLike, "*target_shape"],
     *,
-    weight: Float[ArrayLike, " classes"] | None = None,
+    weight: Real[ArrayLike, " classes"] | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     axis: int = -1,
-) -> Float[Array, "*batch *rest"] | Float[Array, ""]:
+) -> Float[Array, "*positions"]:
     r"""Negative log-likelihood of index targets, as ``torch.nn.functional.nll_loss``.
 
     $$
@@ -357,20 +361,22 @@ def _check_probability_targets(logits, targets, axis: int, ignore_index: int) ->
 
 @functools.partial(
     _common.jit,
-    static_argnames=("ignore_index", "reduction", "axis"),
+    static_argnames=("ignore_index", "reduction", "axis", "return_stats"),
     prepare=_prepare("cross_entropy", "logits"),
 )
 def cross_entropy(
-    logits: Float[ArrayLike, "*batch classes *rest"],
-    targets: Int[ArrayLike, "*batch *rest"] | Float[ArrayLike, "*batch classes *rest"],
+    logits: Float[ArrayLike, "*input_shape"],
+    targets: Int[ArrayLike, "*target_shape"] | Float[ArrayLike, "*input_shape"],
     *,
-    weight: Float[ArrayLike, " classes"] | None = None,
+    weight: Real[ArrayLike, " classes"] | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float | Float[ArrayLike, ""] | None = 0.0,
     axis: int = -1,
     z_loss: float | Float[ArrayLike, ""] | None = 0.0,
-) -> Float[Array, "*batch *rest"] | Float[Array, ""]:
+    soft_cap: float | Float[ArrayLike, ""] | None = None,
+    return_stats: bool = False,
+) -> Float[Array, "*positions"] | tuple[Float[Array, "*positions"], LogitStats]:
     r"""Cross-entropy between logits and targets, as ``torch.nn.functional.cross_entropy``.
 
     With index targets ``y`` and label smoothing ε over ``C`` classes:
@@ -404,11 +410,19 @@ def cross_entropy(
       z_loss: PaLM's auxiliary coefficient λ_z ≥ 0 on ``logsumexp(z)²`` at non-ignored
         positions, reduced like the main loss (0 or None disables it; PyTorch has no such term);
         traced like ``label_smoothing``.
+      soft_cap: ``c > 0`` for Gemma-2 style logit soft-capping ``z → c·tanh(z/c)`` before the
+        softmax (None disables it; a traced scalar is allowed, and is not differentiated): the
+        loss, every option, the z-loss and the statistics apply to the capped logits. A
+        ``-inf`` logit becomes ``-c`` (``tanh(-inf) = -1``): mask after capping.
+      return_stats: also return a :class:`jaxloss.LogitStats` of per-position ``lse``,
+        ``correct`` (argmax equals the target; for probability targets, the target's argmax)
+        and ``entropy`` of the (capped) logits, not differentiated.
 
     Returns:
       Per-position losses (``"none"``) or a scalar, in the dtype of ``logits`` (half precision
-      is accumulated in float32). An index target out of range that is not ``ignore_index``
-      gives NaN at its position; see ``jaxloss.check_targets`` for a hard error.
+      is accumulated in float32); with ``return_stats``, ``(loss, stats)``. An index target out
+      of range that is not ``ignore_index`` gives NaN at its position under ``jit`` (outside it,
+      concrete targets raise PyTorch's error); see ``jaxloss.check_targets``.
 
     Examples:
       >>> import jax.numpy as jnp, jaxloss
@@ -428,23 +442,50 @@ def cross_entropy(
     targets = _common.as_array("targets", fn, targets)
     _common.check_reduction(fn, reduction)
     hyper = _traced_hyperparameters(fn, label_smoothing, z_loss)
+    z = logits if soft_cap is None else _soft_capped(fn, logits, soft_cap)
     if jnp.issubdtype(targets.dtype, jnp.integer):
         args = (fn, logits, targets, weight, ignore_index, axis, "logits")
         ax, idx, class_weight = _index_inputs(*args)
-        loss = _index_ce(ax, logits, _Index(targets, idx, class_weight, *hyper))
-        return _targets.reduce(loss, reduction, idx).astype(logits.dtype)
-    if not jnp.issubdtype(targets.dtype, jnp.floating):
-        raise TypeError(
-            f"{fn}: `targets` must be integer class indices or floating probabilities, got "
-            f"{_common.describe(targets)}"
-        )
-    ax = _common.class_axis(fn, axis, logits.ndim)
-    _check_probability_targets(logits, targets, ax, ignore_index)
-    class_weight = _common.check_class_weight(fn, weight, logits.shape[ax])
-    if class_weight is not None:
-        class_weight = class_weight.astype(_common.compute_dtype(logits.dtype))
-    loss = _prob_ce(ax, logits, _Probs(targets, class_weight, *hyper))
-    return _common.reduce_loss(loss, reduction, loss.size).astype(logits.dtype)
+        loss = _index_ce(ax, z, _Index(targets, idx, class_weight, *hyper))
+        loss = _targets.reduce(loss, reduction, idx).astype(logits.dtype)
+        hit = (targets, idx.valid & ~idx.bad)
+    else:
+        if not jnp.issubdtype(targets.dtype, jnp.floating):
+            raise TypeError(
+                f"{fn}: `targets` must be integer class indices or floating probabilities, got "
+                f"{_common.describe(targets)}"
+            )
+        ax = _common.class_axis(fn, axis, logits.ndim)
+        _check_probability_targets(logits, targets, ax, ignore_index)
+        class_weight = _common.check_class_weight(fn, weight, logits.shape[ax])
+        if class_weight is not None:
+            class_weight = class_weight.astype(_common.compute_dtype(logits.dtype))
+        loss = _prob_ce(ax, z, _Probs(targets, class_weight, *hyper))
+        loss = _common.reduce_loss(loss, reduction, loss.size).astype(logits.dtype)
+        hit = (jnp.argmax(targets, ax), True)
+    return (loss, _logit_stats(z, ax, *hit)) if return_stats else loss
+
+
+def _soft_capped(fn: str, z: jax.Array, cap) -> jax.Array:
+    """``c·tanh(z/c)``, computed in float32 for half precision, returned in ``z``'s dtype."""
+    cap = jax.lax.stop_gradient(_common.check_real("soft_cap", fn, cap))
+    if cap.shape != ():
+        raise ValueError(f"{fn}: `soft_cap` must be a scalar, got {_common.describe(cap)}")
+    wide = _common.upcast(z)
+    cap = cap.astype(wide.dtype)
+    return (cap * jnp.tanh(wide / cap)).astype(z.dtype)
+
+
+def _logit_stats(z: jax.Array, axis: int, target: jax.Array, counted) -> LogitStats:
+    """``LogitStats`` per position: log-sum-exp, argmax hit, entropy (not differentiated)."""
+    zc = jax.lax.stop_gradient(_common.upcast(z))
+    lse = jax.nn.logsumexp(zc, axis)
+    p = jnp.exp(zc - jnp.expand_dims(lse, axis))
+    # Σ p z with 0 · (-inf) = 0: a masked class has no probability and contributes nothing.
+    mean_logit = jnp.sum(jnp.where(p > 0, p * zc, 0), axis)
+    correct = (jnp.argmax(zc, axis) == target) & counted
+    dtype = z.dtype
+    return LogitStats(lse.astype(dtype), correct, (lse - mean_logit).astype(dtype))
 
 
 def _traced_hyperparameters(fn: str, label_smoothing, z_loss) -> tuple:

@@ -62,14 +62,23 @@ def jit(
 
 
 def hyperparameter(
-    name: str, fn: str, value: Any, low: float = 0.0, high: float = np.inf
+    name: str,
+    fn: str,
+    value: Any,
+    low: float = 0.0,
+    high: float = np.inf,
+    *,
+    positive: bool = False,
 ) -> Any | None:
-    """A scalar option that may be traced: None where it is exactly 0 (the term is dropped).
+    """A scalar option that may be traced: None where it is absent (None, or exactly 0).
 
-    A Python or concrete value outside ``[low, high]`` (or NaN) raises ``ValueError``; a traced
-    one passes as it is (check it with ``checkify`` if it can go wrong). A non-zero value is
-    passed to the compiled function as data, so that a schedule compiles once.
+    A Python or concrete value outside ``[low, high]`` (``(low, high]`` when ``positive``; NaN
+    and inf never pass) raises ``ValueError``; a traced one passes as it is (check it with
+    ``checkify`` if it can go wrong). A present value is passed to the compiled function as
+    data, so that a schedule compiles once.
     """
+    if value is None:
+        return None
     if isinstance(value, bool) or not (
         isinstance(value, (int, float, np.number)) or hasattr(value, "dtype")
     ):
@@ -85,9 +94,13 @@ def hyperparameter(
     if not is_concrete(value):
         return value
     number = float(value)
-    if not (np.isfinite(number) and low <= number <= high):
-        bounds = f"[{low:g}, {high:g}]" if np.isfinite(high) else f">= {low:g} and finite"
-        raise ValueError(f"{fn}: `{name}` must lie in {bounds}, got {number}")
+    in_range = (low < number if positive else low <= number) and number <= high
+    if not (np.isfinite(number) and in_range):
+        if np.isfinite(high):
+            rule = f"lie in {'(' if positive else '['}{low:g}, {high:g}]"
+        else:
+            rule = f"be finite and {'>' if positive else '>='} {low:g}"
+        raise ValueError(f"{fn}: `{name}` must {rule}, got {number}")
     return None if number == 0 else value
 
 
@@ -330,7 +343,7 @@ def safe_divide(total: jax.Array, denominator: jax.Array) -> jax.Array:
 def reduce_loss(
     loss: jax.Array,
     reduction: str,
-    denominator: jax.Array | float | None = None,
+    denominator: jax.Array | float | int | None = None,
     *,
     weights: jax.Array | None = None,
 ) -> jax.Array:

@@ -57,7 +57,7 @@ def _along_axis(fn: str, kernel, x: ArrayLike, axis: int, where: ArrayLike | Non
 
 @functools.partial(_common.jit, static_argnames=("axis",))
 def log_softmax(
-    x: Float[ArrayLike, "*shape"], axis: int = -1, where: Bool[ArrayLike, "*shape"] | None = None
+    x: Float[ArrayLike, "*shape"], axis: int = -1, where: Bool[ArrayLike, "*#shape"] | None = None
 ) -> Float[Array, "*shape"]:
     r"""Log of the softmax along ``axis``, stable for any magnitude of ``x``.
 
@@ -143,7 +143,7 @@ def _softmax_jvp(axis, primals, tangents):
 
 @functools.partial(_common.jit, static_argnames=("axis",))
 def softmax(
-    x: Float[ArrayLike, "*shape"], axis: int = -1, where: Bool[ArrayLike, "*shape"] | None = None
+    x: Float[ArrayLike, "*shape"], axis: int = -1, where: Bool[ArrayLike, "*#shape"] | None = None
 ) -> Float[Array, "*shape"]:
     r"""Softmax along ``axis``, stable for any magnitude of ``x``.
 

@@ -125,7 +125,7 @@ def test_gradient_in_the_hyperparameters_is_the_closed_form(targets):
         ("label_smoothing", np.ones(2), ValueError, r"`label_smoothing` must be a scalar"),
         ("label_smoothing", "0.1", TypeError, r"`label_smoothing` must be a real scalar"),
         ("label_smoothing", True, TypeError, r"`label_smoothing` must be a real scalar"),
-        ("z_loss", -1e-3, ValueError, r"`z_loss` must lie in >= 0 and finite"),
+        ("z_loss", -1e-3, ValueError, r"`z_loss` must be finite and >= 0, got -0.001"),
         ("z_loss", np.inf, ValueError, r"`z_loss`.*got inf"),
     ],
 )
