@@ -280,6 +280,8 @@ def _index_loss_and_grad(axis: int, z, d: _Index):
     return loss, grad
 
 
+# Custom JVP for speed and memory: softmax − one-hot as one fused expression written in place of
+# exp (no N×C temporaries, no scatter), and PyTorch's NaN gradient on a bad target's row.
 _index_ce = _common.fused_jvp(_index_loss, _index_loss_and_grad, _common.contract_axis)
 
 
@@ -334,6 +336,7 @@ def _smoothed_weighted_targets(d: _Probs, axis: int):
     return t
 
 
+# Custom JVP for speed and memory: a·softmax − w·t in one pass (autodiff would keep log p).
 _prob_ce = _common.fused_jvp(_prob_loss, _prob_loss_and_grad, _common.contract_axis)
 
 

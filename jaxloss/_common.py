@@ -276,6 +276,7 @@ def upcast_apart(x: jax.Array) -> jax.Array:
     return _widen_bf16_bits(x) if x.dtype == jnp.bfloat16 else upcast(x)
 
 
+# Custom JVP for correctness: a bitcast has no derivative in JAX; the widening's is the identity.
 @jax.custom_jvp
 def _widen_bf16_bits(x: jax.Array) -> jax.Array:
     bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) << 16
@@ -314,6 +315,7 @@ def _finite_where_zero(w: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.clip(x, -bound, bound)
 
 
+# Custom JVP for a convention: 0 · ±inf = 0 in value and in the derivative in w.
 @jax.custom_jvp
 def absorbing_product(w: jax.Array, x: jax.Array) -> jax.Array:
     """``w · x`` where a zero ``w`` absorbs an infinite ``x``: ``0 · ±inf = 0``, not NaN.
