@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from jaxloss import _common
+from jaxloss import _common, _targets
 from jaxloss._linear import assembly, chunked, sharded
 from jaxloss._stats import LogitStats
 
@@ -64,6 +64,8 @@ def _check_arrays(hidden, kernel, targets, bias):
 
 def _hyperparameter(name: str, value: Any, low: float, high: float, *, open_low=False):
     """``(present, value)``: a concrete value is range-checked; a traced one is taken as is."""
+    if isinstance(value, (str, bytes, bool)):
+        raise TypeError(f"{_FN}: `{name}` must be a real scalar, got {value!r}")
     try:
         number = float(value)
     except jax.errors.ConcretizationTypeError:
@@ -322,6 +324,6 @@ def _logit_stats(p: chunked.Problem, options: assembly.Options, stats, batch_sha
     if p.labels is None:
         correct = arg == jnp.argmax(p.probs, axis=-1)
     else:
-        valid = ~assembly.ignored(p.labels, options.ignore_index)
+        valid = ~_targets.ignored(p.labels, options.ignore_index)
         correct = valid & (arg == p.labels)
     return LogitStats(*(a.reshape(batch_shape) for a in (lse, correct, entropy)))

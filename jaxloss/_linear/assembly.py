@@ -13,27 +13,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxloss import _common
-
-
-def ignored(targets: jax.Array, ignore_index: int) -> jax.Array:
-    """Boolean mask of ignored positions; none when ``ignore_index`` cannot occur in the dtype."""
-    info = np.iinfo(targets.dtype)
-    if not info.min <= ignore_index <= info.max:
-        return jnp.zeros(targets.shape, jnp.bool_)
-    return targets == ignore_index
+from jaxloss import _common, _targets
 
 
 def index_setup(targets, class_weight, num_classes, ignore_index, cdt):
-    """``(valid, bad, per-position weight)`` of index targets, as cross_entropy defines them."""
-    valid = ~ignored(targets, ignore_index)
-    bad = valid & ((targets < 0) | (targets >= num_classes))
-    if class_weight is None:
-        return valid, bad, valid.astype(cdt)
-    safe = jnp.clip(targets, 0, num_classes - 1)
-    return valid, bad, jnp.where(valid, class_weight[safe], 0)
+    """``(valid, bad, per-position weight)`` of index targets, from the shared core."""
+    idx = _targets.index_targets(targets, num_classes, ignore_index, class_weight, cdt)
+    return idx.valid, idx.bad, idx.weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +53,10 @@ def index_losses(o: Options, lse, tgt, wsum, valid, bad, pos_weight, sum_weight,
         loss = (1 - smoothing) * loss + smoothing * smooth
     if o.z_loss:
         loss = loss + z_loss * lse**2
-    loss = jnp.where(valid, loss, 0)
+    loss = jnp.where(valid & ~bad, loss, 0)
     # A bad target (out of range, not ignored) is NaN, in value and — as in cross_entropy — in
-    # the gradient of every logit of its row; the factor is exactly 0 (and so is its gradient)
-    # at every other row.
+    # the gradient of every logit of its row (and in no class weight's); the factor is exactly 0
+    # (and so is its gradient) at every other row.
     return loss + jnp.where(bad, jnp.nan, 0) * lse
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from jaxloss import _targets
 from jaxloss._linear import assembly, chunked
 
 _FN = "linear_cross_entropy"
@@ -105,7 +106,7 @@ def _local_loss(p: chunked.Problem, options: assembly.Options, hyper, chunks, ax
     w = local.class_weight
     sum_weight = v_local if w is None else jnp.sum(w)
     if p.labels is not None:
-        valid = ~assembly.ignored(p.labels, options.ignore_index)
+        valid = ~_targets.ignored(p.labels, options.ignore_index)
         bad = valid & ((p.labels < 0) | (p.labels >= options.num_classes))
         owned = (labels >= 0) & (labels < v_local)
         pos_weight = valid.astype(s.lse.dtype)
