@@ -331,6 +331,41 @@ for _layout in LAYOUTS:
         return ["no ValueError for explicitly sharded inputs without batch_axis/vocab_axis"], []
 
 
+def _linear_stats_fn(**axes):
+    """Soft-capped loss and its statistics; classes 3 and 33 tie for the top logit everywhere."""
+
+    def fn(hidden, kernel, bias, targets, weight, cotangent):
+        kernel = kernel.at[:, 33].set(kernel[:, 3])
+        bias = bias.at[3].set(9.0).at[33].set(9.0)
+        targets = targets.at[0].set(3).at[2].set(33)
+
+        def f(hidden, kernel):
+            loss, stats = jaxloss.linear_cross_entropy(
+                hidden, kernel, targets, bias=bias, weight=weight, soft_cap=5.0,
+                return_stats=True, **LINEAR_OPTIONS, **axes,
+            )  # fmt: skip
+            return loss, stats
+
+        (loss, stats), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(hidden, kernel)
+        return loss, grads, stats.lse, stats.entropy, stats.correct.astype(jnp.float32)
+
+    return fn
+
+
+for _layout in LAYOUTS:
+
+    @check(f"linear_cross_entropy/shard_map/{_layout}/soft_cap_and_stats")
+    def _linear_shard_map_stats(mesh: Mesh, layout=_layout):
+        """Statistics combined over vocabulary shards (argmax ties to the lowest class)."""
+        fn = _linear_stats_fn(mesh=mesh, **_axes(layout))
+        got, _ = _sharded(mesh, layout, fn, _linear_args(), LINEAR_KINDS)
+        want = _unsharded(_linear_stats_fn(), _linear_args())
+        problems = _compare(got, want, f"linear_cross_entropy stats (shard_map) {layout}")
+        if not (want[-1][0] == 1 and want[-1][2] == 0):
+            problems.append(f"the unsharded tie did not go to class 3: {want[-1]}")
+        return problems, []
+
+
 @check("linear_cross_entropy/shard_map/uneven_split_is_an_error")
 def _linear_uneven(mesh: Mesh):
     """Tokens or classes that do not split evenly over the named axes raise a ValueError."""

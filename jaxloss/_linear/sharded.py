@@ -73,10 +73,12 @@ def _combine_over_vocabulary(s: chunked.Stats, offset, vocab_axis) -> chunked.St
     shift = chunked.finite_or_zero(jax.lax.pmax(jax.lax.stop_gradient(s.lse), vocab_axis))
     lse = shift + jnp.log(jax.lax.psum(jnp.exp(s.lse - shift), vocab_axis))
     psum = lambda x: None if x is None else jax.lax.psum(x, vocab_axis)
-    arg, entropy, top = s.arg, s.entropy, s.max
-    if s.arg is not None and s.max is not None and s.entropy is not None:
-        top = jax.lax.pmax(s.max, vocab_axis)
-        mine = jnp.where(s.max == top, s.arg + offset, jnp.iinfo(jnp.int32).max)
+    # The statistics are diagnostics: not differentiated (pmax has no derivative either).
+    arg, entropy, top = (None if a is None else jax.lax.stop_gradient(a) for a in s[4:])
+    if arg is not None and entropy is not None and top is not None:
+        local_top = top
+        top = jax.lax.pmax(local_top, vocab_axis)
+        mine = jnp.where(local_top == top, arg + offset, jnp.iinfo(jnp.int32).max)
         arg = jax.lax.pmin(mine, vocab_axis)  # ties: the lowest class index of all shards
         # Σ_c p_c z_c = Σ_shards e^{lse_k - lse} Σ_{c in k} p^k_c z_c, Σ p^k z = lse_k - H_k.
         local_lse = jax.lax.stop_gradient(s.lse)
