@@ -426,15 +426,19 @@ def write_plots(out: Path, records: Sequence[dict], title: str) -> list[Path]:
 
 
 def _log_ticks(ax: Any, axis: str, unit: str = "") -> None:
-    """Labelled ticks at 1, 2 and 5 per decade, or per decade over more than three (the default
-    labels only the decades, and a range narrower than a decade then has no label at all)."""
+    """Labelled ticks at 1, 2 and 5 per decade; finer within one decade, per decade over more
+    than three (the default labels only the decades: a narrow range had no label at all)."""
     from matplotlib import ticker
 
     target = ax.xaxis if axis == "x" else ax.yaxis
     lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()
-    subs = (1.0,) if hi > 1000 * lo else (1.0, 2.0, 5.0)
+    subs = (1.0, 2.0, 5.0)
+    if hi > 1000 * lo:
+        subs = (1.0,)
+    elif hi < 10 * lo:
+        subs = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
     target.set_major_locator(ticker.LogLocator(base=10, subs=subs))
-    target.set_major_formatter(ticker.EngFormatter(unit=unit, places=0, sep=""))
+    target.set_major_formatter(ticker.EngFormatter(unit=unit, sep=""))
     target.set_minor_formatter(ticker.NullFormatter())
 
 
