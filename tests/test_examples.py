@@ -22,11 +22,11 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TIMEOUT_S = 300
 
 
-def run_example(name: str, out_dir: Path) -> str:
-    """Runs ``examples/<name>`` with ``--out out_dir``; returns stdout, failing on exit != 0."""
+def run_example(name: str, out_dir: Path, *flags: str) -> str:
+    """Runs ``examples/<name> --out out_dir [flags]``; returns stdout, failing on exit != 0."""
     env = {**os.environ, "MPLBACKEND": "Agg"}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "examples" / name), "--out", str(out_dir)],
+        [sys.executable, str(REPO / "examples" / name), "--out", str(out_dir), *flags],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -78,7 +78,50 @@ def test_per_example_matches_batched_forms(tmp_path: Path) -> None:
     assert_png(tmp_path / "per_example_grad_norms.png")
 
 
-@pytest.mark.parametrize("name", ["train_digits.py", "multilabel.py", "per_example.py"])
+# The language-model examples at a reduced size (their full runs take minutes): every stage runs
+# and reports; the full-size figures are in docs/examples.md.
+LM_SMOKE = (
+    "--vocab-size", "1024", "--max-files", "12", "--seq-len", "16", "--batch-size", "4",
+    "--heads", "2", "--valid-windows", "8", "--log-every", "2",
+)  # fmt: skip
+
+
+def test_lm_linear_head_trains_and_reports_memory(tmp_path: Path) -> None:
+    flags = ("--steps", "4", "--dim", "16", "--layers", "1")
+    stdout = run_example("lm_linear_head.py", tmp_path, *LM_SMOKE, *flags)
+    vocabulary = re.search(r"vocabulary (\d+) words", stdout)
+    assert vocabulary and int(vocabulary.group(1)) == 1024, stdout
+    memory = re.search(r"temporaries .*: fused ([\d.]+) MiB, materialised ([\d.]+) MiB", stdout)
+    assert memory, f"no head memory report in:\n{stdout}"
+    ppl = re.search(r"^validation perplexity: ([\d.]+)$", stdout, re.MULTILINE)
+    assert ppl, f"no 'validation perplexity: X' line in:\n{stdout}"
+    # A uniform guess over the vocabulary has perplexity 1024: training must have beaten it.
+    assert 1.0 < float(ppl.group(1)) < 1024, stdout
+    assert_png(tmp_path / "lm_linear_head_curves.png")
+
+
+def test_lm_distillation_runs_teacher_and_both_students(tmp_path: Path) -> None:
+    flags = (
+        "--teacher-steps", "4", "--steps", "3", "--teacher-dim", "16", "--teacher-layers", "1",
+        "--student-dim", "8",
+    )  # fmt: skip
+    stdout = run_example("lm_distillation.py", tmp_path, *LM_SMOKE, *flags)
+    line = re.search(
+        r"^student validation perplexity: alone ([\d.]+), distilled ([\d.]+) "
+        r"\(teacher ([\d.]+)\)$",
+        stdout,
+        re.MULTILINE,
+    )
+    assert line, f"no final perplexity line in:\n{stdout}"
+    assert all(1.0 < float(x) < 1024 for x in line.groups()), stdout
+    assert_png(tmp_path / "lm_distillation_curves.png")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["train_digits.py", "multilabel.py", "per_example.py", "lm_linear_head.py",
+     "lm_distillation.py"],
+)  # fmt: skip
 def test_example_has_help(name: str) -> None:
     """``--help`` works and documents ``--out`` (the flag the docs tell users to pass)."""
     proc = subprocess.run(
