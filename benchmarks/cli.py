@@ -32,6 +32,7 @@ from benchmarks.cases import (
     Shape,
     all_cases,
 )
+from benchmarks.targets import TARGETS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--wide", action="store_true", help="print every column (table.txt always has them)"
+    )
+    p.add_argument(
+        "--target",
+        choices=sorted(TARGETS),
+        help="compile-only accelerator (benchmarks/targets.py): kernels, modelled HBM bytes and "
+        "temporaries from the compiler, no timing",
     )
     p.add_argument("--no-check", action="store_true", help="skip the peer agreement check")
     p.add_argument("--no-plots", action="store_true", help="with --out: JSON and table only")
@@ -521,6 +528,10 @@ def _text(meta: dict[str, Any], records: Sequence[dict], goals: Sequence[dict], 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the suite and returns the results payload (also printed and written)."""
     args = build_parser().parse_args(argv)
+    if args.target:
+        from benchmarks import compiled
+
+        return compiled.run(args, argv)
     started = time.perf_counter()
     load_before = _load_average()
     backend = jax.default_backend()
