@@ -124,7 +124,7 @@ def kl_div(
 
 
 @functools.partial(_common.jit, static_argnames=("axis",))
-def entropy(probs: Float[ArrayLike, "*batch classes"], *, axis: int = -1) -> Float[Array, "*batch"]:
+def entropy(probs: Float[ArrayLike, "*shape"], *, axis: int = -1) -> Float[Array, "*positions"]:
     r"""Shannon entropy (natural log) of each distribution along ``axis``.
 
     $$

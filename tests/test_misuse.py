@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 import pytest
 
@@ -383,6 +384,16 @@ DIVERGENCE = {
 }
 
 TABLE = {**CLASSIFICATION, **SOFTMAX, **BINARY, **DIVERGENCE}
+
+
+@pytest.fixture(autouse=True)
+def _package_errors_only():
+    """These tests read jaxloss's own messages, which a user without runtime type checking gets;
+    the suite's jaxtyping hook (when on) would raise its own TypeCheckError first."""
+    before = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    yield
+    jaxtyping.config.update("jaxtyping_disable", before)
 
 
 @pytest.mark.parametrize("name", sorted(TABLE))
