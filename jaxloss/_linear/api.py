@@ -197,7 +197,7 @@ def linear_cross_entropy(
         value works, the last chunk may overlap the previous one).
       vocab_chunk: columns of ``kernel`` per block of the blocked pass (clipped to ``V``).
       grad_token_chunk: tokens per block of the fused gradient pass, which holds
-        ``[grad_token_chunk, V]`` logits and their cotangent; default ``2**22 // V``.
+        ``[grad_token_chunk, V]`` logits; default ``2**24 // V`` (64 MiB of float32 logits).
       mesh: the ``jax.sharding.Mesh`` for ``batch_axis``/``vocab_axis`` (default: the context
         mesh).
       batch_axis: mesh axis name(s) the tokens are split over, or ``None``. Tokens must split

@@ -95,14 +95,12 @@ def _local_loss(p: chunked.Problem, options: assembly.Options, hyper, chunks, ax
     v_local = p.kernel.shape[1]
     offset = 0 if vocab_axis is None else jax.lax.axis_index(vocab_axis) * v_local
     labels: Any = None if p.labels is None else (p.labels - offset).astype(p.labels.dtype)
-    local = p._replace(labels=labels)
-    everywhere = [a for a in local.arrays if a is not None]
-    local = local._replace(
-        **{
-            k: None if a is None else chunked.vary(a, *everywhere)
-            for k, a in local._asdict().items()
-            if k in ("hidden", "kernel", "bias", "labels", "probs", "class_weight")
-        }
+    # Every array marked as varying over all the axes any of them varies over (see sharded_loss).
+    names = ("hidden", "kernel", "bias", "labels", "probs", "class_weight")
+    arrays = dict(zip(names, (*p.arrays[:3], labels, *p.arrays[4:]), strict=True))
+    everywhere = [a for a in arrays.values() if a is not None]
+    local = p._replace(
+        **{k: None if a is None else chunked.vary(a, *everywhere) for k, a in arrays.items()}
     )
     s = chunked.token_stats(local, chunks)
     w = local.class_weight
