@@ -385,3 +385,19 @@ def test_memory_at_large_vocabulary():
         f"fused (gradient in the forward pass) temporaries {fused / MiB:.1f} MiB"
     )
     assert recomputing <= 64 * MiB, f"recomputing form temporaries {recomputing / MiB:.1f} MiB"
+
+
+@pytest.mark.parametrize("smoothing, z_loss, reduction", [(0.0, 0.0, "mean"), (0.2, 0.01, "sum")])
+def test_reference_form_matches_blocked(smoothing, z_loss, reduction):
+    """The materialised definition (jaxloss._linear.reference) and the blocked kernel agree."""
+    from jaxloss._linear import assembly, chunked, reference
+
+    hidden, kernel, bias, weight, targets = _problem()
+    got = jaxloss.linear_cross_entropy(
+        hidden, kernel, targets, bias=bias, weight=weight, vocab_chunk=7,
+        label_smoothing=smoothing, z_loss=z_loss, reduction=reduction,
+    )  # fmt: skip
+    problem = chunked.Problem(hidden, kernel, bias, targets, None, weight, None, True, False)
+    options = assembly.Options(V, reduction=reduction, smoothing=True, z_loss=True)
+    want = reference.reference_loss(problem, options, (jnp.float32(smoothing), jnp.float32(z_loss)))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
