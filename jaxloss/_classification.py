@@ -9,7 +9,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, Float, Int, Real
+from jaxtyping import Array, ArrayLike, Float, Integer, Real
 
 from jaxloss import _common, _targets
 from jaxloss._stats import LogitStats
@@ -96,7 +96,7 @@ def _prepare(fn: str, input_name: str):
 )
 def nll(
     log_probs: Float[ArrayLike, "*input_shape"],
-    targets: Int[ArrayLike, "*target_shape"],
+    targets: Integer[ArrayLike, "*target_shape"],
     *,
     weight: Real[ArrayLike, " classes"] | None = None,
     ignore_index: int = -100,
@@ -438,7 +438,7 @@ def _check_probability_targets(logits, targets, axis: int, ignore_index: int) ->
 @overload
 def cross_entropy(
     logits: Float[ArrayLike, "*input_shape"],
-    targets: Int[ArrayLike, "*target_shape"] | Float[ArrayLike, "*input_shape"],
+    targets: Integer[ArrayLike, "*target_shape"] | Float[ArrayLike, "*input_shape"],
     *,
     weight: Real[ArrayLike, " classes"] | None = None,
     ignore_index: int = -100,
@@ -454,7 +454,7 @@ def cross_entropy(
 @overload
 def cross_entropy(
     logits: Float[ArrayLike, "*input_shape"],
-    targets: Int[ArrayLike, "*target_shape"] | Float[ArrayLike, "*input_shape"],
+    targets: Integer[ArrayLike, "*target_shape"] | Float[ArrayLike, "*input_shape"],
     *,
     weight: Real[ArrayLike, " classes"] | None = None,
     ignore_index: int = -100,
@@ -474,7 +474,7 @@ def cross_entropy(
 )
 def cross_entropy(
     logits: Float[ArrayLike, "*input_shape"],
-    targets: Int[ArrayLike, "*target_shape"] | Float[ArrayLike, "*input_shape"],
+    targets: Integer[ArrayLike, "*target_shape"] | Float[ArrayLike, "*input_shape"],
     *,
     weight: Real[ArrayLike, " classes"] | None = None,
     ignore_index: int = -100,

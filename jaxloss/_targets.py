@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
-from jaxtyping import ArrayLike, Int
+from jaxtyping import ArrayLike, Integer
 
 from jaxloss import _common
 
@@ -139,7 +139,7 @@ def raise_if_out_of_range(
 
 
 def check_targets(
-    targets: Int[ArrayLike, "*batch"], num_classes: int, *, ignore_index: int = -100
+    targets: Integer[ArrayLike, "*batch"], num_classes: int, *, ignore_index: int = -100
 ) -> None:
     """Asserts, inside ``jax.experimental.checkify``, that every index target is in range.
 
