@@ -27,6 +27,9 @@ from typing import Any
 # libtpu takes a machine-wide lock file unless told that other processes may load it too;
 # compile-only programs need no exclusive access to a chip (there is none).
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# Without a GPU the CUDA plugin's check for CUDA libraries fails and the plugin (with it the
+# compile-only H100) is not registered; compiling needs none of those libraries.
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 import jax
 import numpy as np
@@ -265,13 +268,19 @@ class Point:
         return f"{self.case.name}/{self.mode}/{self.dtype}/{'x'.join(map(str, self.shape))}"
 
 
+# --quick: the goal points of cross_entropy and linear_cross_entropy (a dozen compiles).
+QUICK_CASES = ("cross_entropy", LINEAR)
+
+
 def plan(target: Target, cases: Sequence[Any], args: Any) -> list[Point]:
-    """The grid of a target: every case at its sizes (``--quick``: the goal size only)."""
+    """The grid of a target: every case at its sizes (``--quick``: see :data:`QUICK_CASES`)."""
     filters = [f for f in args.filter.split(",") if f]
     sizes = args.sizes or (target.sizes[-1:] if args.quick else target.sizes)
     points = []
     for case in cases:
         if filters and not any(re.search(f, case.name) for f in filters):
+            continue
+        if args.quick and not args.sizes and case.name not in QUICK_CASES:
             continue
         if case.name == LINEAR:
             grid = [(tuple(s), d) for s, d in target.linear_points]
@@ -325,24 +334,27 @@ def _cell(entry: dict, key: str, fmt: Callable[[Any], str]) -> str:
 
 
 def format_table(records: Sequence[dict]) -> str:
-    """One line per point: kernels, x copy, temporaries, roofline time; jaxloss | optax."""
+    """One line per point: kernels, x copy, temporaries, roofline time; jaxloss and optax."""
     from benchmarks.report import fmt_bytes, fmt_time
 
-    header = (
-        f"{'function':<27} {'mode':<4} {'dtype':<4} {'shape':<16} {'kernels':>7} "
-        f"{'x copy':>11} {'temp':>15} {'roofline':>15}"
+    head = (
+        f"{'function':<27} {'mode':<4} {'dtype':<5} {'shape':<12} {'kernels':>7} "
+        f"{'x copy':>11} {'temporaries':>17} {'roofline':>15}"
     )
-    lines = [header, f"{'':<54}{'jl/ox':>7} {'jl | ox':>11} {'jl | ox':>15} {'jl | ox':>15}"]
-    lines.append("-" * len(header))
+    sub = f"{'':<59}{'jl/ox':>7} {'jl    ox':>11} {'jl       ox':>17} {'jl      ox':>15}"
+    lines = [head, sub, "-" * len(head)]
     for r in records:
         jl, ox = (r["impls"].get(k, {}) for k in PEERS)
         errors = [f"{k}: {e['error'][:50]}" for k, e in r["impls"].items() if "error" in e]
-        pair = lambda key, fmt, jl=jl, ox=ox: f"{_cell(jl, key, fmt)} | {_cell(ox, key, fmt)}"
+
+        def pair(key, fmt, width, jl=jl, ox=ox):
+            return f"{_cell(jl, key, fmt):>{width}} {_cell(ox, key, fmt):>{width}}"
+
         kernels = f"{_cell(jl, 'kernels', str)}/{_cell(ox, 'kernels', str)}"
         lines.append(
-            f"{r['case']:<27} {r['mode']:<4} {r['dtype']:<4} {'x'.join(map(str, r['shape'])):<16} "
-            f"{kernels:>7} {pair('copy_ratio', lambda v: f'{v:.2f}'):>11} "
-            f"{pair('temp_bytes', fmt_bytes):>15} {pair('roofline_s', fmt_time):>15}"
+            f"{r['case']:<27} {r['mode']:<4} {r['dtype']:<5} {'x'.join(map(str, r['shape'])):<12} "
+            f"{kernels:>7} {pair('copy_ratio', lambda v: f'{v:.3f}', 5)} "
+            f"{pair('temp_bytes', fmt_bytes, 8)} {pair('roofline_s', fmt_time, 7)}"
             + (f"  errors: {'; '.join(errors)}" if errors else "")
         )
     legend = (
@@ -352,7 +364,15 @@ def format_table(records: Sequence[dict]) -> str:
     return "\n".join([*lines, "", legend])
 
 
-def _bytes_goal(goal_id, description, lhs, rhs, threshold, lhs_label, rhs_label, note=""):
+# Per-row vectors (max, sum, weights, the loss) are N-sized: goals on N×C traffic allow this
+# much of the logits' bytes for them.
+ROW_SLACK = 1e-3
+ROW_NOTE = "judged within N-sized vectors: 0.1% of the logits' bytes"
+PEER_NOTE = "judged within 0.1% of the larger of the peer's and the logits' bytes"
+
+
+def _bytes_goal(goal_id, description, lhs, rhs, threshold, lhs_label, rhs_label, note="", slack=0):
+    """``lhs <= threshold * rhs + slack`` (bytes)."""
     goal = {
         "id": goal_id, "description": description, "kind": "bytes", "lhs_label": lhs_label,
         "lhs": lhs, "rhs_label": rhs_label, "rhs": rhs, "threshold": threshold,
@@ -360,8 +380,8 @@ def _bytes_goal(goal_id, description, lhs, rhs, threshold, lhs_label, rhs_label,
     }  # fmt: skip
     if lhs is None or not rhs:
         return {**goal, "status": "N/A", "ratio": None, "note": note or "not compiled"}
-    ratio = lhs / rhs
-    return {**goal, "status": "PASS" if ratio <= threshold else "FAIL", "ratio": ratio}
+    passed = lhs <= threshold * rhs + slack
+    return {**goal, "status": "PASS" if passed else "FAIL", "ratio": lhs / rhs}
 
 
 def _get(records, case, mode, dtype, shape):
@@ -384,13 +404,13 @@ def evaluate_goals(target: Target, records: Sequence[dict]) -> list[dict]:
             f"ce_vag_hbm_{dtype}",
             f"{dtype} cross_entropy value_and_grad at {size}: modelled HBM <= 1.5x copy",
             vag["impls"].get("jaxloss", {}).get("hbm_bytes"), vag.get("min_bytes"), 1.5,
-            "jaxloss bytes", "copy bytes",
+            "jaxloss bytes", "copy bytes", ROW_NOTE, ROW_SLACK * vag.get("logits_bytes", 0),
         ))  # fmt: skip
         goals.append(_bytes_goal(
             f"ce_fwd_hbm_{dtype}",
             f"{dtype} cross_entropy forward at {size}: modelled HBM <= 1.05x the logits",
             fwd["impls"].get("jaxloss", {}).get("hbm_bytes"), fwd.get("logits_bytes"), 1.05,
-            "jaxloss bytes", "logits bytes",
+            "jaxloss bytes", "logits bytes", ROW_NOTE, ROW_SLACK * fwd.get("logits_bytes", 0),
         ))  # fmt: skip
         goals.append(_peer_goal(records, dtype, shape))
     if target.name in LINEAR_GOALS:
@@ -408,30 +428,30 @@ def evaluate_goals(target: Target, records: Sequence[dict]) -> list[dict]:
 
 def _peer_goal(records: Sequence[dict], dtype: str, shape: tuple[int, ...]) -> dict:
     """Every other function at ``shape``, both modes: jaxloss's bytes <= its peer's."""
-    ratios = {}
+    compared: dict[str, tuple[int, int, float]] = {}
     for r in records:
         if r["case"] in ("cross_entropy", LINEAR) or r["dtype"] != dtype:
             continue
         if tuple(r["shape"]) == tuple(shape) and r.get("ratio_to_optax"):
-            ratios[f"{r['case']} {r['mode']}"] = r["ratio_to_optax"]["jaxloss"]
-    worst = max(ratios, key=ratios.__getitem__, default=None)
-    record = None if worst is None else _get(records, *worst.split(), dtype, shape)
-    lhs = rhs = None
-    if record is not None:
-        lhs, rhs = (record["impls"][k]["hbm_bytes"] for k in PEERS)
-    over = sorted(k for k, v in ratios.items() if v > 1)
-    note = f"worst: {worst}; {len(ratios)} compared" + (f"; over: {', '.join(over)}" * bool(over))
-    return _bytes_goal(
-        f"peers_hbm_{dtype}",
+            jl, ox = (r["impls"][k]["hbm_bytes"] for k in PEERS)
+            slack = ROW_SLACK * max(ox, r["logits_bytes"])
+            compared[f"{r['case']} {r['mode']}"] = (jl, ox, slack)
+    over = sorted(k for k, (jl, ox, slack) in compared.items() if jl > ox + slack)
+    worst = max(compared, key=lambda k: compared[k][0] / compared[k][1], default=None)
+    description = (
         f"{dtype} every other function at {'x'.join(map(str, shape))}, fwd and vag: modelled "
-        "HBM <= its optax/jax.nn peer's",
-        lhs,
-        rhs,
-        1.0,
-        "jaxloss bytes",
-        "peer bytes",
-        note if worst else "",
+        "HBM <= its optax/jax.nn peer's"
     )
+    if worst is None:
+        note = "not compiled in this run (the full grid has it; --quick does not)"
+        return _bytes_goal(f"peers_hbm_{dtype}", description, None, None, 1.0, "", "", note)
+    jl, ox, _ = compared[over[0] if over else worst]
+    goal = _bytes_goal(
+        f"peers_hbm_{dtype}", description, jl, ox, 1.0, "jaxloss bytes", "peer bytes",
+        f"{len(compared)} compared; " + (f"over: {', '.join(over)}" if over else
+        f"largest ratio: {worst}") + f"; {PEER_NOTE}",
+    )  # fmt: skip
+    return {**goal, "status": "FAIL" if over else "PASS"}
 
 
 def _metadata(target: Target, args: Any, argv: Sequence[str] | None, points) -> dict[str, Any]:

@@ -46,7 +46,7 @@ class Target:
         return None if self.config_file is None else (TARGET_DIR / self.config_file).read_text()
 
 
-_GRID = ((4096, 4096), (4096, 32768))
+_GRID = ((4096, 32768),)
 _LLM = (8192, 4096, 131072)  # an 8B-class head: hidden 4096, vocabulary 128 Ki
 _LLM_SMALL = (8192, 2048, 131072)
 

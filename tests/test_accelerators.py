@@ -1,0 +1,331 @@
+"""Compile-only H100 and TPU programs (issue 8): modelled HBM traffic, temporaries, sharding.
+
+Nothing here runs on an accelerator: JAX compiles for an H100 (the CUDA PJRT plugin and the
+device description in ``benchmarks/targets/h100_sxm.txtpb``) and for TPUs (``libtpu``) on this
+CPU-only machine, and the tests read the optimised programs. The plugins are in the ``test``
+extra; without them these tests fail, they do not skip.
+
+Traffic model (loop-free programs), as in ``python -m benchmarks --target``: every instruction of
+the ENTRY computation that launches work reads its operands from HBM and writes its result there;
+an operand a fusion only gathers from counts the bytes gathered. Written out again here because
+the tests do not import the benchmark suite.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+
+# libtpu takes a machine-wide lock unless told that other processes may load it too; compiling
+# for a TPU needs no exclusive access to one (there is none).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# The CUDA plugin checks for CUDA libraries when JAX starts unless told not to; without a GPU
+# the check fails and the plugin (and with it the compile-only H100) is not registered.
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.experimental import topologies
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxloss
+
+H100_SPEC = Path(__file__).resolve().parents[1] / "benchmarks" / "targets" / "h100_sxm.txtpb"
+TOPOLOGIES = {
+    "h100": ("cuda", "1x1x1", "1x1x8"),
+    "tpu-v5e": ("tpu", "v5e:1x1", "v5e:2x4"),
+    "tpu-v5p": ("tpu", "v5p:1x1x1", "v5p:2x2x2"),
+}
+SHAPE = (8192, 131072)  # a 128 Ki vocabulary; v5e's 16 GiB hold its f32 logits and gradient
+DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+@functools.cache
+def devices(target: str, multi: bool = False) -> tuple:
+    platform, one, eight = TOPOLOGIES[target]
+    topology = eight if multi else one
+    if platform == "cuda":
+        desc = topologies.get_topology_desc(
+            "", "cuda", target_config=H100_SPEC.read_text(), topology=topology
+        )
+    else:
+        desc = topologies.get_topology_desc(topology, platform)
+    return tuple(desc.devices)
+
+
+def compile_for(target: str, fn, *shapes_dtypes):
+    sharding = SingleDeviceSharding(devices(target)[0])
+    args = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in shapes_dtypes]
+    return jax.jit(fn).trace(*args).lower().compile()
+
+
+# ----------------------------------------------------------------------------------------------
+# The traffic model
+# ----------------------------------------------------------------------------------------------
+
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4}
+_NO_WORK = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "copy-start",
+            "copy-done", "after-all", "partition-id"}  # fmt: skip
+_LINE = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\(.*?\)|\S+) ([a-z][\w\-]*)\((.*?)\)(.*)$")
+
+
+def _bytes(hlo_type: str) -> int:
+    found = re.findall(r"\b([a-z]\w*)\[([\d,]*)\]", hlo_type)
+    return sum(
+        _ITEMSIZE.get(t, 0) * int(np.prod([int(d) for d in s.split(",") if d])) for t, s in found
+    )
+
+
+def _computations(text: str) -> tuple[dict[str, list[tuple]], str]:
+    comps, entry, name = {}, "", None
+    for line in text.splitlines():
+        header = re.match(r"^(ENTRY )?%(\S+) .*\{$", line)
+        if header:
+            name, entry = header.group(2), header.group(2) if header.group(1) else entry
+            comps[name] = []
+        elif name and (m := _LINE.match(line)):
+            comps[name].append(m.groups())  # (name, type, opcode, operands, attributes)
+    return comps, entry
+
+
+def hbm_bytes(text: str) -> int:
+    """Operands + results of every ENTRY instruction that launches work (see module doc)."""
+    comps, entry = _computations(text)
+    types = {i[0]: i[1] for i in comps[entry]}
+    total = 0
+    for _, result, opcode, operands, attributes in comps[entry]:
+        if opcode in _NO_WORK:
+            continue
+        total += _bytes(result)
+        called = re.search(r"calls=%(\S+?)[,\s]", attributes + " ")
+        body = comps.get(called.group(1), []) if called else []
+        for k, operand in enumerate(re.findall(r"%([\w.\-]+)", operands)):
+            param = next((i[0] for i in body if i[2] == "parameter" and i[3] == str(k)), None)
+            users = [i for i in body if param and f"%{param}" in re.findall(r"%[\w.\-]+", i[3])]
+            if users and all(u[2] in ("gather", "dynamic-slice") for u in users):
+                total += sum(_bytes(u[1]) for u in users)
+            else:
+                total += _bytes(types.get(operand, ""))
+    return total
+
+
+def test_traffic_model_counts_a_copy_and_a_gather():
+    """A copy moves its bytes twice; gathering one logit per row reads N elements, not N×C."""
+    n, c = 1024, 4096
+    copy = compile_for("h100", lambda x: x * 2, ((n, c), jnp.float32))
+    assert hbm_bytes(copy.as_text()) == 2 * n * c * 4
+    pick = compile_for(
+        "h100",
+        lambda x, y: jnp.take_along_axis(x, y[:, None], 1),
+        ((n, c), jnp.float32),
+        ((n,), jnp.int32),
+    )
+    assert hbm_bytes(pick.as_text()) < 4 * n * 4 * 2  # indices, gathered values: no [N, C]
+
+
+# ----------------------------------------------------------------------------------------------
+# cross_entropy: one pass of the forward over the logits, one read + write in the backward
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("target", ["h100", "tpu-v5e"])
+def test_cross_entropy_reads_the_logits_once_forward_and_twice_with_the_gradient(target, dtype):
+    """value_and_grad <= 1.5x the copy floor (read the logits, write the gradient), forward
+    <= 1.05x the logits' bytes; both within N-sized vectors (0.1 % of the logits' bytes)."""
+    dt = DTYPES[dtype]
+    logits = SHAPE[0] * SHAPE[1] * jnp.dtype(dt).itemsize
+    rows = 1e-3 * logits
+    args = ((SHAPE, dt), (SHAPE[:1], jnp.int32))
+    loss = lambda x, y: jaxloss.cross_entropy(x, y)
+    fwd = hbm_bytes(compile_for(target, loss, *args).as_text())
+    vag = hbm_bytes(compile_for(target, jax.value_and_grad(loss), *args).as_text())
+    assert fwd <= 1.05 * logits + rows, f"forward reads {fwd / logits:.4f}x the logits"
+    assert vag <= 1.5 * 2 * logits + rows, f"value_and_grad moves {vag / (2 * logits):.4f}x copy"
+
+
+# ----------------------------------------------------------------------------------------------
+# Everything else: no more bytes than its optax / jax.nn peer
+# ----------------------------------------------------------------------------------------------
+
+N, C = 2048, 131072  # ratios to a peer do not depend on N; compiles are faster
+
+
+def _smoothed_weighted_peer(x, y, w):
+    t = optax.smooth_labels(jax.nn.one_hot(y, C, dtype=x.dtype), 0.1) * w[None].astype(x.dtype)
+    return optax.softmax_cross_entropy(x, t).sum() / w[y].sum().astype(x.dtype)
+
+
+PEER_CASES = {
+    "cross_entropy_probs": (
+        lambda x, t: jaxloss.cross_entropy(x, t),
+        lambda x, t: optax.softmax_cross_entropy(x, t).mean(),
+        (((N, C), jnp.float32), ((N, C), jnp.float32)),
+    ),
+    "cross_entropy_smooth_weight": (
+        lambda x, y, w: jaxloss.cross_entropy(x, y, weight=w, label_smoothing=0.1),
+        _smoothed_weighted_peer,
+        (((N, C), jnp.float32), ((N,), jnp.int32), ((C,), jnp.float32)),
+    ),
+    "softmax": (
+        lambda x, g: jnp.sum(jaxloss.softmax(x) * g),
+        lambda x, g: jnp.sum(jax.nn.softmax(x) * g),
+        (((N, C), jnp.bfloat16), ((N, C), jnp.bfloat16)),
+    ),
+}
+
+
+PEER_POINTS = [
+    pytest.param(
+        target,
+        case,
+        marks=pytest.mark.xfail(
+            strict=True,
+            reason="issue 8 goal not met: bf16 softmax value_and_grad on TPU v5e moves 3.00x the "
+            "copy against jax.nn's 2.33x (log_softmax 2.67x against 2.33x)",
+        ),
+    )
+    if (target, case) == ("tpu-v5e", "softmax")
+    else (target, case)
+    for target in ("h100", "tpu-v5e")
+    for case in PEER_CASES
+]
+
+
+@pytest.mark.parametrize(("target", "case"), PEER_POINTS)
+def test_value_and_grad_moves_no_more_than_its_peer(target, case):
+    """Within 0.1 % (of the peer's bytes or the logits', the larger) of the optax / jax.nn peer."""
+    ours, peer, args = PEER_CASES[case]
+    mine, theirs = (
+        hbm_bytes(compile_for(target, jax.value_and_grad(f), *args).as_text()) for f in (ours, peer)
+    )
+    slack = 1e-3 * max(theirs, N * C * jnp.dtype(args[0][1]).itemsize)
+    assert mine <= theirs + slack, f"{case}: {mine / theirs:.4f}x the peer's bytes"
+
+
+# ----------------------------------------------------------------------------------------------
+# linear_cross_entropy at LLM shapes: temporaries only (its blockwise loops defeat the model)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 8 goal not met (measured 2026-12-01): 2.13 GiB on H100 bf16, 1.62 GiB on TPU "
+    "v5p f32: the chunked kernel keeps a float32 gradient of the whole kernel",
+)
+@pytest.mark.parametrize(
+    ("target", "shape", "dtype", "limit_mib"),
+    [("h100", (8192, 4096, 131072), "bf16", 128), ("tpu-v5p", (8192, 2048, 131072), "f32", 256)],
+)
+def test_linear_cross_entropy_temporaries(target, shape, dtype, limit_mib):
+    n, d, v = shape
+    dt = DTYPES[dtype]
+    fn = jax.value_and_grad(lambda h, k, y: jaxloss.linear_cross_entropy(h, k, y), argnums=(0, 1))
+    compiled = compile_for(target, fn, ((n, d), dt), ((d, v), dt), ((n,), jnp.int32))
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp <= limit_mib * 2**20, f"{temp / 2**20:.0f} MiB of temporaries"
+
+
+# ----------------------------------------------------------------------------------------------
+# Eight devices: sharded over the classes or the batch, nothing vocabulary-wide is gathered
+# ----------------------------------------------------------------------------------------------
+
+SN, SD, SV = 256, 96, 65536  # distinct sizes: a dimension in an HLO shape says which it is
+
+
+def _all_gathers(text: str) -> list[tuple[int, ...]]:
+    shapes = []
+    for match in re.finditer(r"= (\(.*?\)|\S+) all-gather(?:-start)?\(", text):
+        for dims in re.findall(r"\[([\d,]*)\]", match.group(1)):
+            shapes.append(tuple(int(d) for d in dims.split(",") if d))
+    return shapes
+
+
+def _mesh(target: str) -> Mesh:
+    return Mesh(np.array(devices(target, multi=True)).reshape(2, 4), ("data", "model"))
+
+
+def _placed(mesh: Mesh, *shape_dtype_spec):
+    return [
+        jax.ShapeDtypeStruct(s, d, sharding=NamedSharding(mesh, p)) for s, d, p in shape_dtype_spec
+    ]
+
+
+@pytest.mark.parametrize("layout", ["classes", "batch"])
+@pytest.mark.parametrize("target", ["h100", "tpu-v5e"])
+def test_sharded_cross_entropy_gathers_no_logits(target, layout):
+    mesh = _mesh(target)
+    spec = P(None, ("data", "model")) if layout == "classes" else P(("data", "model"), None)
+    rows = P() if layout == "classes" else P(("data", "model"))
+    args = _placed(mesh, ((SN, SV), jnp.bfloat16, spec), ((SN,), jnp.int32, rows))
+    fn = jax.value_and_grad(lambda x, y: jaxloss.cross_entropy(x, y, label_smoothing=0.1))
+    text = jax.jit(fn).trace(*args).lower().compile().as_text()
+    assert text.count("all-reduce") or layout == "batch"  # the class sums cross devices
+    wide = [s for s in _all_gathers(text) if SV in s and len(s) >= 2]
+    assert not wide, f"all-gather of [N, V] logits: {wide}"
+
+
+@pytest.mark.parametrize("target", ["h100", "tpu-v5e"])
+def test_shard_map_linear_cross_entropy_gathers_neither_logits_nor_kernel(target):
+    mesh = _mesh(target)
+    args = _placed(
+        mesh,
+        ((SN, SD), jnp.bfloat16, P("data", None)),
+        ((SD, SV), jnp.bfloat16, P(None, "model")),
+        ((SN,), jnp.int32, P("data")),
+    )
+
+    def loss(h, k, y):
+        return jaxloss.linear_cross_entropy(
+            h, k, y, mesh=mesh, batch_axis="data", vocab_axis="model"
+        )
+
+    text = (
+        jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(*args).lower().compile().as_text()
+    )
+    wide = [s for s in _all_gathers(text) if SV in s]
+    assert not wide, f"all-gather of a vocabulary-wide array: {wide}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The one-pass logsumexp the accelerators compile, evaluated here on CPU
+# ----------------------------------------------------------------------------------------------
+
+
+def _rows(c: int) -> np.ndarray:
+    z = np.random.default_rng(0).normal(size=(6, c)).astype(np.float32) * 30
+    z[1, ::3] = -np.inf  # masked classes
+    z[2] = -np.inf  # a fully masked row
+    z[3, 5] = np.inf
+    z[4, 7] = np.nan
+    z[5, : c // 2] = -np.inf  # a whole first piece masked
+    return z
+
+
+@pytest.mark.parametrize("pieces", [1, 4])
+@pytest.mark.parametrize("finite_shift", [False, True])
+def test_one_pass_logsumexp_matches_max_then_sum(pieces, finite_shift):
+    """The (max, rescaled sum) reduction gives the two-pass logsumexp, -inf rows included, and
+    NaN (PyTorch's softmax) where a row holds +inf or NaN; its tangent is the two-pass one."""
+    from jaxloss._classification import _max_then_sum, _online_max_sum
+
+    z = jnp.asarray(_rows(4096))
+    kw = dict(axis=1, e_dtype=jnp.float32, finite_shift=finite_shift)
+    m1, s1 = _max_then_sum(z, z, **kw)
+    m2, s2 = _online_max_sum(z, z, pieces=pieces, **kw)
+    lse1, lse2 = np.asarray(m1 + jnp.log(s1))[:, 0], np.asarray(m2 + jnp.log(s2))[:, 0]
+    np.testing.assert_allclose(lse2[[0, 1, 5]], lse1[[0, 1, 5]], rtol=1e-6)
+    # All -inf: -inf (the two-pass sum without the finite shift is NaN): the loss z_y - lse is
+    # NaN either way. +inf or NaN in a row: NaN.
+    assert np.isneginf(lse2[2]) and np.isnan(lse2[3:5]).all()
+    dz = jnp.asarray(np.random.default_rng(1).normal(size=z.shape).astype(np.float32))
+    finite = jnp.where(jnp.isfinite(z), z, -30.0)
+    t1 = jax.jvp(lambda x: _max_then_sum(x, x, **kw)[1], (finite,), (dz,))[1]
+    t2 = jax.jvp(lambda x: _online_max_sum(x, x, pieces=pieces, **kw)[1], (finite,), (dz,))[1]
+    np.testing.assert_allclose(t2, t1, rtol=1e-5)
