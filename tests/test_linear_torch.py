@@ -35,7 +35,6 @@ class Case:
 
 
 CASES = {
-    "index-mean": Case(),
     "index-none-weighted-ignore": Case(reduction="none", weighted=True, ignore_index=2),
     "index-sum-smoothing-weighted": Case(reduction="sum", weighted=True, label_smoothing=0.2),
     "index-mean-weighted-ignore-smoothing": Case(
@@ -47,7 +46,6 @@ CASES = {
     "kdim-index-mean-weighted-ignore": Case(out=(2, 3), weighted=True, ignore_index=1),
     "kdim-index-none-smoothing": Case(out=(3,), reduction="none", label_smoothing=0.2),
     "kdim-probs-sum-weighted": Case(out=(2,), probabilities=True, weighted=True, reduction="sum"),
-    "kdim-probs-mean": Case(out=(2, 2), probabilities=True),
     "unbatched-index": Case(unbatched=True, reduction="none", weighted=True),
     "unbatched-probs": Case(unbatched=True, probabilities=True),
 }

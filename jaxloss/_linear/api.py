@@ -109,12 +109,12 @@ def _reject_explicit_sharding(**arrays) -> None:
 
 
 def linear_cross_entropy(
-    hidden: Float[ArrayLike, "*batch dim"],
-    kernel: Float[ArrayLike, "dim classes"],
-    targets: Int[ArrayLike, "*batch"] | Float[ArrayLike, "*batch classes"],
+    hidden: Float[ArrayLike, "*hidden_shape"],
+    kernel: Float[ArrayLike, "*kernel_shape"],
+    targets: Int[ArrayLike, "*target_shape"] | Float[ArrayLike, "*target_shape"],
     *,
-    bias: Float[ArrayLike, " classes"] | None = None,
-    weight: Float[ArrayLike, " classes"] | None = None,
+    bias: Float[ArrayLike, "*bias_shape"] | None = None,
+    weight: Float[ArrayLike, "*weight_shape"] | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float | Float[ArrayLike, ""] = 0.0,
@@ -133,6 +133,9 @@ def linear_cross_entropy(
     | tuple[Float[Array, "*batch"] | Float[Array, ""], LogitStats]
 ):
     r"""Cross-entropy of the logits ``hidden @ kernel + bias``, never materialising them.
+
+    (The annotations name each argument's shape apart so that a mismatch reaches this
+    function's own error, which names the fix; the shapes are in Args below.)
 
     Equal to ``cross_entropy(cap(hidden @ kernel + bias), targets, weight=..., ignore_index=...,
     reduction=..., label_smoothing=..., z_loss=...)`` — same semantics in every corner — but the

@@ -52,16 +52,16 @@ def _check_layout(x, w, bias):
 
 
 def torch_linear_cross_entropy(
-    input: Float[ArrayLike, "*batch in_features"],
-    linear_weight: Float[ArrayLike, "classes *out in_features"],
-    target: Int[ArrayLike, " ..."] | Float[ArrayLike, " ..."],
+    input: Float[ArrayLike, "*input_shape"],
+    linear_weight: Float[ArrayLike, "*weight_shape"],
+    target: Int[ArrayLike, "*target_shape"] | Float[ArrayLike, "*target_shape"],
     *,
-    linear_bias: Float[ArrayLike, " classes *out"] | None = None,
-    weight: Float[ArrayLike, " classes"] | None = None,
+    linear_bias: Float[ArrayLike, "*bias_shape"] | None = None,
+    weight: Float[ArrayLike, "*class_weight_shape"] | None = None,
     reduction: str = "mean",
     ignore_index: int | None = None,
     label_smoothing: float = 0.0,
-) -> Float[Array, " ..."]:
+) -> Float[Array, "*loss_shape"]:
     r"""``torch.nn.functional.linear_cross_entropy`` (PyTorch 2.13) in JAX, fused.
 
     Equal to ``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)`` with
