@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import inspect
 import os
 import re
@@ -236,35 +237,38 @@ class Trainer:
         return nnx.merge(self.graphdef, self.params)
 
 
-class Evaluator:
-    """Validation perplexity: ``exp`` of the mean next-token cross-entropy (no z-loss).
+@functools.partial(jax.jit, static_argnames=("graphdef", "ce_options"))
+def _validation_sum(params, x, y, *, graphdef, ce_options):
+    # Module level with the structure static: models of one shape share one compiled program.
+    model = nnx.merge(graphdef, params)
+    h = model.hidden(x)
+    return jaxloss.linear_cross_entropy(
+        h.reshape(-1, h.shape[-1]),
+        model.kernel(),
+        y.reshape(-1),
+        reduction="sum",
+        **dict(ce_options),
+    )
 
-    Compiled once per model structure; called with the current parameters.
-    """
+
+class Evaluator:
+    """Validation perplexity: ``exp`` of the mean next-token cross-entropy (no z-loss)."""
 
     def __init__(self, graphdef, windows, batch_size: int, options: dict):
-        self.windows, self.batch_size = windows, batch_size
-        ce_options = {k: v for k, v in options.items() if k != "z_loss"}
-
-        @jax.jit
-        def total(params, x, y):
-            model = nnx.merge(graphdef, params)
-            h = model.hidden(x)
-            return jaxloss.linear_cross_entropy(
-                h.reshape(-1, h.shape[-1]),
-                model.kernel(),
-                y.reshape(-1),
-                reduction="sum",
-                **ce_options,
-            )
-
-        self._total = total
+        self.windows, self.batch_size, self.graphdef = windows, batch_size, graphdef
+        self.ce_options = tuple(sorted((k, v) for k, v in options.items() if k != "z_loss"))
 
     def __call__(self, params) -> float:
         inputs, targets = self.windows
         b = self.batch_size
         sums = [
-            self._total(params, inputs[i : i + b], targets[i : i + b])
+            _validation_sum(
+                params,
+                inputs[i : i + b],
+                targets[i : i + b],
+                graphdef=self.graphdef,
+                ce_options=self.ce_options,
+            )
             for i in range(0, len(inputs) - b + 1, b)
         ]
         return float(np.exp(np.sum(jax.device_get(sums)) / (len(sums) * b * inputs.shape[1])))
@@ -276,6 +280,9 @@ def train_language_model(model, corpus, args, loss, desc: str, windows):
     evaluate = Evaluator(trainer.graphdef, windows, args.batch_size, args.options)
     data = batches(corpus.train, args.batch_size, args.seq_len, np.random.default_rng(args.seed))
     history: dict[str, list[float]] = collections.defaultdict(list)
+    history["valid_step"].append(0)
+    history["valid_ppl"].append(evaluate(trainer.params))
+    print(f"{desc}: validation perplexity at step 0: {history['valid_ppl'][0]:.2f}")
     bar = tqdm(range(1, args.steps + 1), desc=desc, unit="step")
     pending = []
     for step in bar:
@@ -289,6 +296,7 @@ def train_language_model(model, corpus, args, loss, desc: str, windows):
             history["loss"].append(values)
             for key, value in metrics.items():
                 history[key].append(value)
+            history["valid_step"].append(step)
             history["valid_ppl"].append(evaluate(trainer.params))
             bar.set_postfix(loss=f"{values:.3f}", valid_ppl=f"{history['valid_ppl'][-1]:.1f}")
             pending = []
@@ -368,7 +376,8 @@ def save_curves(history: dict[str, list[float]], path: Path, args) -> None:
     panels += [(k, f"training {k}") for k in ("accuracy", "entropy") if k in history]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for ax, (key, label) in zip(np.atleast_1d(axes), panels, strict=True):
-        ax.plot(history["step"], history[key], marker="o", markersize=3)
+        steps = history["valid_step" if key == "valid_ppl" else "step"]
+        ax.plot(steps, history[key], marker="o", markersize=3)
         ax.set(xlabel="step", ylabel=label, title=label)
         if key == "valid_ppl":
             ax.set_yscale("log")
