@@ -20,6 +20,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 import pytest
 import torch
@@ -569,6 +570,17 @@ MISUSE = {
 }
 
 
+@pytest.fixture
+def package_errors_only():
+    """The package's own messages, as a user without runtime type checking gets them (the
+    suite's jaxtyping hook, when on, would raise its own TypeCheckError first)."""
+    before = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    yield
+    jaxtyping.config.update("jaxtyping_disable", before)
+
+
+@pytest.mark.usefixtures("package_errors_only")
 @pytest.mark.parametrize("case", MISUSE)
 def test_misuse_names_the_argument(case):
     error, name, args, kwargs = MISUSE[case]
@@ -577,6 +589,7 @@ def test_misuse_names_the_argument(case):
     assert "linear_distillation" in str(info.value)
 
 
+@pytest.mark.usefixtures("package_errors_only")
 def test_mesh_axis_errors():
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     with pytest.raises(ValueError, match="not in the mesh"):
