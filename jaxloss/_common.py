@@ -410,7 +410,7 @@ def fused_jvp(
             wide = compute_dtype(jnp.promote_types(g.dtype, dx.dtype))
             tangent = contract(static, g.astype(wide), dx.astype(wide)).astype(out.dtype)
         if not all(is_zero(t) for t in jax.tree.leaves(d_data, is_leaf=is_zero)):
-            d_data = jax.tree.map(_instantiate, d_data, is_leaf=is_zero)
+            d_data = jax.tree.map(_instantiate, d_data, data, is_leaf=is_zero)
             _, t_data = jax.jvp(lambda d: loss_fn(static, x, d), (data,), (d_data,))
             tangent = tangent + t_data
         return out, tangent
@@ -419,14 +419,16 @@ def fused_jvp(
     return f
 
 
-def _instantiate(tangent: Any) -> Any:
-    """A symbolic zero tangent as an array (``float0`` for integer primals), others unchanged."""
+def _instantiate(tangent: Any, primal: Any) -> Any:
+    """A symbolic zero tangent as an array like ``primal`` (its sharding too), others as they are.
+
+    Integer primals take ``float0`` zeros, as ``jax.jvp`` requires.
+    """
     if not isinstance(tangent, SymbolicZero):
         return tangent
-    aval: Any = tangent.aval
-    if aval.dtype == jax.dtypes.float0:
-        return np.zeros(aval.shape, jax.dtypes.float0)
-    return jnp.zeros(aval.shape, aval.dtype)
+    if jnp.issubdtype(jnp.result_type(primal), jnp.floating):
+        return jnp.zeros_like(primal)
+    return np.zeros(np.shape(primal), jax.dtypes.float0)
 
 
 def contract_axis(axis: int, g: jax.Array, dx: jax.Array) -> jax.Array:
