@@ -157,7 +157,12 @@ def test_batch_shape_is_flattened():
 def test_bad_target_is_nan_in_value_and_gradient():
     hidden, kernel, _, _, targets = _problem()
     targets = targets.at[4].set(V)  # out of range and not ignored
-    per_row = jaxloss.linear_cross_entropy(hidden, kernel, targets, reduction="none", vocab_chunk=7)
+    with pytest.raises(ValueError, match=rf"class index {V} at position \(4,\)"):
+        jaxloss.linear_cross_entropy(hidden, kernel, targets)  # concrete: PyTorch's error
+    under_jit = jax.jit(functools.partial(jaxloss.linear_cross_entropy, vocab_chunk=7))
+    per_row = jax.jit(
+        functools.partial(jaxloss.linear_cross_entropy, reduction="none", vocab_chunk=7)
+    )(hidden, kernel, targets)
     assert np.isnan(per_row[4]) and np.all(np.isfinite(np.delete(np.asarray(per_row), 4)))
 
     def grads(loss_fn):
@@ -166,7 +171,7 @@ def test_bad_target_is_nan_in_value_and_gradient():
 
     fused = grads(functools.partial(jaxloss.linear_cross_entropy, vocab_chunk=7))
     dense = grads(_materialised)
-    assert np.isnan(jaxloss.linear_cross_entropy(hidden, kernel, targets))
+    assert np.isnan(under_jit(hidden, kernel, targets))
     for got, want in zip(fused, dense, strict=True):
         np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
         assert np.isnan(got).any()

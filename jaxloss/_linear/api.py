@@ -8,7 +8,6 @@ form when mesh axes are named (:mod:`jaxloss._linear.sharded`), and nothing for 
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -62,37 +61,20 @@ def _check_arrays(hidden, kernel, targets, bias):
     return hidden, kernel, targets, bias
 
 
-def _hyperparameter(name: str, value: Any, low: float, high: float, *, open_low=False):
-    """``(present, value)``: a concrete value is range-checked; a traced one is taken as is."""
-    if isinstance(value, (str, bytes, bool)):
-        raise TypeError(f"{_FN}: `{name}` must be a real scalar, got {value!r}")
-    try:
-        number = float(value)
-    except jax.errors.ConcretizationTypeError:
-        return True, value  # traced: checkable with checkify, like targets
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"{_FN}: `{name}` must be a real scalar, got {value!r}") from err
-    ok = (low < number if open_low else low <= number) and number <= high
-    if not ok:
-        bounds = f"{'(' if open_low else '['}{low}, {high}]"
-        raise ValueError(f"{_FN}: `{name}` must lie in {bounds}, got {number}")
-    return number != 0, value
-
-
 def _check_options(ignore_index, reduction, label_smoothing, z_loss, soft_cap):
     """``(static Options without num_classes, (smoothing, z_loss), soft_cap)``."""
     _common.check_reduction(_FN, reduction)
     if not isinstance(ignore_index, (int, np.integer)) or isinstance(ignore_index, bool):
         raise TypeError(f"{_FN}: `ignore_index` must be an int, got {ignore_index!r}")
-    has_smoothing, smoothing = _hyperparameter("label_smoothing", label_smoothing, 0.0, 1.0)
-    has_z_loss, z_loss = _hyperparameter("z_loss", z_loss, 0.0, np.inf)
-    if soft_cap is not None:
-        soft_cap = _hyperparameter("soft_cap", soft_cap, 0.0, np.inf, open_low=True)[1]
+    smoothing = _common.hyperparameter("label_smoothing", _FN, label_smoothing, high=1.0)
+    z_loss = _common.hyperparameter("z_loss", _FN, z_loss)
+    soft_cap = _common.hyperparameter("soft_cap", _FN, soft_cap, positive=True)
     static = dict(
-        ignore_index=int(ignore_index), reduction=reduction, smoothing=has_smoothing,
-        z_loss=has_z_loss,
+        ignore_index=int(ignore_index), reduction=reduction, smoothing=smoothing is not None,
+        z_loss=z_loss is not None,
     )  # fmt: skip
-    return static, (smoothing, z_loss), soft_cap
+    hyper = tuple(0.0 if value is None else value for value in (smoothing, z_loss))
+    return static, hyper, soft_cap
 
 
 def _reject_explicit_sharding(**arrays) -> None:
@@ -237,6 +219,11 @@ def linear_cross_entropy(
       normalizer calculation for softmax" (2018); Shoeybi et al., "Megatron-LM" (2019) for the
       vocabulary-parallel form; Gemma Team, "Gemma 2" (2024) for logit soft-capping.
     """
+    if np.ndim(kernel) == 2:  # PyTorch's error on concrete out-of-range targets (not traced)
+        logits_shape = (*np.shape(hidden)[:-1], np.shape(kernel)[-1])
+        _targets.raise_if_out_of_range(
+            _FN, "hidden @ kernel", logits_shape, targets, ignore_index, -1
+        )
     static, hyper, soft_cap = _check_options(
         ignore_index, reduction, label_smoothing, z_loss, soft_cap
     )
