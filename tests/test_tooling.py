@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import typing
 from pathlib import Path
 
 import jax
@@ -158,3 +159,12 @@ def test_docs_pycon_examples_run(page: Path) -> None:
 def test_docs_python_blocks_parse(page: Path) -> None:
     for line, body in _blocks(page, "python"):
         compile(body, f"{page.name}:{line}", "exec")
+
+
+@pytest.mark.parametrize("name", PUBLIC_FUNCTIONS)
+def test_annotations_evaluate(name: str) -> None:
+    """Valid jaxtyping (one variadic dimension per annotation): the hints evaluate."""
+    fn = getattr(jaxloss, name)
+    hints = typing.get_type_hints(getattr(fn, "__wrapped__", fn))
+    assert "return" in hints or isinstance(fn, type), hints
+
