@@ -167,4 +167,3 @@ def test_annotations_evaluate(name: str) -> None:
     fn = getattr(jaxloss, name)
     hints = typing.get_type_hints(getattr(fn, "__wrapped__", fn))
     assert "return" in hints or isinstance(fn, type), hints
-
