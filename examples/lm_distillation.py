@@ -148,18 +148,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return result
 
 
+def trained_points(history) -> tuple[list[float], list[float]]:
+    """Validation perplexity after step 0: the untrained model's would flatten a log axis."""
+    points = [(s, p) for s, p in zip(history["valid_step"], history["valid_ppl"], strict=True)]
+    steps, ppl = zip(*[(s, p) for s, p in points if s > 0], strict=True)
+    return list(steps), list(ppl)
+
+
 def save_curves(teacher_history, runs, path: Path, args) -> None:
     fig, (ax_ppl, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
     ax_ppl.plot(
-        teacher_history["valid_step"],
-        teacher_history["valid_ppl"],
+        *trained_points(teacher_history),
         color="0.6",
         label=f"teacher ({args.teacher_dim}-dim, {args.teacher_layers} layers)",
     )
     for name, history in runs.items():
         ax_ppl.plot(
-            history["valid_step"],
-            history["valid_ppl"],
+            *trained_points(history),
             marker="o",
             markersize=3,
             label=f"student {name}",

@@ -376,8 +376,10 @@ def save_curves(history: dict[str, list[float]], path: Path, args) -> None:
     panels += [(k, f"training {k}") for k in ("accuracy", "entropy") if k in history]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for ax, (key, label) in zip(np.atleast_1d(axes), panels, strict=True):
-        steps = history["valid_step" if key == "valid_ppl" else "step"]
-        ax.plot(steps, history[key], marker="o", markersize=3)
+        steps, values = history["step"], history[key]
+        if key == "valid_ppl":  # after step 0: the untrained model's would flatten a log axis
+            steps, values = history["valid_step"][1:], values[1:]
+        ax.plot(steps, values, marker="o", markersize=3)
         ax.set(xlabel="step", ylabel=label, title=label)
         if key == "valid_ppl":
             ax.set_yscale("log")
