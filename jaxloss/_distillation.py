@@ -35,6 +35,7 @@ from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, ArrayLike, Bool, Float
 
 from jaxloss import _common
+from jaxloss._linear import chunked, sharded
 
 _FN = "linear_distillation"
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
@@ -68,51 +69,6 @@ class _Config(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 
 
-class _Chunk(NamedTuple):
-    """A chunk of static ``width`` read from ``start``; ``fresh`` masks overlap with the last one.
-
-    A short last chunk is slid back to end at the array's edge (no padding, which would copy
-    the kernel); ``fresh`` is ``None`` when ``width`` divides the size.
-    """
-
-    start: jax.Array
-    fresh: jax.Array | None
-
-
-def _chunk(index: jax.Array, width: int, size: int) -> _Chunk:
-    nominal = index * width
-    start = jnp.minimum(nominal, size - width)
-    ids = start + jax.lax.iota(jnp.int32, width)
-    return _Chunk(start, None if size % width == 0 else ids >= nominal)
-
-
-def _num_chunks(size: int, width: int) -> int:
-    return -(-size // width)
-
-
-def _vma(x: Any) -> frozenset:
-    """The manual mesh axes ``x`` varies over inside ``shard_map`` (empty elsewhere)."""
-    manual = getattr(jax.typeof(x), "manual_axis_type", None)
-    return frozenset(getattr(manual, "varying", None) or ())
-
-
-def _vary(x: jax.Array, *like: Any) -> jax.Array:
-    """``x`` marked as varying over every manual axis that any of ``like`` varies over."""
-    missing = frozenset().union(*(_vma(a) for a in like if a is not None)) - _vma(x)
-    return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
-
-
-def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int], out_dtype: Any) -> jax.Array:
-    """A 2-D matmul in the operands' dtype, accumulated in ``out_dtype`` (no transposed copies)."""
-    dims = (((contract[0],), (contract[1],)), ((), ()))
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=out_dtype)
-
-
-def _finite_or_zero(m: jax.Array) -> jax.Array:
-    # A degenerate row (all -inf, or a +inf) keeps a finite shift: it ends NaN, not inf - inf.
-    return jnp.where(jnp.isfinite(m), m, 0)
-
-
 def _columns(head, start, width):
     """A head's kernel (and bias) columns ``[start, start + width)``."""
     _, kernel, bias = head
@@ -120,13 +76,13 @@ def _columns(head, start, width):
     return k_j, None if bias is None else jax.lax.dynamic_slice_in_dim(bias, start, width)
 
 
-def _scaled_logits(h_i, k_j, b_j, col: _Chunk, cfg: _Config, cdt):
+def _scaled_logits(h_i, k_j, b_j, col: chunked.Chunk, cfg: _Config, cdt):
     """``(h_i @ k_j + b_j) / τ``, with the columns already seen in the previous chunk at -inf.
 
     A -inf column is no class at all to every statistic below (zero probability, zero term), so
     the overlap of a slid-back last chunk needs no other masking.
     """
-    z = _dot(h_i, k_j, (1, 0), cdt)
+    z = chunked.dot(h_i, k_j, (1, 0), cdt)
     if b_j is not None:
         z = z + b_j.astype(cdt)[None, :]
     if cfg.temperature != 1.0:
@@ -149,11 +105,11 @@ def _sweep(student, teacher, stats, init, update, cfg: _Config, cdt):
     nc, vc = cfg.chunks
 
     def vocab_step(j, carry):
-        col = _chunk(j, vc, v)
+        col = chunked.chunk(j, vc, v)
         cols_t, cols_s = _columns(teacher, col.start, vc), _columns(student, col.start, vc)
 
         def token_step(i, carry):
-            row = _chunk(i, nc, n)
+            row = chunked.chunk(i, nc, n)
             old = _rows(carry, row.start, nc)
             (th_i,), (h_i,) = _rows(teacher[:1], row.start, nc), _rows(student[:1], row.start, nc)
             a = _scaled_logits(th_i, *cols_t, col, cfg, cdt)
@@ -166,10 +122,10 @@ def _sweep(student, teacher, stats, init, update, cfg: _Config, cdt):
                 for c, x in zip(carry, new, strict=True)
             )
 
-        return jax.lax.fori_loop(0, _num_chunks(n, nc), token_step, carry)
+        return jax.lax.fori_loop(0, chunked.num_chunks(n, nc), token_step, carry)
 
-    init = tuple(_vary(x, *student, *teacher, *stats) for x in init)
-    return jax.lax.fori_loop(0, _num_chunks(v, vc), vocab_step, init)
+    init = tuple(chunked.vary(x, *student, *teacher, *stats) for x in init)
+    return jax.lax.fori_loop(0, chunked.num_chunks(v, vc), vocab_step, init)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,7 +136,7 @@ def _sweep(student, teacher, stats, init, update, cfg: _Config, cdt):
 def _online_step(m, s, x):
     """One online log-sum-exp step: the new running max, the rescale factor and ``exp(x - max)``."""
     m_new = jnp.maximum(m, jnp.max(x, 1))
-    shift = _finite_or_zero(m_new)
+    shift = chunked.finite_or_zero(m_new)
     return m_new, jnp.exp(m - shift), jnp.exp(x - shift[:, None])
 
 
@@ -213,7 +169,10 @@ def _first_pass(student, teacher, cfg: _Config, cdt):
     m_t, s_t, m_s, s_s, u = _sweep(
         student, teacher, (), (ninf, zero, ninf, zero, zero), update, cfg, cdt
     )
-    local_t, local_s = _finite_or_zero(m_t) + jnp.log(s_t), _finite_or_zero(m_s) + jnp.log(s_s)
+    local_t, local_s = (
+        chunked.finite_or_zero(m_t) + jnp.log(s_t),
+        chunked.finite_or_zero(m_s) + jnp.log(s_s),
+    )
     lse_t, lse_s = _combine_lse(local_t, cfg.vocab_axis), _combine_lse(local_s, cfg.vocab_axis)
     if not with_ratio:
         return lse_t, lse_s, None
@@ -226,7 +185,7 @@ def _combine_lse(lse, axis):
     """The log-sum-exp over every vocabulary shard of the shards' own ones."""
     if axis is None:
         return lse
-    shift = _finite_or_zero(jax.lax.pmax(lse, axis))
+    shift = chunked.finite_or_zero(jax.lax.pmax(lse, axis))
     return shift + jnp.log(jax.lax.psum(jnp.exp(lse - shift), axis))
 
 
@@ -234,7 +193,7 @@ def _combine_mean(mean, local_lse, lse, axis):
     """Shards' ``p``-weighted means, each weighted by its shard's share of ``p``, summed."""
     if axis is None:
         return mean
-    share = jnp.where(jnp.isneginf(local_lse), 0, jnp.exp(local_lse - _finite_or_zero(lse)))
+    share = jnp.where(jnp.isneginf(local_lse), 0, jnp.exp(local_lse - chunked.finite_or_zero(lse)))
     return jax.lax.psum(share * mean, axis)
 
 
@@ -261,7 +220,7 @@ def _jsd_pass(student, teacher, lse_t, lse_s, cfg: _Config, cdt):
         return kl_t + jnp.sum(_xlogy_ratio(lp_t, lm), 1), kl_s + jnp.sum(_xlogy_ratio(lp_s, lm), 1)
 
     zero = jnp.zeros((student[0].shape[0],), cdt)
-    stats = (_finite_or_zero(lse_t), _finite_or_zero(lse_s))
+    stats = (chunked.finite_or_zero(lse_t), chunked.finite_or_zero(lse_s))
     kl_t, kl_s = _sweep(student, teacher, stats, (zero, zero), update, cfg, cdt)
     axis = cfg.vocab_axis
     return (kl_t, kl_s) if axis is None else (jax.lax.psum(kl_t, axis), jax.lax.psum(kl_s, axis))
@@ -323,12 +282,12 @@ def _grads(student, teacher, stats, g, cfg: _Config):
 
     def vocab_step(j, carry):
         dh, dk, db = carry
-        col = _chunk(j, vc, v)
+        col = chunked.chunk(j, vc, v)
         cols_t, cols_s = _columns(teacher, col.start, vc), _columns(student, col.start, vc)
 
         def token_step(i, inner):
             dh, dk_j, db_j = inner
-            row = _chunk(i, nc, n)
+            row = chunked.chunk(i, nc, n)
             (th_i,), (h_i,) = _rows(teacher[:1], row.start, nc), _rows(student[:1], row.start, nc)
             *stats_i, g_i = _rows(per_row, row.start, nc)
             a = _scaled_logits(th_i, *cols_t, col, cfg, cdt)
@@ -338,13 +297,13 @@ def _grads(student, teacher, stats, g, cfg: _Config):
             dz = jnp.where(live[:, None], g_i[:, None] * _student_slope(a, b, stats_i, cfg), 0)
             dz_mm = dz.astype(mm)
             dh_i = jax.lax.dynamic_slice_in_dim(dh, row.start, nc)
-            dh_i = dh_i + _dot(dz_mm, cols_s[0].astype(mm), (1, 1), cdt)
+            dh_i = dh_i + chunked.dot(dz_mm, cols_s[0].astype(mm), (1, 1), cdt)
             dh = jax.lax.dynamic_update_slice_in_dim(dh, dh_i, row.start, 0)
-            return dh, dk_j + _dot(h_i.astype(mm), dz_mm, (0, 0), cdt), db_j + jnp.sum(dz, 0)
+            return dh, dk_j + chunked.dot(h_i.astype(mm), dz_mm, (0, 0), cdt), db_j + jnp.sum(dz, 0)
 
         zeros = (jnp.zeros((d, vc), cdt), jnp.zeros((vc,), cdt))
-        inner = (dh, *(_vary(z, *inputs) for z in zeros))
-        dh, dk_j, db_j = jax.lax.fori_loop(0, _num_chunks(n, nc), token_step, inner)
+        inner = (dh, *(chunked.vary(z, *inputs) for z in zeros))
+        dh, dk_j, db_j = jax.lax.fori_loop(0, chunked.num_chunks(n, nc), token_step, inner)
         if col.fresh is not None:
             # The slid-back last chunk's overlap columns were finished by the previous chunk.
             old = jax.lax.dynamic_slice_in_dim(dk, col.start, vc, axis=1)
@@ -354,8 +313,8 @@ def _grads(student, teacher, stats, g, cfg: _Config):
         return dh, dk, jax.lax.dynamic_update_slice_in_dim(db, db_j, col.start, 0)
 
     init = (jnp.zeros((n, d), cdt), jnp.zeros((d, v), kernel.dtype), jnp.zeros((v,), cdt))
-    init = tuple(_vary(x, *inputs) for x in init)
-    dh, dk, db = jax.lax.fori_loop(0, _num_chunks(v, vc), vocab_step, init)
+    init = tuple(chunked.vary(x, *inputs) for x in init)
+    dh, dk, db = jax.lax.fori_loop(0, chunked.num_chunks(v, vc), vocab_step, init)
     return dh.astype(hidden.dtype), dk, (None if bias is None else db.astype(bias.dtype))
 
 
@@ -409,11 +368,6 @@ def _loss(student, teacher, mask, cfg: _Config, reduction: str, batch_axis=None)
     return total if reduction == "sum" else _common.safe_divide(total, count)
 
 
-def _axis_size(mesh, axes) -> int:
-    names = axes if isinstance(axes, tuple) else (axes,)
-    return int(np.prod([mesh.shape[a] for a in names]))
-
-
 def _sharded(student, teacher, mask, cfg: _Config, reduction, mesh, batch_axis):
     """Token- and/or vocabulary-parallel loss under ``jax.shard_map``.
 
@@ -428,7 +382,7 @@ def _sharded(student, teacher, mask, cfg: _Config, reduction, mesh, batch_axis):
     def local(h, k, b, th, tk, tb, mask):
         # Not the mask: it must stay invariant over the vocabulary axis, like the loss.
         heads = (h, k, b, th, tk, tb)
-        h, k, b, th, tk, tb = (_vary(x, *heads) for x in heads)
+        h, k, b, th, tk, tb = (chunked.vary(x, *heads) for x in heads)
         b, tb = (x if kept else None for x, kept in zip((b, tb), has_bias, strict=True))
         # The mask travels even when absent (all True): its sum counts the tokens per device.
         return _loss((h, k, b), (th, tk, tb), mask, cfg, reduction, batch_axis)
@@ -541,41 +495,6 @@ def _reject_explicit_sharding(**arrays) -> None:
                 "`batch_axis` (the axes of the tokens) and/or `vocab_axis` (the axes of the "
                 "classes) for the shard_map form, or reshard the inputs to replicated"
             )
-
-
-def _check_mesh_axes(mesh, batch_axis, vocab_axis, n: int, v: int):
-    if batch_axis is None and vocab_axis is None:
-        return None
-    if mesh is None:
-        mesh = jax.sharding.get_abstract_mesh()
-        if mesh.empty:
-            raise ValueError(
-                f"{_FN}: `batch_axis`/`vocab_axis` need a `mesh` (or a context mesh set with "
-                "jax.set_mesh)"
-            )
-    elif not isinstance(mesh, (Mesh, jax.sharding.AbstractMesh)):
-        raise TypeError(f"{_FN}: `mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-    named = {}
-    for name, axes, size, what in (
-        ("batch_axis", batch_axis, n, "tokens"), ("vocab_axis", vocab_axis, v, "classes")
-    ):  # fmt: skip
-        if axes is None:
-            continue
-        named[name] = set(axes if isinstance(axes, tuple) else (axes,))
-        missing = sorted(a for a in named[name] if a not in mesh.shape)
-        if missing:
-            raise ValueError(
-                f"{_FN}: `{name}`={axes!r} names axes {missing} that are not in the mesh's axes "
-                f"{tuple(mesh.shape)}"
-            )
-        if size % _axis_size(mesh, axes):
-            raise ValueError(
-                f"{_FN}: the {size} {what} do not split evenly over `{name}`={axes!r} of size "
-                f"{_axis_size(mesh, axes)}"
-            )
-    if len(named) == 2 and named["batch_axis"] & named["vocab_axis"]:
-        raise ValueError(f"{_FN}: `batch_axis` and `vocab_axis` must name different mesh axes")
-    return mesh
 
 
 # ----------------------------------------------------------------------------------------------
@@ -720,13 +639,13 @@ def linear_distillation(
     student, teacher = flat(student), flat(teacher)
     mask = None if mask is None else mask.reshape(-1)
     n, v = student[0].shape[0], student[1].shape[1]
-    resolved_mesh = _check_mesh_axes(mesh, batch_axis, vocab_axis, n, v)
+    resolved_mesh = sharded.check_mesh_axes(mesh, batch_axis, vocab_axis, n, v, fn=_FN)
     if n == 0:
         empty = jnp.zeros((0,), _common.compute_dtype(out_dtype))
         loss = _common.reduce_loss(empty, reduction)
     else:
-        n_local = n // (1 if batch_axis is None else _axis_size(resolved_mesh, batch_axis))
-        v_local = v // (1 if vocab_axis is None else _axis_size(resolved_mesh, vocab_axis))
+        n_local = n // (1 if batch_axis is None else sharded.axis_size(resolved_mesh, batch_axis))
+        v_local = v // (1 if vocab_axis is None else sharded.axis_size(resolved_mesh, vocab_axis))
         chunks = (min(token_chunk, n_local), min(vocab_chunk, v_local))
         cfg = _Config(divergence, beta, temperature, chunks, vocab_axis)
         if resolved_mesh is None:

@@ -32,19 +32,22 @@ def _names(axes) -> tuple[str, ...]:
     return axes if isinstance(axes, tuple) else (axes,)
 
 
-def check_mesh_axes(mesh, batch_axis, vocab_axis, n: int, v: int):
-    """The mesh to run on (``None``: no axes named), after checking the axes against it."""
+def check_mesh_axes(mesh, batch_axis, vocab_axis, n: int, v: int, fn: str = _FN):
+    """The mesh to run on (``None``: no axes named), after checking the axes against it.
+
+    ``fn`` names the calling function in the errors (the fused heads share this check).
+    """
     if batch_axis is None and vocab_axis is None:
         return None
     if mesh is None:
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
             raise ValueError(
-                f"{_FN}: `batch_axis`/`vocab_axis` need a `mesh` (or a context mesh set with "
+                f"{fn}: `batch_axis`/`vocab_axis` need a `mesh` (or a context mesh set with "
                 "jax.set_mesh)"
             )
     elif not isinstance(mesh, (Mesh, jax.sharding.AbstractMesh)):
-        raise TypeError(f"{_FN}: `mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+        raise TypeError(f"{fn}: `mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     for name, axes, size, what in (
         ("batch_axis", batch_axis, n, "tokens"), ("vocab_axis", vocab_axis, v, "classes")
     ):  # fmt: skip
@@ -53,18 +56,18 @@ def check_mesh_axes(mesh, batch_axis, vocab_axis, n: int, v: int):
         missing = [a for a in _names(axes) if a not in mesh.shape]
         if missing:
             raise ValueError(
-                f"{_FN}: `{name}`={axes!r} names axes {missing} that are not in the mesh's axes "
+                f"{fn}: `{name}`={axes!r} names axes {missing} that are not in the mesh's axes "
                 f"{tuple(mesh.shape)}"
             )
         parts = axis_size(mesh, axes)
         if size % parts:
             raise ValueError(
-                f"{_FN}: the {size} {what} do not split evenly over `{name}`={axes!r} of size "
+                f"{fn}: the {size} {what} do not split evenly over `{name}`={axes!r} of size "
                 f"{parts}"
             )
     both = batch_axis is not None and vocab_axis is not None
     if both and set(_names(batch_axis)) & set(_names(vocab_axis)):
-        raise ValueError(f"{_FN}: `batch_axis` and `vocab_axis` must name different mesh axes")
+        raise ValueError(f"{fn}: `batch_axis` and `vocab_axis` must name different mesh axes")
     return mesh
 
 
