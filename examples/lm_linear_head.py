@@ -185,7 +185,9 @@ def temporaries_mib(loss_fn, n: int, d: int, v: int) -> float:
         jax.ShapeDtypeStruct((n,), jnp.int32),
     )
     compiled = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1))).lower(*args).compile()
-    return compiled.memory_analysis().temp_size_in_bytes / 2**20
+    memory = compiled.memory_analysis()
+    assert memory is not None, "this backend reports no compiled memory"
+    return memory.temp_size_in_bytes / 2**20
 
 
 def report_head_memory(n: int, d: int, v: int, options: dict) -> tuple[float, float]:
