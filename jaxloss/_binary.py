@@ -24,11 +24,11 @@ def _upcast_or_none(w: jax.Array | None) -> jax.Array | None:
 
 
 def _binary_inputs(fn, inputs, targets, weight, reduction, input_name):
-    inputs = _common.check_floating(input_name, fn, inputs)
-    targets = _common.check_floating("targets", fn, targets)
+    inputs = _common.check_floating(fn, input_name, inputs)
+    targets = _common.check_floating(fn, "targets", targets)
     _common.check_same_shape(fn, (input_name, "targets"), inputs, targets)
     _common.check_reduction(fn, reduction)
-    weight = _common.broadcast_like("weight", fn, weight, inputs.shape)
+    weight = _common.broadcast_like(fn, "weight", weight, inputs.shape)
     return inputs, targets, weight
 
 
@@ -156,7 +156,7 @@ def bce_with_logits(
     """
     fn = "bce_with_logits"
     logits, targets, weight = _binary_inputs(fn, logits, targets, weight, reduction, "logits")
-    pos_weight = _common.broadcast_like("pos_weight", fn, pos_weight, logits.shape)
+    pos_weight = _common.broadcast_like(fn, "pos_weight", pos_weight, logits.shape)
     up = _common.upcast
     data = (up(targets), _upcast_or_none(weight), _upcast_or_none(pos_weight))
     loss = _bce_logits(None, up(logits), data)

@@ -76,10 +76,10 @@ def _prepare(fn: str, input_name: str):
         )
         for name, high in (("label_smoothing", 1.0), ("z_loss", np.inf)):
             if name in arguments:
-                arguments[name] = _common.hyperparameter(name, fn, arguments[name], high=high)
+                arguments[name] = _common.hyperparameter(fn, name, arguments[name], high=high)
         if "soft_cap" in arguments:
             cap = arguments["soft_cap"]
-            arguments["soft_cap"] = _common.hyperparameter("soft_cap", fn, cap, positive=True)
+            arguments["soft_cap"] = _common.hyperparameter(fn, "soft_cap", cap, positive=True)
 
     return prepare
 
@@ -133,8 +133,8 @@ def nll(
       PyTorch ``torch.nn.functional.nll_loss``.
     """
     fn = "nll"
-    log_probs = _common.check_floating("log_probs", fn, log_probs)
-    targets = _common.check_integer("targets", fn, targets)
+    log_probs = _common.check_floating(fn, "log_probs", log_probs)
+    targets = _common.check_integer(fn, "targets", targets)
     _common.check_reduction(fn, reduction)
     ax, idx, _ = _index_inputs(fn, log_probs, targets, weight, ignore_index, axis, "log_probs")
     loss = _nll(ax, log_probs, (targets, idx))
@@ -546,8 +546,8 @@ def cross_entropy(
       help?" (2019); Chowdhery et al., "PaLM" (2022) for the z-loss.
     """
     fn = "cross_entropy"
-    logits = _common.check_floating("logits", fn, logits)
-    targets = _common.as_array("targets", fn, targets)
+    logits = _common.check_floating(fn, "logits", logits)
+    targets = _common.as_array(fn, "targets", targets)
     _common.check_reduction(fn, reduction)
     hyper = _traced_hyperparameters(fn, label_smoothing, z_loss)
     z = logits if soft_cap is None else _soft_capped(fn, logits, soft_cap)
@@ -576,7 +576,7 @@ def cross_entropy(
 
 def _soft_capped(fn: str, z: jax.Array, cap) -> jax.Array:
     """``c·tanh(z/c)``, computed in float32 for half precision, returned in ``z``'s dtype."""
-    cap = jax.lax.stop_gradient(_common.check_real("soft_cap", fn, cap))
+    cap = jax.lax.stop_gradient(_common.check_real(fn, "soft_cap", cap))
     if cap.shape != ():
         raise ValueError(f"{fn}: `soft_cap` must be a scalar, got {_common.describe(cap)}")
     wide = _common.upcast(z)
@@ -605,7 +605,7 @@ def _traced_hyperparameters(fn: str, label_smoothing, z_loss) -> tuple:
     values = []
     for name, value in (("label_smoothing", label_smoothing), ("z_loss", z_loss)):
         if value is not None:
-            value = _common.check_real(name, fn, value)
+            value = _common.check_real(fn, name, value)
             if value.shape != ():
                 raise ValueError(f"{fn}: `{name}` must be a scalar, got {_common.describe(value)}")
         values.append(value)

@@ -62,8 +62,8 @@ def jit(
 
 
 def hyperparameter(
-    name: str,
     fn: str,
+    name: str,
     value: Any,
     low: float = 0.0,
     high: float = np.inf,
@@ -111,7 +111,7 @@ def is_concrete(x: Any) -> bool:
     return getattr(x, "is_fully_addressable", True)
 
 
-def as_array(name: str, fn: str, x: Any) -> jax.Array:
+def as_array(fn: str, name: str, x: Any) -> jax.Array:
     """Converts ``x`` to a JAX array, naming the argument if it cannot be converted."""
     try:
         return jnp.asarray(x)
@@ -135,25 +135,25 @@ def expect(assertion: Callable[..., None], *args: Any, message: str, error: type
         raise error(message) from err
 
 
-def check_floating(name: str, fn: str, x: Any) -> jax.Array:
+def check_floating(fn: str, name: str, x: Any) -> jax.Array:
     """Returns ``x`` as an array, raising ``TypeError`` unless its dtype is real floating."""
-    x = as_array(name, fn, x)
+    x = as_array(fn, name, x)
     message = f"{fn}: `{name}` must have a floating dtype, got {describe(x)}"
     expect(chex.assert_type, x, float, message=message, error=TypeError)
     return x
 
 
-def check_integer(name: str, fn: str, x: Any) -> jax.Array:
+def check_integer(fn: str, name: str, x: Any) -> jax.Array:
     """Returns ``x`` as an array, raising ``TypeError`` unless its dtype is integer."""
-    x = as_array(name, fn, x)
+    x = as_array(fn, name, x)
     message = f"{fn}: `{name}` must have an integer dtype, got {describe(x)}"
     expect(chex.assert_type, x, int, message=message, error=TypeError)
     return x
 
 
-def check_real(name: str, fn: str, x: Any) -> jax.Array:
+def check_real(fn: str, name: str, x: Any) -> jax.Array:
     """Returns ``x`` as an array, raising ``TypeError`` unless it is real (integer or floating)."""
-    x = as_array(name, fn, x)
+    x = as_array(fn, name, x)
     # chex has no "integer or floating" assertion.
     if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
         raise TypeError(f"{fn}: `{name}` must have a real numeric dtype, got {describe(x)}")
@@ -175,7 +175,7 @@ def check_reduction(fn: str, reduction: str, allowed: Sequence[str] = REDUCTIONS
         raise ValueError(f"{fn}: `reduction` must be one of {tuple(allowed)}, got {reduction!r}")
 
 
-def check_unit_interval(name: str, fn: str, value: float) -> float:
+def check_unit_interval(fn: str, name: str, value: float) -> float:
     """Returns ``value`` as a Python float, raising ``ValueError`` outside ``[0, 1]``."""
     try:
         value = float(value)
@@ -185,19 +185,6 @@ def check_unit_interval(name: str, fn: str, value: float) -> float:
         ) from err
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{fn}: `{name}` must lie in [0, 1], got {value}")
-    return value
-
-
-def check_nonnegative(name: str, fn: str, value: float) -> float:
-    """Returns ``value`` as a Python float, raising ``ValueError`` if negative or not finite."""
-    try:
-        value = float(value)
-    except TypeError as err:
-        raise TypeError(
-            f"{fn}: `{name}` must be a Python float, got {type(value).__name__}"
-        ) from err
-    if not (np.isfinite(value) and value >= 0.0):
-        raise ValueError(f"{fn}: `{name}` must be a finite number >= 0, got {value}")
     return value
 
 
@@ -220,7 +207,7 @@ def check_class_weight(fn: str, weight: Any, num_classes: int) -> jax.Array | No
     """Validates a per-class weight vector of shape ``(num_classes,)``."""
     if weight is None:
         return None
-    weight = check_real("weight", fn, weight)
+    weight = check_real(fn, "weight", weight)
     message = (
         f"{fn}: `weight` must have shape ({num_classes},), one entry per class, "
         f"got {describe(weight)}"
@@ -230,7 +217,7 @@ def check_class_weight(fn: str, weight: Any, num_classes: int) -> jax.Array | No
 
 
 def broadcast_like(
-    name: str, fn: str, arr: Any, shape: tuple[int, ...], *, boolean: bool = False
+    fn: str, name: str, arr: Any, shape: tuple[int, ...], *, boolean: bool = False
 ) -> jax.Array | None:
     """Broadcasts ``arr`` to ``shape`` with NumPy/PyTorch rules (trailing axes aligned).
 
@@ -241,7 +228,7 @@ def broadcast_like(
     if arr is None:
         return None
     # A boolean mask (``where``) has been checked by its caller; weights must be real numbers.
-    arr = as_array(name, fn, arr) if boolean else check_real(name, fn, arr)
+    arr = as_array(fn, name, arr) if boolean else check_real(fn, name, arr)
     try:
         out_shape = np.broadcast_shapes(arr.shape, shape)
     except ValueError:

@@ -424,7 +424,7 @@ def _check_options(divergence, beta, temperature, reduction) -> tuple[float, flo
     if divergence not in DIVERGENCES:
         raise ValueError(f"{_FN}: `divergence` must be one of {DIVERGENCES}, got {divergence!r}")
     _common.check_reduction(_FN, reduction)
-    beta = _common.check_unit_interval("beta", _FN, beta)
+    beta = _common.check_unit_interval(_FN, "beta", beta)
     try:
         temperature = float(temperature)
     except TypeError as err:
@@ -439,8 +439,8 @@ def _check_options(divergence, beta, temperature, reduction) -> tuple[float, flo
 def _check_head(prefix: str, hidden, kernel, bias, batch_shape):
     """A head's ``(hidden, kernel, bias)`` as arrays; ``hidden`` is ``(*batch_shape, D)``."""
     h, k = f"{prefix}hidden", f"{prefix}kernel"
-    hidden = _common.check_floating(h, _FN, hidden)
-    kernel = _common.check_floating(k, _FN, kernel)
+    hidden = _common.check_floating(_FN, h, hidden)
+    kernel = _common.check_floating(_FN, k, kernel)
     if hidden.ndim < 1:
         raise ValueError(f"{_FN}: `{h}` must have a feature axis (..., D), got a scalar")
     if batch_shape is not None and hidden.shape[:-1] != batch_shape:
@@ -456,7 +456,7 @@ def _check_head(prefix: str, hidden, kernel, bias, batch_shape):
         )
     if bias is not None:
         name = f"{prefix}bias"
-        bias = _common.check_floating(name, _FN, bias)
+        bias = _common.check_floating(_FN, name, bias)
         if bias.shape != (kernel.shape[1],):
             raise ValueError(
                 f"{_FN}: `{name}` must have shape ({kernel.shape[1]},), one entry per class "
@@ -468,7 +468,7 @@ def _check_head(prefix: str, hidden, kernel, bias, batch_shape):
 def _check_mask(mask, batch_shape):
     if mask is None:
         return None
-    mask = _common.as_array("mask", _FN, mask)
+    mask = _common.as_array(_FN, "mask", mask)
     if mask.dtype != jnp.bool_:
         raise TypeError(f"{_FN}: `mask` must be boolean (True = a token that counts), got dtype "
                         f"{mask.dtype}; pass e.g. `targets != pad_id`")  # fmt: skip

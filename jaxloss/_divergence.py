@@ -111,8 +111,8 @@ def kl_div(
       PyTorch ``torch.nn.functional.kl_div``; Kullback and Leibler (1951).
     """
     fn = "kl_div"
-    log_q = _common.check_floating("log_q", fn, log_q)
-    target = _common.check_floating("target", fn, target)
+    log_q = _common.check_floating(fn, "log_q", log_q)
+    target = _common.check_floating(fn, "target", target)
     _common.check_same_shape(fn, ("log_q", "target"), log_q, target)
     _common.check_reduction(fn, reduction, ("none", "mean", "sum", "batchmean"))
     loss = _kl_pointwise(log_q, target, log_target)
@@ -149,6 +149,6 @@ def entropy(probs: Float[ArrayLike, "*shape"], *, axis: int = -1) -> Float[Array
     References:
       Shannon (1948); ``torch.distributions.Categorical.entropy``.
     """
-    probs = _common.check_floating("probs", "entropy", probs)
+    probs = _common.check_floating("entropy", "probs", probs)
     axis = _common.class_axis("entropy", axis, probs.ndim)
     return (-jnp.sum(xlogx(probs), axis)).astype(probs.dtype)

@@ -15,10 +15,10 @@ from jaxloss import _common
 def _mask(fn: str, where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array | None:
     if where is None:
         return None
-    mask = _common.as_array("where", fn, where)
+    mask = _common.as_array(fn, "where", where)
     message = f"{fn}: `where` must be a boolean mask, got {_common.describe(mask)}"
     _common.expect(chex.assert_type, mask, bool, message=message, error=TypeError)
-    out = _common.broadcast_like("where", fn, mask, shape, boolean=True)
+    out = _common.broadcast_like(fn, "where", mask, shape, boolean=True)
     assert out is not None
     return out
 
@@ -42,7 +42,7 @@ def _along_axis(fn: str, kernel, x: ArrayLike, axis: int, where: ArrayLike | Non
 
     A 0-d ``x`` is one class, as in PyTorch (``axis`` -1 or 0): softmax 1, log-softmax 0.
     """
-    x = _common.check_floating("x", fn, x)
+    x = _common.check_floating(fn, "x", x)
     if x.ndim == 0:
         if axis not in (-1, 0) and not isinstance(axis, (bool, float)):
             raise ValueError(
@@ -195,7 +195,7 @@ def sigmoid(x: Float[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
     References:
       PyTorch ``torch.sigmoid``; JAX ``jax.nn.sigmoid``.
     """
-    x = _common.check_floating("x", "sigmoid", x)
+    x = _common.check_floating("sigmoid", "x", x)
     return jax.lax.logistic(_common.upcast(x)).astype(x.dtype)
 
 
@@ -228,5 +228,5 @@ def log_sigmoid(x: Float[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
     References:
       PyTorch ``torch.nn.functional.logsigmoid``; JAX ``jax.nn.log_sigmoid``.
     """
-    x = _common.check_floating("x", "log_sigmoid", x)
+    x = _common.check_floating("log_sigmoid", "x", x)
     return (-softplus_neg(_common.upcast(x))).astype(x.dtype)

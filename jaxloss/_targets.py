@@ -161,7 +161,7 @@ def check_targets(
       >>> print(err.get())  # doctest: +ELLIPSIS
       cross_entropy targets out of range [0, 3): 7 ...
     """
-    targets = _common.check_integer("targets", "check_targets", targets)
+    targets = _common.check_integer("check_targets", "targets", targets)
     ignore_index = check_ignore_index("check_targets", ignore_index)
     bad = index_targets(targets, num_classes, ignore_index, None, jnp.float32).bad
     first = jnp.zeros((), targets.dtype)

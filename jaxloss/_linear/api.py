@@ -25,9 +25,9 @@ _FN = "linear_cross_entropy"
 def _check_arrays(hidden, kernel, targets, bias):
     """Validated ``(hidden, kernel, targets, bias)`` arrays of consistent shapes."""
     fn = _FN
-    hidden = _common.check_floating("hidden", fn, hidden)
-    kernel = _common.check_floating("kernel", fn, kernel)
-    targets = _common.check_real("targets", fn, targets)
+    hidden = _common.check_floating(fn, "hidden", hidden)
+    kernel = _common.check_floating(fn, "kernel", kernel)
+    targets = _common.check_real(fn, "targets", targets)
     if hidden.ndim < 1:
         raise ValueError(f"{fn}: `hidden` must have a feature axis (..., D), got a scalar")
     if kernel.ndim != 2 or kernel.shape[0] != hidden.shape[-1] or kernel.shape[1] == 0:
@@ -52,7 +52,7 @@ def _check_arrays(hidden, kernel, targets, bias):
             f"{v} classes); got shape {tuple(targets.shape)} and dtype {targets.dtype}"
         )
     if bias is not None:
-        bias = _common.check_floating("bias", fn, bias)
+        bias = _common.check_floating(fn, "bias", bias)
         if bias.shape != (v,):
             raise ValueError(
                 f"{fn}: `bias` must have shape ({v},), one entry per class (column of `kernel`), "
@@ -66,9 +66,9 @@ def _check_options(ignore_index, reduction, label_smoothing, z_loss, soft_cap):
     _common.check_reduction(_FN, reduction)
     if not isinstance(ignore_index, (int, np.integer)) or isinstance(ignore_index, bool):
         raise TypeError(f"{_FN}: `ignore_index` must be an int, got {ignore_index!r}")
-    smoothing = _common.hyperparameter("label_smoothing", _FN, label_smoothing, high=1.0)
-    z_loss = _common.hyperparameter("z_loss", _FN, z_loss)
-    soft_cap = _common.hyperparameter("soft_cap", _FN, soft_cap, positive=True)
+    smoothing = _common.hyperparameter(_FN, "label_smoothing", label_smoothing, high=1.0)
+    z_loss = _common.hyperparameter(_FN, "z_loss", z_loss)
+    soft_cap = _common.hyperparameter(_FN, "soft_cap", soft_cap, positive=True)
     static = dict(
         ignore_index=int(ignore_index), reduction=reduction, smoothing=smoothing is not None,
         z_loss=z_loss is not None,

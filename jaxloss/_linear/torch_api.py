@@ -100,10 +100,10 @@ def torch_linear_cross_entropy(
       >>> bool(jnp.allclose(loss, jaxloss.cross_entropy(logits, y, axis=1), rtol=1e-5))
       True
     """
-    x = _common.check_floating("input", _FN, input)
-    w = _common.check_floating("linear_weight", _FN, linear_weight)
-    bias = None if linear_bias is None else _common.check_floating("linear_bias", _FN, linear_bias)
-    t = _common.check_real("target", _FN, target)
+    x = _common.check_floating(_FN, "input", input)
+    w = _common.check_floating(_FN, "linear_weight", linear_weight)
+    bias = None if linear_bias is None else _common.check_floating(_FN, "linear_bias", linear_bias)
+    t = _common.check_real(_FN, "target", target)
     c, out = _check_layout(x, w, bias)
     probabilities = t.shape == (*x.shape[:-1], c, *out) and jnp.issubdtype(t.dtype, jnp.floating)
     if probabilities and ignore_index is not None:
