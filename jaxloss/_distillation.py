@@ -480,23 +480,6 @@ def _check_mask(mask, batch_shape):
     return mask
 
 
-def _reject_explicit_sharding(**arrays) -> None:
-    """Explicitly sharded inputs need named axes: the blocked loops cannot slice them.
-
-    As ``linear_cross_entropy``: no silent switch to the ``shard_map`` form from the inputs'
-    types; the error names the fix.
-    """
-    for name, x in arrays.items():
-        sharding = getattr(jax.typeof(x), "sharding", None) if x is not None else None
-        spec = tuple(getattr(sharding, "spec", None) or ())
-        if any(axis is not None for axis in spec):
-            raise ValueError(
-                f"{_FN}: `{name}` is sharded with explicit axis types (spec {spec}); pass "
-                "`batch_axis` (the axes of the tokens) and/or `vocab_axis` (the axes of the "
-                "classes) for the shard_map form, or reshard the inputs to replicated"
-            )
-
-
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
@@ -650,7 +633,7 @@ def linear_distillation(
         cfg = _Config(divergence, beta, temperature, chunks, vocab_axis)
         if resolved_mesh is None:
             arrays = zip(_ARRAY_NAMES, (*student, *teacher, mask), strict=True)
-            _reject_explicit_sharding(**dict(arrays))
+            sharded.reject_explicit_sharding(_FN, **dict(arrays))
             loss = _loss(student, teacher, mask, cfg, reduction)
         else:
             loss = _sharded(student, teacher, mask, cfg, reduction, resolved_mesh, batch_axis)

@@ -77,19 +77,6 @@ def _check_options(ignore_index, reduction, label_smoothing, z_loss, soft_cap):
     return static, hyper, soft_cap
 
 
-def _reject_explicit_sharding(**arrays) -> None:
-    """Explicitly sharded inputs need named axes: the blocked loops cannot slice them."""
-    for name, x in arrays.items():
-        sharding = getattr(jax.typeof(x), "sharding", None) if x is not None else None
-        spec = tuple(getattr(sharding, "spec", None) or ())
-        if any(axis is not None for axis in spec):
-            raise ValueError(
-                f"{_FN}: `{name}` is sharded with explicit axis types (spec {spec}); pass "
-                "`batch_axis` (the axes of the tokens) and/or `vocab_axis` (the axes of the "
-                "classes) for the shard_map form, or reshard the inputs to replicated"
-            )
-
-
 def linear_cross_entropy(
     hidden: Float[ArrayLike, "*hidden_shape"],
     kernel: Float[ArrayLike, "*kernel_shape"],
@@ -277,8 +264,8 @@ def _linear_cross_entropy(
         loss = assembly.reduce(empty, empty, options.reduction)
         stats = (empty, jnp.zeros((0,), jnp.int32), empty)
     elif resolved_mesh is None:
-        _reject_explicit_sharding(
-            hidden=h, kernel=kernel, targets=targets, bias=bias, weight=weight
+        sharded.reject_explicit_sharding(
+            _FN, hidden=h, kernel=kernel, targets=targets, bias=bias, weight=weight
         )
         loss, stats = _single_device(problem, options, hyper, config.clipped(n, v))
     else:

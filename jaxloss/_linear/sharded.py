@@ -32,6 +32,22 @@ def _names(axes) -> tuple[str, ...]:
     return axes if isinstance(axes, tuple) else (axes,)
 
 
+def reject_explicit_sharding(fn: str, **arrays) -> None:
+    """Explicitly sharded inputs need named axes: the blocked loops cannot slice them.
+
+    No silent switch to the ``shard_map`` form from the inputs' types: the error names the fix.
+    """
+    for name, x in arrays.items():
+        sharding = getattr(jax.typeof(x), "sharding", None) if x is not None else None
+        spec = tuple(getattr(sharding, "spec", None) or ())
+        if any(axis is not None for axis in spec):
+            raise ValueError(
+                f"{fn}: `{name}` is sharded with explicit axis types (spec {spec}); pass "
+                "`batch_axis` (the axes of the tokens) and/or `vocab_axis` (the axes of the "
+                "classes) for the shard_map form, or reshard the inputs to replicated"
+            )
+
+
 def check_mesh_axes(mesh, batch_axis, vocab_axis, n: int, v: int, fn: str = _FN):
     """The mesh to run on (``None``: no axes named), after checking the axes against it.
 
