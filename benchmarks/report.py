@@ -226,32 +226,40 @@ class SpeedGoal:
     id: str
     description: str
     mode: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     numerator: tuple[str, str]
     denominator: tuple[str, str]
     threshold: float
     cpu_note: str = ""
-
-    @property
-    def case(self) -> str:
-        return "cross_entropy"
+    case: str = "cross_entropy"
 
 
 def speed_goals() -> list[SpeedGoal]:
     big, small = tuple(GOAL_SHAPE), tuple(GOAL_SMALL_SHAPE)
     size, small_size = _size(big), _size(small)
     goals = [
+        # CPU keeps what it has (the accelerators issue restated the old 0.6x goal as this).
         SpeedGoal(
             "ce_vag_f32_vs_optax",
-            f"f32 cross_entropy value_and_grad at {size}: jaxloss <= 0.6x optax",
-            "vag", big, ("jaxloss", "f32"), ("optax", "f32"), 0.6,
-            "an accelerator goal: on CPU both run near the memory floor (~1x optax), see "
-            "benchmarks/RESULTS.md",
+            f"f32 cross_entropy value_and_grad at {size}: jaxloss <= 1.05x optax",
+            "vag", big, ("jaxloss", "f32"), ("optax", "f32"), 1.05,
+        ),
+        SpeedGoal(
+            "ce_vag_bf16_vs_optax",
+            f"bf16 cross_entropy value_and_grad at {size}: jaxloss <= 0.5x optax bf16",
+            "vag", big, ("jaxloss", "bf16"), ("optax", "bf16"), 0.5,
         ),
         SpeedGoal(
             "ce_vag_bf16_vs_f32",
             f"bf16 cross_entropy value_and_grad at {size}: jaxloss bf16 <= jaxloss f32",
             "vag", big, ("jaxloss", "bf16"), ("jaxloss", "f32"), 1.0,
+        ),
+        SpeedGoal(
+            "linear_vag_vs_materialised",
+            "f32 linear_cross_entropy value_and_grad at 2048x512x32768: fused <= 1.0x "
+            "cross_entropy(h @ k)",
+            "vag", (2048, 512, 32768), ("jaxloss", "f32"), ("jaxloss_materialised", "f32"), 1.0,
+            case="linear_cross_entropy",
         ),
     ]  # fmt: skip
     for mode in ("fwd", "vag"):
