@@ -19,6 +19,7 @@ import typing
 from pathlib import Path
 
 import jax
+import jaxtyping
 import numpy as np
 import pytest
 
@@ -131,8 +132,10 @@ def test_docs_have_pages() -> None:
 
 
 @pytest.mark.parametrize("page", DOC_PAGES, ids=lambda p: p.name)
-def test_docs_pycon_examples_run(page: Path) -> None:
+def test_docs_pycon_examples_run(page: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every ``>>>`` example in the docs prints what it shows; a page's blocks share names."""
+    # The docs show what a user sees: jaxloss's own errors, not the suite's runtime type checks.
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
     blocks = _blocks(page, "pycon")
     if page.name != "examples.md":  # The examples page shows shell commands only.
         assert blocks, f"{page.name} has no ```pycon example"
