@@ -256,8 +256,8 @@ def speed_goals() -> list[SpeedGoal]:
         ),
         SpeedGoal(
             "linear_vag_vs_materialised",
-            "f32 linear_cross_entropy value_and_grad at 2048x512x32768: fused <= 1.0x "
-            "cross_entropy(h @ k)",
+            # within the printed 100 columns: "materialised" is cross_entropy(h @ k)
+            "f32 linear_cross_entropy value_and_grad at 2048x512x32768: <= 1.0x materialised",
             "vag", (2048, 512, 32768), ("jaxloss", "f32"), ("jaxloss_materialised", "f32"), 1.0,
             case="linear_cross_entropy",
         ),
