@@ -21,10 +21,8 @@ status 0 only if every check passed.
 from __future__ import annotations
 
 import functools
-import json
 import re
 import sys
-import traceback
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -217,27 +215,9 @@ def _explicit_without_axes(mesh: Mesh):
 CHECKS["explicit/without_axes_is_an_error"] = _explicit_without_axes
 
 
-def main(names: list[str]) -> int:
-    jax.config.update("jax_numpy_rank_promotion", "raise")
-    devices = jax.devices()
-    if len(devices) != NUM_DEVICES:
-        print(json.dumps({"name": "setup", "ok": False, "message": (
-            f"expected {NUM_DEVICES} devices, got {len(devices)}: set XLA_FLAGS="
-            f"--xla_force_host_platform_device_count={NUM_DEVICES} before JAX starts"
-        ), "all_gathers": []}), flush=True)  # fmt: skip
-        return 1
-    mesh = Mesh(np.array(devices).reshape(2, 4), ("data", "model"))
-    failed = 0
-    for name in names or list(CHECKS):
-        try:
-            problems, gathers = CHECKS[name](mesh)
-        except Exception:  # A crash is a failed check, reported with its traceback.
-            problems, gathers = [traceback.format_exc(limit=-6)], []
-        failed += bool(problems)
-        record = {"name": name, "ok": not problems, "message": "\n".join(problems)}
-        print(json.dumps({**record, "all_gathers": [list(s) for s in gathers]}), flush=True)
-    return 1 if failed else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # The harness (device count check, one JSON verdict per check) is sharding_checks.py's; it
+    # sits beside this script, which Python puts first on sys.path.
+    from sharding_checks import main
+
+    sys.exit(main(sys.argv[1:], CHECKS))
