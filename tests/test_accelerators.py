@@ -13,6 +13,7 @@ the tests do not import the benchmark suite.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -214,20 +215,32 @@ def test_value_and_grad_moves_no_more_than_its_peer(target, case):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
+_V5P_DEFAULT_PRECISION = pytest.mark.xfail(
     strict=True,
-    reason="issue 8 goal not met (measured 2026-12-01): 2.14 GiB on H100 bf16, 1.67 GiB on TPU "
-    "v5p f32 (jaxloss/_linear, not analysed here)",
+    reason="issue 8 goal not met at TPU DEFAULT matmul precision: XLA:TPU runs float32 matmuls "
+    "as bf16 passes and keeps a bf16 copy of the whole kernel for them (512 MiB of the 560; "
+    "an optimization_barrier is removed before it matters, no chunk size avoids it)",
 )
+
+
 @pytest.mark.parametrize(
-    ("target", "shape", "dtype", "limit_mib"),
-    [("h100", (8192, 4096, 131072), "bf16", 128), ("tpu-v5p", (8192, 2048, 131072), "f32", 256)],
+    ("target", "shape", "dtype", "precision", "limit_mib"),
+    [
+        ("h100", (8192, 4096, 131072), "bf16", None, 128),
+        ("tpu-v5p", (8192, 2048, 131072), "f32", "float32", 256),
+        pytest.param(
+            "tpu-v5p", (8192, 2048, 131072), "f32", None, 256, marks=_V5P_DEFAULT_PRECISION
+        ),
+    ],
 )
-def test_linear_cross_entropy_temporaries(target, shape, dtype, limit_mib):
+def test_linear_cross_entropy_temporaries(target, shape, dtype, precision, limit_mib):
+    """GPUs and TPUs take the recomputing pass for "mean" (the fused one keeps float32
+    gradient accumulators of the whole kernel: 2.1 GiB on this H100)."""
     n, d, v = shape
     dt = DTYPES[dtype]
     fn = jax.value_and_grad(lambda h, k, y: jaxloss.linear_cross_entropy(h, k, y), argnums=(0, 1))
-    compiled = compile_for(target, fn, ((n, d), dt), ((d, v), dt), ((n,), jnp.int32))
+    with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
+        compiled = compile_for(target, fn, ((n, d), dt), ((d, v), dt), ((n,), jnp.int32))
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp <= limit_mib * 2**20, f"{temp / 2**20:.0f} MiB of temporaries"
 

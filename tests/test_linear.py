@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -282,12 +283,18 @@ def _dot_output_dtypes(jaxpr) -> list[str]:
     return re.findall(r"(\w+)\[[\d,]*\] = dot_general", text)
 
 
-def test_bf16_accumulates_in_float32():
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_bf16_accumulates_in_float32(reduction):
+    """ "mean" on CPU: the fused pass; "none": the recomputing pass, whose hidden gradient has a
+    pass of its own in half precision (no float32 copy of it)."""
     hidden, kernel, bias, _, targets = _problem(n=37, d=64, v=50)
     low = [a.astype(jnp.bfloat16) for a in (hidden, kernel, bias)]
 
     def f(h, k, b):
-        return jaxloss.linear_cross_entropy(h, k, targets, bias=b, vocab_chunk=16, token_chunk=8)
+        losses = jaxloss.linear_cross_entropy(
+            h, k, targets, bias=b, vocab_chunk=16, token_chunk=8, reduction=reduction
+        )
+        return jnp.mean(losses) if reduction == "none" else losses
 
     value, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(*low)
     assert value.dtype == jnp.bfloat16
@@ -297,6 +304,9 @@ def test_bf16_accumulates_in_float32():
     want, want_grads = jax.jit(
         jax.value_and_grad(lambda h, k, b: _materialised(h, k, targets, bias=b), argnums=(0, 1, 2))
     )(*up)
+    if reduction == "none":  # the mean over every position, ignored ones included
+        want_grads = [g * (N_VALID_37 / 37) for g in want_grads]
+        want = want * N_VALID_37 / 37
     np.testing.assert_allclose(np.float32(value), want, rtol=2**-8)
     for g, w in zip(grads, want_grads, strict=True):
         np.testing.assert_allclose(
@@ -304,6 +314,38 @@ def test_bf16_accumulates_in_float32():
         )
     dots = _dot_output_dtypes(jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(*low))
     assert dots and set(dots) == {"f32"}, dots
+
+
+N_VALID_37 = 37 - len(IGNORE_ROWS)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_recomputing_pass_of_the_accelerators_matches_the_fused_one(monkeypatch, reduction, dtype):
+    """GPUs and TPUs take the recomputing pass for "sum"/"mean" (no full-size float32
+    gradient accumulators); run here, on CPU, against the fused pass CPU takes."""
+    from jaxloss._linear import api
+
+    hidden, kernel, bias, weight, targets = _problem(n=19, d=24, v=41, dtype=dtype)
+    options = dict(
+        bias=bias, weight=weight, label_smoothing=0.1, z_loss=1e-3, soft_cap=4.0,
+        reduction=reduction, token_chunk=6, vocab_chunk=9, return_stats=True,
+    )  # fmt: skip
+
+    def run():
+        f = lambda h, k, b: jaxloss.linear_cross_entropy(h, k, targets, **{**options, "bias": b})
+        (loss, stats), grads = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(
+            hidden, kernel, bias
+        )
+        return loss, stats, grads
+
+    fused = run()
+    monkeypatch.setattr(api, "FUSED_PLATFORMS", ())
+    api._linear_cross_entropy.clear_cache()  # pyright: ignore[reportFunctionMemberAccess]
+    recomputed = run()
+    api._linear_cross_entropy.clear_cache()  # pyright: ignore[reportFunctionMemberAccess]
+    tol = 1e-5 if dtype == jnp.float32 else 2**-7
+    chex.assert_trees_all_close(recomputed, fused, rtol=tol, atol=tol)
 
 
 def test_vmap_matches_per_example():

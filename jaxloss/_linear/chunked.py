@@ -9,9 +9,11 @@ vocabulary chunks (a running maximum and a rescaled running sum, Milakov & Gimel
 Two differentiable forms share those block rules:
 
 - :func:`token_stats` returns the statistics per token; its ``custom_vjp`` recomputes each
-  logit block in the backward pass (four ``N·D·V`` matmuls in a ``value_and_grad``). For
-  ``reduction="none"`` and the ``shard_map`` form, where the per-token cotangents are only known
-  in the backward pass.
+  logit block in the backward pass (four ``N·D·V`` matmuls in a ``value_and_grad``; five for a
+  half-precision ``hidden``, whose gradient gets a pass of its own rather than a float32
+  accumulator of its full size). For ``reduction="none"``, the ``shard_map`` form, where the
+  per-token cotangents are only known in the backward pass, and for every reduction on GPUs
+  and TPUs, where nothing larger than a few blocks may be held.
 - :func:`fused_total` returns the summed loss; when differentiated, its forward rule already
   computes the gradient (Liger Kernel's method: per token chunk, the logits over the whole
   vocabulary, their logsumexp, then ``softmax − onehot`` contracted into the gradients): three
@@ -414,54 +416,110 @@ def _cast_grads(p: Problem, dh, dk, db, dw):
 # ----------------------------------------------------------------------------------------------
 
 
-def _recomputed_grads(p: Problem, chunks, lse, g: Cotangents):
-    """Gradients for hidden, kernel, bias and weight, recomputing each logit block.
+def _recomputed_block(p: Problem, chunks, lse, g: Cotangents, rows: Chunk, cols: Chunk, h_i, k_j):
+    """``(∂ℓ/∂(hK + b) as the matmul dtype, ∂ℓ/∂w)`` of one recomputed block of logits."""
+    nc, vc = chunks
+    z = _capped_logits(p, h_i, k_j, _maybe_slice(p.bias, cols.start, vc), cols)
+    blk = _block(p, rows, cols, nc, vc)
+    dz, dw = _block_grads(p, z, _slice(lse, rows.start, nc)[:, None], g.rows(rows.start, nc), blk)
+    return dz.astype(jnp.result_type(p.hidden.dtype, p.kernel.dtype)), dw
 
-    Vocabulary chunks outside (each kernel-gradient column block is finished and written once),
-    token chunks inside (the hidden gradient is accumulated in place).
-    """
+
+def _put_fresh(full: jax.Array, part: jax.Array, at: Chunk, axis: int = 0) -> jax.Array:
+    """``full`` with ``part`` written at ``at`` (a slid-back last chunk keeps what it shares)."""
+    part = part.astype(full.dtype)
+    if at.fresh is not None:
+        fresh = at.fresh[None, :] if axis else at.fresh[:, None] if part.ndim == 2 else at.fresh
+        part = jnp.where(fresh, part, _slice(full, at.start, part.shape[axis], axis))
+    return _put(full, part, at.start, axis)
+
+
+def _kernel_pass(p: Problem, chunks, lse, g: Cotangents, dh):
+    """Gradients for kernel, bias and weight (and, if ``dh`` is an array, hidden), recomputing
+    each logit block: vocabulary chunks outside, so each column block of the kernel's gradient
+    is finished in float32 and written once in its own dtype; ``dh`` accumulates in place."""
     n, v = p.hidden.shape[0], p.kernel.shape[1]
     nc, vc = chunks
-    mm = jnp.result_type(p.hidden.dtype, p.kernel.dtype)
-    lse = finite_or_zero(lse)
+    cdt = p.cdt
 
     def vocab_step(j, carry):
         dh, dk, db, dw = carry
         cols = chunk(j, vc, v)
-        k_j, b_j = _slice(p.kernel, cols.start, vc, 1), _maybe_slice(p.bias, cols.start, vc)
+        k_j = _slice(p.kernel, cols.start, vc, 1)
 
         def token_step(i, inner):
             dh, dk_j, db_j, dw_j = inner
             rows = chunk(i, nc, n)
             h_i = _slice(p.hidden, rows.start, nc)
-            z = _capped_logits(p, h_i, k_j, b_j, cols)
-            blk = _block(p, rows, cols, nc, vc)
-            dz, dw_i = _block_grads(
-                p, z, _slice(lse, rows.start, nc)[:, None], g.rows(rows.start, nc), blk
-            )
-            dz = dz.astype(mm)
-            dh = _put(
-                dh, _slice(dh, rows.start, nc) + dot(dz, k_j.astype(mm), (1, 1), p.cdt), rows.start
-            )
-            dk_j = dk_j + dot(h_i.astype(mm), dz, (0, 0), p.cdt)
+            dz, dw_i = _recomputed_block(p, chunks, lse, g, rows, cols, h_i, k_j)
+            if dh is not None:
+                dh_i = _slice(dh, rows.start, nc) + dot(dz, k_j.astype(dz.dtype), (1, 1), cdt)
+                dh = _put(dh, dh_i, rows.start)
+            dk_j = dk_j + dot(h_i.astype(dz.dtype), dz, (0, 0), cdt)
             dw_j = dw_j if dw_i is None else dw_j + dw_i
-            return dh, dk_j, db_j + jnp.sum(dz.astype(p.cdt), 0), dw_j
+            return dh, dk_j, db_j + jnp.sum(dz.astype(cdt), 0), dw_j
 
         zeros = tuple(
-            vary(jnp.zeros(s, p.cdt), *p.arrays, *g) for s in ((dk.shape[0], vc), (vc,), (vc,))
+            vary(jnp.zeros(s, cdt), *p.arrays, *g) for s in ((dk.shape[0], vc), (vc,), (vc,))
         )
         dh, dk_j, db_j, dw_j = jax.lax.fori_loop(0, num_chunks(n, nc), token_step, (dh, *zeros))
-        out = []
-        for full, part, axis in ((dk, dk_j, 1), (db, db_j, 0), (dw, dw_j, 0)):
-            if cols.fresh is not None:
-                # The slid-back last chunk shares columns with the previous one: keep those.
-                fresh = cols.fresh[None, :] if axis else cols.fresh
-                part = jnp.where(fresh, part, _slice(full, cols.start, vc, axis))
-            out.append(_put(full, part, cols.start, axis))
-        return (dh, *out)
+        dk, db, dw = (
+            _put_fresh(f, part, cols, a)
+            for f, part, a in ((dk, dk_j, 1), (db, db_j, 0), (dw, dw_j, 0))
+        )
+        return dh, dk, db, dw
 
-    init = tuple(vary(a, *g) for a in _grad_zeros(p))
-    return _cast_grads(p, *jax.lax.fori_loop(0, num_chunks(v, vc), vocab_step, init))
+    d = p.hidden.shape[1]
+    dtypes = (p.kernel.dtype, _dtype(p.bias, cdt), _dtype(p.class_weight, cdt))
+    init = [
+        vary(jnp.zeros(s, t), *p.arrays, *g)
+        for s, t in zip(((d, v), (v,), (v,)), dtypes, strict=True)
+    ]
+    return jax.lax.fori_loop(0, num_chunks(v, vc), vocab_step, (dh, *init))
+
+
+def _hidden_pass(p: Problem, chunks, lse, g: Cotangents):
+    """The gradient for hidden, recomputing each logit block: token chunks outside, so each row
+    block is finished in float32 and written once in hidden's dtype."""
+    n, v = p.hidden.shape[0], p.kernel.shape[1]
+    nc, vc = chunks
+
+    def token_step(i, dh):
+        rows = chunk(i, nc, n)
+        h_i = _slice(p.hidden, rows.start, nc)
+
+        def vocab_step(j, dh_i):
+            cols = chunk(j, vc, v)
+            k_j = _slice(p.kernel, cols.start, vc, 1)
+            dz, _ = _recomputed_block(p, chunks, lse, g, rows, cols, h_i, k_j)
+            return dh_i + dot(dz, k_j.astype(dz.dtype), (1, 1), p.cdt)
+
+        dh_i = vary(jnp.zeros((nc, dh.shape[1]), p.cdt), *p.arrays, *g)
+        return _put_fresh(dh, jax.lax.fori_loop(0, num_chunks(v, vc), vocab_step, dh_i), rows)
+
+    init = vary(jnp.zeros_like(p.hidden), *p.arrays, *g)
+    return jax.lax.fori_loop(0, num_chunks(n, nc), token_step, init)
+
+
+def _dtype(x, default):
+    return default if x is None else x.dtype
+
+
+def _recomputed_grads(p: Problem, chunks, lse, g: Cotangents):
+    """Gradients for hidden, kernel, bias and weight, recomputing each logit block.
+
+    A float32 ``hidden``'s gradient accumulates in place over the kernel pass (four ``N·D·V``
+    matmuls in all). A half-precision one would need a float32 copy of it as accumulator
+    (128 MiB at N=8192, D=4096), so it gets a pass of its own instead: five matmuls, and no
+    temporary larger than a few blocks.
+    """
+    lse = finite_or_zero(lse)
+    one_pass = jnp.dtype(p.hidden.dtype) == jnp.dtype(p.cdt)
+    dh = vary(jnp.zeros(p.hidden.shape, p.cdt), *p.arrays, *g) if one_pass else None
+    dh, dk, db, dw = _kernel_pass(p, chunks, lse, g, dh)
+    if not one_pass:
+        dh = _hidden_pass(p, chunks, lse, g)
+    return _cast_grads(p, dh, dk, db, dw)
 
 
 # What the custom_vjp buys: the backward pass recomputes each logit block instead of storing
