@@ -112,9 +112,39 @@ def _log_softmax_jvp(axis, primals, tangents):
         # A fully masked row has a NaN output; its entries must send no NaN into the normaliser
         # (0 · NaN) when transposed: a padded row then gets a zero gradient, as in jax.nn.
         p = jnp.where(where, p, 0)
-    dy = dxc - jnp.sum(p * dxc, axis, keepdims=True, where=where)
+    dy = dxc - _row_dot(p, dx, dxc, axis, where)
     dy = dy if where is None else jnp.where(where, dy, 0)
     return y, dy.astype(dx.dtype)
+
+
+# Where _row_dot forms half-precision products in their own dtype.
+NARROW_PRODUCTS = ("tpu",)
+
+
+def _row_dot(a: jax.Array, t: jax.Array, wide_t: jax.Array, axis: int, where) -> jax.Array:
+    """``Σ_axis a·t`` (``keepdims``) of a tangent ``t`` (``wide_t``: the caller's upcast of
+    it), accumulated in float32.
+
+    By default the products are float32 of ``wide_t``, so the cotangent of ``t`` is rounded to
+    its dtype once, with the caller's. On TPU, for half-precision ``t``, they are formed in
+    ``t``'s dtype, as jax.nn forms them: the loss's own ``Σ y·cotangent`` is then the same
+    product and XLA:TPU fuses both reductions into the gradient's kernel (bf16 value_and_grad
+    on TPU v5e: softmax 3.00x → 2.33x the copy, log_softmax 2.67x → 2.00x; jax.nn 2.33x), at
+    the price of one more bf16 rounding of this term of the gradient (as in jax.nn). On CPU
+    and H100 that form saves nothing.
+    """
+
+    def wide():
+        product = _common.upcast(a).astype(wide_t.dtype) * wide_t
+        return jnp.sum(product, axis, keepdims=True, where=where)
+
+    def narrow():
+        product = _common.upcast(a.astype(t.dtype) * t)
+        return jnp.sum(product, axis, keepdims=True, where=where)
+
+    if wide_t.dtype == t.dtype:
+        return wide()
+    return jax.lax.platform_dependent(**dict.fromkeys(NARROW_PRODUCTS, narrow), default=wide)
 
 
 # The custom JVP is for speed and numerics: the tangent y * (t - sum(y * t)) needs no second exp,
@@ -133,10 +163,9 @@ def _softmax_jvp(axis, primals, tangents):
     x, where = primals
     dx, _ = tangents
     y = _softmax(x, axis, where)
-    yc, dxc = _common.upcast(y), _common.upcast(dx)
-    if where is not None:
-        yc = jnp.where(where, yc, 0)  # a fully masked row's NaN stays out of the gradient
-    dy = yc * (dxc - jnp.sum(yc * dxc, axis, keepdims=True, where=where))
+    live = y if where is None else jnp.where(where, y, 0)  # a masked row's NaN stays out
+    dxc = _common.upcast(dx)
+    dy = _common.upcast(live) * (dxc - _row_dot(live, dx, dxc, axis, where))
     dy = dy if where is None else jnp.where(where, dy, 0)
     return y, dy.astype(dx.dtype)
 
