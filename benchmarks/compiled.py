@@ -451,7 +451,8 @@ def _peer_goal(records: Sequence[dict], dtype: str, shape: tuple[int, ...]) -> d
             slack = ROW_SLACK * max(ox, r["logits_bytes"])
             compared[f"{r['case']} {r['mode']}"] = (jl, ox, slack)
     over = sorted(k for k, (jl, ox, slack) in compared.items() if jl > ox + slack)
-    worst = max(compared, key=lambda k: compared[k][0] / compared[k][1], default=None)
+    # Judged against the peer's bytes plus the slack, so the ratio shown is the one judged.
+    worst = max(compared, key=lambda k: compared[k][0] / sum(compared[k][1:]), default=None)
     description = (
         f"{dtype} every other function at {'x'.join(map(str, shape))}, fwd and vag: modelled "
         "HBM <= its optax/jax.nn peer's"
@@ -459,11 +460,11 @@ def _peer_goal(records: Sequence[dict], dtype: str, shape: tuple[int, ...]) -> d
     if worst is None:
         note = "not compiled in this run (the full grid has it; --quick does not)"
         return _bytes_goal(f"peers_hbm_{dtype}", description, None, None, 1.0, "", "", note)
-    jl, ox, _ = compared[over[0] if over else worst]
+    jl, ox, slack = compared[over[0] if over else worst]
     goal = _bytes_goal(
-        f"peers_hbm_{dtype}", description, jl, ox, 1.0, "jaxloss bytes", "peer bytes",
-        f"{len(compared)} compared; " + (f"over: {', '.join(over)}" if over else
-        f"largest ratio: {worst}") + f"; {PEER_NOTE}",
+        f"peers_hbm_{dtype}", description, jl, ox + slack, 1.0, "jaxloss bytes",
+        "peer bytes + slack", f"{len(compared)} compared; " + (f"over: {', '.join(over)}" if over
+        else f"largest ratio: {worst}") + f"; {PEER_NOTE}",
     )  # fmt: skip
     return {**goal, "status": "FAIL" if over else "PASS"}
 
