@@ -319,8 +319,7 @@ def test_bf16_accumulates_in_float32(reduction):
 N_VALID_37 = 37 - len(IGNORE_ROWS)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize(("reduction", "dtype"), [("mean", jnp.float32), ("sum", jnp.bfloat16)])
 def test_recomputing_pass_of_the_accelerators_matches_the_fused_one(monkeypatch, reduction, dtype):
     """GPUs and TPUs take the recomputing pass for "sum"/"mean" (no full-size float32
     gradient accumulators); run here, on CPU, against the fused pass CPU takes."""
