@@ -117,7 +117,10 @@ def num_chunks(size: int, width: int) -> int:
 
 def _vma(x: Any) -> frozenset:
     """The manual mesh axes ``x`` varies over inside ``shard_map`` (empty elsewhere)."""
-    manual = getattr(jax.typeof(x), "manual_axis_type", None)
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    if manual is None:  # jax < 0.10 names them ``vma``
+        return frozenset(getattr(aval, "vma", None) or ())
     return frozenset(getattr(manual, "varying", None) or ())
 
 
