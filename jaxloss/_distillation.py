@@ -265,11 +265,24 @@ def _student_slope(a, b, stats, cfg: _Config):
     return jnp.where(p_s == 0, 0, (1 - cfg.beta) * p_s * (lp_s - lm - extra))
 
 
+def _block_dz(student, teacher, per_row, row: chunked.Chunk, col: chunked.Chunk, cfg, cdt):
+    """``(∂ℓ/∂z_s, h_i)`` of one recomputed block (``z_s`` the student's unscaled logits)."""
+    nc, vc = cfg.chunks
+    (th_i,), (h_i,) = _rows(teacher[:1], row.start, nc), _rows(student[:1], row.start, nc)
+    *stats_i, g_i = _rows(per_row, row.start, nc)
+    a = _scaled_logits(th_i, *_columns(teacher, col.start, vc), col, cfg, cdt)
+    b = _scaled_logits(h_i, *_columns(student, col.start, vc), col, cfg, cdt)
+    # Tokens without a cotangent (masked) contribute exactly nothing, even degenerate ones.
+    live = g_i != 0 if row.fresh is None else (g_i != 0) & row.fresh
+    return jnp.where(live[:, None], g_i[:, None] * _student_slope(a, b, stats_i, cfg), 0), h_i
+
+
 def _grads(student, teacher, stats, g, cfg: _Config):
     """Gradients for the student's hidden, kernel and bias from the per-token cotangent ``g``.
 
     Vocabulary chunks outside (each kernel-gradient column block is finished and written once),
-    token chunks inside (the hidden gradient accumulates in place).
+    token chunks inside. A float32 hidden gradient accumulates in place there; a half-precision
+    one gets a pass of its own (:func:`_hidden_grads`) rather than a float32 copy of its size.
     """
     hidden, kernel, bias = student
     (n, d), v = hidden.shape, kernel.shape[1]
@@ -279,26 +292,22 @@ def _grads(student, teacher, stats, g, cfg: _Config):
     # 1/τ: the slope is in the scaled logits z/τ.
     per_row = (*stats, g.astype(cdt) / cfg.temperature)
     inputs = (*student, *teacher, *per_row)
+    one_pass = jnp.dtype(hidden.dtype) == jnp.dtype(cdt)
 
     def vocab_step(j, carry):
         dh, dk, db = carry
         col = chunked.chunk(j, vc, v)
-        cols_t, cols_s = _columns(teacher, col.start, vc), _columns(student, col.start, vc)
+        k_j = _columns(student, col.start, vc)[0].astype(mm)
 
         def token_step(i, inner):
             dh, dk_j, db_j = inner
             row = chunked.chunk(i, nc, n)
-            (th_i,), (h_i,) = _rows(teacher[:1], row.start, nc), _rows(student[:1], row.start, nc)
-            *stats_i, g_i = _rows(per_row, row.start, nc)
-            a = _scaled_logits(th_i, *cols_t, col, cfg, cdt)
-            b = _scaled_logits(h_i, *cols_s, col, cfg, cdt)
-            # Tokens without a cotangent (masked) contribute exactly nothing, even degenerate ones.
-            live = g_i != 0 if row.fresh is None else (g_i != 0) & row.fresh
-            dz = jnp.where(live[:, None], g_i[:, None] * _student_slope(a, b, stats_i, cfg), 0)
+            dz, h_i = _block_dz(student, teacher, per_row, row, col, cfg, cdt)
             dz_mm = dz.astype(mm)
-            dh_i = jax.lax.dynamic_slice_in_dim(dh, row.start, nc)
-            dh_i = dh_i + chunked.dot(dz_mm, cols_s[0].astype(mm), (1, 1), cdt)
-            dh = jax.lax.dynamic_update_slice_in_dim(dh, dh_i, row.start, 0)
+            if dh is not None:
+                dh_i = jax.lax.dynamic_slice_in_dim(dh, row.start, nc)
+                dh_i = dh_i + chunked.dot(dz_mm, k_j, (1, 1), cdt)
+                dh = jax.lax.dynamic_update_slice_in_dim(dh, dh_i, row.start, 0)
             return dh, dk_j + chunked.dot(h_i.astype(mm), dz_mm, (0, 0), cdt), db_j + jnp.sum(dz, 0)
 
         zeros = (jnp.zeros((d, vc), cdt), jnp.zeros((vc,), cdt))
@@ -312,10 +321,43 @@ def _grads(student, teacher, stats, g, cfg: _Config):
         dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_j.astype(dk.dtype), col.start, 1)
         return dh, dk, jax.lax.dynamic_update_slice_in_dim(db, db_j, col.start, 0)
 
-    init = (jnp.zeros((n, d), cdt), jnp.zeros((d, v), kernel.dtype), jnp.zeros((v,), cdt))
-    init = tuple(chunked.vary(x, *inputs) for x in init)
+    dh = jnp.zeros((n, d), cdt) if one_pass else None
+    init = (dh, jnp.zeros((d, v), kernel.dtype), jnp.zeros((v,), cdt))
+    init = tuple(None if x is None else chunked.vary(x, *inputs) for x in init)
     dh, dk, db = jax.lax.fori_loop(0, chunked.num_chunks(v, vc), vocab_step, init)
+    if not one_pass:
+        dh = _hidden_grads(student, teacher, per_row, cfg, cdt)
     return dh.astype(hidden.dtype), dk, (None if bias is None else db.astype(bias.dtype))
+
+
+def _hidden_grads(student, teacher, per_row, cfg: _Config, cdt):
+    """The student hidden's gradient: token chunks outside, so each row block is finished in
+    float32 and written once in hidden's dtype."""
+    hidden, kernel, _ = student
+    (n, d), v = hidden.shape, kernel.shape[1]
+    nc, vc = cfg.chunks
+    mm = jnp.result_type(hidden.dtype, kernel.dtype)
+    inputs = (*student, *teacher, *per_row)
+
+    def token_step(i, dh):
+        row = chunked.chunk(i, nc, n)
+
+        def vocab_step(j, dh_i):
+            col = chunked.chunk(j, vc, v)
+            dz, _ = _block_dz(student, teacher, per_row, row, col, cfg, cdt)
+            k_j = _columns(student, col.start, vc)[0].astype(mm)
+            return dh_i + chunked.dot(dz.astype(mm), k_j, (1, 1), cdt)
+
+        dh_i = chunked.vary(jnp.zeros((nc, d), cdt), *inputs)
+        dh_i = jax.lax.fori_loop(0, chunked.num_chunks(v, vc), vocab_step, dh_i).astype(dh.dtype)
+        if row.fresh is not None:
+            dh_i = jnp.where(
+                row.fresh[:, None], dh_i, jax.lax.dynamic_slice_in_dim(dh, row.start, nc)
+            )
+        return jax.lax.dynamic_update_slice_in_dim(dh, dh_i, row.start, 0)
+
+    init = chunked.vary(jnp.zeros_like(hidden), *inputs)
+    return jax.lax.fori_loop(0, chunked.num_chunks(n, nc), token_step, init)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
