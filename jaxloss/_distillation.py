@@ -64,8 +64,7 @@ class _Config(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------
-# Blocks. Small twins of jaxloss._linear's helpers: that module is being restructured, and these
-# few lines are not worth a dependency on its private names.
+# Blocks of both heads (the chunking itself is jaxloss._linear.chunked's)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -313,13 +312,7 @@ def _grads(student, teacher, stats, g, cfg: _Config):
         zeros = (jnp.zeros((d, vc), cdt), jnp.zeros((vc,), cdt))
         inner = (dh, *(chunked.vary(z, *inputs) for z in zeros))
         dh, dk_j, db_j = jax.lax.fori_loop(0, chunked.num_chunks(n, nc), token_step, inner)
-        if col.fresh is not None:
-            # The slid-back last chunk's overlap columns were finished by the previous chunk.
-            old = jax.lax.dynamic_slice_in_dim(dk, col.start, vc, axis=1)
-            dk_j = jnp.where(col.fresh[None, :], dk_j.astype(dk.dtype), old)
-            db_j = jnp.where(col.fresh, db_j, jax.lax.dynamic_slice_in_dim(db, col.start, vc))
-        dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_j.astype(dk.dtype), col.start, 1)
-        return dh, dk, jax.lax.dynamic_update_slice_in_dim(db, db_j, col.start, 0)
+        return dh, chunked.put_fresh(dk, dk_j, col, 1), chunked.put_fresh(db, db_j, col)
 
     dh = jnp.zeros((n, d), cdt) if one_pass else None
     init = (dh, jnp.zeros((d, v), kernel.dtype), jnp.zeros((v,), cdt))
@@ -331,33 +324,17 @@ def _grads(student, teacher, stats, g, cfg: _Config):
 
 
 def _hidden_grads(student, teacher, per_row, cfg: _Config, cdt):
-    """The student hidden's gradient: token chunks outside, so each row block is finished in
-    float32 and written once in hidden's dtype."""
+    """The student hidden's gradient, one row block at a time (no full-size accumulator)."""
     hidden, kernel, _ = student
-    (n, d), v = hidden.shape, kernel.shape[1]
-    nc, vc = cfg.chunks
     mm = jnp.result_type(hidden.dtype, kernel.dtype)
+
+    def block(row: chunked.Chunk, col: chunked.Chunk) -> jax.Array:
+        dz, _ = _block_dz(student, teacher, per_row, row, col, cfg, cdt)
+        k_j = _columns(student, col.start, cfg.chunks[1])[0].astype(mm)
+        return chunked.dot(dz.astype(mm), k_j, (1, 1), cdt)
+
     inputs = (*student, *teacher, *per_row)
-
-    def token_step(i, dh):
-        row = chunked.chunk(i, nc, n)
-
-        def vocab_step(j, dh_i):
-            col = chunked.chunk(j, vc, v)
-            dz, _ = _block_dz(student, teacher, per_row, row, col, cfg, cdt)
-            k_j = _columns(student, col.start, vc)[0].astype(mm)
-            return dh_i + chunked.dot(dz.astype(mm), k_j, (1, 1), cdt)
-
-        dh_i = chunked.vary(jnp.zeros((nc, d), cdt), *inputs)
-        dh_i = jax.lax.fori_loop(0, chunked.num_chunks(v, vc), vocab_step, dh_i).astype(dh.dtype)
-        if row.fresh is not None:
-            dh_i = jnp.where(
-                row.fresh[:, None], dh_i, jax.lax.dynamic_slice_in_dim(dh, row.start, nc)
-            )
-        return jax.lax.dynamic_update_slice_in_dim(dh, dh_i, row.start, 0)
-
-    init = chunked.vary(jnp.zeros_like(hidden), *inputs)
-    return jax.lax.fori_loop(0, chunked.num_chunks(n, nc), token_step, init)
+    return chunked.sum_over_columns(hidden, cfg.chunks, kernel.shape[1], block, cdt, *inputs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))

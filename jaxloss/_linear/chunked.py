@@ -25,8 +25,8 @@ last chunk is slid back to end at the array's edge and the rows or columns it sh
 previous chunk are masked out.
 
 Small helpers other blockwise losses may reuse: :class:`ChunkConfig`, :func:`chunk`,
-:func:`num_chunks`, :func:`dot` (a matmul with float32 accumulation), :func:`vary`,
-:func:`finite_or_zero`.
+:func:`num_chunks`, :func:`put_fresh`, :func:`sum_over_columns`, :func:`dot` (a matmul with
+float32 accumulation), :func:`vary`, :func:`finite_or_zero`.
 """
 
 from __future__ import annotations
@@ -163,6 +163,40 @@ def _maybe_slice(x: jax.Array | None, start, width: int, axis: int = 0) -> jax.A
 
 def _put(x: jax.Array, update: jax.Array, start, axis: int = 0) -> jax.Array:
     return jax.lax.dynamic_update_slice_in_dim(x, update, start, axis)
+
+
+def put_fresh(full: jax.Array, part: jax.Array, at: Chunk, axis: int = 0) -> jax.Array:
+    """``full`` with ``part`` (cast to ``full``'s dtype) written at chunk ``at`` along ``axis``;
+    where a slid-back last chunk overlaps the previous one, ``full`` keeps what it has."""
+    part = part.astype(full.dtype)
+    if at.fresh is not None:
+        fresh = jnp.expand_dims(at.fresh, [d for d in range(part.ndim) if d != axis])
+        part = jnp.where(fresh, part, _slice(full, at.start, part.shape[axis], axis))
+    return _put(full, part, at.start, axis)
+
+
+def sum_over_columns(like: jax.Array, chunks, num_cols: int, block, acc_dtype, *varying):
+    """An array like ``like`` (``[N, D]``) whose rows ``i`` are ``Σ_j block(rows_i, cols_j)``.
+
+    Token chunks outside, vocabulary chunks inside: each row block is accumulated in
+    ``acc_dtype`` (a ``[token_chunk, D]`` buffer) and written once in ``like``'s dtype, so no
+    accumulator of the full size exists. ``block(rows, cols)`` returns the ``[token_chunk, D]``
+    contribution of one block; ``varying``: what the loop carries vary like (``shard_map``).
+    """
+    n, d = like.shape
+    nc, vc = chunks
+
+    def token_step(i, out):
+        rows = chunk(i, nc, n)
+        acc = vary(jnp.zeros((nc, d), acc_dtype), *varying)
+
+        def vocab_step(j, acc):
+            return acc + block(rows, chunk(j, vc, num_cols))
+
+        return put_fresh(out, jax.lax.fori_loop(0, num_chunks(num_cols, vc), vocab_step, acc), rows)
+
+    init = vary(jnp.zeros_like(like), *varying)
+    return jax.lax.fori_loop(0, num_chunks(n, nc), token_step, init)
 
 
 def _absorbing(u: jax.Array, z: jax.Array) -> jax.Array:
@@ -428,15 +462,6 @@ def _recomputed_block(p: Problem, chunks, lse, g: Cotangents, rows: Chunk, cols:
     return dz.astype(jnp.result_type(p.hidden.dtype, p.kernel.dtype)), dw
 
 
-def _put_fresh(full: jax.Array, part: jax.Array, at: Chunk, axis: int = 0) -> jax.Array:
-    """``full`` with ``part`` written at ``at`` (a slid-back last chunk keeps what it shares)."""
-    part = part.astype(full.dtype)
-    if at.fresh is not None:
-        fresh = at.fresh[None, :] if axis else at.fresh[:, None] if part.ndim == 2 else at.fresh
-        part = jnp.where(fresh, part, _slice(full, at.start, part.shape[axis], axis))
-    return _put(full, part, at.start, axis)
-
-
 def _kernel_pass(p: Problem, chunks, lse, g: Cotangents, dh):
     """Gradients for kernel, bias and weight (and, if ``dh`` is an array, hidden), recomputing
     each logit block: vocabulary chunks outside, so each column block of the kernel's gradient
@@ -467,7 +492,7 @@ def _kernel_pass(p: Problem, chunks, lse, g: Cotangents, dh):
         )
         dh, dk_j, db_j, dw_j = jax.lax.fori_loop(0, num_chunks(n, nc), token_step, (dh, *zeros))
         dk, db, dw = (
-            _put_fresh(f, part, cols, a)
+            put_fresh(f, part, cols, a)
             for f, part, a in ((dk, dk_j, 1), (db, db_j, 0), (dw, dw_j, 0))
         )
         return dh, dk, db, dw
@@ -482,26 +507,16 @@ def _kernel_pass(p: Problem, chunks, lse, g: Cotangents, dh):
 
 
 def _hidden_pass(p: Problem, chunks, lse, g: Cotangents):
-    """The gradient for hidden, recomputing each logit block: token chunks outside, so each row
-    block is finished in float32 and written once in hidden's dtype."""
-    n, v = p.hidden.shape[0], p.kernel.shape[1]
+    """The gradient for hidden, recomputing each logit block, one row block at a time."""
     nc, vc = chunks
 
-    def token_step(i, dh):
-        rows = chunk(i, nc, n)
-        h_i = _slice(p.hidden, rows.start, nc)
+    def block(rows: Chunk, cols: Chunk) -> jax.Array:
+        h_i, k_j = _slice(p.hidden, rows.start, nc), _slice(p.kernel, cols.start, vc, 1)
+        dz, _ = _recomputed_block(p, chunks, lse, g, rows, cols, h_i, k_j)
+        return dot(dz, k_j.astype(dz.dtype), (1, 1), p.cdt)
 
-        def vocab_step(j, dh_i):
-            cols = chunk(j, vc, v)
-            k_j = _slice(p.kernel, cols.start, vc, 1)
-            dz, _ = _recomputed_block(p, chunks, lse, g, rows, cols, h_i, k_j)
-            return dh_i + dot(dz, k_j.astype(dz.dtype), (1, 1), p.cdt)
-
-        dh_i = vary(jnp.zeros((nc, dh.shape[1]), p.cdt), *p.arrays, *g)
-        return _put_fresh(dh, jax.lax.fori_loop(0, num_chunks(v, vc), vocab_step, dh_i), rows)
-
-    init = vary(jnp.zeros_like(p.hidden), *p.arrays, *g)
-    return jax.lax.fori_loop(0, num_chunks(n, nc), token_step, init)
+    v = p.kernel.shape[1]
+    return sum_over_columns(p.hidden, chunks, v, block, p.cdt, *p.arrays, *g)
 
 
 def _dtype(x, default):
@@ -624,9 +639,7 @@ def _fused_chunk(p: Problem, hyper, row_loss: RowLoss, rows: Chunk, chunks, grad
     dh_i, dk, db, dw = jax.lax.fori_loop(0, num_chunks(v, vc), vocab_step, (dh_i, dk, db, dw))
     if dw_outer is not None:
         dw = dw + dw_outer.astype(p.cdt)
-    if rows.fresh is not None:
-        dh_i = jnp.where(rows.fresh[:, None], dh_i, _slice(dh, rows.start, nc))
-    grads = (_put(dh, dh_i, rows.start), dk, db, dw)
+    grads = (put_fresh(dh, dh_i, rows), dk, db, dw)
     return jnp.sum(losses * fresh), _stats_out(p, stats), grads
 
 
@@ -644,13 +657,11 @@ def fused_forward_and_grads(p: Problem, hyper, row_loss: RowLoss, chunks: tuple[
         total, stats, grads = carry
         rows = chunk(i, nc, n)
         loss_i, stats_i, grads = _fused_chunk(p, hyper, row_loss, rows, chunks, grads)
-        new: list[Any] = []
-        part: Any
-        for full, part in zip(stats, stats_i, strict=True):
-            if full is not None and rows.fresh is not None:
-                part = jnp.where(rows.fresh, part, _slice(full, rows.start, nc))
-            new.append(None if full is None else _put(full, part, rows.start))
-        return total + loss_i, tuple(new), grads
+        new = tuple(
+            None if full is None or part is None else put_fresh(full, part, rows)
+            for full, part in zip(stats, stats_i, strict=True)
+        )
+        return total + loss_i, new, grads
 
     cdt = p.cdt
     stats = (jnp.zeros((n,), cdt), None, None)
