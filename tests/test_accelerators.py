@@ -3,7 +3,8 @@
 Nothing here runs on an accelerator: JAX compiles for an H100 (the CUDA PJRT plugin and the
 device description in ``benchmarks/targets/h100_sxm.txtpb``) and for TPUs (``libtpu``) on this
 CPU-only machine, and the tests read the optimised programs. The plugins are in the ``test``
-extra; without them these tests fail, they do not skip.
+extra; without them these tests fail, they do not skip. The environment they need (the CUDA
+plugin's check skipped, libtpu shareable) is set in ``conftest.py``, before JAX starts.
 
 Traffic model (loop-free programs), as in ``python -m benchmarks --target``: every instruction of
 the ENTRY computation that launches work reads its operands from HBM and writes its result there;
@@ -15,16 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import re
 from pathlib import Path
-
-# libtpu takes a machine-wide lock unless told that other processes may load it too; compiling
-# for a TPU needs no exclusive access to one (there is none).
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-# The CUDA plugin checks for CUDA libraries when JAX starts unless told not to; without a GPU
-# the check fails and the plugin (and with it the compile-only H100) is not registered.
-os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 import jax
 import jax.numpy as jnp
