@@ -41,7 +41,7 @@ class _Index(NamedTuple):
 
 
 def _index_inputs(fn, inputs, targets, weight, ignore_index, axis, input_name):
-    """Validated index targets: ``(axis, _targets.IndexTargets, class weight)``."""
+    """Validated index targets: ``(axis, targets at least int32, IndexTargets, class weight)``."""
     ignore_index = _targets.check_ignore_index(fn, ignore_index)
     axis = _common.class_axis(fn, axis, inputs.ndim)
     expected = _common.without_axis(inputs.shape, axis)
@@ -57,8 +57,9 @@ def _index_inputs(fn, inputs, targets, weight, ignore_index, axis, input_name):
     dtype = _common.compute_dtype(inputs.dtype)
     if class_weight is not None:
         class_weight = class_weight.astype(dtype)
+    targets = _targets.widen(targets)
     idx = _targets.index_targets(targets, num_classes, ignore_index, class_weight, dtype)
-    return axis, idx, class_weight
+    return axis, targets, idx, class_weight
 
 
 def _prepare(fn: str, input_name: str):
@@ -136,7 +137,9 @@ def nll(
     log_probs = _common.check_floating(fn, "log_probs", log_probs)
     targets = _common.check_integer(fn, "targets", targets)
     _common.check_reduction(fn, reduction)
-    ax, idx, _ = _index_inputs(fn, log_probs, targets, weight, ignore_index, axis, "log_probs")
+    ax, targets, idx, _ = _index_inputs(
+        fn, log_probs, targets, weight, ignore_index, axis, "log_probs"
+    )
     loss = _nll(ax, log_probs, (targets, idx))
     return _targets.reduce(loss, reduction, idx).astype(log_probs.dtype)
 
@@ -553,7 +556,7 @@ def cross_entropy(
     z = logits if soft_cap is None else _soft_capped(fn, logits, soft_cap)
     if jnp.issubdtype(targets.dtype, jnp.integer):
         args = (fn, logits, targets, weight, ignore_index, axis, "logits")
-        ax, idx, class_weight = _index_inputs(*args)
+        ax, targets, idx, class_weight = _index_inputs(*args)
         loss = _index_ce(ax, z, _Index(targets, idx, class_weight, *hyper))
         loss = _targets.reduce(loss, reduction, idx).astype(logits.dtype)
         hit = (targets, idx.valid & ~idx.bad)

@@ -34,6 +34,18 @@ class IndexTargets(NamedTuple):
     weight: jax.Array
 
 
+def widen(targets: jax.Array) -> jax.Array:
+    """Integer targets of fewer than 32 bits as int32; wider ones as they are.
+
+    Comparisons with the class count and the clip to ``C - 1`` run in the targets' dtype, where
+    ``C`` may not exist: 256 classes wrap to 0 in uint8 (every target would read as out of
+    range), and an int8 weight lookup overflows. Byte-level models and uint16 token ids are real.
+    """
+    if np.iinfo(targets.dtype).bits < 32:
+        return targets.astype(jnp.int32)
+    return targets
+
+
 def ignored(targets: jax.Array, ignore_index: int) -> jax.Array:
     """Boolean mask of ignored positions; none when ``ignore_index`` cannot occur in the dtype."""
     info = np.iinfo(targets.dtype)
@@ -50,6 +62,7 @@ def index_targets(
     dtype: Any,
 ) -> IndexTargets:
     """The ``IndexTargets`` of integer ``targets`` over ``num_classes``, weights in ``dtype``."""
+    targets = widen(targets)
     valid = ~ignored(targets, ignore_index)
     bad = valid & ((targets < 0) | (targets >= num_classes))
     if class_weight is None:
@@ -161,7 +174,7 @@ def check_targets(
       >>> print(err.get())  # doctest: +ELLIPSIS
       cross_entropy targets out of range [0, 3): 7 ...
     """
-    targets = _common.check_integer("check_targets", "targets", targets)
+    targets = widen(_common.check_integer("check_targets", "targets", targets))
     ignore_index = check_ignore_index("check_targets", ignore_index)
     bad = index_targets(targets, num_classes, ignore_index, None, jnp.float32).bad
     first = jnp.zeros((), targets.dtype)

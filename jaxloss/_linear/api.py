@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
-from jaxtyping import Array, ArrayLike, Float, Int
+from jaxtyping import Array, ArrayLike, Float, Integer
 
 from jaxloss import _common, _targets
 from jaxloss._linear import assembly, chunked, sharded
@@ -83,7 +83,7 @@ def _check_options(ignore_index, reduction, label_smoothing, z_loss, soft_cap):
 def linear_cross_entropy(
     hidden: Float[ArrayLike, "*hidden_shape"],
     kernel: Float[ArrayLike, "*kernel_shape"],
-    targets: Int[ArrayLike, "*target_shape"] | Float[ArrayLike, "*target_shape"],
+    targets: Integer[ArrayLike, "*target_shape"] | Float[ArrayLike, "*target_shape"],
     *,
     bias: Float[ArrayLike, "*bias_shape"] | None = None,
     weight: Float[ArrayLike, "*weight_shape"] | None = None,
@@ -257,7 +257,7 @@ def _linear_cross_entropy(
     batch_shape = hidden.shape[:-1]
     h = hidden.reshape(-1, d)
     n = h.shape[0]
-    labels = None if probabilities else targets.reshape(-1)
+    labels = None if probabilities else _targets.widen(targets).reshape(-1)
     probs = jax.lax.stop_gradient(targets.reshape(n, v)) if probabilities else None
     hyper = tuple(jax.lax.stop_gradient(jnp.asarray(x, cdt)) for x in hyper)
     if soft_cap is not None:

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float, Int
+from jaxtyping import Array, ArrayLike, Float, Integer
 
 from jaxloss import _common
 from jaxloss._linear import assembly
@@ -54,7 +54,7 @@ def _check_layout(x, w, bias):
 def torch_linear_cross_entropy(
     input: Float[ArrayLike, "*input_shape"],
     linear_weight: Float[ArrayLike, "*weight_shape"],
-    target: Int[ArrayLike, "*target_shape"] | Float[ArrayLike, "*target_shape"],
+    target: Integer[ArrayLike, "*target_shape"] | Float[ArrayLike, "*target_shape"],
     *,
     linear_bias: Float[ArrayLike, "*bias_shape"] | None = None,
     weight: Float[ArrayLike, "*class_weight_shape"] | None = None,
