@@ -206,10 +206,15 @@ def _online_max_sum(z, zc, *, axis, e_dtype, finite_shift, pieces=1):
 # (N × 256 pairs at 131072 classes) are 0.4 % (float32) to 0.8 % (bfloat16) of value_and_grad's
 # traffic; rows cut into pieces of at most 16384 keep the tree on chip. On TPU the reshape would
 # change the tiled layout (a copy of the logits), so only XLA:GPU gets pieces.
+@functools.cache
 def _gpu_row_pieces(classes: int) -> int:
     """The fewest equal pieces of at most 16384 classes (1 where they would be under 1024)."""
-    pieces = next(k for k in range(1, classes + 1) if classes % k == 0 and classes // k <= 16384)
-    return pieces if classes // pieces >= 1024 else 1
+    # Only piece counts that leave >= 1024 classes a piece qualify: O(C / 1024) candidates, not
+    # O(C) (a prime vocabulary of 10^7 took 1.7 s a trace), and each shape is searched once.
+    for pieces in range(max(1, -(-classes // 16384)), classes // 1024 + 1):
+        if classes % pieces == 0:
+            return pieces
+    return 1
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
@@ -526,8 +531,9 @@ def cross_entropy(
         loss, every option, the z-loss and the statistics apply to the capped logits. A
         ``-inf`` logit becomes ``-c`` (``tanh(-inf) = -1``): mask after capping.
       return_stats: also return a :class:`jaxloss.LogitStats` of per-position ``lse``,
-        ``correct`` (argmax equals the target; for probability targets, the target's argmax)
-        and ``entropy`` of the (capped) logits, not differentiated.
+        ``correct`` (argmax equals the target; for probability targets, the target's argmax),
+        ``entropy`` and the predicted class ``argmax`` of the (capped) logits, not
+        differentiated.
 
     Returns:
       Per-position losses (``"none"``) or a scalar, in the dtype of ``logits`` (half precision
@@ -557,7 +563,7 @@ def cross_entropy(
     if jnp.issubdtype(targets.dtype, jnp.integer):
         args = (fn, logits, targets, weight, ignore_index, axis, "logits")
         ax, targets, idx, class_weight = _index_inputs(*args)
-        loss = _index_ce(ax, z, _Index(targets, idx, class_weight, *hyper))
+        loss = _per_position(_index_ce, ax, z, _Index(targets, idx, class_weight, *hyper))
         loss = _targets.reduce(loss, reduction, idx).astype(logits.dtype)
         hit = (targets, idx.valid & ~idx.bad)
     else:
@@ -571,9 +577,11 @@ def cross_entropy(
         class_weight = _common.check_class_weight(fn, weight, logits.shape[ax])
         if class_weight is not None:
             class_weight = class_weight.astype(_common.compute_dtype(logits.dtype))
-        loss = _prob_ce(ax, z, _Probs(targets, class_weight, *hyper))
-        loss = _common.reduce_loss(loss, reduction, loss.size).astype(logits.dtype)
-        hit = (jnp.argmax(targets, ax), True)
+        loss = _per_position(_prob_ce, ax, z, _Probs(targets, class_weight, *hyper))
+        # PyTorch's mean divides by logits.numel() / C: NaN when there are no classes.
+        positions = loss.size if logits.shape[ax] else 0
+        loss = _common.reduce_loss(loss, reduction, positions).astype(logits.dtype)
+        hit = (jnp.argmax(targets, ax) if targets.shape[ax] else None, True)
     return (loss, _logit_stats(z, ax, *hit)) if return_stats else loss
 
 
@@ -588,15 +596,27 @@ def _soft_capped(fn: str, z: jax.Array, cap) -> jax.Array:
 
 
 def _logit_stats(z: jax.Array, axis: int, target: jax.Array, counted) -> LogitStats:
-    """``LogitStats`` per position: log-sum-exp, argmax hit, entropy (not differentiated)."""
+    """``LogitStats`` per position: lse, argmax hit, entropy, argmax (not differentiated)."""
+    dtype, shape = z.dtype, _common.without_axis(z.shape, axis)
+    if z.shape[axis] == 0:
+        # An empty sum: lse = log 0, entropy 0; no class to predict or hit.
+        zeros = jnp.zeros(shape, dtype)
+        return LogitStats(zeros - jnp.inf, jnp.zeros(shape, bool), zeros, zeros.astype(jnp.int32))
     zc = jax.lax.stop_gradient(_common.upcast(z))
     lse = jax.nn.logsumexp(zc, axis)
     p = jnp.exp(zc - jnp.expand_dims(lse, axis))
     # Σ p z with 0 · (-inf) = 0: a masked class has no probability and contributes nothing.
     mean_logit = jnp.sum(jnp.where(p > 0, p * zc, 0), axis)
-    correct = (jnp.argmax(zc, axis) == target) & counted
-    dtype = z.dtype
-    return LogitStats(lse.astype(dtype), correct, (lse - mean_logit).astype(dtype))
+    argmax = jnp.argmax(zc, axis).astype(jnp.int32)
+    correct = (argmax == target) & counted
+    return LogitStats(lse.astype(dtype), correct, (lse - mean_logit).astype(dtype), argmax)
+
+
+def _per_position(loss_fn, axis: int, z: jax.Array, data) -> jax.Array:
+    """``loss_fn(axis, z, data)``; with no classes, 0 (the reduction makes a counted target NaN)."""
+    if z.shape[axis] == 0:
+        return jnp.zeros(_common.without_axis(z.shape, axis), _common.compute_dtype(z.dtype))
+    return loss_fn(axis, z, data)
 
 
 def _traced_hyperparameters(fn: str, label_smoothing, z_loss) -> tuple:

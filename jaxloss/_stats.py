@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 
 class LogitStats(NamedTuple):
@@ -24,6 +24,9 @@ class LogitStats(NamedTuple):
         equals the target class (for probability targets: the target's own argmax). False at
         ignored positions and at out-of-range targets.
       entropy: ``-Σ_c p_c log p_c`` of ``p = softmax(z)``, in nats: ``lse - Σ_c p_c z_c``.
+      argmax: the predicted class ``argmax_c z_c`` (int32; ties to the lowest class index, as
+        ``jnp.argmax``, across chunks and shards too): Liger's ``return_predicted_tokens``.
+        Defined at ignored positions too; 0 where there are no classes.
 
     ``lse`` and ``entropy`` are defined at ignored positions too (they depend on the logits
     only); mask them with the targets when averaging.
@@ -32,3 +35,4 @@ class LogitStats(NamedTuple):
     lse: Float[Array, "*batch"]
     correct: Bool[Array, "*batch"]
     entropy: Float[Array, "*batch"]
+    argmax: Int[Array, "*batch"]

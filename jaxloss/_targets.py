@@ -65,7 +65,8 @@ def index_targets(
     targets = widen(targets)
     valid = ~ignored(targets, ignore_index)
     bad = valid & ((targets < 0) | (targets >= num_classes))
-    if class_weight is None:
+    if class_weight is None or num_classes == 0:
+        # No classes, no weight to gather: every target is ignored or out of range (NaN).
         return IndexTargets(valid, bad, valid.astype(dtype))
     safe = jnp.clip(targets, 0, num_classes - 1)
     picked = _take(class_weight.astype(dtype), safe)

@@ -273,6 +273,8 @@ def test_stats_match_materialised(reduction, soft_cap):
     assert stats.correct.dtype == jnp.bool_ and stats.correct.shape == (N,)
     np.testing.assert_array_equal(stats.correct, want_correct)
     assert bool(stats.correct[0]) and not bool(stats.correct[5])  # the tie goes to class 3
+    np.testing.assert_array_equal(stats.argmax, jnp.argmax(z, axis=1))
+    assert stats.argmax.dtype == jnp.int32 and bool(jnp.all(stats.argmax == 3))
     assert not bool(stats.correct[2]) and not bool(stats.correct[7])  # ignored positions
     np.testing.assert_allclose(stats.lse, want_lse, rtol=1e-6)
     np.testing.assert_allclose(stats.entropy, want_entropy, rtol=1e-4, atol=1e-5)

@@ -122,13 +122,16 @@ def test_stats_are_the_plain_formulas(dtype):
     np.testing.assert_allclose(np.asarray(stats.entropy, np.float64), entropy, rtol=tol, atol=tol)
     expected_correct = (np.argmax(zc, -1) == Y) & (Y != -100)
     np.testing.assert_array_equal(stats.correct, expected_correct)
+    np.testing.assert_array_equal(stats.argmax, np.argmax(zc, -1))
     assert stats.lse.dtype == jnp.dtype(dtype) and stats.correct.dtype == jnp.bool_
+    assert stats.argmax.dtype == jnp.int32
 
 
 def test_stats_ties_go_to_the_lowest_class_and_probability_targets_use_their_argmax():
     z = jnp.array([[1.0, 3.0, 3.0], [2.0, 2.0, 0.0]])
     _, stats = jaxloss.cross_entropy(z, jnp.array([1, 1]), return_stats=True)
     np.testing.assert_array_equal(stats.correct, [True, False])
+    np.testing.assert_array_equal(stats.argmax, [1, 0])
     t = jnp.array([[0.1, 0.6, 0.3], [0.2, 0.5, 0.3]])
     _, stats = jaxloss.cross_entropy(z, t, return_stats=True)
     np.testing.assert_array_equal(stats.correct, [True, False])
@@ -156,3 +159,4 @@ def test_stats_agree_with_the_fused_linear_head():
     chex.assert_trees_all_close(fused.lse, stats.lse, rtol=1e-5)
     chex.assert_trees_all_close(fused.entropy, stats.entropy, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(fused.correct, stats.correct)
+    np.testing.assert_array_equal(fused.argmax, stats.argmax)

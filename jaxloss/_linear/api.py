@@ -172,7 +172,7 @@ def linear_cross_entropy(
         everything else (the loss, z-loss and the statistics see the capped logits); ``None``
         disables it. A Python float or a traced scalar.
       return_stats: also return a :class:`jaxloss.LogitStats` of per-position ``lse``,
-        ``correct`` and ``entropy`` of the (capped) logits, from the same pass.
+        ``correct``, ``entropy`` and ``argmax`` of the (capped) logits, from the same pass.
       token_chunk: rows of ``hidden`` per block of the blocked pass (clipped to ``N``; any
         value works, the last chunk may overlap the previous one).
       vocab_chunk: columns of ``kernel`` per block of the blocked pass (clipped to ``V``).
@@ -255,8 +255,12 @@ def _linear_cross_entropy(
             "targets, as in PyTorch: only index targets can be ignored"
         )
     batch_shape = hidden.shape[:-1]
-    h = hidden.reshape(-1, d)
-    n = h.shape[0]
+    n = int(np.prod(batch_shape))
+    h = hidden.reshape(n, d)
+    if d == 0:
+        # No features: every logit is its bias (or 0). One zero feature gives the same logits
+        # through the same code; the empty inputs' gradients are empty either way.
+        h, kernel = jnp.zeros((n, 1), h.dtype), jnp.zeros((1, v), kernel.dtype)
     labels = None if probabilities else _targets.widen(targets).reshape(-1)
     probs = jax.lax.stop_gradient(targets.reshape(n, v)) if probabilities else None
     hyper = tuple(jax.lax.stop_gradient(jnp.asarray(x, cdt)) for x in hyper)
@@ -335,4 +339,4 @@ def _logit_stats(p: chunked.Problem, options: assembly.Options, stats, batch_sha
     else:
         valid = ~_targets.ignored(p.labels, options.ignore_index)
         correct = valid & (arg == p.labels)
-    return LogitStats(*(a.reshape(batch_shape) for a in (lse, correct, entropy)))
+    return LogitStats(*(a.reshape(batch_shape) for a in (lse, correct, entropy, arg)))
