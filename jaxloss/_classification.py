@@ -355,7 +355,7 @@ def _index_loss_and_grad(axis: int, z, d: _Index):
             a, b = a + eps_c * jnp.sum(d.class_weight), b + eps_c * cw
     if d.z_loss is not None:
         a = a + 2 * d.z_loss * norm.lse
-    a = jnp.where(jnp.expand_dims(d.idx.bad, axis), jnp.nan, a)
+    a = _common.nan_where(jnp.expand_dims(d.idx.bad, axis), a)
     grad = jnp.where(jnp.expand_dims(d.idx.valid, axis), (a / norm.sum) * norm.e_wide() - b, 0)
     return loss, grad
 
@@ -558,6 +558,7 @@ def cross_entropy(
     logits = _common.check_floating(fn, "logits", logits)
     targets = _common.as_array(fn, "targets", targets)
     _common.check_reduction(fn, reduction)
+    return_stats = _common.check_flag(fn, "return_stats", return_stats)
     hyper = _traced_hyperparameters(fn, label_smoothing, z_loss)
     z = logits if soft_cap is None else _soft_capped(fn, logits, soft_cap)
     if jnp.issubdtype(targets.dtype, jnp.integer):

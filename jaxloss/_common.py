@@ -8,6 +8,7 @@ inside ``jax.jit``.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 from collections.abc import Callable, Sequence
@@ -45,20 +46,99 @@ def jit(
     an outer ``jit`` it costs nothing.
     """
     jitted = jax.jit(fn, static_argnames=static_argnames)
-    if prepare is None:
-        return cast(Callable[_P, _R], jitted)
+    call: Callable = jitted
+    if prepare is not None:
+        signature = inspect.signature(fn)
+
+        def call(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            prepare(bound.arguments)
+            return jitted(*bound.args, **bound.kwargs)
+
+    checked = checked_call(fn, call)
+    for name in ("lower", "trace", "eval_shape", "clear_cache"):
+        setattr(checked, name, getattr(jitted, name))
+    return checked
+
+
+# What a PyTorch habit passes, and the words that fix it.
+_TORCH_KEYWORDS = {
+    "dim": "the class axis is `axis=` (PyTorch's (N, C, d1, ...) layout is `axis=1`)",
+    "size_average": "use `reduction=` ('mean', 'sum' or 'none'): PyTorch deprecated "
+    "`size_average` and `reduce` for it",
+    "reduce": "use `reduction=` ('mean', 'sum' or 'none'): PyTorch deprecated "
+    "`size_average` and `reduce` for it",
+    "target": "the targets are `targets=` (or the second positional argument)",
+    "input": "the first argument is positional (or named as in the signature)",
+}
+
+
+def checked_call(fn: Callable[_P, _R], call: Callable | None = None) -> Callable[_P, _R]:
+    """``call`` (``fn`` itself by default) behind the checks a PyTorch habit needs first.
+
+    Before JAX sees the arguments (it would answer "unexpected keyword argument", "not marked
+    as static" or a hashing error): options passed positionally, PyTorch's keyword names,
+    ``torch.Tensor`` inputs and a ``mesh`` that is not one each raise a ``TypeError`` that names
+    the function, the argument and the fix. Costs a set comparison per call.
+    """
     signature = inspect.signature(fn)
+    params = signature.parameters.values()
+    positional = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+    names = frozenset(signature.parameters)
+    target = fn if call is None else call
 
     @functools.wraps(fn)
-    def prepared(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        prepare(bound.arguments)
-        return jitted(*bound.args, **bound.kwargs)
+    def checked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if len(args) > len(positional) or not names.issuperset(kwargs):
+            _explain_arguments(fn.__name__, positional, names, args, kwargs)
+        for name, value in (*zip(positional, args, strict=False), *kwargs.items()):
+            _reject_foreign(fn.__name__, name, value)
+        return target(*args, **kwargs)
 
-    for name in ("lower", "trace", "eval_shape"):
-        setattr(prepared, name, getattr(jitted, name))
-    return prepared
+    return cast(Callable[_P, _R], checked)
+
+
+def _explain_arguments(fn: str, positional: list[str], names: frozenset, args, kwargs) -> None:
+    if len(args) > len(positional):
+        options = sorted(names - set(positional))
+        raise TypeError(
+            f"{fn}: takes {len(positional)} positional argument(s) ({', '.join(positional)}) but "
+            f"{len(args)} were given: every option is keyword-only, e.g. "
+            f"`{fn}(..., weight=w)` where PyTorch takes `weight` third; options: {options}"
+        )
+    for name in kwargs:
+        if name in names:
+            continue
+        hint = _TORCH_KEYWORDS.get(name)
+        if hint is None:
+            close = difflib.get_close_matches(name, sorted(names), n=1)
+            hint = f"did you mean `{close[0]}=`?" if close else f"arguments: {sorted(names)}"
+        raise TypeError(f"{fn}: got an unexpected keyword argument `{name}`: {hint}")
+
+
+def _reject_foreign(fn: str, name: str, value: Any) -> None:
+    module = type(value).__module__
+    if module == "torch" or module.startswith("torch."):
+        raise TypeError(
+            f"{fn}: `{name}` is a {module}.{type(value).__name__}; jaxloss takes JAX or NumPy "
+            f"arrays: convert it first, e.g. `jnp.asarray({name}.detach().cpu().numpy())`"
+        )
+    if name == "mesh" and value is not None and not isinstance(value, _MESHES):
+        raise TypeError(
+            f"{fn}: `mesh` must be a jax.sharding.Mesh, got {type(value).__name__}: build one "
+            "from the devices, e.g. `jax.make_mesh((jax.device_count(),), ('vocab',))`"
+        )
+
+
+_MESHES = (jax.sharding.Mesh, jax.sharding.AbstractMesh)
+
+
+def check_flag(fn: str, name: str, value: Any) -> bool:
+    """``value`` as a bool; ``TypeError`` otherwise (the string 'False' would act as True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{fn}: `{name}` must be a bool (True or False), got {value!r}")
+    return bool(value)
 
 
 def hyperparameter(
@@ -319,6 +399,16 @@ def _absorbing_product_jvp(primals, tangents):
     return absorbing_product(w, x), jnp.where(silenced, 0, x) * dw + w * dx
 
 
+def nan_where(mask: jax.Array, x: jax.Array) -> jax.Array:
+    """``x`` with NaN where ``mask`` holds (PyTorch's NaN for a bad target or an empty mean).
+
+    The NaN is made only where ``mask`` holds (``-inf + inf``), never as a constant: under
+    ``jax.debug_nans`` a NaN literal would raise on clean data (with ``jax.disable_jit``).
+    """
+    nan_or_inf = jnp.where(mask, -jnp.inf, 0).astype(x.dtype) + jnp.inf
+    return jnp.where(mask, nan_or_inf, x)
+
+
 def safe_divide(total: jax.Array, denominator: jax.Array) -> jax.Array:
     """``total / denominator``, NaN when the denominator is 0, with a zero gradient there.
 
@@ -326,7 +416,7 @@ def safe_divide(total: jax.Array, denominator: jax.Array) -> jax.Array:
     double ``where`` keeps the 0/0 out of the backward pass.
     """
     empty = denominator == 0
-    return jnp.where(empty, jnp.nan, total / jnp.where(empty, 1, denominator))
+    return nan_where(empty, total / jnp.where(empty, 1, denominator))
 
 
 def reduce_loss(

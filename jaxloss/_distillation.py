@@ -238,7 +238,7 @@ def _divergences(student, teacher, cfg: _Config):
         mean_ratio = cast(jax.Array, mean_ratio)  # the KLs' first pass always computes it
         sign = 1 if cfg.divergence == "kl" else -1
         div = extra = mean_ratio - sign * (lse_t - lse_s)
-    div = jnp.where(jnp.isfinite(lse_t) & jnp.isfinite(lse_s), div, jnp.nan)
+    div = _common.nan_where(~(jnp.isfinite(lse_t) & jnp.isfinite(lse_s)), div)
     return div, (lse_t, lse_s, extra)
 
 

@@ -115,6 +115,7 @@ def kl_div(
     target = _common.check_floating(fn, "target", target)
     _common.check_same_shape(fn, ("log_q", "target"), log_q, target)
     _common.check_reduction(fn, reduction, ("none", "mean", "sum", "batchmean"))
+    log_target = _common.check_flag(fn, "log_target", log_target)
     loss = _kl_pointwise(log_q, target, log_target)
     if reduction == "batchmean":
         # PyTorch divides by the size of axis 0; a 0-d input has none and keeps its value.

@@ -79,7 +79,7 @@ def reduce(loss: jax.Array, reduction: str, idx: IndexTargets) -> jax.Array:
     A bad target makes its position NaN (and so any reduction); every target ignored makes the
     mean NaN with zero gradients.
     """
-    loss = jnp.where(idx.bad, jnp.nan, loss)
+    loss = _common.nan_where(idx.bad, loss)
     return _common.reduce_loss(loss, reduction, weights=idx.weight)
 
 

@@ -254,3 +254,28 @@ def test_check_targets_under_checkify_still_works_nested_and_plain():
     for run in (jax.jit(checkify.checkify(step)), jax.jit(checkify.checkify(jax.jit(step)))):
         assert "out of range [0, 3): 7" in str(run(z, bad)[0].get())
         assert run(z, good)[0].get() is None
+
+
+# debug_nans: the NaN a bad target or an empty mean gets is made only where it belongs.
+
+
+def test_debug_nans_is_quiet_on_clean_data_for_every_loss():
+    z = jnp.array([[1.0, 2.0, 0.5], [0.1, 0.2, 0.3]])
+    y, k = jnp.array([0, 2]), jnp.ones((3, 4))
+    calls = {
+        "cross_entropy": lambda: jaxloss.cross_entropy(z, y, label_smoothing=0.1),
+        "nll": lambda: jaxloss.nll(z, y, reduction="none"),
+        "cross_entropy grad": lambda: jax.grad(lambda v: jaxloss.cross_entropy(v, y))(z),
+        "linear_cross_entropy grad": lambda: jax.grad(
+            lambda k: jaxloss.linear_cross_entropy(z, k, y)
+        )(k),
+        "bce_with_logits": lambda: jaxloss.bce_with_logits(z, z * 0),
+        "kl_div": lambda: jaxloss.kl_div(z, z),
+        "linear_distillation": lambda: jaxloss.linear_distillation(z, k, z, k),
+    }
+    with jax.disable_jit(), jax.debug_nans(True):
+        for name, call in calls.items():
+            out = call()
+            assert np.all(np.isfinite(np.asarray(out))), name
+    bad = jaxloss.cross_entropy(z, jnp.array([0, 2]), weight=jnp.zeros(3))  # mean over 0 weight
+    assert np.isnan(bad)

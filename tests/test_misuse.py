@@ -383,7 +383,99 @@ DIVERGENCE = {
     ),
 }
 
-TABLE = {**CLASSIFICATION, **SOFTMAX, **BINARY, **DIVERGENCE}
+
+class _Tensor:
+    """Stands for a torch.Tensor (its type's module is what the check reads)."""
+
+
+_Tensor.__module__ = "torch"
+H24, K45 = np.ones((2, 4), np.float32), np.ones((4, 5), np.float32)
+
+PYTORCH_HABITS = {
+    "kl_div_log_target_string": Misuse(
+        lambda: jaxloss.kl_div(Z43, P43, log_target="False"),
+        TypeError,
+        (r"kl_div", r"`log_target`", r"bool", r"'False'"),
+    ),
+    "ce_return_stats_string": Misuse(
+        lambda: jaxloss.cross_entropy(Z43, Y4, return_stats="yes"),
+        TypeError,
+        (r"cross_entropy", r"`return_stats`", r"bool"),
+    ),
+    "ce_dim": Misuse(
+        lambda: jaxloss.cross_entropy(Z43, Y4, dim=1),  # type: ignore[call-arg]
+        TypeError,
+        (r"cross_entropy", r"`dim`", r"`axis=`", r"axis=1"),
+    ),
+    **{
+        f"ce_{name}": Misuse(
+            lambda name=name: jaxloss.cross_entropy(Z43, Y4, **{name: False}),
+            TypeError,
+            (r"cross_entropy", f"`{name}`", r"`reduction=`", r"'mean'"),
+        )
+        for name in ("size_average", "reduce")
+    },
+    "ce_misspelt_keyword": Misuse(
+        lambda: jaxloss.cross_entropy(Z43, Y4, label_smothing=0.1),  # type: ignore[call-arg]
+        TypeError,
+        (r"cross_entropy", r"`label_smothing`", r"`label_smoothing=`"),
+    ),
+    "ce_weight_positional": Misuse(
+        lambda: jaxloss.cross_entropy(Z43, Y4, np.ones(3, np.float32)),  # type: ignore[misc]
+        TypeError,
+        (r"cross_entropy", r"2 positional", r"3 were given", r"weight=", r"keyword-only"),
+    ),
+    "nll_weight_positional": Misuse(
+        lambda: jaxloss.nll(Z43, Y4, np.ones(3, np.float32)),  # type: ignore[misc]
+        TypeError,
+        (r"nll", r"weight=", r"keyword-only"),
+    ),
+    "ce_torch_tensor": Misuse(
+        lambda: jaxloss.cross_entropy(_Tensor(), Y4),  # type: ignore[arg-type]
+        TypeError,
+        (r"cross_entropy", r"`logits`", r"torch", r"jnp\.asarray\(logits\.detach\(\)"),
+    ),
+    "bce_torch_tensor_keyword": Misuse(
+        lambda: jaxloss.bce_with_logits(HALF, HALF, weight=_Tensor()),  # type: ignore[arg-type]
+        TypeError,
+        (r"bce_with_logits", r"`weight`", r"torch", r"jnp\.asarray"),
+    ),
+    "linear_torch_tensor": Misuse(
+        lambda: jaxloss.linear_cross_entropy(_Tensor(), K45, Y4[:2]),  # type: ignore[arg-type]
+        TypeError,
+        (r"linear_cross_entropy", r"`hidden`", r"torch", r"jnp\.asarray"),
+    ),
+    "linear_mesh_device_list": Misuse(
+        lambda: jaxloss.linear_cross_entropy(
+            H24,
+            K45,
+            Y4[:2],
+            mesh=jax.devices(),
+            vocab_axis="v",  # type: ignore[arg-type]
+        ),
+        TypeError,
+        (r"linear_cross_entropy", r"`mesh`", r"jax\.sharding\.Mesh", r"list", r"make_mesh"),
+    ),
+    "distillation_mesh_device_list": Misuse(
+        lambda: jaxloss.linear_distillation(
+            H24,
+            K45,
+            H24,
+            K45,
+            mesh=jax.devices(),
+            vocab_axis="v",  # type: ignore[arg-type]
+        ),
+        TypeError,
+        (r"linear_distillation", r"`mesh`", r"jax\.sharding\.Mesh", r"make_mesh"),
+    ),
+    "torch_linear_dim": Misuse(
+        lambda: jaxloss.torch_linear_cross_entropy(H24, K45.T, Y4[:2], dim=1),  # type: ignore
+        TypeError,
+        (r"torch_linear_cross_entropy", r"`dim`"),
+    ),
+}
+
+TABLE = {**CLASSIFICATION, **SOFTMAX, **BINARY, **DIVERGENCE, **PYTORCH_HABITS}
 
 
 @pytest.fixture(autouse=True)

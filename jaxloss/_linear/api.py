@@ -80,6 +80,7 @@ def _check_options(ignore_index, reduction, label_smoothing, z_loss, soft_cap):
     return static, hyper, soft_cap
 
 
+@_common.checked_call
 def linear_cross_entropy(
     hidden: Float[ArrayLike, "*hidden_shape"],
     kernel: Float[ArrayLike, "*kernel_shape"],

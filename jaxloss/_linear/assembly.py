@@ -57,7 +57,7 @@ def index_losses(o: Options, lse, tgt, wsum, valid, bad, pos_weight, sum_weight,
     # A bad target (out of range, not ignored) is NaN, in value and — as in cross_entropy — in
     # the gradient of every logit of its row (and in no class weight's); the factor is exactly 0
     # (and so is its gradient) at every other row.
-    return loss + jnp.where(bad, jnp.nan, 0) * lse
+    return loss + _common.nan_where(bad, jnp.zeros_like(lse)) * lse
 
 
 def prob_losses(o: Options, lse, tz, wsum, mass, sum_weight, hyper):

@@ -104,7 +104,8 @@ class Chunk(NamedTuple):
     fresh: jax.Array | None
 
 
-def chunk(index: jax.Array, width: int, size: int) -> Chunk:
+def chunk(index: jax.Array | int, width: int, size: int) -> Chunk:
+    # An int index where loops run unrolled (jax.disable_jit).
     nominal = index * width
     start = jnp.minimum(nominal, size - width)
     ids = start + jax.lax.iota(jnp.int32, width)

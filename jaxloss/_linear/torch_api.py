@@ -51,6 +51,7 @@ def _check_layout(x, w, bias):
     return c, out
 
 
+@_common.checked_call
 def torch_linear_cross_entropy(
     input: Float[ArrayLike, "*input_shape"],
     linear_weight: Float[ArrayLike, "*weight_shape"],
