@@ -60,3 +60,17 @@ def test_ci_runs_the_readme_test_line_verbatim() -> None:
     assert test.endswith("python -m pytest") and 'pip install -e ".[test]"' in test
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()
     assert test in ci, "the README's test line is not a line of .ci/run"
+
+
+def test_license_file_ships_with_the_declared_license() -> None:
+    """pyproject.toml declares Apache-2.0 and names LICENSE, which holds that license's full
+    standard text (so the wheel carries it as License-File)."""
+    pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    assert re.search(r'^license = "Apache-2.0"$', pyproject, re.M), "license is not Apache-2.0"
+    files = re.search(r"^license-files = \[(.*)\]$", pyproject, re.M)
+    assert files and '"LICENSE"' in files.group(1), "pyproject.toml does not name LICENSE"
+    text = (REPO / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License\n                           Version 2.0, January 2004" in text
+    for clause in ("1. Definitions.", "4. Redistribution.", "9. Accepting Warranty or Additional"):
+        assert clause in text, clause
+    assert "END OF TERMS AND CONDITIONS" in text and "APPENDIX: How to apply" in text
