@@ -74,3 +74,18 @@ def test_license_file_ships_with_the_declared_license() -> None:
     for clause in ("1. Definitions.", "4. Redistribution.", "9. Accepting Warranty or Additional"):
         assert clause in text, clause
     assert "END OF TERMS AND CONDITIONS" in text and "APPENDIX: How to apply" in text
+
+
+def test_docs_build_is_a_static_site_and_formats_signatures() -> None:
+    """The README promises a static copy that works offline: pages must be ``page.html`` (with
+    directory URLs a browser on file:// shows a directory listing per page) and the search index
+    a script (the ``offline`` plugin). mkdocstrings formats the separate signatures with Black or
+    Ruff and says it cannot when neither is installed: the ``docs`` extra brings Ruff."""
+    config = (REPO / "mkdocs.yml").read_text(encoding="utf-8")
+    assert re.search(r"^use_directory_urls: false$", config, re.M), "directory URLs are on"
+    plugins = re.search(r"^plugins:\n((?:[ #].*\n)+)", config, re.M)
+    assert plugins and re.search(r"^  - offline$", plugins.group(1), re.M), "no offline plugin"
+    assert re.search(r"^ +separate_signature: true$", config, re.M)
+    pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    docs_extra = re.search(r"^docs = \[(.*?)\]$", pyproject, re.M | re.S)
+    assert docs_extra and re.search(r'"(ruff|black)\b', docs_extra.group(1)), docs_extra
