@@ -155,11 +155,17 @@ class LanguageModel(nnx.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def head_options(z_loss: float, soft_cap: float) -> dict:
-    """The fused head's options this jaxloss supports (soft_cap only where it exists)."""
+def head_options(z_loss: float, soft_cap: float, grad_token_chunk: int = 0) -> dict:
+    """The fused head's options this jaxloss supports (soft_cap only where it exists).
+
+    ``grad_token_chunk`` > 0 sets the rows per block of the fused gradient pass; 0 keeps
+    jaxloss's default (``2**24 // V`` rows, a 64 MiB float32 block of logits).
+    """
     options: dict = {"z_loss": z_loss}
     if HAS_SOFT_CAP and soft_cap > 0:
         options["soft_cap"] = soft_cap
+    if grad_token_chunk > 0:
+        options["grad_token_chunk"] = grad_token_chunk
     return options
 
 
@@ -191,9 +197,17 @@ def temporaries_mib(loss_fn, n: int, d: int, v: int) -> float:
 
 
 def report_head_memory(n: int, d: int, v: int, options: dict) -> tuple[float, float]:
-    fused = temporaries_mib(
-        lambda h, k, y: jaxloss.linear_cross_entropy(h, k, y, **options), n, d, v
-    )
+    """Prints and returns the fused and materialised heads' temporaries (MiB) at these shapes.
+
+    With ``grad_token_chunk`` in ``options`` it also prints the fused head's figure with
+    jaxloss's default gradient block, which at small ``N·V`` covers every token at once and
+    so holds as much as the materialised logits and their gradient.
+    """
+
+    def fused_head(head: dict):
+        return lambda h, k, y: jaxloss.linear_cross_entropy(h, k, y, **head)
+
+    fused = temporaries_mib(fused_head(options), n, d, v)
     dense_options = {k: val for k, val in options.items() if k == "z_loss"}
 
     def materialised(h, k, y):
@@ -207,6 +221,15 @@ def report_head_memory(n: int, d: int, v: int, options: dict) -> tuple[float, fl
         f"head value_and_grad temporaries at {n} tokens x {d} features x {v} words: "
         f"fused {fused:.1f} MiB, materialised {dense:.1f} MiB ({dense / fused:.1f}x)"
     )
+    if "grad_token_chunk" in options:
+        default_options = {k: val for k, val in options.items() if k != "grad_token_chunk"}
+        default = temporaries_mib(fused_head(default_options), n, d, v)
+        rows = max(1, 2**24 // v)  # linear_cross_entropy's documented default block
+        cover = "the whole batch" if rows >= n else f"{-(-n // rows)} blocks of the {n} tokens"
+        print(
+            f"  (gradient blocks of {options['grad_token_chunk']} tokens; jaxloss's default "
+            f"block, 2**24 // {v} = {rows} tokens ({cover}), would hold {default:.1f} MiB)"
+        )
     return fused, dense
 
 
@@ -319,6 +342,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument(
+        "--grad-token-chunk",
+        type=int,
+        default=256,
+        help="tokens per block of the fused head's gradient pass, which holds [tokens, "
+        "vocabulary] logits and their gradient (default 256: a quarter of the 1024 tokens of a "
+        "batch); 0 takes jaxloss's default, 2**24 // vocabulary tokens (at the default sizes "
+        "the whole batch, as much memory as the materialised logits)",
+    )
     return parser.parse_args(argv)
 
 
@@ -340,7 +372,7 @@ def main(argv: list[str] | None = None) -> float:
     args = parse_args(argv)
     start = time.perf_counter()
     corpus = load_corpus(args.vocab_size, args.max_files)
-    args.options = head_options(args.z_loss, args.soft_cap)
+    args.options = head_options(args.z_loss, args.soft_cap, args.grad_token_chunk)
     print(
         f"stdlib corpus: {len(corpus.train)} training and {len(corpus.valid)} validation tokens, "
         f"vocabulary {len(corpus.vocabulary)} words"

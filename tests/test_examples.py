@@ -8,6 +8,7 @@ rather than skipping it, since the examples are part of what the package promise
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -148,3 +149,33 @@ def test_example_has_help(name: str) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "--out" in proc.stdout
+
+
+def _load_example(name: str):
+    """Imports ``examples/<name>.py`` as a module (the examples import each other by name)."""
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        spec = importlib.util.spec_from_file_location(f"example_{name}", REPO / "examples" / name)
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    return module
+
+
+def test_lm_linear_head_fused_memory_is_at_most_half_and_documented(capsys) -> None:
+    """At the example's default shapes (1024 tokens x 128 x 16384) the fused head it trains holds
+    at most half the materialised head's compiled temporaries, and docs/examples.md quotes the
+    line the example prints (compile only: memory_analysis is deterministic)."""
+    lm = _load_example("lm_linear_head.py")
+    args = lm.parse_args([])
+    n, d, v = args.batch_size * args.seq_len, args.dim, args.vocab_size
+    assert (n, d, v) == (1024, 128, 16384)
+    options = lm.head_options(args.z_loss, args.soft_cap, args.grad_token_chunk)
+    fused, dense = lm.report_head_memory(n, d, v, options)
+    assert fused <= 0.5 * dense, (fused, dense)
+    printed = capsys.readouterr().out
+    docs = " ".join((REPO / "docs" / "examples.md").read_text().split())
+    for line in printed.strip().splitlines():
+        assert " ".join(line.split()) in docs, f"docs/examples.md does not show:\n{line}"
