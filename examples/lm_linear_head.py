@@ -40,6 +40,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 import optax
 from flax import nnx
@@ -405,18 +406,48 @@ def main(argv: list[str] | None = None) -> float:
     return final
 
 
+def label_log_axis(ax, values) -> None:
+    """A log y-axis with several plain-number tick labels across ``values``' range.
+
+    Matplotlib's default labels only powers of ten (and ``5×10¹``-style minor ticks), so a
+    perplexity curve spanning less than a decade gets one or two labels; this picks the
+    coarsest of ``1-2-5``, ``1-2-3-5-7`` and every integer multiple that puts four or more
+    ticks inside the data's range.
+    """
+    ax.set_yscale("log")
+    low, high = min(values), max(values)
+    decades = range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1)
+    for multiples in ((1, 2, 5), (1, 2, 3, 5, 7), (1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9)):
+        ticks = [m * 10.0**e for e in decades for m in multiples if low <= m * 10.0**e <= high]
+        if len(ticks) >= 4:
+            break
+    if len(ticks) < 2:  # a range too narrow for round numbers: label its ends
+        ticks = sorted({float(f"{low:.3g}"), float(f"{high:.3g}")})
+    ax.yaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+
+
+# Panel key -> axis label; entropy is natural-log based (jaxloss's LogitStats.entropy).
+PANEL_LABELS = {
+    "loss": "training loss (CE + z-loss, nats)",
+    "valid_ppl": "validation perplexity",
+    "accuracy": "training accuracy (top-1)",
+    "entropy": "training entropy (nats)",
+}
+
+
 def save_curves(history: dict[str, list[float]], path: Path, args) -> None:
-    panels = [("loss", "training loss (CE + z-loss)"), ("valid_ppl", "validation perplexity")]
-    panels += [(k, f"training {k}") for k in ("accuracy", "entropy") if k in history]
+    panels = [key for key in PANEL_LABELS if key in history]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
-    for ax, (key, label) in zip(np.atleast_1d(axes), panels, strict=True):
+    for ax, key in zip(np.atleast_1d(axes), panels, strict=True):
         steps, values = history["step"], history[key]
         if key == "valid_ppl":  # after step 0: the untrained model's would flatten a log axis
             steps, values = history["valid_step"][1:], values[1:]
         ax.plot(steps, values, marker="o", markersize=3)
-        ax.set(xlabel="step", ylabel=label, title=label)
+        ax.set(xlabel="step", ylabel=PANEL_LABELS[key], title=PANEL_LABELS[key].split(" (")[0])
         if key == "valid_ppl":
-            ax.set_yscale("log")
+            label_log_axis(ax, values)
     cap = f", soft-cap {args.soft_cap:g}" if "soft_cap" in args.options else ""
     fig.suptitle(f"stdlib word LM, linear_cross_entropy head (z-loss {args.z_loss:g}{cap})")
     fig.tight_layout()

@@ -179,3 +179,25 @@ def test_lm_linear_head_fused_memory_is_at_most_half_and_documented(capsys) -> N
     docs = " ".join((REPO / "docs" / "examples.md").read_text().split())
     for line in printed.strip().splitlines():
         assert " ".join(line.split()) in docs, f"docs/examples.md does not show:\n{line}"
+
+
+def test_lm_perplexity_log_axis_has_plain_labels() -> None:
+    """A perplexity curve spanning less than a decade gets several plain-number tick labels on
+    its log axis (matplotlib's default labels powers of ten only)."""
+    lm = _load_example("lm_linear_head.py")
+    fig, ax = lm.plt.subplots()
+    values = [106.0, 80.0, 60.0, 47.6]
+    ax.plot(range(4), values)
+    lm.label_log_axis(ax, values)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    lm.plt.close(fig)
+    assert labels == ["50", "60", "70", "80", "90", "100"], labels
+
+
+def test_digits_accuracy_axis_shows_where_accuracy_settles() -> None:
+    """The accuracy panel's y-range follows the data from epoch 2 on, not 0 to 1."""
+    digits = _load_example("train_digits.py")
+    history = {"train_acc": [0.70, 0.93, 0.99, 1.0], "test_acc": [0.89, 0.927, 0.98, 0.996]}
+    low, high = digits.accuracy_limits(history)
+    assert 0.9 <= low <= 0.927 and 1.0 <= high < 1.01, (low, high)
