@@ -16,6 +16,27 @@ from benchmarks.cases import GOAL_SHAPE, GOAL_SMALL_SHAPE
 IMPL_COLUMNS = ("jaxloss", "optax", "torch")
 IMPL_COLORS = {"jaxloss": "tab:blue", "optax": "tab:orange", "torch": "tab:green"}
 MODE_LABELS = {"fwd": "forward", "vag": "value_and_grad"}
+# Throughput counts logits elements per second, except for these functions, whose forward pass
+# gathers one element per row (N of the N x C log-probabilities): counted per logits element,
+# nll would "run" at ~1e12 elements/s on a CPU. Their throughput is rows per second.
+PER_ROW_THROUGHPUT = frozenset({"nll"})
+# A paired ratio (median of per-round ratios) this far from the ratio of the medians shown beside
+# it means the load changed between rounds: the row says so (the paired figure is the one to use).
+RATIO_DISAGREEMENT = 0.15
+
+
+def throughput(record: dict, impl: str) -> float | None:
+    """``impl``'s rate in the unit :func:`throughput_unit` names: logits elements or rows /s."""
+    rate = _impl(record, impl).get("elements_per_s")
+    if rate is None or record["case"] not in PER_ROW_THROUGHPUT:
+        return rate
+    return rate * record["shape"][0] / record["elements"]
+
+
+def throughput_unit(case: str) -> str:
+    if case in PER_ROW_THROUGHPUT:
+        return "rows (one target each)"
+    return "logits elements"
 
 
 def fmt_time(seconds: float | None) -> str:
@@ -93,9 +114,15 @@ def _compact_table(records: Sequence[dict]) -> str:
         lines += [f"{'':29}{note}" for note in _row_notes(r)]
     legend = (
         "Times: median per call (fwd: forward, vag: jax.value_and_grad; compiled only: not run).\n"
-        "jl/ox, to/ox: jaxloss and torch time over optax time, median of per-round ratios\n"
-        "(< 1: faster than optax). %copy: jaxloss's speed as a fraction of a copy of the same\n"
-        "bytes (byte model below; logits >= 8 MiB). temp: compiled temporary memory.\n"
+        "jl/ox, to/ox: jaxloss and torch time over optax time (< 1: faster than optax), the\n"
+        "median of per-round ratios: each round times every implementation back to back, so\n"
+        "load from other processes cancels out. When the load changed between rounds this can\n"
+        "differ from the ratio of the two medians shown; a 'load varied' line then gives both.\n"
+        "An implementation outside the three columns (e.g. linear_cross_entropy's\n"
+        "jaxloss_materialised, cross_entropy(h @ k)) gets a line of its own: its median time,\n"
+        "temporaries and jaxloss/this, jaxloss's time over its time (per-round median; < 1:\n"
+        "jaxloss faster). %copy: jaxloss's speed as a fraction of a copy of the same bytes\n"
+        "(byte model below; logits >= 8 MiB). temp: compiled temporary memory.\n"
         "Every column (throughput, kernels, both copy fractions): table.txt and results.json."
     )
     return "\n".join([*lines, "", legend])
@@ -112,7 +139,22 @@ def _row_notes(r: dict) -> list[str]:
             ratio = r.get("jaxloss_ratio_to", {}).get(k)
             notes.append(
                 f"{k}: {fmt_time(e.get('median_s'))}, temp {fmt_bytes(e.get('temp_bytes'))}"
-                + ("" if ratio is None else f", jaxloss/it {ratio:.2f}")
+                + ("" if ratio is None else f", jaxloss/this {ratio:.2f}")
+            )
+    notes += _load_varied(r)
+    return notes
+
+
+def _load_varied(r: dict) -> list[str]:
+    """A line per ratio column whose paired figure the medians shown beside it contradict."""
+    notes = []
+    for impl, column in (("jaxloss", "jl/ox"), ("torch", "to/ox")):
+        paired = r.get("ratio_to_optax", {}).get(impl)
+        medians = r.get("ratio_of_medians", {}).get(impl)
+        if paired and medians and abs(medians / paired - 1) > RATIO_DISAGREEMENT:
+            notes.append(
+                f"load varied: the medians give {column} {medians:.2f}, paired rounds "
+                f"{paired:.2f} (shown)"
             )
     return notes
 
@@ -143,15 +185,15 @@ def _wide_table(records: Sequence[dict]) -> str:
         extras = [
             f"{k}={fmt_time(e.get('median_s'))} temp={fmt_bytes(e.get('temp_bytes'))}"
             + (
-                f" jaxloss/it={r['jaxloss_ratio_to'][k]:.2f}"
+                f" jaxloss/this={r['jaxloss_ratio_to'][k]:.2f}"
                 if k in r.get("jaxloss_ratio_to", {})
                 else ""
             )
             for k, e in r["impls"].items()
             if k not in IMPL_COLUMNS and "error" not in e
-        ]
+        ] + _load_varied(r)
         mode = "mem" if r["memory_only"] else r["mode"]
-        gel = jl.get("elements_per_s")
+        gel = throughput(r, "jaxloss")
         lines.append(
             f"{r['case']:<28} {mode:<4} {r['dtype']:<5} {_shape(r):<13} "
             f"{fmt_time(jl.get('median_s')):>8} {fmt_time(ox.get('median_s')):>8} "
@@ -169,8 +211,12 @@ def _wide_table(records: Sequence[dict]) -> str:
     legend = (
         "mode: fwd = forward, vag = jax.value_and_grad w.r.t. the first input (torch: "
         "autograd.grad), mem = compiled only (temp memory, no run). Times are medians per call. "
-        "jl/ox, to/ox: median over rounds of time / optax time of the same round (< 1 is faster). "
-        "Gel/s: 1e9 logits elements per second. "
+        "jl/ox, to/ox: median over rounds of time / optax time of the same round (< 1 is faster; "
+        "'load varied' where the ratio of the medians differs by more than 15%). "
+        "[name=... jaxloss/this=r]: another implementation's median time and temporaries, r = "
+        "jaxloss's time / its time (median over rounds). "
+        "Gel/s: 1e9 logits elements per second (nll: 1e9 rows per second; its forward gathers "
+        "one element per row). "
         "%cpy: fraction of the copy floor achieved (byte model below; shown for logits >= 8 MiB). "
         "ops: XLA ops (kernels, mostly fusions) in the compiled entry computation, jaxloss/optax. "
         "temp: compiled "
@@ -290,7 +336,17 @@ def timed(records: Sequence[dict], goal: SpeedGoal) -> bool:
     return True
 
 
-def _speed_result(goal: SpeedGoal, check: dict | None, backend: str) -> dict:
+def _untimed_note(goal: SpeedGoal, in_quick: bool) -> str:
+    """Why a speed goal has no verdict, and the shortest run that gives it one."""
+    if in_quick:
+        return "not timed in this run (the full grid and --quick time it)"
+    return (
+        f"not timed in this run: --quick leaves out {_size(goal.shape)}; the full grid times it "
+        f"(this goal's function alone: python -m benchmarks --filter '^{goal.case}$')"
+    )
+
+
+def _speed_result(goal: SpeedGoal, check: dict | None, backend: str, in_quick: bool) -> dict:
     note = goal.cpu_note if backend == "cpu" else f"goal is defined for CPU; measured on {backend}"
     result = {
         "id": goal.id, "description": goal.description, "kind": "time",
@@ -302,7 +358,7 @@ def _speed_result(goal: SpeedGoal, check: dict | None, backend: str) -> dict:
         return {
             **result, "status": "N/A", "lhs": None, "rhs": None, "ratio": None,
             "interval": None, "rounds": 0,
-            "note": "not timed in this run (needs the full grid or --quick)",
+            "note": _untimed_note(goal, in_quick),
         }  # fmt: skip
     return {
         **result,
@@ -317,15 +373,22 @@ def _speed_result(goal: SpeedGoal, check: dict | None, backend: str) -> dict:
 
 
 def evaluate_goals(
-    records: Sequence[dict], backend: str, checks: dict[str, dict] | None = None
+    records: Sequence[dict],
+    backend: str,
+    checks: dict[str, dict] | None = None,
+    quick_times: set[str] | None = None,
 ) -> list[dict]:
     """The project's goals: PASS, FAIL, INCONCLUSIVE (timing too noisy to tell) or N/A.
 
     ``checks`` maps a speed goal's id to its paired check (see :class:`SpeedGoal`); memory goals
-    are compiler figures, exact, and judged directly.
+    are compiler figures, exact, and judged directly. ``quick_times``: the ids of the speed goals
+    a ``--quick`` run times (default: all), for what an untimed goal's note says to run.
     """
     checks = checks or {}
-    goals = [_speed_result(g, checks.get(g.id), backend) for g in speed_goals()]
+    goals = [
+        _speed_result(g, checks.get(g.id), backend, quick_times is None or g.id in quick_times)
+        for g in speed_goals()
+    ]
     return goals + [_memory_goal(records, dtype) for dtype in ("f32", "bf16")]
 
 
@@ -358,8 +421,8 @@ VERDICT_LEGEND = (
     "timed back to back in each round (long samples, alternating order) until the 95% interval\n"
     "of the median ratio lies wholly below the goal (PASS) or above it (FAIL); if it still\n"
     "straddles the goal after the rounds allowed, INCONCLUSIVE (too noisy here to tell; rerun on\n"
-    "a quieter machine). Memory goals are exact compiler figures. --check: exit status 1 if any\n"
-    "goal FAILs."
+    "a quieter machine). Memory goals are exact compiler figures. --fail-on-goal: exit status 1\n"
+    "if any goal FAILs."
 )
 
 
@@ -489,11 +552,7 @@ def _throughput_plot(plt: Any, out: Path, rows: Sequence[dict], title: str) -> P
                 key=lambda r: r["elements"],
             )
             for impl in dict.fromkeys(k for r in mode_rows for k in r["impls"]):
-                pts = [
-                    (r["elements"], _impl(r, impl)["elements_per_s"])
-                    for r in mode_rows
-                    if _impl(r, impl).get("elements_per_s")
-                ]
+                pts = [(r["elements"], rate) for r in mode_rows if (rate := throughput(r, impl))]
                 if not pts:
                     continue
                 label = f"{impl} {MODE_LABELS[mode]}"
@@ -512,7 +571,7 @@ def _throughput_plot(plt: Any, out: Path, rows: Sequence[dict], title: str) -> P
         ax.set_title(dtype, fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
     _log_ticks(axes[0][0], "y", unit="/s")  # once, on the shared and final y range
-    axes[0][0].set_ylabel("logits elements per second (higher is better)")
+    axes[0][0].set_ylabel(f"{throughput_unit(case)} per second (higher is better)")
     fig.suptitle(f"{case}: throughput by size\n{title}", fontsize=9)
     fig.legend(
         handles.values(), handles.keys(), loc="lower center", ncol=3, fontsize=8, frameon=False

@@ -39,6 +39,7 @@ from lm_linear_head import (
     LanguageModel,
     add_common_arguments,
     head_options,
+    label_log_axis,
     lm_loss,
     load_corpus,
     train_language_model,
@@ -178,10 +179,10 @@ def save_curves(teacher_history, runs, path: Path, args) -> None:
             linestyle="--",
             label=f"KD term (τ = {args.temperature:g})",
         )
-    ax_ppl.set(
-        xlabel="step", ylabel="validation perplexity", yscale="log", title="validation perplexity"
-    )
-    ax_loss.set(xlabel="step", ylabel="training cross-entropy", title="training terms")
+    ax_ppl.set(xlabel="step", ylabel="validation perplexity", title="validation perplexity")
+    plotted = [trained_points(h)[1] for h in (teacher_history, *runs.values())]
+    label_log_axis(ax_ppl, [p for ppl in plotted for p in ppl])
+    ax_loss.set(xlabel="step", ylabel="training loss terms (nats)", title="training terms")
     for ax in (ax_ppl, ax_loss):
         ax.legend()
     fig.suptitle(

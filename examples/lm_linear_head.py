@@ -40,6 +40,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 import optax
 from flax import nnx
@@ -155,11 +156,17 @@ class LanguageModel(nnx.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def head_options(z_loss: float, soft_cap: float) -> dict:
-    """The fused head's options this jaxloss supports (soft_cap only where it exists)."""
+def head_options(z_loss: float, soft_cap: float, grad_token_chunk: int = 0) -> dict:
+    """The fused head's options this jaxloss supports (soft_cap only where it exists).
+
+    ``grad_token_chunk`` > 0 sets the rows per block of the fused gradient pass; 0 keeps
+    jaxloss's default (``2**24 // V`` rows, a 64 MiB float32 block of logits).
+    """
     options: dict = {"z_loss": z_loss}
     if HAS_SOFT_CAP and soft_cap > 0:
         options["soft_cap"] = soft_cap
+    if grad_token_chunk > 0:
+        options["grad_token_chunk"] = grad_token_chunk
     return options
 
 
@@ -191,9 +198,17 @@ def temporaries_mib(loss_fn, n: int, d: int, v: int) -> float:
 
 
 def report_head_memory(n: int, d: int, v: int, options: dict) -> tuple[float, float]:
-    fused = temporaries_mib(
-        lambda h, k, y: jaxloss.linear_cross_entropy(h, k, y, **options), n, d, v
-    )
+    """Prints and returns the fused and materialised heads' temporaries (MiB) at these shapes.
+
+    With ``grad_token_chunk`` in ``options`` it also prints the fused head's figure with
+    jaxloss's default gradient block, which at small ``N·V`` covers every token at once and
+    so holds as much as the materialised logits and their gradient.
+    """
+
+    def fused_head(head: dict):
+        return lambda h, k, y: jaxloss.linear_cross_entropy(h, k, y, **head)
+
+    fused = temporaries_mib(fused_head(options), n, d, v)
     dense_options = {k: val for k, val in options.items() if k == "z_loss"}
 
     def materialised(h, k, y):
@@ -207,6 +222,15 @@ def report_head_memory(n: int, d: int, v: int, options: dict) -> tuple[float, fl
         f"head value_and_grad temporaries at {n} tokens x {d} features x {v} words: "
         f"fused {fused:.1f} MiB, materialised {dense:.1f} MiB ({dense / fused:.1f}x)"
     )
+    if "grad_token_chunk" in options:
+        default_options = {k: val for k, val in options.items() if k != "grad_token_chunk"}
+        default = temporaries_mib(fused_head(default_options), n, d, v)
+        rows = max(1, 2**24 // v)  # linear_cross_entropy's documented default block
+        cover = "the whole batch" if rows >= n else f"{-(-n // rows)} blocks of the {n} tokens"
+        print(
+            f"  (gradient blocks of {options['grad_token_chunk']} tokens; jaxloss's default "
+            f"block, 2**24 // {v} = {rows} tokens ({cover}), would hold {default:.1f} MiB)"
+        )
     return fused, dense
 
 
@@ -319,6 +343,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument(
+        "--grad-token-chunk",
+        type=int,
+        default=256,
+        help="tokens per block of the fused head's gradient pass, which holds [tokens, "
+        "vocabulary] logits and their gradient (default 256: a quarter of the 1024 tokens of a "
+        "batch); 0 takes jaxloss's default, 2**24 // vocabulary tokens (at the default sizes "
+        "the whole batch, as much memory as the materialised logits)",
+    )
     return parser.parse_args(argv)
 
 
@@ -340,7 +373,7 @@ def main(argv: list[str] | None = None) -> float:
     args = parse_args(argv)
     start = time.perf_counter()
     corpus = load_corpus(args.vocab_size, args.max_files)
-    args.options = head_options(args.z_loss, args.soft_cap)
+    args.options = head_options(args.z_loss, args.soft_cap, args.grad_token_chunk)
     print(
         f"stdlib corpus: {len(corpus.train)} training and {len(corpus.valid)} validation tokens, "
         f"vocabulary {len(corpus.vocabulary)} words"
@@ -373,18 +406,48 @@ def main(argv: list[str] | None = None) -> float:
     return final
 
 
+def label_log_axis(ax, values) -> None:
+    """A log y-axis with several plain-number tick labels across ``values``' range.
+
+    Matplotlib's default labels only powers of ten (and ``5×10¹``-style minor ticks), so a
+    perplexity curve spanning less than a decade gets one or two labels; this picks the
+    coarsest of ``1-2-5``, ``1-2-3-5-7`` and every integer multiple that puts four or more
+    ticks inside the data's range.
+    """
+    ax.set_yscale("log")
+    low, high = min(values), max(values)
+    decades = range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1)
+    for multiples in ((1, 2, 5), (1, 2, 3, 5, 7), (1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9)):
+        ticks = [m * 10.0**e for e in decades for m in multiples if low <= m * 10.0**e <= high]
+        if len(ticks) >= 4:
+            break
+    if len(ticks) < 2:  # a range too narrow for round numbers: label its ends
+        ticks = sorted({float(f"{low:.3g}"), float(f"{high:.3g}")})
+    ax.yaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+
+
+# Panel key -> axis label; entropy is natural-log based (jaxloss's LogitStats.entropy).
+PANEL_LABELS = {
+    "loss": "training loss (CE + z-loss, nats)",
+    "valid_ppl": "validation perplexity",
+    "accuracy": "training accuracy (top-1)",
+    "entropy": "training entropy (nats)",
+}
+
+
 def save_curves(history: dict[str, list[float]], path: Path, args) -> None:
-    panels = [("loss", "training loss (CE + z-loss)"), ("valid_ppl", "validation perplexity")]
-    panels += [(k, f"training {k}") for k in ("accuracy", "entropy") if k in history]
+    panels = [key for key in PANEL_LABELS if key in history]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
-    for ax, (key, label) in zip(np.atleast_1d(axes), panels, strict=True):
+    for ax, key in zip(np.atleast_1d(axes), panels, strict=True):
         steps, values = history["step"], history[key]
         if key == "valid_ppl":  # after step 0: the untrained model's would flatten a log axis
             steps, values = history["valid_step"][1:], values[1:]
         ax.plot(steps, values, marker="o", markersize=3)
-        ax.set(xlabel="step", ylabel=label, title=label)
+        ax.set(xlabel="step", ylabel=PANEL_LABELS[key], title=PANEL_LABELS[key].split(" (")[0])
         if key == "valid_ppl":
-            ax.set_yscale("log")
+            label_log_axis(ax, values)
     cap = f", soft-cap {args.soft_cap:g}" if "soft_cap" in args.options else ""
     fig.suptitle(f"stdlib word LM, linear_cross_entropy head (z-loss {args.z_loss:g}{cap})")
     fig.tight_layout()

@@ -193,6 +193,17 @@ def per_class_recall(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.array([np.mean(predicted[labels == c] == c) for c in range(NUM_CLASSES)])
 
 
+def accuracy_limits(history: dict[str, list[float]]) -> tuple[float, float]:
+    """Y-limits that show where the accuracies settle, not 0 to 1.
+
+    From epoch 2 on (the first epoch starts far lower and would squash the rest), the lowest
+    accuracy rounded down to a multiple of 0.02, up to just above 1.
+    """
+    later = history["train_acc"][1:] + history["test_acc"][1:]
+    low = min(later or history["train_acc"] + history["test_acc"])
+    return np.floor(low * 50) / 50, 1.002
+
+
 def save_curves(history: dict[str, list[float]], title: str, path: Path) -> None:
     epochs = np.arange(1, len(history["loss"]) + 1)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -200,8 +211,16 @@ def save_curves(history: dict[str, list[float]], title: str, path: Path) -> None
     ax_loss.set(xlabel="epoch", ylabel="training loss", title=title)
     ax_acc.plot(epochs, history["train_acc"], label="train")
     ax_acc.plot(epochs, history["test_acc"], label="test")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0.0, 1.0))
-    ax_acc.legend()
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=accuracy_limits(history))
+    first = min(history["train_acc"][0], history["test_acc"][0])
+    if first < ax_acc.get_ylim()[0]:
+        ax_acc.annotate(
+            f"epoch 1: train {history['train_acc'][0]:.2f}, test {history['test_acc'][0]:.2f}",
+            xy=(0.98, 0.04),
+            xycoords="axes fraction",
+            ha="right",
+        )
+    ax_acc.legend(loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

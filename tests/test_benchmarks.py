@@ -44,7 +44,7 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     argv = [
         "--sizes", f"{SMALL},{FLOORED}", "--dtypes", "f32", "--repeats", "1", "--no-progress",
-        "--filter", "^cross_entropy$,log_softmax", "--out", str(out), "--check",
+        "--filter", "^cross_entropy$,log_softmax", "--out", str(out), "--fail-on-goal",
     ]  # fmt: skip
     code, stdout, stderr = finish(benchmarks(*argv))
     assert (out / "results.json").is_file(), f"exit {code}\n{stdout}\n{stderr[-4000:]}"
@@ -56,7 +56,7 @@ def _records(saved: dict, size: str) -> list[dict]:
 
 
 def test_exit_status_is_the_goal_check(smoke):
-    """``--check``: exit 1 exactly when a goal FAILs (INCONCLUSIVE and N/A do not fail)."""
+    """``--fail-on-goal``: exit 1 exactly when a goal FAILs (INCONCLUSIVE and N/A do not)."""
     (code, _, stderr), saved = smoke[1], smoke[2]
     failed = [g["id"] for g in saved["goals"] if g["status"] == "FAIL"]
     assert code == (1 if failed else 0), (failed, stderr[-4000:])
@@ -238,3 +238,99 @@ def test_bad_sizes_are_rejected():
     for bad, proc in runs.items():
         code, _, stderr = finish(proc)
         assert code == 2 and "sizes look like 128x10,1024x1000" in stderr, (bad, stderr[-2000:])
+
+
+# ----------------------------------------------------------------------------------------------
+# What a first run reads: flag help, where the files go, the units and ratios it shows. The
+# last three import the package (``benchmarks.report``, ``benchmarks.cli``) to feed the report
+# records whose figures are known.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_help_explains_every_flag_and_old_names_still_work():
+    """``--dtypes`` and ``--modes`` have help; the goal exit status and the peer agreement check
+    have names that say which is which (``--check``/``--no-check`` still parse, unlisted)."""
+    code, stdout, stderr = finish(benchmarks("--help"))
+    assert code == 0, stderr[-2000:]
+    help_text = " ".join(stdout.split())
+    assert "--dtypes DTYPES comma-separated input dtypes" in help_text, help_text
+    assert "--modes MODES comma-separated modes to run: fwd" in help_text, help_text
+    assert "--fail-on-goal exit with status 1 if a goal FAILs" in help_text, help_text
+    assert "--no-peer-check do not compare each peer's output" in help_text, help_text
+    assert "--check" not in help_text and "--no-check" not in help_text, help_text
+    assert "default: ./bench_out" in help_text, help_text
+    old = finish(benchmarks("--check", "--no-check", "--dry-run", "--quick", "--no-torch"))
+    assert old[0] == 0, old[2][-2000:]
+
+
+def test_results_go_to_bench_out_without_out_and_nll_counts_rows(tmp_path):
+    """Without ``--out`` a run writes ``./bench_out`` and says where; nll's throughput (a gather:
+    one element read per row) is in rows per second, not logits elements per second."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks", "--filter", "^nll$", "--sizes", "128x10",
+         "--dtypes", "f32", "--modes", "fwd", "--repeats", "1", "--no-progress", "--no-torch"],
+        cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    code, _, stderr = finish(proc)
+    assert code == 0, stderr[-4000:]
+    out = tmp_path / "bench_out"
+    assert "to bench_out/ (--out DIR to change)" in stderr, stderr[-2000:]
+    assert (out / "table.txt").is_file() and (out / "throughput_nll.png").is_file()
+    (record,) = json.loads((out / "results.json").read_text())["results"]
+
+    from benchmarks import report
+
+    assert report.throughput_unit("nll") == "rows (one target each)"
+    assert report.throughput_unit("cross_entropy") == "logits elements"
+    median = record["impls"]["jaxloss"]["median_s"]
+    assert report.throughput(record, "jaxloss") == pytest.approx(128 / median)
+    ce_record = {**record, "case": "cross_entropy"}
+    assert report.throughput(ce_record, "jaxloss") == pytest.approx(1280 / median)
+
+
+def test_table_flags_a_ratio_the_medians_beside_it_contradict():
+    """jl/ox is the median of per-round ratios; when the load changed between rounds the
+    medians shown beside it give another figure, and the row says so with both."""
+    from benchmarks import report
+
+    jaxloss_times, optax_times = [0.30, 0.40, 0.955, 1.9, 2.0], [0.35, 0.479, 0.45, 2.2, 2.3]
+    per_round = [a / b for a, b in zip(jaxloss_times, optax_times, strict=True)]
+    record = {
+        "case": "cross_entropy", "mode": "vag", "dtype": "f32", "shape": [4096, 32768],
+        "memory_only": False, "agrees": True, "agreement": {}, "elements": 4096 * 32768,
+        "impls": {
+            "jaxloss": {"median_s": statistics.median(jaxloss_times), "times_s": jaxloss_times},
+            "optax": {"median_s": statistics.median(optax_times), "times_s": optax_times},
+        },
+        "ratio_to_optax": {"jaxloss": statistics.median(per_round)},
+        "ratio_of_medians": {"jaxloss": statistics.median(jaxloss_times) / 0.479},
+    }  # fmt: skip
+    paired, medians = record["ratio_to_optax"]["jaxloss"], record["ratio_of_medians"]["jaxloss"]
+    assert (round(paired, 2), round(medians, 2)) == (0.86, 1.99)
+    table = report.format_table([record])
+    row = next(line for line in table.splitlines() if line.startswith("cross_entropy"))
+    assert row.split()[2:5] == ["955ms", "479ms", "-"] and row.split()[5] == "0.86", row
+    expected = "load varied: the medians give jl/ox 1.99, paired rounds 0.86 (shown)"
+    assert expected in table, table
+    consistent = {**record, "ratio_of_medians": {"jaxloss": 0.9}}
+    assert "load varied:" not in report.format_table([consistent])
+    assert "jaxloss/this" in table and "jaxloss/it " not in table  # the legend explains it
+
+
+def test_untimed_goal_notes_name_the_run_that_times_them(quick_plan):
+    """--quick times the cross_entropy goals but not the linear one (its grid stops short of
+    2048x512x32768): each N/A note says which run would time the goal."""
+    from benchmarks import cli, report
+    from benchmarks.cases import all_cases
+
+    quick = cli.quick_goals(all_cases(include_torch=False), "cpu")
+    speed_ids = {g.id for g in report.speed_goals()}
+    assert quick == speed_ids - {"linear_vag_vs_materialised"}, quick
+    assert not any(name.startswith("linear_cross_entropy/vag/f32/2048x512x32768")
+                   for name, _ in quick_plan)  # fmt: skip
+    notes = {g["id"]: g["note"] for g in report.evaluate_goals([], "cpu", {}, quick_times=quick)}
+    assert "--quick leaves out 2048x512x32768" in notes["linear_vag_vs_materialised"]
+    assert "--filter '^linear_cross_entropy$'" in notes["linear_vag_vs_materialised"]
+    expected = "not timed in this run (the full grid and --quick time it)"
+    assert notes["ce_vag_f32_vs_optax"] == expected

@@ -8,6 +8,7 @@ rather than skipping it, since the examples are part of what the package promise
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -148,3 +149,55 @@ def test_example_has_help(name: str) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "--out" in proc.stdout
+
+
+def _load_example(name: str):
+    """Imports ``examples/<name>.py`` as a module (the examples import each other by name)."""
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        spec = importlib.util.spec_from_file_location(f"example_{name}", REPO / "examples" / name)
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    return module
+
+
+def test_lm_linear_head_fused_memory_is_at_most_half_and_documented(capsys) -> None:
+    """At the example's default shapes (1024 tokens x 128 x 16384) the fused head it trains holds
+    at most half the materialised head's compiled temporaries, and docs/examples.md quotes the
+    line the example prints (compile only: memory_analysis is deterministic)."""
+    lm = _load_example("lm_linear_head.py")
+    args = lm.parse_args([])
+    n, d, v = args.batch_size * args.seq_len, args.dim, args.vocab_size
+    assert (n, d, v) == (1024, 128, 16384)
+    options = lm.head_options(args.z_loss, args.soft_cap, args.grad_token_chunk)
+    fused, dense = lm.report_head_memory(n, d, v, options)
+    assert fused <= 0.5 * dense, (fused, dense)
+    printed = capsys.readouterr().out
+    docs = " ".join((REPO / "docs" / "examples.md").read_text().split())
+    for line in printed.strip().splitlines():
+        assert " ".join(line.split()) in docs, f"docs/examples.md does not show:\n{line}"
+
+
+def test_lm_perplexity_log_axis_has_plain_labels() -> None:
+    """A perplexity curve spanning less than a decade gets several plain-number tick labels on
+    its log axis (matplotlib's default labels powers of ten only)."""
+    lm = _load_example("lm_linear_head.py")
+    fig, ax = lm.plt.subplots()
+    values = [106.0, 80.0, 60.0, 47.6]
+    ax.plot(range(4), values)
+    lm.label_log_axis(ax, values)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    lm.plt.close(fig)
+    assert labels == ["50", "60", "70", "80", "90", "100"], labels
+
+
+def test_digits_accuracy_axis_shows_where_accuracy_settles() -> None:
+    """The accuracy panel's y-range follows the data from epoch 2 on, not 0 to 1."""
+    digits = _load_example("train_digits.py")
+    history = {"train_acc": [0.70, 0.93, 0.99, 1.0], "test_acc": [0.89, 0.927, 0.98, 0.996]}
+    low, high = digits.accuracy_limits(history)
+    assert 0.9 <= low <= 0.927 and 1.0 <= high < 1.01, (low, high)

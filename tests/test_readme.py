@@ -60,3 +60,68 @@ def test_ci_runs_the_readme_test_line_verbatim() -> None:
     assert test.endswith("python -m pytest") and 'pip install -e ".[test]"' in test
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()
     assert test in ci, "the README's test line is not a line of .ci/run"
+
+
+def test_license_file_ships_with_the_declared_license() -> None:
+    """pyproject.toml declares Apache-2.0 and names LICENSE, which holds that license's full
+    standard text (so the wheel carries it as License-File)."""
+    pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    assert re.search(r'^license = "Apache-2.0"$', pyproject, re.M), "license is not Apache-2.0"
+    files = re.search(r"^license-files = \[(.*)\]$", pyproject, re.M)
+    assert files and '"LICENSE"' in files.group(1), "pyproject.toml does not name LICENSE"
+    text = (REPO / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License\n                           Version 2.0, January 2004" in text
+    for clause in ("1. Definitions.", "4. Redistribution.", "9. Accepting Warranty or Additional"):
+        assert clause in text, clause
+    assert "END OF TERMS AND CONDITIONS" in text and "APPENDIX: How to apply" in text
+
+
+def test_docs_build_is_a_static_site_and_formats_signatures() -> None:
+    """The README promises a static copy that works offline: pages must be ``page.html`` (with
+    directory URLs a browser on file:// shows a directory listing per page) and the search index
+    a script (the ``offline`` plugin). mkdocstrings formats the separate signatures with Black or
+    Ruff and says it cannot when neither is installed: the ``docs`` extra brings Ruff."""
+    config = (REPO / "mkdocs.yml").read_text(encoding="utf-8")
+    assert re.search(r"^use_directory_urls: false$", config, re.M), "directory URLs are on"
+    plugins = re.search(r"^plugins:\n((?:[ #].*\n)+)", config, re.M)
+    assert plugins and re.search(r"^  - offline$", plugins.group(1), re.M), "no offline plugin"
+    assert re.search(r"^ +separate_signature: true$", config, re.M)
+    pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    docs_extra = re.search(r"^docs = \[(.*?)\]$", pyproject, re.M | re.S)
+    assert docs_extra and re.search(r'"(ruff|black)\b', docs_extra.group(1)), docs_extra
+
+
+def test_install_block_has_every_extra_the_readme_runs() -> None:
+    """Each ``pip install -e ".[extra]"`` of a README command (Quick start's ``.[test]`` among
+    them) is in the Install block, which says what it brings."""
+    install = "\n".join(code_blocks(section("Install"), "bash"))
+    listed = set(re.findall(r'pip install -e "\.\[([\w,]+)\]"', install))
+    used = set(re.findall(r'pip install -e "\.\[([\w,]+)\]"', README))
+    assert used <= listed, f"not in the Install block: {sorted(used - listed)}"
+
+
+def test_readme_benchmark_flags_exist_and_its_times_are_the_measured_ones() -> None:
+    """Every ``--flag`` the README gives ``python -m benchmarks`` is one of its listed flags (the
+    goal exit status was renamed from --check), the README states the memory the full grid
+    needs, and it quotes the --quick and full-grid times ``--help`` gives, not 'a minute'."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--help"], cwd=REPO, capture_output=True,
+        text=True, timeout=TIMEOUT_S, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    flags = set(re.findall(r"(--[a-z][a-z-]+)", proc.stdout))
+    text = section("Quick start") + section("Benchmarks")
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+    spans = re.findall(r"`([^`]+)`", prose)
+    mentioned = {
+        flag
+        for span in spans
+        if "python -m benchmarks" in span or span.startswith("--")
+        for flag in re.findall(r"(--[a-z][a-z-]+)", span)
+    }
+    assert mentioned and mentioned <= flags, f"not flags of the CLI: {sorted(mentioned - flags)}"
+    assert "about a minute" not in text and "0.6× optax" not in README
+    help_text, quick_start = " ".join(proc.stdout.split()), " ".join(section("Quick start").split())
+    assert "7 GB of RAM" in quick_start and "7 GB of RAM" in help_text
+    assert "4-6 min on a shared 2-core CPU" in help_text
+    assert "4 to 6 minutes on a shared 2-core CPU" in " ".join(section("Benchmarks").split())
