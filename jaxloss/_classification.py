@@ -537,7 +537,8 @@ def cross_entropy(
 
     Returns:
       Per-position losses (``"none"``) or a scalar, in the dtype of ``logits`` (half precision
-      is accumulated in float32); with ``return_stats``, ``(loss, stats)``. An index target out
+      is accumulated in float32, then rounded as PyTorch does: an f16 ``"sum"`` past 65504 is
+      ``inf``; sum ``"none"`` in float32 instead); with ``return_stats``, ``(loss, stats)``. An index target out
       of range that is not ``ignore_index`` gives NaN at its position under ``jit`` (outside it,
       concrete targets raise PyTorch's error); see ``jaxloss.check_targets``.
 

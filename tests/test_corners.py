@@ -279,3 +279,15 @@ def test_debug_nans_is_quiet_on_clean_data_for_every_loss():
             assert np.all(np.isfinite(np.asarray(out))), name
     bad = jaxloss.cross_entropy(z, jnp.array([0, 2]), weight=jnp.zeros(3))  # mean over 0 weight
     assert np.isnan(bad)
+
+
+def test_a_float16_sum_past_65504_is_inf_as_in_torch_and_float32_of_none_is_the_way_out():
+    n = 50_000  # n · log 4 ≈ 69315 > 65504, the largest float16
+    expected = F.cross_entropy(
+        torch.zeros(n, 4, dtype=torch.float16), torch.zeros(n, dtype=torch.long), reduction="sum"
+    )
+    z, y = jnp.zeros((n, 4), jnp.float16), jnp.zeros(n, jnp.int32)
+    total = jaxloss.cross_entropy(z, y, reduction="sum")
+    assert torch.isinf(expected) and np.isinf(np.asarray(total, np.float32))
+    wide = jnp.sum(jaxloss.cross_entropy(z, y, reduction="none"), dtype=jnp.float32)
+    np.testing.assert_allclose(wide, n * np.log(4), rtol=1e-3)
