@@ -155,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--target",
         choices=sorted(TARGETS),
-        help="compile-only accelerator (benchmarks/targets.py): kernels, modelled HBM bytes and "
-        "temporaries from the compiler, no timing",
+        help="compile-only accelerator (benchmarks/targets.py): modelled time (a loop-aware "
+        "roofline), HBM bytes, kernels and temporaries from the compiler, no timing",
     )
     p.add_argument(
         "--no-peer-check",

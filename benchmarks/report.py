@@ -441,6 +441,11 @@ def format_goals(goals: Sequence[dict]) -> str:
                 f"measured {fmt_bytes(g['lhs'])} = {g['ratio']:.3f}x of "
                 f"{fmt_bytes(g['rhs'])} (goal <= {g['threshold']:g}x)"
             )
+        elif g["kind"] == "modelled":  # compile-only targets: a roofline time, not a timing
+            detail = (
+                f"modelled {fmt_time(g['lhs'])} = {g['ratio']:.3f}x of "
+                f"{fmt_time(g['rhs'])} (goal <= {g['threshold']:g}x)"
+            )
         else:
             lo, hi = g["interval"] or (math.nan, math.nan)
             detail = (

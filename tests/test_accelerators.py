@@ -6,17 +6,15 @@ CPU-only machine, and the tests read the optimised programs. The plugins are in 
 extra; without them these tests fail, they do not skip. The environment they need (the CUDA
 plugin's check skipped, libtpu shareable) is set in ``conftest.py``, before JAX starts.
 
-Traffic model (loop-free programs), as in ``python -m benchmarks --target``: every instruction of
-the ENTRY computation that launches work reads its operands from HBM and writes its result there;
-an operand a fusion only gathers from counts the bytes gathered. Written out again here because
-the tests do not import the benchmark suite.
+Traffic model, as in ``python -m benchmarks --target`` and read by the same HLO reader
+(``benchmarks/hlo.py``): every kernel of the optimised program reads its operands from HBM and
+writes its result there; an operand a fusion only gathers from counts the bytes gathered.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import re
 from pathlib import Path
 
 import jax
@@ -29,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxloss
+from benchmarks import hlo
 
 H100_SPEC = Path(__file__).resolve().parents[1] / "benchmarks" / "targets" / "h100_sxm.txtpb"
 TOPOLOGIES = {
@@ -63,50 +62,10 @@ def compile_for(target: str, fn, *shapes_dtypes):
 # The traffic model
 # ----------------------------------------------------------------------------------------------
 
-_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4}
-_NO_WORK = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "copy-start",
-            "copy-done", "after-all", "partition-id"}  # fmt: skip
-_LINE = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\(.*?\)|\S+) ([a-z][\w\-]*)\((.*?)\)(.*)$")
-
-
-def _bytes(hlo_type: str) -> int:
-    found = re.findall(r"\b([a-z]\w*)\[([\d,]*)\]", hlo_type)
-    return sum(
-        _ITEMSIZE.get(t, 0) * int(np.prod([int(d) for d in s.split(",") if d])) for t, s in found
-    )
-
-
-def _computations(text: str) -> tuple[dict[str, list[tuple]], str]:
-    comps, entry, name = {}, "", None
-    for line in text.splitlines():
-        header = re.match(r"^(ENTRY )?%(\S+) .*\{$", line)
-        if header:
-            name, entry = header.group(2), header.group(2) if header.group(1) else entry
-            comps[name] = []
-        elif name and (m := _LINE.match(line)):
-            comps[name].append(m.groups())  # (name, type, opcode, operands, attributes)
-    return comps, entry
-
 
 def hbm_bytes(text: str) -> int:
-    """Operands + results of every ENTRY instruction that launches work (see module doc)."""
-    comps, entry = _computations(text)
-    types = {i[0]: i[1] for i in comps[entry]}
-    total = 0
-    for _, result, opcode, operands, attributes in comps[entry]:
-        if opcode in _NO_WORK:
-            continue
-        total += _bytes(result)
-        called = re.search(r"calls=%(\S+?)[,\s]", attributes + " ")
-        body = comps.get(called.group(1), []) if called else []
-        for k, operand in enumerate(re.findall(r"%([\w.\-]+)", operands)):
-            param = next((i[0] for i in body if i[2] == "parameter" and i[3] == str(k)), None)
-            users = [i for i in body if param and f"%{param}" in re.findall(r"%[\w.\-]+", i[3])]
-            if users and all(u[2] in ("gather", "dynamic-slice") for u in users):
-                total += sum(_bytes(u[1]) for u in users)
-            else:
-                total += _bytes(types.get(operand, ""))
-    return total
+    """Operands + results of every kernel the program launches (see module doc)."""
+    return hlo.entry_traffic(text).bytes
 
 
 def test_traffic_model_counts_a_copy_and_a_gather():
@@ -247,14 +206,6 @@ def test_linear_distillation_temporaries_on_h100():
 SN, SD, SV = 256, 96, 65536  # distinct sizes: a dimension in an HLO shape says which it is
 
 
-def _all_gathers(text: str) -> list[tuple[int, ...]]:
-    shapes = []
-    for match in re.finditer(r"= (\(.*?\)|\S+) all-gather(?:-start)?\(", text):
-        for dims in re.findall(r"\[([\d,]*)\]", match.group(1)):
-            shapes.append(tuple(int(d) for d in dims.split(",") if d))
-    return shapes
-
-
 def _mesh(target: str) -> Mesh:
     return Mesh(np.array(devices(target, multi=True)).reshape(2, 4), ("data", "model"))
 
@@ -275,7 +226,7 @@ def test_sharded_cross_entropy_gathers_no_logits(target, layout):
     fn = jax.value_and_grad(lambda x, y: jaxloss.cross_entropy(x, y, label_smoothing=0.1))
     text = jax.jit(fn).trace(*args).lower().compile().as_text()
     assert text.count("all-reduce") or layout == "batch"  # the class sums cross devices
-    wide = [s for s in _all_gathers(text) if SV in s and len(s) >= 2]
+    wide = [s for s in hlo.all_gather_shapes(text) if SV in s and len(s) >= 2]
     assert not wide, f"all-gather of [N, V] logits: {wide}"
 
 
@@ -297,7 +248,7 @@ def test_shard_map_linear_cross_entropy_gathers_neither_logits_nor_kernel(target
     text = (
         jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(*args).lower().compile().as_text()
     )
-    wide = [s for s in _all_gathers(text) if SV in s]
+    wide = [s for s in hlo.all_gather_shapes(text) if SV in s]
     assert not wide, f"all-gather of a vocabulary-wide array: {wide}"
 
 

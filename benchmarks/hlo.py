@@ -1,0 +1,482 @@
+"""The one reader of optimised HLO text, for the benchmarks and the tests alike.
+
+``compiled.as_text()`` of an XLA executable is the only view of the optimised program that every
+backend gives (the CUDA plugin has no ``cost_analysis`` of its own here). This module parses it
+into computations of :class:`Instruction` (name, result type, opcode, operands, attributes),
+and answers what the cost models need: bytes of a type, the computations an instruction calls,
+its ``backend_config``, a while loop's trip count. :func:`entry_traffic` is the loop-free HBM
+traffic model of the ``--target`` tables; :mod:`benchmarks.roofline` prices whole programs,
+loops included, from the same reader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import re
+from collections.abc import Iterator
+from typing import Any
+
+ITEMSIZE = {
+    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+    "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1,
+    "s4": 1, "u4": 1,
+}  # fmt: skip
+_ARRAY_TYPE = re.compile(r"\b([a-z][a-z0-9]*)\[([\d,]*)\]")
+_NAME = re.compile(r"%([\w.\-]+)")
+_HEADER = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
+# Instructions that name or regroup buffers without touching their contents, and the async
+# copies between memory spaces on TPU (the data they move is counted at its consumer).
+NO_WORK = frozenset(
+    {
+        "parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all",
+        "copy-start", "copy-done", "partition-id", "replica-id", "opt-barrier",
+    }
+)  # fmt: skip
+SLICING = frozenset({"gather", "dynamic-slice", "slice"})
+# Custom calls that only reserve a buffer (XLA:TPU's loop-carried accumulators).
+NO_WORK_TARGETS = frozenset({"AllocateBuffer"})
+
+
+def arrays(hlo_type: str) -> list[tuple[str, tuple[int, ...]]]:
+    """``(element type, dims)`` of every array in an HLO type (a tuple is flattened)."""
+    return [
+        (dtype, tuple(int(d) for d in dims.split(",") if d))
+        for dtype, dims in _ARRAY_TYPE.findall(hlo_type)
+    ]
+
+
+def type_bytes(hlo_type: str) -> int:
+    """Bytes of an HLO type (an array or a tuple of arrays); layouts are ignored."""
+    return sum(ITEMSIZE.get(dtype, 0) * math.prod(dims) for dtype, dims in arrays(hlo_type))
+
+
+def _closing(text: str, start: int, pair: str = "()") -> int:
+    """Index just past the bracket group opening at ``text[start]``."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {pair[0]: 1, pair[1]: -1}.get(text[i], 0)
+        if depth == 0:
+            return i + 1
+    return len(text)
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+    name: str
+    type: str
+    opcode: str
+    operands: tuple[str, ...]
+    attributes: str
+    arguments: str = ""  # the text inside the parentheses (a parameter's number, a constant)
+
+    @property
+    def nbytes(self) -> int:
+        return type_bytes(self.type)
+
+    def attr(self, key: str) -> str | None:
+        """The value of ``key=...`` up to the next comma (a computation loses its ``%``)."""
+        match = re.search(rf"(?:^|[\s,]){re.escape(key)}=%?([^,\s]+)", self.attributes)
+        return match.group(1) if match else None
+
+    @property
+    def called(self) -> str | None:
+        """The computation a fusion or call runs (``calls=``)."""
+        return self.attr("calls")
+
+    @property
+    def backend_config(self) -> dict[str, Any]:
+        start = self.attributes.find("backend_config={")
+        if start < 0:
+            return {}
+        start += len("backend_config=")
+        try:
+            return json.loads(self.attributes[start : _closing(self.attributes, start, "{}")])
+        except ValueError:
+            return {}
+
+    @property
+    def op_name(self) -> str:
+        """The JAX name stack of the instruction (``metadata={op_name=...}``), or ``""``."""
+        match = re.search(r'op_name="([^"]*)"', self.attributes)
+        return match.group(1) if match else ""
+
+
+def parse_instruction(line: str) -> Instruction | None:
+    line = line.strip()
+    if line.startswith("ROOT "):
+        line = line[5:]
+    name, sep, rest = line.partition(" = ")
+    if not sep or not name.startswith("%"):
+        return None
+    end = _closing(rest, 0) if rest.startswith("(") else rest.find(" ")
+    hlo_type, rest = rest[:end], rest[end:].lstrip()
+    paren = rest.find("(")
+    if paren < 0:
+        return None
+    close = _closing(rest, paren)
+    operands = tuple(_NAME.findall(rest[paren + 1 : close - 1]))
+    return Instruction(
+        name[1:], hlo_type, rest[:paren], operands, rest[close:], rest[paren + 1 : close - 1]
+    )
+
+
+def computations(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
+    """Instructions by computation name, and the ENTRY computation's name."""
+    comps: dict[str, list[Instruction]] = {}
+    entry, current = "", None
+    for line in hlo_text.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            current = header.group(2)
+            comps[current] = []
+            entry = current if header.group(1) else entry
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            inst = parse_instruction(line)
+            if inst is not None:
+                comps[current].append(inst)
+    return comps, entry
+
+
+class Module:
+    """An optimised HLO module: its computations, and lookups by name within each."""
+
+    def __init__(self, hlo_text: str):
+        self.computations, self.entry = computations(hlo_text)
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, dict[str, Instruction]]:
+        return {c: {i.name: i for i in body} for c, body in self.computations.items()}
+
+    def body(self, computation: str) -> list[Instruction]:
+        return self.computations.get(computation, [])
+
+    def get(self, computation: str, name: str) -> Instruction | None:
+        return self._by_name.get(computation, {}).get(name)
+
+    def root(self, computation: str) -> Instruction | None:
+        body = self.body(computation)
+        return body[-1] if body else None  # XLA prints the ROOT last
+
+    def parameter(self, computation: str, index: int) -> Instruction | None:
+        return next(
+            (
+                i
+                for i in self.body(computation)
+                if i.opcode == "parameter" and i.arguments == str(index)
+            ),
+            None,
+        )
+
+    def users(self, computation: str, name: str) -> list[Instruction]:
+        return [i for i in self.body(computation) if name in i.operands]
+
+    def instructions(self) -> Iterator[tuple[str, Instruction]]:
+        """Every ``(computation, instruction)`` of the module."""
+        for computation, body in self.computations.items():
+            for inst in body:
+                yield computation, inst
+
+    def result_shapes(self, *opcodes: str) -> list[tuple[int, ...]]:
+        """The dims of every array that an instruction of one of ``opcodes`` produces."""
+        return [
+            dims
+            for _, inst in self.instructions()
+            if inst.opcode in opcodes
+            for _, dims in arrays(inst.type)
+        ]
+
+    # --------------------------------------------------------------------------------------
+    # While loops
+    # --------------------------------------------------------------------------------------
+
+    def trip_count(self, computation: str, loop: Instruction) -> int | None:
+        """How often ``loop`` (a ``while`` in ``computation``) runs its body, or None.
+
+        XLA:GPU writes the count it proved into ``backend_config`` (``known_trip_count``);
+        XLA:TPU does not, and the loop's induction pattern is read instead: a condition
+        ``i < limit`` on one element of the loop state, that element's initial value a constant,
+        and the body adding a constant step to it (``fori_loop`` and ``scan`` have that form).
+        """
+        known = loop.backend_config.get("known_trip_count", {}).get("n")
+        if known is not None:
+            return int(known)
+        induction = self._induction(loop.attr("condition") or "")
+        if induction is None:
+            return None
+        index, limit = induction
+        start = self._initial_value(computation, loop, index)
+        step = self._step(loop.attr("body") or "", index)
+        if start is None or not step:
+            return None
+        return max(0, -(-(limit - start) // step))
+
+    def _induction(self, condition: str) -> tuple[int, int] | None:
+        """``(tuple index, limit)`` of a ``state[index] < limit`` condition."""
+        root = self.root(condition)
+        if root is None:
+            return None
+        compare, scope, operands = root, condition, root.operands
+        if root.opcode == "fusion":  # XLA:GPU fuses the comparison
+            compare = self.root(root.called or "")
+            scope = root.called or ""
+            if compare is None:
+                return None
+        if compare.opcode != "compare" or compare.attr("direction") != "LT":
+            return None
+        lhs, rhs = (self.get(scope, o) for o in compare.operands)
+        limit = self._constant(scope, rhs)
+        if lhs is None or limit is None:
+            return None
+        if lhs.opcode == "parameter" and scope != condition:
+            lhs = self.get(condition, operands[int(lhs.arguments)])
+        if lhs is None or lhs.opcode != "get-tuple-element":
+            return None
+        return int(lhs.attr("index") or -1), limit
+
+    def _constant(self, computation: str, inst: Instruction | None) -> int | None:
+        """The integer value of a scalar constant, seen through copies."""
+        while inst is not None and inst.opcode == "copy":
+            inst = self.get(computation, inst.operands[0])
+        if inst is None or inst.opcode != "constant" or "[]" not in inst.type:
+            return None
+        try:
+            return int(inst.arguments)
+        except ValueError:
+            return None
+
+    def _initial_value(self, computation: str, loop: Instruction, index: int) -> int | None:
+        init = self.get(computation, loop.operands[0])
+        if init is None or init.opcode != "tuple" or index >= len(init.operands):
+            return None
+        return self._constant(computation, self.get(computation, init.operands[index]))
+
+    def _step(self, body: str, index: int) -> int | None:
+        """The constant the body adds to ``state[index]``, or None."""
+        root = self.root(body)
+        if root is None or root.opcode != "tuple" or index >= len(root.operands):
+            return None
+        update = self.get(body, root.operands[index])
+        scope = body
+        if update is not None and update.opcode == "fusion":
+            scope, update = update.called or "", self.root(update.called or "")
+        if update is None or update.opcode != "add":
+            return None
+        steps = [self._constant(scope, self.get(scope, o)) for o in update.operands]
+        return next((s for s in steps if s is not None), None)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a kernel reads and writes
+# ----------------------------------------------------------------------------------------------
+
+
+def operand_read_bytes(module: Module, fused: str, index: int, full: int) -> int:
+    """Bytes a fused computation reads of its parameter ``index`` (``full`` bytes in all).
+
+    A parameter used only as the operand that slices (``gather``, ``dynamic-slice``, ``slice``)
+    are taken from is read for what they produce; as the buffer a ``dynamic-update-slice``
+    writes into (in place), it is not read at all; through a bitcast or a nested fusion, as
+    that one reads it. A kernel reads no byte twice: at most ``full``.
+    """
+    param = module.parameter(fused, index)
+    return full if param is None else min(full, _reads(module, fused, param.name, full))
+
+
+def _reads(module: Module, computation: str, name: str, full: int) -> int:
+    users = module.users(computation, name)
+    if not users:
+        return full
+    total = 0
+    for user in users:
+        positions = [k for k, o in enumerate(user.operands) if o == name]
+        if user.opcode in SLICING and positions == [0]:
+            total += user.nbytes
+        elif user.opcode == "dynamic-update-slice" and positions == [0]:
+            continue
+        elif user.opcode == "bitcast":
+            total += _reads(module, computation, user.name, full)
+        elif user.opcode == "fusion" and user.called:
+            total += sum(operand_read_bytes(module, user.called, k, full) for k in positions)
+        else:
+            return full
+    return total
+
+
+def result_write_bytes(module: Module, computation: str, inst: Instruction) -> int:
+    """Bytes an instruction of ``computation`` writes: its result, but only the update of an
+    in-place ``dynamic-update-slice`` (alone or at the root of a fusion, or in its root tuple)."""
+    if inst.opcode == "dynamic-update-slice":
+        return _update_bytes(module, computation, inst, inst.nbytes)
+    if inst.opcode != "fusion":
+        return inst.nbytes
+    fused = inst.called or ""
+    root = module.root(fused)
+    if root is None:
+        return inst.nbytes
+    if root.opcode == "tuple":
+        parts = [module.get(fused, o) for o in root.operands]
+        return sum(_update_bytes(module, fused, p, p.nbytes) for p in parts if p is not None)
+    return _update_bytes(module, fused, root, inst.nbytes)
+
+
+def _update_bytes(module: Module, computation: str, inst: Instruction, default: int) -> int:
+    if inst.opcode != "dynamic-update-slice":
+        return default
+    update = module.get(computation, inst.operands[1])
+    return update.nbytes if update is not None else default
+
+
+def kernel_bytes(module: Module, computation: str, inst: Instruction) -> int:
+    """Modelled HBM bytes of one instruction that launches work: operands read + result
+    written, refined for slicing reads and in-place updates (see the two functions above)."""
+    total = result_write_bytes(module, computation, inst)
+    fused = inst.called if inst.opcode == "fusion" else None
+    for k, operand in enumerate(inst.operands):
+        source = module.get(computation, operand)
+        if source is None:
+            continue
+        full = source.nbytes
+        if inst.opcode in SLICING and k == 0:
+            total += inst.nbytes
+        elif inst.opcode == "dynamic-update-slice" and k == 0:
+            continue  # written in place: the update is counted with the result
+        elif fused:
+            total += operand_read_bytes(module, fused, k, full)
+        else:
+            total += full
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# Which kernels run, and how often
+# ----------------------------------------------------------------------------------------------
+
+# Custom calls that are kernels of their own: GEMM libraries, Pallas (Mosaic TPU, Triton,
+# Mosaic GPU). Any other custom call that names computations stands for them.
+PALLAS_TARGETS = frozenset(
+    {"tpu_custom_call", "__gpu$xla.gpu.triton", "mosaic_gpu", "mosaic_gpu_v2"}
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """An instruction that launches work, and how often it runs per call of the program."""
+
+    computation: str
+    inst: Instruction
+    calls: int
+
+
+def kernel_label(inst: Instruction) -> str:
+    """The opcode, with a fusion's kind or a custom call's target spelt out."""
+    kind = inst.attr("kind")
+    if kind:
+        return f"{inst.opcode}:{kind}"
+    target = inst.attr("custom_call_target")
+    return f"{inst.opcode}:{target.strip(chr(34))}" if target else inst.opcode
+
+
+def _wrapped(inst: Instruction) -> list[str]:
+    """The computations a custom call stands for (XLA:TPU's SparseCore gather offload, for
+    one), unless it is a GEMM or a Pallas kernel, which are priced as they are."""
+    if inst.opcode != "custom-call" or "gemm_backend_config" in inst.backend_config:
+        return []
+    if kernel_label(inst).split(":", 1)[-1] in PALLAS_TARGETS:
+        return []
+    match = re.search(r"called_computations=\{([^}]*)\}", inst.attributes)
+    return _NAME.findall(match.group(1)) if match else []
+
+
+@dataclasses.dataclass
+class Launches:
+    """Every kernel launch of a module (:meth:`Module.launches`), loops unrolled into counts."""
+
+    module: Module
+    launches: list[Launch] = dataclasses.field(default_factory=list)
+    unknown_loops: list[str] = dataclasses.field(default_factory=list)
+
+    def walk(self, computation: str, calls: int) -> None:
+        for inst in self.module.body(computation):
+            if inst.opcode in NO_WORK or inst.opcode in ("async-update", "async-done"):
+                continue  # an async op's work is its wrapped computation's (at its start)
+            if kernel_label(inst).split(":", 1)[-1] in NO_WORK_TARGETS:
+                continue
+            if inst.opcode == "while":
+                trips = self.module.trip_count(computation, inst)
+                if trips is None:
+                    self.unknown_loops.append(f"{computation}/{inst.name}")
+                    trips = 1
+                self.walk(inst.attr("body") or "", calls * trips)
+                self.walk(inst.attr("condition") or "", calls * (trips + 1))
+            elif inst.opcode in ("call", "async-start"):
+                self.walk(inst.called or inst.attr("to_apply") or "", calls)
+            elif inst.opcode == "conditional":
+                self.branch(computation, inst, calls)
+            elif wrapped := _wrapped(inst):
+                for name in wrapped:
+                    self.walk(name, calls)
+            else:
+                self.launches.append(Launch(computation, inst, calls))
+
+    def branch(self, computation: str, inst: Instruction, calls: int) -> None:
+        """A conditional runs one branch (which is data): the one that moves most bytes."""
+        match = re.search(r"branch_computations=\{([^}]*)\}", inst.attributes)
+        names = _NAME.findall(match.group(1)) if match else []
+        names += [inst.attr(k) or "" for k in ("true_computation", "false_computation")]
+        branches = []
+        for name in filter(None, names):
+            sub = Launches(self.module)
+            sub.walk(name, calls)
+            moved = sum(
+                x.calls * kernel_bytes(self.module, x.computation, x.inst) for x in sub.launches
+            )
+            branches.append((moved, sub))
+        if branches:
+            best = max(branches, key=lambda b: b[0])[1]
+            self.launches += best.launches
+            self.unknown_loops += best.unknown_loops
+
+
+def launches(module: Module) -> Launches:
+    """The kernels the ENTRY computation launches, with their counts (see :class:`Launches`):
+    a while loop's body and condition run once per trip (:meth:`Module.trip_count`; once when
+    no count is found, listed in ``unknown_loops``), calls and async ops run what they wrap."""
+    found = Launches(module)
+    found.walk(module.entry, 1)
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class Traffic:
+    kernels: int  # ENTRY instructions that launch work
+    bytes: int  # modelled HBM bytes of every launch (loops times their trip counts)
+    ops: dict[str, int]  # the ENTRY kernels' opcodes (fusion kinds spelt out) and counts
+
+
+def entry_traffic(hlo_text: str) -> Traffic:
+    """Modelled HBM traffic: every launch reads its operands and writes its result
+    (:func:`kernel_bytes`), as often as it runs (:func:`launches`)."""
+    module = Module(hlo_text)
+    found = launches(module)
+    total = sum(x.calls * kernel_bytes(module, x.computation, x.inst) for x in found.launches)
+    ops: dict[str, int] = {}
+    for inst in module.body(module.entry):
+        if inst.opcode not in NO_WORK:
+            label = inst.opcode + (f":{inst.attr('kind')}" if inst.attr("kind") else "")
+            ops[label] = ops.get(label, 0) + 1
+    return Traffic(sum(ops.values()), total, ops)
+
+
+def has_loop(hlo_text: str) -> bool:
+    module = Module(hlo_text)
+    return any(i.opcode == "while" for i in module.body(module.entry))
+
+
+def all_gather_shapes(hlo_text: str) -> list[tuple[int, ...]]:
+    """The result dims of every all-gather (tuple results flattened)."""
+    return Module(hlo_text).result_shapes("all-gather", "all-gather-start")
