@@ -303,8 +303,14 @@ def _pick(x: jax.Array, targets: jax.Array, axis: int) -> jax.Array:
         # without gathering the logits; the one-hot sum reduces locally, then all-reduces [N].
         hit = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis) == jnp.expand_dims(targets, axis)
         return jnp.sum(jnp.where(hit, x, 0), axis, keepdims=True)
-    safe = jnp.clip(jnp.expand_dims(targets, axis), 0, x.shape[axis] - 1)
-    return jnp.take_along_axis(x, safe.astype(jnp.int32), axis)
+    safe = jnp.clip(jnp.expand_dims(targets, axis), 0, x.shape[axis] - 1).astype(jnp.int32)
+    if jnp.finfo(x.dtype).bits == 16:
+        # XLA:CPU materialises a float32 copy of half-precision logits (twice their size: 512
+        # MiB at 4096x32768 bf16) when a gather reads them beside the exp-sum's upcast; a
+        # gather of their bits leaves the upcast fused into its reduction (0 MiB).
+        bits = jnp.take_along_axis(jax.lax.bitcast_convert_type(x, jnp.uint16), safe, axis)
+        return jax.lax.bitcast_convert_type(bits, x.dtype)
+    return jnp.take_along_axis(x, safe, axis)
 
 
 def _index_terms(norm: _Normalizer, z, d: _Index):
@@ -538,9 +544,10 @@ def cross_entropy(
     Returns:
       Per-position losses (``"none"``) or a scalar, in the dtype of ``logits`` (half precision
       is accumulated in float32, then rounded as PyTorch does: an f16 ``"sum"`` past 65504 is
-      ``inf``; sum ``"none"`` in float32 instead); with ``return_stats``, ``(loss, stats)``. An index target out
-      of range that is not ``ignore_index`` gives NaN at its position under ``jit`` (outside it,
-      concrete targets raise PyTorch's error); see ``jaxloss.check_targets``.
+      ``inf``; sum ``"none"`` in float32 instead); with ``return_stats``, ``(loss, stats)``.
+      An index target out of range that is not ``ignore_index`` gives NaN at its position under
+      ``jit`` (outside it, concrete targets raise PyTorch's error); see
+      ``jaxloss.check_targets``.
 
     Examples:
       >>> import jax.numpy as jnp, jaxloss
@@ -561,6 +568,7 @@ def cross_entropy(
     _common.check_reduction(fn, reduction)
     return_stats = _common.check_flag(fn, "return_stats", return_stats)
     hyper = _traced_hyperparameters(fn, label_smoothing, z_loss)
+    soft_cap = _common.hyperparameter(fn, "soft_cap", soft_cap, positive=True)
     z = logits if soft_cap is None else _soft_capped(fn, logits, soft_cap)
     if jnp.issubdtype(targets.dtype, jnp.integer):
         args = (fn, logits, targets, weight, ignore_index, axis, "logits")
@@ -624,11 +632,14 @@ def _per_position(loss_fn, axis: int, z: jax.Array, data) -> jax.Array:
 def _traced_hyperparameters(fn: str, label_smoothing, z_loss) -> tuple:
     """``(ε, λ_z)`` as scalars in the compute dtype, None for an absent term.
 
-    ``prepare`` has already range-checked concrete values and dropped zeros; what arrives here
-    otherwise (a ``.lower``/``.trace`` call) is checked again on shape and dtype.
+    ``prepare`` has already range-checked concrete values and dropped zeros, except where it
+    never ran: ``.lower``/``.trace``, and ``jax.jit(jaxloss.cross_entropy)``, which traces the
+    function itself with its Python defaults (a 0.0 left in would compute the smoothing terms).
     """
     values = []
     for name, value in (("label_smoothing", label_smoothing), ("z_loss", z_loss)):
+        high = 1.0 if name == "label_smoothing" else np.inf
+        value = _common.hyperparameter(fn, name, value, high=high)
         if value is not None:
             value = _common.check_real(fn, name, value)
             if value.shape != ():

@@ -93,3 +93,19 @@ def test_float32_temporaries_no_larger_than_the_peer(temps, mode):
 def test_cross_entropy_value_and_grad_temporaries_within_the_logits_bytes(temps, dtype):
     t = temps["cross_entropy", "vag", dtype]
     assert t["jaxloss"] <= LOGITS_BYTES[dtype], t
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "nll"])
+def test_bfloat16_forward_holds_no_float32_copy_of_the_logits(name):
+    """A gather of the target logit beside the exp-sum's upcast made XLA:CPU materialise a
+    float32 copy of bf16 logits (twice their bytes); float32 needs none."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxloss
+
+    z = jax.ShapeDtypeStruct(SHAPE, jnp.bfloat16)
+    y = jax.ShapeDtypeStruct(SHAPE[:1], jnp.int32)
+    compiled = jax.jit(getattr(jaxloss, name)).lower(z, y).compile()
+    temps = compiled.memory_analysis().temp_size_in_bytes  # pyright: ignore[reportOptionalMemberAccess]
+    assert temps <= ROW_SLACK, f"{temps} bytes against {LOGITS_BYTES['bf16']} of logits"
