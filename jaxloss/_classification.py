@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Integer, Real
 
-from jaxloss import _common, _targets
+from jaxloss import _common, _implementations, _targets
 from jaxloss._stats import LogitStats
 
 # ----------------------------------------------------------------------------------------------
@@ -462,6 +462,7 @@ def cross_entropy(
     z_loss: float | Float[ArrayLike, ""] | None = 0.0,
     soft_cap: float | Float[ArrayLike, ""] | None = None,
     return_stats: Literal[False] = False,
+    implementation: Literal["xla", "pallas"] | None = None,
 ) -> Float[Array, "*positions"]: ...
 
 
@@ -478,12 +479,13 @@ def cross_entropy(
     z_loss: float | Float[ArrayLike, ""] | None = 0.0,
     soft_cap: float | Float[ArrayLike, ""] | None = None,
     return_stats: Literal[True],
+    implementation: Literal["xla", "pallas"] | None = None,
 ) -> tuple[Float[Array, "*positions"], LogitStats]: ...
 
 
 @functools.partial(
     _common.jit,
-    static_argnames=("ignore_index", "reduction", "axis", "return_stats"),
+    static_argnames=("ignore_index", "reduction", "axis", "return_stats", "implementation"),
     prepare=_prepare("cross_entropy", "logits"),
 )
 def cross_entropy(
@@ -498,6 +500,7 @@ def cross_entropy(
     z_loss: float | Float[ArrayLike, ""] | None = 0.0,
     soft_cap: float | Float[ArrayLike, ""] | None = None,
     return_stats: bool = False,
+    implementation: Literal["xla", "pallas"] | None = None,
 ) -> Float[Array, "*positions"] | tuple[Float[Array, "*positions"], LogitStats]:
     r"""Cross-entropy between logits and targets, as ``torch.nn.functional.cross_entropy``.
 
@@ -540,6 +543,10 @@ def cross_entropy(
         ``correct`` (argmax equals the target; for probability targets, the target's argmax),
         ``entropy`` and the predicted class ``argmax`` of the (capped) logits, not
         differentiated.
+      implementation: ``None`` (each backend's best, chosen when the program is lowered: the
+        Pallas kernel on TPU for index targets with the classes last, the XLA form elsewhere),
+        ``"xla"`` (the portable XLA form everywhere) or ``"pallas"`` (the TPU kernel; an error
+        on other backends and for cases it does not take). See docs/classification.md.
 
     Returns:
       Per-position losses (``"none"``) or a scalar, in the dtype of ``logits`` (half precision
@@ -569,12 +576,15 @@ def cross_entropy(
     return_stats = _common.check_flag(fn, "return_stats", return_stats)
     hyper = _traced_hyperparameters(fn, label_smoothing, z_loss)
     soft_cap = _common.hyperparameter(fn, "soft_cap", soft_cap, positive=True)
+    _implementations.check(fn, implementation)
     z = logits if soft_cap is None else _soft_capped(fn, logits, soft_cap)
     if jnp.issubdtype(targets.dtype, jnp.integer):
         args = (fn, logits, targets, weight, ignore_index, axis, "logits")
         ax, targets, idx, class_weight = _index_inputs(*args)
-        loss = _per_position(_index_ce, ax, z, _Index(targets, idx, class_weight, *hyper))
-        loss = _targets.reduce(loss, reduction, idx).astype(logits.dtype)
+        data = _Index(targets, idx, class_weight, *hyper)
+        loss = _implementations.index_cross_entropy(
+            implementation, _index_ce_xla, ax, z, data, reduction
+        ).astype(logits.dtype)
         hit = (targets, idx.valid & ~idx.bad)
     else:
         if not jnp.issubdtype(targets.dtype, jnp.floating):
@@ -587,12 +597,18 @@ def cross_entropy(
         class_weight = _common.check_class_weight(fn, weight, logits.shape[ax])
         if class_weight is not None:
             class_weight = class_weight.astype(_common.compute_dtype(logits.dtype))
+        _implementations.refuse_pallas(fn, implementation, "probability (floating) targets")
         loss = _per_position(_prob_ce, ax, z, _Probs(targets, class_weight, *hyper))
         # PyTorch's mean divides by logits.numel() / C: NaN when there are no classes.
         positions = loss.size if logits.shape[ax] else 0
         loss = _common.reduce_loss(loss, reduction, positions).astype(logits.dtype)
         hit = (jnp.argmax(targets, ax) if targets.shape[ax] else None, True)
     return (loss, _logit_stats(z, ax, *hit)) if return_stats else loss
+
+
+def _index_ce_xla(axis: int, z: jax.Array, d: _Index, reduction: str) -> jax.Array:
+    """The XLA form of index cross-entropy, reduced: the CPU/GPU default, the TPU fallback."""
+    return _targets.reduce(_per_position(_index_ce, axis, z, d), reduction, d.idx)
 
 
 def _soft_capped(fn: str, z: jax.Array, cap) -> jax.Array:
