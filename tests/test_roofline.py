@@ -261,3 +261,28 @@ def test_one_reader_sees_all_gathers():
     text = "ENTRY %m (p: f32[4]) -> f32[32] {\n  %p = f32[4]{0} parameter(0)\n"
     text += "  ROOT %g = f32[32]{0} all-gather(%p), dimensions={0}\n}\n"
     assert hlo.all_gather_shapes(text) == [(32,)]
+
+
+@pytest.mark.slow
+def test_linear_head_takes_larger_blocks_on_gpus():
+    """GPUs default to 2048² blocks (chunked.GPU_CHUNK): modelled value_and_grad at an 8B-class
+    head, bf16 on an H100, 64.5 ms against 91.5 ms with the CPU's 1024² blocks, within 128 MiB."""
+    n, d, v = 8192, 4096, 131072
+    specs = (((n, d), jnp.bfloat16), ((d, v), jnp.bfloat16), ((n,), jnp.int32))
+
+    def head(**chunks):
+        def fn(h, k, y):
+            def loss(h, k):
+                return jaxloss.linear_cross_entropy(h, k, y, **chunks).astype(jnp.float32)
+
+            return jax.value_and_grad(loss, argnums=(0, 1))(h, k)
+
+        return fn
+
+    target = TARGETS["h100"]
+    shapes = [jax.ShapeDtypeStruct(s, t) for s, t in specs]
+    default = compiled.analyse(compiled.compile_program(target, head(), shapes), target)
+    small = head(token_chunk=1024, vocab_chunk=1024)
+    cpu_blocks = compiled.analyse(compiled.compile_program(target, small, shapes), target)
+    assert default["roofline_s"] <= 0.75 * cpu_blocks["roofline_s"], (default, cpu_blocks)
+    assert default["temp_bytes"] <= 128 * 2**20

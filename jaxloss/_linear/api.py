@@ -94,8 +94,8 @@ def linear_cross_entropy(
     z_loss: float | Float[ArrayLike, ""] = 0.0,
     soft_cap: float | Float[ArrayLike, ""] | None = None,
     return_stats: bool = False,
-    token_chunk: int = chunked.DEFAULT_TOKEN_CHUNK,
-    vocab_chunk: int = chunked.DEFAULT_VOCAB_CHUNK,
+    token_chunk: int | None = None,
+    vocab_chunk: int | None = None,
     grad_token_chunk: int | None = None,
     mesh: Mesh | None = None,
     batch_axis: str | tuple[str, ...] | None = None,
@@ -175,8 +175,10 @@ def linear_cross_entropy(
       return_stats: also return a :class:`jaxloss.LogitStats` of per-position ``lse``,
         ``correct``, ``entropy`` and ``argmax`` of the (capped) logits, from the same pass.
       token_chunk: rows of ``hidden`` per block of the blocked pass (clipped to ``N``; any
-        value works, the last chunk may overlap the previous one).
-      vocab_chunk: columns of ``kernel`` per block of the blocked pass (clipped to ``V``).
+        value works, the last chunk may overlap the previous one); ``None``: 2048 on GPUs,
+        1024 on CPUs and TPUs (docs/linear.md says why).
+      vocab_chunk: columns of ``kernel`` per block of the blocked pass (clipped to ``V``);
+        ``None`` as for ``token_chunk``.
       grad_token_chunk: tokens per block of the fused gradient pass (CPU), which holds
         ``[grad_token_chunk, V]`` logits; default ``2**24 // V`` (64 MiB of float32 logits).
       mesh: the ``jax.sharding.Mesh`` for ``batch_axis``/``vocab_axis`` (default: the context
@@ -280,7 +282,8 @@ def _linear_cross_entropy(
         sharded.reject_explicit_sharding(
             _FN, hidden=h, kernel=kernel, targets=targets, bias=bias, weight=weight
         )
-        loss, stats = _single_device(problem, options, hyper, config.clipped(n, v))
+        chunks = {"cpu": config.clipped(n, v), "cuda": config.clipped(n, v, gpu=True)}
+        loss, stats = _single_device(problem, options, hyper, chunks)
     else:
         loss, stats = sharded.sharded_loss(
             problem, options, hyper, config, mesh=resolved_mesh, batch_axis=batch_axis,
@@ -308,9 +311,20 @@ def _single_device(p: chunked.Problem, options: assembly.Options, hyper, chunks)
 
 
 def _per_token(p: chunked.Problem, options: assembly.Options, hyper, chunks):
-    s = chunked.token_stats(p, chunks[:2])
-    losses = assembly.RowLoss(options)(s, chunked.whole_block(p), p.class_weight, hyper)
-    return losses, (s.lse, s.arg, s.entropy)
+    """Per-token losses and stats; ``chunks`` maps "cpu" (every backend but GPUs) and "cuda"
+    to their block sizes (one pass where they agree)."""
+
+    def on(blocks):
+        def per_token():
+            s = chunked.token_stats(p, blocks[:2])
+            losses = assembly.RowLoss(options)(s, chunked.whole_block(p), p.class_weight, hyper)
+            return losses, (s.lse, s.arg, s.entropy)
+
+        return per_token
+
+    if chunks["cuda"] == chunks["cpu"]:
+        return on(chunks["cpu"])()
+    return jax.lax.platform_dependent(default=on(chunks["cpu"]), cuda=on(chunks["cuda"]))
 
 
 def _summed(p: chunked.Problem, options: assembly.Options, hyper, chunks):
@@ -324,7 +338,7 @@ def _summed(p: chunked.Problem, options: assembly.Options, hyper, chunks):
     """
 
     def fused():
-        return chunked.fused_total(p, hyper, assembly.RowLoss(options), chunks)
+        return chunked.fused_total(p, hyper, assembly.RowLoss(options), chunks["cpu"])
 
     def recomputed():
         losses, stats = _per_token(p, options, hyper, chunks)

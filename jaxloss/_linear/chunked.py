@@ -47,6 +47,13 @@ from jaxloss import _common
 # (f32); larger blocks only cost memory. GPUs and TPUs may prefer larger chunks.
 DEFAULT_TOKEN_CHUNK = 1024
 DEFAULT_VOCAB_CHUNK = 1024
+# XLA:GPU pays per block: each block's gemm reads and writes float32 gradient accumulators and
+# copies its slices of h and K. Modelled value_and_grad (mean, bf16) on an H100 at N=8192,
+# D=4096, V=131072 (benchmarks/roofline.py): 91.5 ms with 40 MiB of temporaries at 1024²
+# blocks, 64.5 ms / 80 MiB at 2048², 59.3 ms / 192 MiB at 4096². 2048² keeps the head within
+# 128 MiB (its memory is what it is for) for 1.4x of the 1.5x that larger blocks give. A TPU v5p
+# (D=2048) models 51.6 ms at each size (its five matmuls bound it): TPUs keep the CPU's blocks.
+GPU_CHUNK = 2048
 # The fused gradient pass holds [rows, V] logits: 2^24 of them (64 MiB in float32) per block
 # keeps value_and_grad at N=8192, D=2048, V=131072 at ~84 MiB of temporaries, with 512 rows at
 # V=32768, where on a 2-core x86 CPU it measured 0.65x the materialised path's time (128 rows:
@@ -67,27 +74,33 @@ class ChunkConfig:
     """Block sizes of the blocked kernel, validated on construction.
 
     Attributes:
-      token_chunk: rows of ``hidden`` per block (clipped to the number of tokens).
-      vocab_chunk: columns of ``kernel`` per block (clipped to the number of classes).
+      token_chunk: rows of ``hidden`` per block (clipped to the number of tokens); ``None``:
+        the backend's default (:data:`GPU_CHUNK` on GPUs, :data:`DEFAULT_TOKEN_CHUNK` elsewhere).
+      vocab_chunk: columns of ``kernel`` per block (clipped to the number of classes); ``None``
+        as for ``token_chunk``.
       grad_token_chunk: rows per block of the fused gradient pass, which holds
         ``[grad_token_chunk, V]`` logits; ``None``: ``2**24 // V`` (at least 1).
     """
 
-    token_chunk: int = DEFAULT_TOKEN_CHUNK
-    vocab_chunk: int = DEFAULT_VOCAB_CHUNK
+    token_chunk: int | None = None
+    vocab_chunk: int | None = None
     grad_token_chunk: int | None = None
     fn: dataclasses.InitVar[str] = "linear_cross_entropy"
 
     def __post_init__(self, fn: str) -> None:
         for field in ("token_chunk", "vocab_chunk", "grad_token_chunk"):
             value = getattr(self, field)
-            if value is not None or field != "grad_token_chunk":
+            if value is not None:
                 object.__setattr__(self, field, _positive_int(fn, field, value))
 
-    def clipped(self, tokens: int, classes: int) -> tuple[int, int, int]:
-        """``(token_chunk, vocab_chunk, grad_token_chunk)`` no larger than the array they cut."""
+    def clipped(self, tokens: int, classes: int, gpu: bool = False) -> tuple[int, int, int]:
+        """``(token_chunk, vocab_chunk, grad_token_chunk)`` no larger than the array they cut,
+        the defaults of a GPU where ``gpu``."""
+        default = GPU_CHUNK if gpu else DEFAULT_TOKEN_CHUNK
+        rows = self.token_chunk or default
+        cols = self.vocab_chunk or (GPU_CHUNK if gpu else DEFAULT_VOCAB_CHUNK)
         fused = self.grad_token_chunk or max(1, DEFAULT_FUSED_BLOCK // classes)
-        return min(self.token_chunk, tokens), min(self.vocab_chunk, classes), min(fused, tokens)
+        return min(rows, tokens), min(cols, classes), min(fused, tokens)
 
 
 class Chunk(NamedTuple):
