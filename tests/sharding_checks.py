@@ -366,6 +366,50 @@ for _layout in LAYOUTS:
         return problems, []
 
 
+def _huge_fn(dense: bool = False, **axes):
+    """Per-token losses, their mean and sum, and gradients (kernel, bias, class weight) at
+    logits near 1e8 (float32)."""
+
+    def fn(hidden, kernel, bias, targets, weight, cotangent):
+        def loss_of(reduction, h, k, b, w):
+            options = dict(weight=w, reduction=reduction, label_smoothing=0.1)
+            if dense:
+                return jaxloss.cross_entropy(h @ k + b[None, :], targets, **options)
+            return jaxloss.linear_cross_entropy(
+                h, k, targets, bias=b, token_chunk=3, vocab_chunk=3, **options, **axes
+            )
+
+        def f(*args):
+            loss = loss_of("none", *args)
+            return jnp.sum(loss * cotangent), loss
+
+        args = (hidden, kernel, bias, weight)
+        # Not the hidden gradient: Σ_c ∂ℓ/∂z_c · 1e8 is rounding noise of 1e8 in any order.
+        (_, loss), grads = jax.value_and_grad(f, argnums=(1, 2, 3), has_aux=True)(*args)
+        return loss, loss_of("mean", *args), loss_of("sum", *args), grads
+
+    return fn
+
+
+def _huge_args():
+    """One feature of ones; logits 1e8 and 1, 2, 3 float32 ulps (8) below it, on every shard
+    (each class keeps some probability: the losses are a few units, not 1e8)."""
+    kernel = (1e8 - 8.0 * (np.arange(V) % 4)).astype(np.float32)[None, :]
+    return dict(_linear_args(), hidden=np.ones((N, 1), np.float32), kernel=kernel)
+
+
+for _layout in LAYOUTS:
+
+    @check(f"linear_cross_entropy/shard_map/{_layout}/huge_logits")
+    def _linear_shard_map_huge(mesh: Mesh, layout=_layout):
+        """Shards' sums relative to their own maxima, moved to the global one: exact at 1e8
+        as cross_entropy of the materialised logits (issue 19, item 2)."""
+        fn = _huge_fn(mesh=mesh, **_axes(layout))
+        got, _ = _sharded(mesh, layout, fn, _huge_args(), LINEAR_KINDS)
+        want = _unsharded(_huge_fn(dense=True), _huge_args())
+        return _compare(got, want, f"linear_cross_entropy at 1e8 (shard_map) {layout}"), []
+
+
 @check("linear_cross_entropy/shard_map/uneven_split_is_an_error")
 def _linear_uneven(mesh: Mesh):
     """Tokens or classes that do not split evenly over the named axes raise a ValueError."""
