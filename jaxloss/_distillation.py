@@ -274,14 +274,21 @@ def _student_slope(a, b, stats, cfg: _Config):
 
 
 def _block_dz(student, teacher, per_row, row: chunked.Chunk, col: chunked.Chunk, cfg, cdt):
-    """``(∂ℓ/∂z_s, h_i)`` of one recomputed block (``z_s`` the student's unscaled logits)."""
+    """``(∂ℓ/∂z_s, h_i)`` of one recomputed block (``z_s`` the student's unscaled logits, ``h_i``
+    its hidden rows as the gradient matmuls read them).
+
+    Tokens without a cotangent (masked) contribute exactly nothing, even degenerate ones and
+    NaN/inf hidden rows: those rows are zeroed before any matmul (a select, no ``0 · NaN``).
+    """
     nc, vc = cfg.chunks
-    (th_i,), (h_i,) = _rows(teacher[:1], row.start, nc), _rows(student[:1], row.start, nc)
     *stats_i, g_i = _rows(per_row, row.start, nc)
+    counted = g_i != 0
+    th_i, h_i = (
+        chunked.zero_rows(x, counted) for x in _rows((teacher[0], student[0]), row.start, nc)
+    )
     a = _scaled_logits(th_i, *_columns(teacher, col.start, vc), col, cfg, cdt)
     b = _scaled_logits(h_i, *_columns(student, col.start, vc), col, cfg, cdt)
-    # Tokens without a cotangent (masked) contribute exactly nothing, even degenerate ones.
-    live = g_i != 0 if row.fresh is None else (g_i != 0) & row.fresh
+    live = counted if row.fresh is None else counted & row.fresh
     return jnp.where(live[:, None], g_i[:, None] * _student_slope(a, b, stats_i, cfg), 0), h_i
 
 
@@ -598,6 +605,8 @@ def linear_distillation(
         give 0).
       temperature: τ > 0, dividing both heads' logits.
       mask: optional boolean ``(*batch)``: True for the tokens that count (e.g. not padding).
+        A masked token contributes nothing, even where its hidden rows are NaN or inf (the
+        backward pass reads them as zeros).
       reduction: ``"none"`` (per token, shape ``(*batch)``, masked tokens 0), ``"sum"`` or
         ``"mean"`` (over the tokens where ``mask`` is True; over all tokens without a mask).
       bias: the student's optional bias ``(V,)``.

@@ -235,6 +235,27 @@ for _layout in ("classes", "both"):
     _register_huge(_layout, "kl")
 
 
+def _register_poisoned(layout: str, divergence: str) -> None:
+    name = f"shard_map/{divergence}/{layout}/non_finite_masked_rows"
+
+    def run(mesh: Mesh):
+        """NaN/inf hidden rows (student's and teacher's) at masked tokens: the values and
+        gradients of finite ones (issue 19, item 4)."""
+        data = _data()
+        masked = np.flatnonzero(~data["mask"])
+        hidden, teacher_hidden = data["hidden"].copy(), data["teacher_hidden"].copy()
+        hidden[masked[0]], hidden[masked[1], 0], teacher_hidden[masked[2]] = np.nan, np.inf, np.inf
+        poisoned = dict(data, hidden=hidden, teacher_hidden=teacher_hidden)
+        got, _ = _run(mesh, layout, _fn(divergence, mesh=mesh, **_axes(layout)), poisoned)
+        return _compare(got, _reference(divergence, True), name), []
+
+    CHECKS[name] = run
+
+
+for _layout in LAYOUTS:
+    _register_poisoned(_layout, "jsd")
+
+
 def _parser_self_test(mesh: Mesh):
     """The HLO parser finds a forced all-gather of a class-sharded kernel (so a pass means much)."""
     kernel = jax.device_put(jnp.zeros((D, V)), NamedSharding(mesh, _specs("classes")["kernel"]))

@@ -410,6 +410,30 @@ for _layout in LAYOUTS:
         return _compare(got, want, f"linear_cross_entropy at 1e8 (shard_map) {layout}"), []
 
 
+def _poisoned_args():
+    """``_linear_args`` with NaN/inf hidden rows at the ignored positions (padding)."""
+    args = _linear_args()
+    hidden = args["hidden"].copy()
+    ignored = np.flatnonzero(args["targets"] == -100)
+    hidden[ignored[0]], hidden[ignored[1], 0], hidden[ignored[2]] = np.nan, -np.inf, np.inf
+    return dict(args, hidden=hidden)
+
+
+for _layout in LAYOUTS:
+
+    @check(f"linear_cross_entropy/shard_map/{_layout}/non_finite_ignored_rows")
+    def _linear_shard_map_poisoned(mesh: Mesh, layout=_layout):
+        """NaN/inf hidden rows at ignored tokens: the values and gradients of finite ones
+        (issue 19, item 4)."""
+        fn = _linear_fn(mesh=mesh, **_axes(layout))
+        got, _ = _sharded(mesh, layout, fn, _poisoned_args(), LINEAR_KINDS)
+        what = f"linear_cross_entropy, NaN at ignored rows (shard_map) {layout}"
+        problems = _compare(got, _linear_reference(), what)
+        if not all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(got)):
+            problems.append(f"{what}: non-finite outputs")
+        return problems, []
+
+
 @check("linear_cross_entropy/shard_map/uneven_split_is_an_error")
 def _linear_uneven(mesh: Mesh):
     """Tokens or classes that do not split evenly over the named axes raise a ValueError."""

@@ -737,3 +737,37 @@ def test_huge_logits_are_exact(dtype):
                     np.asarray(g, np.float64), w, rtol=rtol, atol=rtol * np.max(np.abs(w)),
                     err_msg=f"{d}: {name}",
                 )  # fmt: skip
+
+
+@pytest.mark.parametrize("chunks", [(4, 6), (1, 1), (N, V)])
+def test_non_finite_hidden_at_masked_tokens_contributes_nothing(chunks):
+    """Padded positions may hold NaN/inf hidden states (student's or teacher's): a masked token
+    adds nothing to the value or any gradient, and its own hidden gradient is 0."""
+    (h, k, b, th, tk, tb), mask = _problem()
+    masked = [int(i) for i in np.flatnonzero(~np.asarray(mask))[:2]]
+    poisoned_h = h.at[masked[0]].set(jnp.nan).at[masked[1], 0].set(-jnp.inf)
+    poisoned_th = th.at[masked[1]].set(jnp.inf)
+
+    def run(loss_fn, h, th):
+        def f(h, k, b):
+            return {d: loss_fn(h, k, b, th, tk, tb, divergence=d, mask=mask) for d in DIVERGENCES}
+
+        return jax.jit(lambda h, k, b: {
+            d: jax.value_and_grad(lambda *s: f(*s)[d], (0, 1, 2))(h, k, b) for d in DIVERGENCES
+        })(h, k, b)  # fmt: skip
+
+    def fused(h, k, b, th, tk, tb, **options):
+        return jaxloss.linear_distillation(
+            h, k, th, tk, bias=b, teacher_bias=tb, token_chunk=chunks[0], vocab_chunk=chunks[1],
+            **options,
+        )  # fmt: skip
+
+    got, want = run(fused, poisoned_h, poisoned_th), run(_materialised, h, th)
+    for d in DIVERGENCES:
+        names = ("loss", "hidden", "kernel", "bias")
+        for name, g, w in zip(names, (got[d][0], *got[d][1]), (want[d][0], *want[d][1]),
+                              strict=True):  # fmt: skip
+            assert np.all(np.isfinite(g)), f"{d}: {name}"
+            scale = float(jnp.max(jnp.abs(w)))
+            np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5 * scale, err_msg=f"{d}: {name}")
+        np.testing.assert_array_equal(np.asarray(got[d][1][0])[masked], 0.0)

@@ -48,7 +48,7 @@ def _head(form: str, **options):
         options = dict(options, mesh=mesh, vocab_axis="vocab")
     if form == "none":
         loss = functools.partial(jaxloss.linear_cross_entropy, reduction="none", **options)
-        return lambda h, k, y: jnp.sum(loss(h, k, y))
+        return lambda h, k, y, **arrays: jnp.sum(loss(h, k, y, **arrays))
     return functools.partial(jaxloss.linear_cross_entropy, reduction="sum", **options)
 
 
@@ -137,3 +137,61 @@ def test_huge_logits_smoothing_and_probabilities_are_exact(form, dtype):
         for name, want in wants.items():
             _assert_close(got[name][0], want[0], dtype, f"{name}: loss")
             _assert_close(got[name][1][1], want[1][1], dtype, f"{name}: kernel gradient")
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 4: a non-finite hidden row at an ignored token contributes nothing
+# ----------------------------------------------------------------------------------------------
+
+N, D, V = 7, 4, 9
+IGNORED = (1, 4)
+
+
+def _problem(seed=0):
+    """Hidden, kernel, bias, class weight and targets (rows ``IGNORED`` ignored), float32."""
+    rng = np.random.default_rng(seed)
+    hidden, kernel = rng.standard_normal((N, D)), rng.standard_normal((D, V))
+    bias, weight = rng.standard_normal(V), rng.uniform(0.5, 2.0, V)
+    targets = rng.integers(0, V, N)
+    targets[list(IGNORED)] = -100
+    floats = (jnp.asarray(a, jnp.float32) for a in (hidden, kernel, bias, weight))
+    return (*floats, jnp.asarray(targets, jnp.int32))
+
+
+# Chunkings: uneven blocks that overlap, single rows and columns, and whole arrays.
+CHUNKINGS = {"uneven": (3, 4, 2), "single": (1, 1, 1), "whole": (N, V, N)}
+
+
+def _all_grads(loss_fn, targets):
+    """Jitted value and gradients in hidden, kernel, bias and class weight."""
+    f = lambda h, k, b, w: loss_fn(h, k, targets, bias=b, weight=w)
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))
+
+
+@pytest.mark.parametrize("form", FORMS, indirect=True)
+@pytest.mark.parametrize("chunking", CHUNKINGS)
+def test_non_finite_hidden_at_ignored_tokens_contributes_nothing(form, chunking):
+    """Padded positions may hold NaN/inf hidden states (fully masked attention rows): the loss
+    and every gradient (kernel, bias, weight) are those of any finite hidden row there, and
+    that row's own hidden gradient is 0."""
+    hidden, kernel, bias, weight, targets = _problem()
+    token_chunk, vocab_chunk, grad_token_chunk = CHUNKINGS[chunking]
+    options = dict(label_smoothing=0.1, z_loss=1e-3, token_chunk=token_chunk,
+                   vocab_chunk=vocab_chunk, grad_token_chunk=grad_token_chunk)  # fmt: skip
+    fused = _all_grads(_head(form, **options), targets)
+    dense = _all_grads(
+        lambda h, k, y, *, bias, weight: jaxloss.cross_entropy(
+            h @ k + bias[None, :], y, weight=weight, reduction="sum", label_smoothing=0.1,
+            z_loss=1e-3,
+        ),
+        targets,
+    )  # fmt: skip
+    want = dense(hidden, kernel, bias, weight)
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        poisoned = hidden.at[IGNORED[0]].set(bad).at[IGNORED[1], 2].set(bad)
+        got = fused(poisoned, kernel, bias, weight)
+        for name, g, w in zip(("loss", "hidden", "kernel", "bias", "weight"), (got[0], *got[1]),
+                              (want[0], *want[1]), strict=True):  # fmt: skip
+            assert np.all(np.isfinite(g)), f"{bad}: {name}"
+            _assert_close(g, w, "float32", f"{bad}: {name}")
+        np.testing.assert_array_equal(np.asarray(got[1][0])[list(IGNORED)], 0.0)

@@ -29,8 +29,8 @@ previous chunk are masked out.
 
 Small helpers other blockwise losses may reuse: :class:`ChunkConfig`, :func:`chunk`,
 :func:`num_chunks`, :func:`put_fresh`, :func:`sum_over_columns`, :func:`dot` (a matmul with
-float32 accumulation), :func:`vary`, :func:`finite_or_zero`, :class:`Normaliser`,
-:func:`combine_shards`.
+float32 accumulation), :func:`vary`, :func:`finite_or_zero`, :func:`zero_rows`,
+:class:`Normaliser`, :func:`combine_shards`.
 """
 
 from __future__ import annotations
@@ -155,6 +155,18 @@ def finite_or_zero(m: jax.Array) -> jax.Array:
     # A row whose logits are all -inf (or that has a +inf) keeps a finite shift, so the result is
     # the NaN/inf cross_entropy gives rather than an inf - inf produced here.
     return jnp.where(jnp.isfinite(m), m, 0)
+
+
+def zero_rows(x: jax.Array, keep: jax.Array) -> jax.Array:
+    """``x`` (``[rows, D]``) with the rows where ``keep`` (``(rows,)`` or ``(rows, 1)``) is
+    False set to 0, by a select (a multiply would keep ``0 · NaN = NaN``).
+
+    The gradient passes apply it to the hidden rows of tokens without a cotangent — ignored
+    targets, masked tokens — before their matmuls: a NaN or inf there (a padded position)
+    would otherwise reach every kernel-gradient entry as ``0 · NaN``. Only the block in hand
+    is selected: no copy of ``hidden``.
+    """
+    return jnp.where(keep.reshape(-1, 1), x, 0)
 
 
 def _slice(x: jax.Array, start, width: int, axis: int = 0) -> jax.Array:
@@ -426,6 +438,10 @@ class Cotangents(NamedTuple):
     def rows(self, start, width: int) -> Cotangents:
         return Cotangents(*(None if g is None else _slice(g, start, width)[:, None] for g in self))
 
+    def counted(self) -> jax.Array:
+        """Whether each row has any nonzero (or NaN) cotangent; the others contribute nothing."""
+        return functools.reduce(jnp.logical_or, (g != 0 for g in self if g is not None))
+
 
 class Normaliser(NamedTuple):
     """Per-token ``shift`` (the finite max) and ``log_sum = log Σ_c e^(z_c - shift)``."""
@@ -459,7 +475,7 @@ def _block_grads(p: Problem, z, norm: Normaliser, g: Cotangents, blk: Block):
 
     With the shift held constant, ``∂/∂z = g_log_sum softmax(z) + g_tgt [c = y] − (g_tgap t +
     g_wgap) w``, then through the cap: ``∂z/∂x = 1 − (z / c)²``. Rows without a log-sum
-    cotangent (ignored targets) contribute exactly nothing, even where their logits overflow.
+    cotangent (ignored targets) contribute exactly nothing, even where their logits are NaN.
     """
     dz = jnp.where(g.log_sum != 0, g.log_sum * norm.softmax(z), 0)
     if g.tgt is not None:
@@ -482,9 +498,10 @@ def _block_grads(p: Problem, z, norm: Normaliser, g: Cotangents, blk: Block):
         dz = dz * (1 - jnp.square(z / p.soft_cap.astype(z.dtype)))
     if blk.cols.fresh is not None:
         dz = jnp.where(blk.cols.fresh[None, :], dz, 0)
+    live = g.counted()
     if blk.rows.fresh is not None:
-        dz = jnp.where(blk.rows.fresh[:, None], dz, 0)
-    return dz, dw
+        live = live & blk.rows.fresh[:, None]
+    return jnp.where(live, dz, 0), dw
 
 
 def _grad_zeros(p: Problem):
@@ -509,14 +526,21 @@ def _cast_grads(p: Problem, dh, dk, db, dw):
 # ----------------------------------------------------------------------------------------------
 
 
+def _counted_rows(p: Problem, g: Cotangents, rows: Chunk, nc: int):
+    """A row block's cotangents and its hidden rows, zeroed where no cotangent is (those rows'
+    logit gradients are 0: their hidden rows enter no matmul of the gradient passes)."""
+    g_i = g.rows(rows.start, nc)
+    return g_i, zero_rows(_slice(p.hidden, rows.start, nc), g_i.counted())
+
+
 def _recomputed_block(
-    p: Problem, chunks, norm: Normaliser, g: Cotangents, rows: Chunk, cols: Chunk, h_i, k_j
+    p: Problem, chunks, norm: Normaliser, g_i: Cotangents, rows: Chunk, cols: Chunk, h_i, k_j
 ):
     """``(∂ℓ/∂(hK + b) as the matmul dtype, ∂ℓ/∂w)`` of one recomputed block of logits."""
     nc, vc = chunks
     z = _capped_logits(p, h_i, k_j, _maybe_slice(p.bias, cols.start, vc), cols)
     blk = _block(p, rows, cols, nc, vc)
-    dz, dw = _block_grads(p, z, norm.rows(rows.start, nc), g.rows(rows.start, nc), blk)
+    dz, dw = _block_grads(p, z, norm.rows(rows.start, nc), g_i, blk)
     return dz.astype(jnp.result_type(p.hidden.dtype, p.kernel.dtype)), dw
 
 
@@ -536,8 +560,8 @@ def _kernel_pass(p: Problem, chunks, norm: Normaliser, g: Cotangents, dh):
         def token_step(i, inner):
             dh, dk_j, db_j, dw_j = inner
             rows = chunk(i, nc, n)
-            h_i = _slice(p.hidden, rows.start, nc)
-            dz, dw_i = _recomputed_block(p, chunks, norm, g, rows, cols, h_i, k_j)
+            g_i, h_i = _counted_rows(p, g, rows, nc)
+            dz, dw_i = _recomputed_block(p, chunks, norm, g_i, rows, cols, h_i, k_j)
             if dh is not None:
                 dh_i = _slice(dh, rows.start, nc) + dot(dz, k_j.astype(dz.dtype), (1, 1), cdt)
                 dh = _put(dh, dh_i, rows.start)
@@ -569,8 +593,9 @@ def _hidden_pass(p: Problem, chunks, norm: Normaliser, g: Cotangents):
     nc, vc = chunks
 
     def block(rows: Chunk, cols: Chunk) -> jax.Array:
-        h_i, k_j = _slice(p.hidden, rows.start, nc), _slice(p.kernel, cols.start, vc, 1)
-        dz, _ = _recomputed_block(p, chunks, norm, g, rows, cols, h_i, k_j)
+        g_i, h_i = _counted_rows(p, g, rows, nc)
+        k_j = _slice(p.kernel, cols.start, vc, 1)
+        dz, _ = _recomputed_block(p, chunks, norm, g_i, rows, cols, h_i, k_j)
         return dot(dz, k_j.astype(dz.dtype), (1, 1), p.cdt)
 
     v = p.kernel.shape[1]
@@ -673,6 +698,9 @@ def _fused_chunk(p: Problem, hyper, row_loss: RowLoss, rows: Chunk, chunks, grad
     *g, dw_outer = vjp(fresh)
     g = Cotangents(*(None if a is None else a[:, None] for a in g))
     norm = Normaliser(stats.shift[:, None], stats.log_sum[:, None])
+    # The logits above are the statistics' (defined at every token); the gradient's matmuls
+    # read no hidden row of a token without a cotangent.
+    h_live = zero_rows(h_i, g.counted()).astype(mm)
 
     def vocab_step(j, carry):
         dh_i, dk, db, dw = carry
@@ -686,7 +714,7 @@ def _fused_chunk(p: Problem, hyper, row_loss: RowLoss, rows: Chunk, chunks, grad
         dh_i = dh_i + dot(dz, k_j.astype(mm), (1, 1), p.cdt)
         dk = _put(
             dk,
-            _slice(dk, cols.start, vc, 1) + dot(h_i.astype(mm), dz, (0, 0), p.cdt),
+            _slice(dk, cols.start, vc, 1) + dot(h_live, dz, (0, 0), p.cdt),
             cols.start,
             1,
         )
