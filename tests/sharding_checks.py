@@ -434,6 +434,79 @@ for _layout in LAYOUTS:
         return problems, []
 
 
+def _masked_shard_fn(**axes):
+    """Values and gradients with the classes of the last vocabulary shard all masked (-inf
+    bias): that shard's log-sum is -inf for every row, and adds exactly nothing."""
+
+    def fn(hidden, kernel, bias, targets, weight, cotangent):
+        bias = bias.at[V - V // NUM_DEVICES :].set(-jnp.inf)
+        targets = jnp.where(targets >= V - V // NUM_DEVICES, 0, targets)
+
+        def f(h, k, w):
+            loss = jaxloss.linear_cross_entropy(
+                h, k, targets, bias=bias, weight=w, reduction="none", z_loss=1e-3,
+                token_chunk=3, vocab_chunk=3, **axes,
+            )  # fmt: skip
+            return jnp.sum(loss * cotangent), loss
+
+        return jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(hidden, kernel, weight)
+
+    return fn
+
+
+@check("linear_cross_entropy/shard_map/classes/masked_shard")
+def _linear_shard_map_masked_shard(mesh: Mesh):
+    """A shard without a finite logit (its finite_or_zero shift): finite, as unsharded."""
+    got, _ = _sharded(mesh, "classes", _masked_shard_fn(mesh=mesh, **_axes("classes")),
+                      _linear_args(), LINEAR_KINDS)  # fmt: skip
+    want = _unsharded(_masked_shard_fn(), _linear_args())
+    problems = _compare(got, want, "linear_cross_entropy, a masked vocabulary shard")
+    if not all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(got)):
+        problems.append("non-finite outputs with a masked vocabulary shard")
+    return problems, []
+
+
+def _infinite_kernel_fn(dense: bool = False, **axes):
+    """Per-token losses and all gradients with +inf and -inf kernel entries (rows whose logits
+    hold +inf or -inf on one shard only)."""
+
+    def fn(hidden, kernel, bias, targets, weight, cotangent):
+        kernel = kernel.at[0, 7].set(jnp.inf).at[3, 30].set(-jnp.inf)
+
+        def f(h, k, b, w):
+            options = dict(weight=w, reduction="none", label_smoothing=0.1)
+            if dense:
+                loss = jaxloss.cross_entropy(h @ k + b[None, :], targets, **options)
+            else:
+                loss = jaxloss.linear_cross_entropy(
+                    h, k, targets, bias=b, token_chunk=3, vocab_chunk=3, **options, **axes
+                )
+            return jnp.sum(loss * cotangent), loss
+
+        args = (hidden, kernel, bias, weight)
+        return jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True)(*args)
+
+    return fn
+
+
+for _layout in ("classes", "both"):
+
+    @check(f"linear_cross_entropy/shard_map/{_layout}/infinite_kernel")
+    def _linear_shard_map_infinite(mesh: Mesh, layout=_layout):
+        """Every entry, NaN, inf and finite, as autodiff of the materialised formula (issue 19,
+        item 7): the log-sum over shards gives a row holding +inf the unsharded gradient."""
+        fn = _infinite_kernel_fn(mesh=mesh, **_axes(layout))
+        got, _ = _sharded(mesh, layout, fn, _linear_args(), LINEAR_KINDS)
+        want = _unsharded(_infinite_kernel_fn(dense=True), _linear_args())
+        problems = []
+        for i, (g, w) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)):
+            g, w = np.asarray(g), np.asarray(w)
+            scale = float(np.max(np.abs(w[np.isfinite(w)]), initial=0.0))
+            if not np.allclose(g, w, rtol=RTOL, atol=RTOL * scale, equal_nan=True):
+                problems.append(f"infinite kernel ({layout}): output {i} differs from materialised")
+        return problems, []
+
+
 @check("linear_cross_entropy/shard_map/uneven_split_is_an_error")
 def _linear_uneven(mesh: Mesh):
     """Tokens or classes that do not split evenly over the named axes raise a ValueError."""

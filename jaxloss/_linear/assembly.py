@@ -38,6 +38,17 @@ class Options:
     z_loss: bool = False
 
 
+def _loss_log_sum(s) -> jax.Array:
+    """``log_sum`` as the loss reads it: NaN where the row's maximum is not finite.
+
+    ``cross_entropy`` forms its loss relative to the unclipped maximum (``+inf - +inf`` is NaN),
+    and its gradient relative to a finite shift; so here the loss (with the class weights'
+    gradients) is NaN at such a row, while the logits' gradient keeps ``softmax`` taken with the
+    finite shift (NaN at a ``+inf`` logit only). The added constant has no derivative.
+    """
+    return s.log_sum + jnp.where(jnp.isfinite(s.max), 0, jnp.nan)
+
+
 def index_losses(o: Options, s, valid, bad, pos_weight, sum_weight, hyper):
     """cross_entropy's per-position formula from the statistics ``s`` (a ``chunked.Stats``).
 
@@ -48,7 +59,7 @@ def index_losses(o: Options, s, valid, bad, pos_weight, sum_weight, hyper):
     smoothing, z_loss = hyper
     # Ignored rows are zeroed before any arithmetic so that not even an inf there leaks a NaN
     # into the gradient.
-    log_sum = jnp.where(valid, s.log_sum, 0)
+    log_sum = jnp.where(valid, _loss_log_sum(s), 0)
     target = jnp.where(valid, s.tgt - s.shift, 0)
     loss = pos_weight * (log_sum - target)
     if o.smoothing:
@@ -70,12 +81,13 @@ def prob_losses(o: Options, s, mass, sum_weight, hyper):
     log_sum Σ_c w_c)``, ``mass = Σ_c w_c t_c``.
     """
     smoothing, z_loss = hyper
-    loss = s.tgap + mass * s.log_sum
+    log_sum = _loss_log_sum(s)
+    loss = s.tgap + mass * log_sum
     if o.smoothing:
-        smooth = (s.wgap + sum_weight * s.log_sum) / o.num_classes
+        smooth = (s.wgap + sum_weight * log_sum) / o.num_classes
         loss = (1 - smoothing) * loss + smoothing * smooth
     if o.z_loss:
-        loss = loss + z_loss * s.lse**2
+        loss = loss + z_loss * (s.shift + log_sum) ** 2
     return loss
 
 

@@ -467,7 +467,34 @@ def combine_shards(top: jax.Array, log_sum: jax.Array, axis) -> tuple[jax.Array,
     adds exactly nothing, with a zero cotangent."""
     top_all = jax.lax.pmax(jax.lax.stop_gradient(top), axis)
     step = finite_or_zero(top_all) - jax.lax.stop_gradient(finite_or_zero(top))
-    return top_all, jnp.log(jax.lax.psum(jnp.exp(log_sum - step), axis)), step
+    return top_all, _log_sum_over(log_sum - step, axis), step
+
+
+# Custom VJP for a convention: the gradient of the unsharded log-sum at a row holding +inf
+# (softmax with a finite shift: NaN at the +inf logits, 0 elsewhere). Autodiff would give every
+# shard the share inf/inf = NaN, a NaN at every logit of the row.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _log_sum_over(local: jax.Array, axis) -> jax.Array:
+    """``log Σ_shards e^local``: the log-sum of the whole vocabulary from the shards' own, each
+    relative to the global shift."""
+    return jnp.log(jax.lax.psum(jnp.exp(local), axis))
+
+
+def _log_sum_over_fwd(local, axis):
+    total = _log_sum_over(local, axis)
+    return total, (local, total)
+
+
+def _log_sum_over_bwd(axis, residuals, g):
+    local, total = residuals
+    # Each shard's share of the probability; at +inf, the shards holding +inf take it all.
+    share = jnp.where(
+        jnp.isposinf(total), jnp.isposinf(local).astype(local.dtype), jnp.exp(local - total)
+    )
+    return (g * share,)
+
+
+_log_sum_over.defvjp(_log_sum_over_fwd, _log_sum_over_bwd)
 
 
 def _block_grads(p: Problem, z, norm: Normaliser, g: Cotangents, blk: Block):
@@ -526,11 +553,24 @@ def _cast_grads(p: Problem, dh, dk, db, dw):
 # ----------------------------------------------------------------------------------------------
 
 
+def _counted(g_i: Cotangents, rows: Chunk) -> jax.Array:
+    """``(rows, 1)``: the rows of a block whose logit gradients may be nonzero (a cotangent,
+    and not already covered by the previous chunk)."""
+    live = g_i.counted()
+    return live if rows.fresh is None else live & rows.fresh[:, None]
+
+
 def _counted_rows(p: Problem, g: Cotangents, rows: Chunk, nc: int):
-    """A row block's cotangents and its hidden rows, zeroed where no cotangent is (those rows'
-    logit gradients are 0: their hidden rows enter no matmul of the gradient passes)."""
+    """A row block's cotangents and its hidden rows, zeroed where the logit gradients are 0
+    (those rows enter no matmul of the gradient passes: 0 · NaN would be NaN)."""
     g_i = g.rows(rows.start, nc)
-    return g_i, zero_rows(_slice(p.hidden, rows.start, nc), g_i.counted())
+    return g_i, zero_rows(_slice(p.hidden, rows.start, nc), _counted(g_i, rows))
+
+
+def _live_columns(k_j: jax.Array, cols: Chunk) -> jax.Array:
+    """``k_j`` with the columns a slid-back chunk shares with the previous one at 0: their logit
+    gradients are 0 here, and 0 · inf (an infinite kernel entry) would be NaN."""
+    return k_j if cols.fresh is None else jnp.where(cols.fresh[None, :], k_j, 0)
 
 
 def _recomputed_block(
@@ -555,7 +595,7 @@ def _kernel_pass(p: Problem, chunks, norm: Normaliser, g: Cotangents, dh):
     def vocab_step(j, carry):
         dh, dk, db, dw = carry
         cols = chunk(j, vc, v)
-        k_j = _slice(p.kernel, cols.start, vc, 1)
+        k_j = _live_columns(_slice(p.kernel, cols.start, vc, 1), cols)
 
         def token_step(i, inner):
             dh, dk_j, db_j, dw_j = inner
@@ -594,7 +634,7 @@ def _hidden_pass(p: Problem, chunks, norm: Normaliser, g: Cotangents):
 
     def block(rows: Chunk, cols: Chunk) -> jax.Array:
         g_i, h_i = _counted_rows(p, g, rows, nc)
-        k_j = _slice(p.kernel, cols.start, vc, 1)
+        k_j = _live_columns(_slice(p.kernel, cols.start, vc, 1), cols)
         dz, _ = _recomputed_block(p, chunks, norm, g_i, rows, cols, h_i, k_j)
         return dot(dz, k_j.astype(dz.dtype), (1, 1), p.cdt)
 
@@ -700,24 +740,20 @@ def _fused_chunk(p: Problem, hyper, row_loss: RowLoss, rows: Chunk, chunks, grad
     norm = Normaliser(stats.shift[:, None], stats.log_sum[:, None])
     # The logits above are the statistics' (defined at every token); the gradient's matmuls
     # read no hidden row of a token without a cotangent.
-    h_live = zero_rows(h_i, g.counted()).astype(mm)
+    h_live = zero_rows(h_i, _counted(g, rows)).astype(mm)
 
     def vocab_step(j, carry):
         dh_i, dk, db, dw = carry
         cols = chunk(j, vc, v)
-        k_j = _slice(p.kernel, cols.start, vc, 1)
-        # Stale columns and rows get a zero cotangent: adding their share changes nothing.
+        k_j = _live_columns(_slice(p.kernel, cols.start, vc, 1), cols)
+        # Stale columns and rows get a zero logit gradient and zeroed operands (no 0 · inf).
         dz, dw_j = _block_grads(
             p, _slice(z, cols.start, vc, 1), norm, g, _block(p, rows, cols, nc, vc)
         )
         dz = dz.astype(mm)
         dh_i = dh_i + dot(dz, k_j.astype(mm), (1, 1), p.cdt)
-        dk = _put(
-            dk,
-            _slice(dk, cols.start, vc, 1) + dot(h_live, dz, (0, 0), p.cdt),
-            cols.start,
-            1,
-        )
+        dk_j = _slice(dk, cols.start, vc, 1) + dot(h_live, dz, (0, 0), p.cdt)
+        dk = put_fresh(dk, dk_j, cols, 1)
         db = _put(db, _slice(db, cols.start, vc) + jnp.sum(dz.astype(p.cdt), 0), cols.start)
         if dw_j is not None:
             dw = _put(dw, _slice(dw, cols.start, vc) + dw_j, cols.start)
