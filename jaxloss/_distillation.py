@@ -145,7 +145,8 @@ def _log_ratio(x, other):
 
 
 def _first_pass(student, teacher, cfg: _Config, cdt):
-    """Per token: ``lse_t``, ``lse_s`` and, for the KLs, ``Σ_c p_c (x_c - y_c)``.
+    """Per token: each head's :class:`chunked.Normaliser` and, for the KLs, ``Σ_c p_c (x_c -
+    y_c)``.
 
     ``p``/``x`` are the reference distribution's (teacher for ``"kl"``, student for
     ``"reverse_kl"``) and ``y`` the other's scaled logits; the sum is kept relative to the
@@ -168,31 +169,31 @@ def _first_pass(student, teacher, cfg: _Config, cdt):
     m_t, s_t, m_s, s_s, u = _sweep(
         student, teacher, (), (ninf, zero, ninf, zero, zero), update, cfg, cdt
     )
-    local_t, local_s = (
-        chunked.finite_or_zero(m_t) + jnp.log(s_t),
-        chunked.finite_or_zero(m_s) + jnp.log(s_s),
+    (norm_t, local_t), (norm_s, local_s) = (
+        _combine_normaliser(m, jnp.log(s), cfg.vocab_axis) for m, s in ((m_t, s_t), (m_s, s_s))
     )
-    lse_t, lse_s = _combine_lse(local_t, cfg.vocab_axis), _combine_lse(local_s, cfg.vocab_axis)
     if not with_ratio:
-        return lse_t, lse_s, None
-    s_ref, local_ref, lse_ref = (s_t, local_t, lse_t) if teacher_ref else (s_s, local_s, lse_s)
+        return norm_t, norm_s, None
+    s_ref, local_ref, norm_ref = (s_t, local_t, norm_t) if teacher_ref else (s_s, local_s, norm_s)
     mean = jnp.where(s_ref > 0, u / jnp.where(s_ref > 0, s_ref, 1), 0)
-    return lse_t, lse_s, _combine_mean(mean, local_ref, lse_ref, cfg.vocab_axis)
+    return norm_t, norm_s, _combine_mean(mean, local_ref, norm_ref, cfg.vocab_axis)
 
 
-def _combine_lse(lse, axis):
-    """The log-sum-exp over every vocabulary shard of the shards' own ones."""
+def _combine_normaliser(top, log_sum, axis):
+    """The normaliser over every vocabulary shard, and each shard's own ``log_sum`` moved to its
+    shift (``-inf`` where the shard has no probability)."""
     if axis is None:
-        return lse
-    shift = chunked.finite_or_zero(jax.lax.pmax(lse, axis))
-    return shift + jnp.log(jax.lax.psum(jnp.exp(lse - shift), axis))
+        return chunked.Normaliser(chunked.finite_or_zero(top), log_sum), log_sum
+    top, total, step = chunked.combine_shards(top, log_sum, axis)
+    return chunked.Normaliser(chunked.finite_or_zero(top), total), log_sum - step
 
 
-def _combine_mean(mean, local_lse, lse, axis):
+def _combine_mean(mean, local_log_sum, norm: chunked.Normaliser, axis):
     """Shards' ``p``-weighted means, each weighted by its shard's share of ``p``, summed."""
     if axis is None:
         return mean
-    share = jnp.where(jnp.isneginf(local_lse), 0, jnp.exp(local_lse - chunked.finite_or_zero(lse)))
+    log_share = local_log_sum - chunked.finite_or_zero(norm.log_sum)
+    share = jnp.where(jnp.isneginf(local_log_sum), 0, jnp.exp(log_share))
     return jax.lax.psum(share * mean, axis)
 
 
@@ -208,18 +209,20 @@ def _xlogy_ratio(lp, lm):
     return jnp.where(jnp.isneginf(lp), 0, jnp.exp(lp) * (lp - lm))
 
 
-def _jsd_pass(student, teacher, lse_t, lse_s, cfg: _Config, cdt):
-    """Per token ``Σ p_t log(p_t / m)`` and ``Σ p_s log(p_s / m)``, given the two lse."""
+def _jsd_pass(student, teacher, norm_t, norm_s, cfg: _Config, cdt):
+    """Per token ``Σ p_t log(p_t / m)`` and ``Σ p_s log(p_s / m)``, given both normalisers."""
 
     def update(a, b, carry, stats):
         kl_t, kl_s = carry
-        lse_t, lse_s = (x[:, None] for x in stats)
-        lp_t, lp_s = a - lse_t, b - lse_s
+        shift_t, log_sum_t, shift_s, log_sum_s = (x[:, None] for x in stats)
+        lp_t = chunked.Normaliser(shift_t, log_sum_t).log_softmax(a)
+        lp_s = chunked.Normaliser(shift_s, log_sum_s).log_softmax(b)
         lm = _log_mixture(lp_t, lp_s, cfg.beta)
         return kl_t + jnp.sum(_xlogy_ratio(lp_t, lm), 1), kl_s + jnp.sum(_xlogy_ratio(lp_s, lm), 1)
 
     zero = jnp.zeros((student[0].shape[0],), cdt)
-    stats = (chunked.finite_or_zero(lse_t), chunked.finite_or_zero(lse_s))
+    # A degenerate row (no finite normaliser) is NaN in the end; finite here, it stays quiet.
+    stats = tuple(chunked.finite_or_zero(x) for x in (*norm_t, *norm_s))
     kl_t, kl_s = _sweep(student, teacher, stats, (zero, zero), update, cfg, cdt)
     axis = cfg.vocab_axis
     return (kl_t, kl_s) if axis is None else (jax.lax.psum(kl_t, axis), jax.lax.psum(kl_s, axis))
@@ -228,18 +231,23 @@ def _jsd_pass(student, teacher, lse_t, lse_s, cfg: _Config, cdt):
 def _divergences(student, teacher, cfg: _Config):
     """Per-token divergence (not yet times τ²) and the statistics its gradient needs."""
     cdt = _compute_dtype(*student, *teacher)
-    lse_t, lse_s, mean_ratio = _first_pass(student, teacher, cfg, cdt)
+    norm_t, norm_s, mean_ratio = _first_pass(student, teacher, cfg, cdt)
     if cfg.divergence == "jsd":
-        kl_t, kl_s = _jsd_pass(student, teacher, lse_t, lse_s, cfg, cdt)
+        kl_t, kl_s = _jsd_pass(student, teacher, norm_t, norm_s, cfg, cdt)
         # β = 0 or 1 drop a term outright: an infinite KL times 0 is no NaN here.
         parts = [(cfg.beta, kl_t), (1 - cfg.beta, kl_s)]
         div, extra = sum(w * kl for w, kl in parts if w > 0), kl_s
     else:
         mean_ratio = cast(jax.Array, mean_ratio)  # the KLs' first pass always computes it
         sign = 1 if cfg.divergence == "kl" else -1
-        div = extra = mean_ratio - sign * (lse_t - lse_s)
-    div = _common.nan_where(~(jnp.isfinite(lse_t) & jnp.isfinite(lse_s)), div)
-    return div, (lse_t, lse_s, extra)
+        # lse_t - lse_s with the shifts apart: at large logits each lse rounds to its max.
+        lse_gap = (norm_t.shift - norm_s.shift) + (norm_t.log_sum - norm_s.log_sum)
+        div = extra = mean_ratio - sign * lse_gap
+    finite = jnp.isfinite(norm_t.shift + norm_t.log_sum) & jnp.isfinite(
+        norm_s.shift + norm_s.log_sum
+    )
+    div = _common.nan_where(~finite, div)
+    return div, (*norm_t, *norm_s, extra)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,8 +261,9 @@ def _student_slope(a, b, stats, cfg: _Config):
     kl: ``p_s - p_t``; reverse_kl: ``p_s (log p_s/p_t - KL)``; jsd: ``(1-β) p_s (log p_s/m -
     KL(p_s‖m))``. Entries of zero student probability are exactly 0.
     """
-    lse_t, lse_s, extra = (x[:, None] for x in stats)
-    lp_t, lp_s = a - lse_t, b - lse_s
+    shift_t, log_sum_t, shift_s, log_sum_s, extra = (x[:, None] for x in stats)
+    lp_t = chunked.Normaliser(shift_t, log_sum_t).log_softmax(a)
+    lp_s = chunked.Normaliser(shift_s, log_sum_s).log_softmax(b)
     p_s = jnp.exp(lp_s)
     if cfg.divergence == "kl":
         return p_s - jnp.exp(lp_t)
@@ -265,14 +274,21 @@ def _student_slope(a, b, stats, cfg: _Config):
 
 
 def _block_dz(student, teacher, per_row, row: chunked.Chunk, col: chunked.Chunk, cfg, cdt):
-    """``(∂ℓ/∂z_s, h_i)`` of one recomputed block (``z_s`` the student's unscaled logits)."""
+    """``(∂ℓ/∂z_s, h_i)`` of one recomputed block (``z_s`` the student's unscaled logits, ``h_i``
+    its hidden rows as the gradient matmuls read them).
+
+    Tokens without a cotangent (masked) contribute exactly nothing, even degenerate ones and
+    NaN/inf hidden rows: those rows are zeroed before any matmul (a select, no ``0 · NaN``).
+    """
     nc, vc = cfg.chunks
-    (th_i,), (h_i,) = _rows(teacher[:1], row.start, nc), _rows(student[:1], row.start, nc)
     *stats_i, g_i = _rows(per_row, row.start, nc)
+    counted = g_i != 0
+    th_i, h_i = (
+        chunked.zero_rows(x, counted) for x in _rows((teacher[0], student[0]), row.start, nc)
+    )
     a = _scaled_logits(th_i, *_columns(teacher, col.start, vc), col, cfg, cdt)
     b = _scaled_logits(h_i, *_columns(student, col.start, vc), col, cfg, cdt)
-    # Tokens without a cotangent (masked) contribute exactly nothing, even degenerate ones.
-    live = g_i != 0 if row.fresh is None else (g_i != 0) & row.fresh
+    live = counted if row.fresh is None else counted & row.fresh
     return jnp.where(live[:, None], g_i[:, None] * _student_slope(a, b, stats_i, cfg), 0), h_i
 
 
@@ -589,6 +605,8 @@ def linear_distillation(
         give 0).
       temperature: τ > 0, dividing both heads' logits.
       mask: optional boolean ``(*batch)``: True for the tokens that count (e.g. not padding).
+        A masked token contributes nothing, even where its hidden rows are NaN or inf (the
+        backward pass reads them as zeros).
       reduction: ``"none"`` (per token, shape ``(*batch)``, masked tokens 0), ``"sum"`` or
         ``"mean"`` (over the tokens where ``mask`` is True; over all tokens without a mask).
       bias: the student's optional bias ``(V,)``.

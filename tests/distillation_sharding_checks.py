@@ -25,6 +25,7 @@ import re
 import sys
 from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+# This checkout's jaxloss, not whichever one the environment has installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jaxloss
 
 NUM_DEVICES = 8
@@ -121,10 +124,10 @@ def _fn(divergence: str, masked: bool = True, **axes) -> Callable:
     return fn
 
 
-def _run(mesh: Mesh, layout: str, fn: Callable):
+def _run(mesh: Mesh, layout: str, fn: Callable, data: dict[str, np.ndarray] | None = None):
     placed = {
         k: jax.device_put(v, NamedSharding(mesh, _specs(layout)[KINDS[k]]))
-        for k, v in _data().items()
+        for k, v in (_data() if data is None else data).items()
     }
     context = jax.set_mesh(mesh) if AxisType.Explicit in mesh.axis_types else nullcontext()
     with context:
@@ -183,6 +186,74 @@ for _layout in ("classes", "both"):
     _register("explicit", _layout, "jsd")
     _register("auto", _layout, "kl")
 _register("shard_map", "both", "reverse_kl", masked=False)
+
+
+def _huge_data() -> dict[str, np.ndarray]:
+    """One feature of ones; logits 2^26 and 1, 2, 3 float32 ulps (8) below it on every shard."""
+    ones = np.ones((N, 1), np.float32)
+    student = (2.0**26 - 8.0 * (np.arange(V) % 4)).astype(np.float32)[None, :]
+    teacher = (2.0**26 - 8.0 * ((np.arange(V) + 1) % 4)).astype(np.float32)[None, :]
+    zeros = np.zeros(V, np.float32)
+    return dict(
+        _data(), hidden=ones, kernel=student, bias=zeros, teacher_hidden=ones,
+        teacher_kernel=teacher, teacher_bias=zeros,
+    )  # fmt: skip
+
+
+def _huge_fn(divergence: str, **axes) -> Callable:
+    """Per-token losses and the kernel and bias gradients (not the hidden one: Σ_c ∂ℓ/∂z_c ·
+    2^26 is rounding noise of that size in any summation order)."""
+
+    def fn(hidden, kernel, bias, teacher_hidden, teacher_kernel, teacher_bias, mask, cotangent):
+        def weighted(k, b):
+            per_token = jaxloss.linear_distillation(
+                hidden, k, teacher_hidden, teacher_kernel, bias=b, teacher_bias=teacher_bias,
+                mask=mask, divergence=divergence, reduction="none", **OPTIONS, **axes,
+            )  # fmt: skip
+            return jnp.sum(per_token * cotangent), per_token
+
+        return jax.value_and_grad(weighted, (0, 1), has_aux=True)(kernel, bias)
+
+    return fn
+
+
+def _register_huge(layout: str, divergence: str) -> None:
+    name = f"shard_map/{divergence}/{layout}/huge_logits"
+
+    def run(mesh: Mesh):
+        """Shards' log-sums moved to the global maximum: exact at 2^26 (issue 19, item 2)."""
+        got, _ = _run(mesh, layout, _huge_fn(divergence, mesh=mesh, **_axes(layout)), _huge_data())
+        args = {k: jnp.asarray(v) for k, v in _huge_data().items()}
+        return _compare(got, jax.jit(_huge_fn(divergence))(**args), name), []
+
+    CHECKS[name] = run
+
+
+# KL only: its slope p_s - p_t is well conditioned; the reverse KL's and the JSD's cancel at
+# these logits (test_distillation.py holds them to the materialised formula unsharded).
+for _layout in ("classes", "both"):
+    _register_huge(_layout, "kl")
+
+
+def _register_poisoned(layout: str, divergence: str) -> None:
+    name = f"shard_map/{divergence}/{layout}/non_finite_masked_rows"
+
+    def run(mesh: Mesh):
+        """NaN/inf hidden rows (student's and teacher's) at masked tokens: the values and
+        gradients of finite ones (issue 19, item 4)."""
+        data = _data()
+        masked = np.flatnonzero(~data["mask"])
+        hidden, teacher_hidden = data["hidden"].copy(), data["teacher_hidden"].copy()
+        hidden[masked[0]], hidden[masked[1], 0], teacher_hidden[masked[2]] = np.nan, np.inf, np.inf
+        poisoned = dict(data, hidden=hidden, teacher_hidden=teacher_hidden)
+        got, _ = _run(mesh, layout, _fn(divergence, mesh=mesh, **_axes(layout)), poisoned)
+        return _compare(got, _reference(divergence, True), name), []
+
+    CHECKS[name] = run
+
+
+for _layout in LAYOUTS:
+    _register_poisoned(_layout, "jsd")
 
 
 def _parser_self_test(mesh: Mesh):

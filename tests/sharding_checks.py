@@ -367,6 +367,147 @@ for _layout in LAYOUTS:
         return problems, []
 
 
+def _huge_fn(dense: bool = False, **axes):
+    """Per-token losses, their mean and sum, and gradients (kernel, bias, class weight) at
+    logits near 1e8 (float32)."""
+
+    def fn(hidden, kernel, bias, targets, weight, cotangent):
+        def loss_of(reduction, h, k, b, w):
+            options = dict(weight=w, reduction=reduction, label_smoothing=0.1)
+            if dense:
+                return jaxloss.cross_entropy(h @ k + b[None, :], targets, **options)
+            return jaxloss.linear_cross_entropy(
+                h, k, targets, bias=b, token_chunk=3, vocab_chunk=3, **options, **axes
+            )
+
+        def f(*args):
+            loss = loss_of("none", *args)
+            return jnp.sum(loss * cotangent), loss
+
+        args = (hidden, kernel, bias, weight)
+        # Not the hidden gradient: Σ_c ∂ℓ/∂z_c · 1e8 is rounding noise of 1e8 in any order.
+        (_, loss), grads = jax.value_and_grad(f, argnums=(1, 2, 3), has_aux=True)(*args)
+        return loss, loss_of("mean", *args), loss_of("sum", *args), grads
+
+    return fn
+
+
+def _huge_args():
+    """One feature of ones; logits 1e8 and 1, 2, 3 float32 ulps (8) below it, on every shard
+    (each class keeps some probability: the losses are a few units, not 1e8)."""
+    kernel = (1e8 - 8.0 * (np.arange(V) % 4)).astype(np.float32)[None, :]
+    return dict(_linear_args(), hidden=np.ones((N, 1), np.float32), kernel=kernel)
+
+
+for _layout in LAYOUTS:
+
+    @check(f"linear_cross_entropy/shard_map/{_layout}/huge_logits")
+    def _linear_shard_map_huge(mesh: Mesh, layout=_layout):
+        """Shards' sums relative to their own maxima, moved to the global one: exact at 1e8
+        as cross_entropy of the materialised logits (issue 19, item 2)."""
+        fn = _huge_fn(mesh=mesh, **_axes(layout))
+        got, _ = _sharded(mesh, layout, fn, _huge_args(), LINEAR_KINDS)
+        want = _unsharded(_huge_fn(dense=True), _huge_args())
+        return _compare(got, want, f"linear_cross_entropy at 1e8 (shard_map) {layout}"), []
+
+
+def _poisoned_args():
+    """``_linear_args`` with NaN/inf hidden rows at the ignored positions (padding)."""
+    args = _linear_args()
+    hidden = args["hidden"].copy()
+    ignored = np.flatnonzero(args["targets"] == -100)
+    hidden[ignored[0]], hidden[ignored[1], 0], hidden[ignored[2]] = np.nan, -np.inf, np.inf
+    return dict(args, hidden=hidden)
+
+
+for _layout in LAYOUTS:
+
+    @check(f"linear_cross_entropy/shard_map/{_layout}/non_finite_ignored_rows")
+    def _linear_shard_map_poisoned(mesh: Mesh, layout=_layout):
+        """NaN/inf hidden rows at ignored tokens: the values and gradients of finite ones
+        (issue 19, item 4)."""
+        fn = _linear_fn(mesh=mesh, **_axes(layout))
+        got, _ = _sharded(mesh, layout, fn, _poisoned_args(), LINEAR_KINDS)
+        what = f"linear_cross_entropy, NaN at ignored rows (shard_map) {layout}"
+        problems = _compare(got, _linear_reference(), what)
+        if not all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(got)):
+            problems.append(f"{what}: non-finite outputs")
+        return problems, []
+
+
+def _masked_shard_fn(**axes):
+    """Values and gradients with the classes of the last vocabulary shard all masked (-inf
+    bias): that shard's log-sum is -inf for every row, and adds exactly nothing."""
+
+    def fn(hidden, kernel, bias, targets, weight, cotangent):
+        bias = bias.at[V - V // NUM_DEVICES :].set(-jnp.inf)
+        targets = jnp.where(targets >= V - V // NUM_DEVICES, 0, targets)
+
+        def f(h, k, w):
+            loss = jaxloss.linear_cross_entropy(
+                h, k, targets, bias=bias, weight=w, reduction="none", z_loss=1e-3,
+                token_chunk=3, vocab_chunk=3, **axes,
+            )  # fmt: skip
+            return jnp.sum(loss * cotangent), loss
+
+        return jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(hidden, kernel, weight)
+
+    return fn
+
+
+@check("linear_cross_entropy/shard_map/classes/masked_shard")
+def _linear_shard_map_masked_shard(mesh: Mesh):
+    """A shard without a finite logit (its finite_or_zero shift): finite, as unsharded."""
+    got, _ = _sharded(mesh, "classes", _masked_shard_fn(mesh=mesh, **_axes("classes")),
+                      _linear_args(), LINEAR_KINDS)  # fmt: skip
+    want = _unsharded(_masked_shard_fn(), _linear_args())
+    problems = _compare(got, want, "linear_cross_entropy, a masked vocabulary shard")
+    if not all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(got)):
+        problems.append("non-finite outputs with a masked vocabulary shard")
+    return problems, []
+
+
+def _infinite_kernel_fn(dense: bool = False, **axes):
+    """Per-token losses and all gradients with +inf and -inf kernel entries (rows whose logits
+    hold +inf or -inf on one shard only)."""
+
+    def fn(hidden, kernel, bias, targets, weight, cotangent):
+        kernel = kernel.at[0, 7].set(jnp.inf).at[3, 30].set(-jnp.inf)
+
+        def f(h, k, b, w):
+            options = dict(weight=w, reduction="none", label_smoothing=0.1)
+            if dense:
+                loss = jaxloss.cross_entropy(h @ k + b[None, :], targets, **options)
+            else:
+                loss = jaxloss.linear_cross_entropy(
+                    h, k, targets, bias=b, token_chunk=3, vocab_chunk=3, **options, **axes
+                )
+            return jnp.sum(loss * cotangent), loss
+
+        args = (hidden, kernel, bias, weight)
+        return jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True)(*args)
+
+    return fn
+
+
+for _layout in ("classes", "both"):
+
+    @check(f"linear_cross_entropy/shard_map/{_layout}/infinite_kernel")
+    def _linear_shard_map_infinite(mesh: Mesh, layout=_layout):
+        """Every entry, NaN, inf and finite, as autodiff of the materialised formula (issue 19,
+        item 7): the log-sum over shards gives a row holding +inf the unsharded gradient."""
+        fn = _infinite_kernel_fn(mesh=mesh, **_axes(layout))
+        got, _ = _sharded(mesh, layout, fn, _linear_args(), LINEAR_KINDS)
+        want = _unsharded(_infinite_kernel_fn(dense=True), _linear_args())
+        problems = []
+        for i, (g, w) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)):
+            g, w = np.asarray(g), np.asarray(w)
+            scale = float(np.max(np.abs(w[np.isfinite(w)]), initial=0.0))
+            if not np.allclose(g, w, rtol=RTOL, atol=RTOL * scale, equal_nan=True):
+                problems.append(f"infinite kernel ({layout}): output {i} differs from materialised")
+        return problems, []
+
+
 @check("linear_cross_entropy/shard_map/uneven_split_is_an_error")
 def _linear_uneven(mesh: Mesh):
     """Tokens or classes that do not split evenly over the named axes raise a ValueError."""

@@ -161,7 +161,8 @@ def linear_cross_entropy(
         probabilities of shape ``(*hidden.shape[:-1], V)``.
       bias: optional floating bias ``(V,)``.
       weight: optional per-class weight ``(V,)``.
-      ignore_index: index target that contributes no loss, weight or gradient.
+      ignore_index: index target that contributes no loss, weight or gradient, even where its
+        ``hidden`` row is NaN or inf (the gradient passes read that row as zeros).
       reduction: ``"none"`` (per token, shape ``hidden.shape[:-1]``), ``"sum"`` or ``"mean"``
         (index targets: divided by the total class weight of the non-ignored targets;
         probability targets: by the number of positions).

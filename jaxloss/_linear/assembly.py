@@ -38,40 +38,56 @@ class Options:
     z_loss: bool = False
 
 
-def index_losses(o: Options, lse, tgt, wsum, valid, bad, pos_weight, sum_weight, hyper):
-    """cross_entropy's per-position formula in terms of ``lse``, ``z[y]`` and ``Σ_c w_c z_c``.
+def _loss_log_sum(s) -> jax.Array:
+    """``log_sum`` as the loss reads it: NaN where the row's maximum is not finite.
 
-    ``-log p_y = lse - z_y`` and ``-Σ_c w_c log p_c = lse Σ_c w_c - Σ_c w_c z_c``.
+    ``cross_entropy`` forms its loss relative to the unclipped maximum (``+inf - +inf`` is NaN),
+    and its gradient relative to a finite shift; so here the loss (with the class weights'
+    gradients) is NaN at such a row, while the logits' gradient keeps ``softmax`` taken with the
+    finite shift (NaN at a ``+inf`` logit only). The added constant has no derivative.
+    """
+    return s.log_sum + _common.nan_where(~jnp.isfinite(s.max), jnp.zeros_like(s.log_sum))
+
+
+def index_losses(o: Options, s, valid, bad, pos_weight, sum_weight, hyper):
+    """cross_entropy's per-position formula from the statistics ``s`` (a ``chunked.Stats``).
+
+    ``-log p_y = log_sum - (z_y - shift)`` and ``-Σ_c w_c log p_c = Σ_c w_c (shift - z_c) +
+    log_sum Σ_c w_c``: every term relative to the row's maximum, as ``cross_entropy`` forms
+    them (``lse - z_y`` would cancel at large logits).
     """
     smoothing, z_loss = hyper
     # Ignored rows are zeroed before any arithmetic so that not even an inf there leaks a NaN
     # into the gradient.
-    lse, tgt = jnp.where(valid, lse, 0), jnp.where(valid, tgt, 0)
-    loss = pos_weight * (lse - tgt)
+    log_sum = jnp.where(valid, _loss_log_sum(s), 0)
+    target = jnp.where(valid, s.tgt - s.shift, 0)
+    loss = pos_weight * (log_sum - target)
     if o.smoothing:
-        smooth = (sum_weight * lse - jnp.where(valid, wsum, 0)) / o.num_classes
+        smooth = (jnp.where(valid, s.wgap, 0) + sum_weight * log_sum) / o.num_classes
         loss = (1 - smoothing) * loss + smoothing * smooth
     if o.z_loss:
-        loss = loss + z_loss * lse**2
+        loss = loss + z_loss * jnp.where(valid, s.shift + log_sum, 0) ** 2
     loss = jnp.where(valid & ~bad, loss, 0)
     # A bad target (out of range, not ignored) is NaN, in value and — as in cross_entropy — in
     # the gradient of every logit of its row (and in no class weight's); the factor is exactly 0
     # (and so is its gradient) at every other row.
-    return loss + _common.nan_where(bad, jnp.zeros_like(lse)) * lse
+    return loss + _common.nan_where(bad, jnp.zeros_like(log_sum)) * log_sum
 
 
-def prob_losses(o: Options, lse, tz, wsum, mass, sum_weight, hyper):
-    """``-Σ_c w_c t'_c log p_c`` with ``t' = (1-ε) t + ε/V``, from ``Σ w t z`` and ``Σ w t``.
+def prob_losses(o: Options, s, mass, sum_weight, hyper):
+    """``-Σ_c w_c t'_c log p_c`` with ``t' = (1-ε) t + ε/V``, from the statistics ``s``.
 
-    ``= (1-ε)(lse Σ_c w_c t_c - Σ_c w_c t_c z_c) + ε/V (lse Σ_c w_c - Σ_c w_c z_c)``.
+    ``= (1-ε)(Σ_c w_c t_c (shift - z_c) + log_sum Σ_c w_c t_c) + ε/V (Σ_c w_c (shift - z_c) +
+    log_sum Σ_c w_c)``, ``mass = Σ_c w_c t_c``.
     """
     smoothing, z_loss = hyper
-    loss = lse * mass - tz
+    log_sum = _loss_log_sum(s)
+    loss = s.tgap + mass * log_sum
     if o.smoothing:
-        smooth = (sum_weight * lse - wsum) / o.num_classes
+        smooth = (s.wgap + sum_weight * log_sum) / o.num_classes
         loss = (1 - smoothing) * loss + smoothing * smooth
     if o.z_loss:
-        loss = loss + z_loss * lse**2
+        loss = loss + z_loss * (s.shift + log_sum) ** 2
     return loss
 
 
@@ -94,13 +110,11 @@ class RowLoss:
         sum_weight = v if class_weight is None else jnp.sum(class_weight)
         if blk.probs is not None:
             mass = target_mass(blk.probs, class_weight)
-            return prob_losses(o, stats.lse, stats.tz, stats.wz, mass, sum_weight, hyper)
+            return prob_losses(o, stats, mass, sum_weight, hyper)
         valid, bad, pos_weight = index_setup(
-            blk.labels, class_weight, v, o.ignore_index, stats.lse.dtype
+            blk.labels, class_weight, v, o.ignore_index, stats.log_sum.dtype
         )
-        return index_losses(
-            o, stats.lse, stats.tgt, stats.wz, valid, bad, pos_weight, sum_weight, hyper
-        )
+        return index_losses(o, stats, valid, bad, pos_weight, sum_weight, hyper)
 
 
 def denominator(o: Options, labels, class_weight, n: int, cdt) -> jax.Array:

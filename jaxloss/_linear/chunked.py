@@ -1,10 +1,13 @@
 """The blocked kernel: per-token statistics of ``hidden @ kernel + bias`` without the logits.
 
-The loss needs only a few numbers per token — ``logsumexp(z_n)``, the target logit ``z_{n,y_n}``,
-``Σ_c w_c z_{n,c}`` for label smoothing, ``Σ_c w_c t_{n,c} z_{n,c}`` for probability targets —
-and the per-token statistics (argmax, entropy) need two more, so all of them are accumulated one
+The loss needs only a few numbers per token — the maximum logit ``m_n`` and
+``log Σ_c e^(z_{n,c} - m_n)``, the target logit ``z_{n,y_n}``, ``Σ_c w_c (m_n - z_{n,c})`` for
+label smoothing, ``Σ_c w_c t_{n,c} (m_n - z_{n,c})`` for probability targets — and the
+per-token statistics (argmax, entropy) need two more, so all of them are accumulated one
 ``token_chunk × vocab_chunk`` block of (soft-capped) logits at a time: an online logsumexp over
-vocabulary chunks (a running maximum and a rescaled running sum, Milakov & Gimelshein 2018).
+vocabulary chunks (a running maximum and a rescaled running sum, Milakov & Gimelshein 2018),
+the sums moved along with the running maximum. Every term stays relative to the maximum, as in
+``cross_entropy``: ``logsumexp(z) - z_y`` would cancel at large logits (1e8 in float32).
 
 Two differentiable forms share those block rules:
 
@@ -26,7 +29,8 @@ previous chunk are masked out.
 
 Small helpers other blockwise losses may reuse: :class:`ChunkConfig`, :func:`chunk`,
 :func:`num_chunks`, :func:`put_fresh`, :func:`sum_over_columns`, :func:`dot` (a matmul with
-float32 accumulation), :func:`vary`, :func:`finite_or_zero`.
+float32 accumulation), :func:`vary`, :func:`finite_or_zero`, :func:`zero_rows`,
+:class:`Normaliser`, :func:`combine_shards`.
 """
 
 from __future__ import annotations
@@ -167,6 +171,18 @@ def finite_or_zero(m: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(m), m, 0)
 
 
+def zero_rows(x: jax.Array, keep: jax.Array) -> jax.Array:
+    """``x`` (``[rows, D]``) with the rows where ``keep`` (``(rows,)`` or ``(rows, 1)``) is
+    False set to 0, by a select (a multiply would keep ``0 · NaN = NaN``).
+
+    The gradient passes apply it to the hidden rows of tokens without a cotangent — ignored
+    targets, masked tokens — before their matmuls: a NaN or inf there (a padded position)
+    would otherwise reach every kernel-gradient entry as ``0 · NaN``. Only the block in hand
+    is selected: no copy of ``hidden``.
+    """
+    return jnp.where(keep.reshape(-1, 1), x, 0)
+
+
 def _slice(x: jax.Array, start, width: int, axis: int = 0) -> jax.Array:
     return jax.lax.dynamic_slice_in_dim(x, start, width, axis=axis)
 
@@ -252,15 +268,16 @@ class Problem(NamedTuple):
         return (self.hidden, self.kernel, self.bias, self.labels, self.probs, self.class_weight)
 
 
-# Accumulator names: running max and rescaled exp-sum; target logit; Σ w t z; Σ w z; argmax;
-# rescaled Σ e^z z (entropy).
-_ALL = ("m", "s", "tgt", "tz", "wz", "arg", "ent")
+# Accumulator names: running max and the exp-sum relative to it; target logit; Σ w t (m - z) and
+# Σ w t; Σ w (m - z) and Σ w; argmax; Σ e^(z - m) (m - z) (entropy). The sums are kept relative
+# to the running max m (and moved with it): no large logit cancels against another.
+_ALL = ("m", "s", "tgt", "tgap", "tmass", "wgap", "wmass", "arg", "ent")
 
 
 def _names(p: Problem) -> tuple[str, ...]:
     keep = {"m", "s"}
-    keep |= {"tgt"} if p.labels is not None else {"tz"}
-    keep |= {"wz"} if p.weighted_sum else set()
+    keep |= {"tgt"} if p.labels is not None else {"tgap", "tmass"}
+    keep |= {"wgap", "wmass"} if p.weighted_sum else set()
     keep |= {"arg", "ent"} if p.with_stats else set()
     return tuple(name for name in _ALL if name in keep)
 
@@ -310,14 +327,22 @@ def _live(z: jax.Array, cols: Chunk) -> jax.Array:
     return z if cols.fresh is None else jnp.where(cols.fresh[None, :], z, 0)
 
 
+def _moved(gap, mass, block_sum, step):
+    """``Σ_c u_c (m - z_c)`` of the columns so far, its shift moved up by ``step`` (``mass``:
+    ``Σ_c u_c`` of the columns before this block, whose gaps each grow by ``step``)."""
+    return gap + mass * step + block_sum
+
+
 def _absorb(acc: dict, z: jax.Array, blk: Block) -> dict:
     """The accumulators after one more block of logits ``z`` (rows × cols) of the same rows."""
     cols = blk.cols
     block_max = jnp.max(z, 1)
     m = jnp.maximum(acc["m"], block_max)
-    shift = finite_or_zero(m)
+    old_shift, shift = finite_or_zero(acc["m"]), finite_or_zero(m)
+    step = shift - old_shift
     rescale = jnp.exp(acc["m"] - shift)
-    e = jnp.exp(z - shift[:, None])
+    gap = shift[:, None] - z  # ≥ 0 at every live column of a finite row
+    e = jnp.exp(-gap)
     new = {"m": m, "s": acc["s"] * rescale + jnp.sum(e, 1)}
     if "tgt" in acc:
         local = blk.labels - cols.start
@@ -326,19 +351,21 @@ def _absorb(acc: dict, z: jax.Array, blk: Block) -> dict:
             hit = hit & jnp.take(cols.fresh, jnp.clip(local, 0, z.shape[1] - 1))
         picked = jnp.take_along_axis(z, jnp.clip(local, 0, z.shape[1] - 1)[:, None], 1)[:, 0]
         new["tgt"] = acc["tgt"] + jnp.where(hit, picked, 0)
-    if "tz" in acc:
-        u = blk.probs if blk.weight is None else blk.probs * blk.weight[None, :]
-        new["tz"] = acc["tz"] + jnp.sum(_absorbing(_live(u, cols), z), 1)
-    if "wz" in acc:
-        live = _live(z, cols)
-        new["wz"] = acc["wz"] + (
-            jnp.sum(live, 1) if blk.weight is None else jnp.sum(live * blk.weight[None, :], 1)
-        )
+    if "tgap" in acc:
+        u = _live(blk.probs if blk.weight is None else blk.probs * blk.weight[None, :], cols)
+        new["tgap"] = _moved(acc["tgap"], acc["tmass"], jnp.sum(_absorbing(u, gap), 1), step)
+        new["tmass"] = acc["tmass"] + jnp.sum(u, 1)
+    if "wgap" in acc:
+        w = jnp.ones_like(z[:1]) if blk.weight is None else blk.weight[None, :]
+        block_sum = jnp.sum(_live(gap if blk.weight is None else gap * w, cols), 1)
+        new["wgap"] = _moved(acc["wgap"], acc["wmass"], block_sum, step)
+        new["wmass"] = acc["wmass"] + jnp.sum(_live(w, cols), 1)
     if "arg" in acc:
         # Strictly greater: a tie keeps the earlier (lower) class index, as jnp.argmax.
         better = block_max > acc["m"]
         new["arg"] = jnp.where(better, cols.start + jnp.argmax(z, 1).astype(jnp.int32), acc["arg"])
-        new["ent"] = acc["ent"] * rescale + jnp.sum(_absorbing(e, z), 1)
+        moved = rescale * (acc["ent"] + acc["s"] * step)
+        new["ent"] = moved + jnp.sum(_absorbing(e, gap), 1)
     return new
 
 
@@ -349,24 +376,38 @@ def _keep_fresh_rows(new: dict, old: dict, rows: Chunk) -> dict:
 
 
 class Stats(NamedTuple):
-    """Per-token results of the blocked pass (``None`` where not asked for)."""
+    """Per-token results of the blocked pass (``None`` where not asked for), relative to the
+    row's maximum logit ``max`` — its finite part :attr:`shift` is a constant to the gradients
+    (the loss does not depend on it):
 
-    lse: jax.Array
+    ``log_sum = log Σ_c e^(z_c - shift)``, ``tgt`` the target logit itself, ``tgap = Σ_c w_c
+    t_c (shift - z_c)``, ``wgap = Σ_c w_c (shift - z_c)``. The loss reads ``tgt - shift`` and
+    the gaps, never ``lse - z``: at large logits (1e8 in float32) ``lse`` rounds to the max and
+    ``lse - z_y`` would lose every digit of ``-log p_y``.
+    """
+
+    max: jax.Array
+    log_sum: jax.Array
     tgt: Any  # None when absent
-    tz: Any  # None when absent
-    wz: Any  # None when absent
+    tgap: Any  # None when absent
+    wgap: Any  # None when absent
     arg: Any  # None when absent
     entropy: Any  # None when absent
-    max: Any  # None when absent; the largest logit (with the statistics: to combine shards' argmax)
+
+    @property
+    def shift(self) -> jax.Array:
+        return jax.lax.stop_gradient(finite_or_zero(self.max))
+
+    @property
+    def lse(self) -> jax.Array:
+        return self.shift + self.log_sum
 
 
 def _finish(acc: dict) -> Stats:
-    lse = finite_or_zero(acc["m"]) + jnp.log(acc["s"])
-    entropy, top = None, None
-    if "ent" in acc:
-        entropy, top = lse - acc["ent"] / acc["s"], acc["m"]
+    log_sum = jnp.log(acc["s"])
+    entropy = None if "ent" not in acc else log_sum + acc["ent"] / acc["s"]
     get = acc.get
-    return Stats(lse, get("tgt"), get("tz"), get("wz"), get("arg"), entropy, top)
+    return Stats(acc["m"], log_sum, get("tgt"), get("tgap"), get("wgap"), get("arg"), entropy)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,48 +442,107 @@ def blocked_stats(p: Problem, chunks: tuple[int, int]) -> Stats:
 
 
 class Cotangents(NamedTuple):
-    """Per-token cotangents of ``lse``, ``tgt``, ``tz`` and ``wz`` (``None``: not used)."""
+    """Per-token cotangents of ``log_sum``, ``tgt``, ``tgap`` and ``wgap`` (``None``: not used)."""
 
-    lse: Any
+    log_sum: Any
     tgt: Any  # None when absent
-    tz: Any  # None when absent
-    wz: Any  # None when absent
+    tgap: Any  # None when absent
+    wgap: Any  # None when absent
 
     def rows(self, start, width: int) -> Cotangents:
         return Cotangents(*(None if g is None else _slice(g, start, width)[:, None] for g in self))
 
+    def counted(self) -> jax.Array:
+        """Whether each row has any nonzero (or NaN) cotangent; the others contribute nothing."""
+        return functools.reduce(jnp.logical_or, (g != 0 for g in self if g is not None))
 
-def _block_grads(p: Problem, z, lse_i, g: Cotangents, blk: Block):
+
+class Normaliser(NamedTuple):
+    """Per-token ``shift`` (the finite max) and ``log_sum = log Σ_c e^(z_c - shift)``."""
+
+    shift: jax.Array
+    log_sum: jax.Array
+
+    def rows(self, start, width: int) -> Normaliser:
+        return Normaliser(*(_slice(a, start, width)[:, None] for a in self))
+
+    def log_softmax(self, z: jax.Array) -> jax.Array:
+        # (z - shift) first: at large logits shift + log_sum rounds to the max.
+        return (z - self.shift) - self.log_sum
+
+    def softmax(self, z: jax.Array) -> jax.Array:
+        return jnp.exp(self.log_softmax(z))
+
+
+def combine_shards(top: jax.Array, log_sum: jax.Array, axis) -> tuple[jax.Array, ...]:
+    """``(max, log_sum, step)`` over every shard of ``axis`` from each shard's own ``max`` and
+    ``log_sum`` (relative to its own finite max); ``step`` ≥ 0 is how far each shard's shift
+    moves to the global one. A shard whose logits of a row are all ``-inf`` (``log_sum = -inf``)
+    adds exactly nothing, with a zero cotangent."""
+    top_all = jax.lax.pmax(jax.lax.stop_gradient(top), axis)
+    step = finite_or_zero(top_all) - jax.lax.stop_gradient(finite_or_zero(top))
+    return top_all, _log_sum_over(log_sum - step, axis), step
+
+
+# Custom VJP for a convention: the gradient of the unsharded log-sum at a row holding +inf
+# (softmax with a finite shift: NaN at the +inf logits, 0 elsewhere). Autodiff would give every
+# shard the share inf/inf = NaN, a NaN at every logit of the row.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _log_sum_over(local: jax.Array, axis) -> jax.Array:
+    """``log Σ_shards e^local``: the log-sum of the whole vocabulary from the shards' own, each
+    relative to the global shift."""
+    return jnp.log(jax.lax.psum(jnp.exp(local), axis))
+
+
+def _log_sum_over_fwd(local, axis):
+    total = _log_sum_over(local, axis)
+    return total, (local, total)
+
+
+def _log_sum_over_bwd(axis, residuals, g):
+    local, total = residuals
+    # Each shard's share of the probability; at +inf, the shards holding +inf take it all.
+    share = jnp.where(
+        jnp.isposinf(total), jnp.isposinf(local).astype(local.dtype), jnp.exp(local - total)
+    )
+    return (g * share,)
+
+
+_log_sum_over.defvjp(_log_sum_over_fwd, _log_sum_over_bwd)
+
+
+def _block_grads(p: Problem, z, norm: Normaliser, g: Cotangents, blk: Block):
     """``(∂/∂(hK + b), ∂/∂w)`` of one block; stale rows and columns contribute nothing.
 
-    ``∂/∂z = g_lse softmax(z) + g_tgt [c = y] + (g_tz t + g_wz) w``, then through the cap:
-    ``∂z/∂x = 1 − (z / c)²``. Rows without a logsumexp cotangent (ignored targets) contribute
-    exactly nothing, even where their logits overflow.
+    With the shift held constant, ``∂/∂z = g_log_sum softmax(z) + g_tgt [c = y] − (g_tgap t +
+    g_wgap) w``, then through the cap: ``∂z/∂x = 1 − (z / c)²``. Rows without a log-sum
+    cotangent (ignored targets) contribute exactly nothing, even where their logits are NaN.
     """
-    dz = jnp.where(g.lse != 0, g.lse * jnp.exp(z - lse_i), 0)
+    dz = jnp.where(g.log_sum != 0, g.log_sum * norm.softmax(z), 0)
     if g.tgt is not None:
         hit = jax.lax.iota(jnp.int32, z.shape[1])[None, :] == (blk.labels - blk.cols.start)[:, None]
         dz = dz + jnp.where(hit, g.tgt, 0)
-    mass = 0  # ∂/∂(w_c z_c) per row and class: g_tz t + g_wz
-    if g.tz is not None:
-        mass = g.tz * blk.probs
-    if g.wz is not None:
-        mass = mass + g.wz
-    if g.tz is not None or g.wz is not None:
-        dz = dz + (mass if blk.weight is None else mass * blk.weight[None, :])
+    mass = 0  # ∂/∂(w_c (shift − z_c)) per row and class: g_tgap t + g_wgap
+    if g.tgap is not None:
+        mass = g.tgap * blk.probs
+    if g.wgap is not None:
+        mass = mass + g.wgap
+    if g.tgap is not None or g.wgap is not None:
+        dz = dz - (mass if blk.weight is None else mass * blk.weight[None, :])
     dw = None
-    if blk.weight is not None and (g.tz is not None or g.wz is not None):
-        live = _live(z, blk.cols)
+    if blk.weight is not None and (g.tgap is not None or g.wgap is not None):
+        gap = _live(norm.shift - z, blk.cols)
         if blk.rows.fresh is not None:
-            live = jnp.where(blk.rows.fresh[:, None], live, 0)
-        dw = jnp.sum(_absorbing(jnp.broadcast_to(mass, z.shape), live), 0)
+            gap = jnp.where(blk.rows.fresh[:, None], gap, 0)
+        dw = jnp.sum(_absorbing(jnp.broadcast_to(mass, z.shape), gap), 0)
     if p.soft_cap is not None:
         dz = dz * (1 - jnp.square(z / p.soft_cap.astype(z.dtype)))
     if blk.cols.fresh is not None:
         dz = jnp.where(blk.cols.fresh[None, :], dz, 0)
+    live = g.counted()
     if blk.rows.fresh is not None:
-        dz = jnp.where(blk.rows.fresh[:, None], dz, 0)
-    return dz, dw
+        live = live & blk.rows.fresh[:, None]
+    return jnp.where(live, dz, 0), dw
 
 
 def _grad_zeros(p: Problem):
@@ -467,16 +567,38 @@ def _cast_grads(p: Problem, dh, dk, db, dw):
 # ----------------------------------------------------------------------------------------------
 
 
-def _recomputed_block(p: Problem, chunks, lse, g: Cotangents, rows: Chunk, cols: Chunk, h_i, k_j):
+def _counted(g_i: Cotangents, rows: Chunk) -> jax.Array:
+    """``(rows, 1)``: the rows of a block whose logit gradients may be nonzero (a cotangent,
+    and not already covered by the previous chunk)."""
+    live = g_i.counted()
+    return live if rows.fresh is None else live & rows.fresh[:, None]
+
+
+def _counted_rows(p: Problem, g: Cotangents, rows: Chunk, nc: int):
+    """A row block's cotangents and its hidden rows, zeroed where the logit gradients are 0
+    (those rows enter no matmul of the gradient passes: 0 · NaN would be NaN)."""
+    g_i = g.rows(rows.start, nc)
+    return g_i, zero_rows(_slice(p.hidden, rows.start, nc), _counted(g_i, rows))
+
+
+def _live_columns(k_j: jax.Array, cols: Chunk) -> jax.Array:
+    """``k_j`` with the columns a slid-back chunk shares with the previous one at 0: their logit
+    gradients are 0 here, and 0 · inf (an infinite kernel entry) would be NaN."""
+    return k_j if cols.fresh is None else jnp.where(cols.fresh[None, :], k_j, 0)
+
+
+def _recomputed_block(
+    p: Problem, chunks, norm: Normaliser, g_i: Cotangents, rows: Chunk, cols: Chunk, h_i, k_j
+):
     """``(∂ℓ/∂(hK + b) as the matmul dtype, ∂ℓ/∂w)`` of one recomputed block of logits."""
     nc, vc = chunks
     z = _capped_logits(p, h_i, k_j, _maybe_slice(p.bias, cols.start, vc), cols)
     blk = _block(p, rows, cols, nc, vc)
-    dz, dw = _block_grads(p, z, _slice(lse, rows.start, nc)[:, None], g.rows(rows.start, nc), blk)
+    dz, dw = _block_grads(p, z, norm.rows(rows.start, nc), g_i, blk)
     return dz.astype(jnp.result_type(p.hidden.dtype, p.kernel.dtype)), dw
 
 
-def _kernel_pass(p: Problem, chunks, lse, g: Cotangents, dh):
+def _kernel_pass(p: Problem, chunks, norm: Normaliser, g: Cotangents, dh):
     """Gradients for kernel, bias and weight (and, if ``dh`` is an array, hidden), recomputing
     each logit block: vocabulary chunks outside, so each column block of the kernel's gradient
     is finished in float32 and written once in its own dtype; ``dh`` accumulates in place."""
@@ -487,13 +609,13 @@ def _kernel_pass(p: Problem, chunks, lse, g: Cotangents, dh):
     def vocab_step(j, carry):
         dh, dk, db, dw = carry
         cols = chunk(j, vc, v)
-        k_j = _slice(p.kernel, cols.start, vc, 1)
+        k_j = _live_columns(_slice(p.kernel, cols.start, vc, 1), cols)
 
         def token_step(i, inner):
             dh, dk_j, db_j, dw_j = inner
             rows = chunk(i, nc, n)
-            h_i = _slice(p.hidden, rows.start, nc)
-            dz, dw_i = _recomputed_block(p, chunks, lse, g, rows, cols, h_i, k_j)
+            g_i, h_i = _counted_rows(p, g, rows, nc)
+            dz, dw_i = _recomputed_block(p, chunks, norm, g_i, rows, cols, h_i, k_j)
             if dh is not None:
                 dh_i = _slice(dh, rows.start, nc) + dot(dz, k_j.astype(dz.dtype), (1, 1), cdt)
                 dh = _put(dh, dh_i, rows.start)
@@ -520,13 +642,14 @@ def _kernel_pass(p: Problem, chunks, lse, g: Cotangents, dh):
     return jax.lax.fori_loop(0, num_chunks(v, vc), vocab_step, (dh, *init))
 
 
-def _hidden_pass(p: Problem, chunks, lse, g: Cotangents):
+def _hidden_pass(p: Problem, chunks, norm: Normaliser, g: Cotangents):
     """The gradient for hidden, recomputing each logit block, one row block at a time."""
     nc, vc = chunks
 
     def block(rows: Chunk, cols: Chunk) -> jax.Array:
-        h_i, k_j = _slice(p.hidden, rows.start, nc), _slice(p.kernel, cols.start, vc, 1)
-        dz, _ = _recomputed_block(p, chunks, lse, g, rows, cols, h_i, k_j)
+        g_i, h_i = _counted_rows(p, g, rows, nc)
+        k_j = _live_columns(_slice(p.kernel, cols.start, vc, 1), cols)
+        dz, _ = _recomputed_block(p, chunks, norm, g_i, rows, cols, h_i, k_j)
         return dot(dz, k_j.astype(dz.dtype), (1, 1), p.cdt)
 
     v = p.kernel.shape[1]
@@ -537,7 +660,7 @@ def _dtype(x, default):
     return default if x is None else x.dtype
 
 
-def _recomputed_grads(p: Problem, chunks, lse, g: Cotangents):
+def _recomputed_grads(p: Problem, chunks, norm: Normaliser, g: Cotangents):
     """Gradients for hidden, kernel, bias and weight, recomputing each logit block.
 
     A float32 ``hidden``'s gradient accumulates in place over the kernel pass (four ``N·D·V``
@@ -545,12 +668,11 @@ def _recomputed_grads(p: Problem, chunks, lse, g: Cotangents):
     (128 MiB at N=8192, D=4096), so it gets a pass of its own instead: five matmuls, and no
     temporary larger than a few blocks.
     """
-    lse = finite_or_zero(lse)
     one_pass = jnp.dtype(p.hidden.dtype) == jnp.dtype(p.cdt)
     dh = vary(jnp.zeros(p.hidden.shape, p.cdt), *p.arrays, *g) if one_pass else None
-    dh, dk, db, dw = _kernel_pass(p, chunks, lse, g, dh)
+    dh, dk, db, dw = _kernel_pass(p, chunks, norm, g, dh)
     if not one_pass:
-        dh = _hidden_pass(p, chunks, lse, g)
+        dh = _hidden_pass(p, chunks, norm, g)
     return _cast_grads(p, dh, dk, db, dw)
 
 
@@ -565,14 +687,15 @@ def _token_stats(hidden, kernel, bias, labels, probs, class_weight, soft_cap, ch
 def _token_stats_fwd(hidden, kernel, bias, labels, probs, class_weight, soft_cap, chunks, ws, st):
     p = Problem(hidden, kernel, bias, labels, probs, class_weight, soft_cap, ws, st)
     stats = blocked_stats(p, chunks)
-    return stats, (p.arrays, soft_cap, stats.lse)
+    return stats, (p.arrays, soft_cap, Normaliser(stats.shift, stats.log_sum))
 
 
 def _token_stats_bwd(chunks, ws, st, residuals, cotangents: Stats):
-    arrays, soft_cap, lse = residuals
+    arrays, soft_cap, norm = residuals
     p = Problem(*arrays, soft_cap, ws, st)  # pyright: ignore[reportCallIssue]
-    g = Cotangents(cotangents.lse, cotangents.tgt, cotangents.tz, cotangents.wz)
-    dh, dk, db, dw = _recomputed_grads(p, chunks, lse, g)
+    # The max's cotangent is dropped: the statistics are relative to it, the loss is not.
+    g = Cotangents(cotangents.log_sum, cotangents.tgt, cotangents.tgap, cotangents.wgap)
+    dh, dk, db, dw = _recomputed_grads(p, chunks, norm, g)
     return dh, dk, db, None, None, dw, None
 
 
@@ -581,7 +704,8 @@ _token_stats.defvjp(_token_stats_fwd, _token_stats_bwd)
 
 def token_stats(p: Problem, chunks: tuple[int, int]) -> Stats:
     """Per-token :class:`Stats` of ``p``, differentiable (reverse mode) in ``hidden``,
-    ``kernel``, ``bias`` and ``class_weight`` through ``lse``, ``tgt``, ``tz`` and ``wz``."""
+    ``kernel``, ``bias`` and ``class_weight`` through ``log_sum``, ``tgt``, ``tgap`` and
+    ``wgap`` (``max`` is a constant to them: its cotangent is ignored)."""
     return _token_stats(*p.arrays, p.soft_cap, chunks, p.weighted_sum, p.with_stats)
 
 
@@ -616,33 +740,34 @@ def _fused_chunk(p: Problem, hyper, row_loss: RowLoss, rows: Chunk, chunks, grad
     z = _capped_logits(p, h_i, p.kernel, p.bias, blk.cols)
     stats = _finish(_absorb(_init(p, nc), z, blk))
 
-    def chunk_loss(lse, tgt, tz, wz, class_weight):
-        return row_loss(stats._replace(lse=lse, tgt=tgt, tz=tz, wz=wz), blk, class_weight, hyper)
+    def chunk_loss(log_sum, tgt, tgap, wgap, class_weight):
+        moved = stats._replace(log_sum=log_sum, tgt=tgt, tgap=tgap, wgap=wgap)
+        return row_loss(moved, blk, class_weight, hyper)
 
-    losses, vjp = jax.vjp(chunk_loss, stats.lse, stats.tgt, stats.tz, stats.wz, p.class_weight)
+    differentiated = (stats.log_sum, stats.tgt, stats.tgap, stats.wgap, p.class_weight)
+    losses, vjp = jax.vjp(chunk_loss, *differentiated)
     fresh = jnp.ones((nc,), losses.dtype)
     if rows.fresh is not None:
         fresh = rows.fresh.astype(losses.dtype)
     *g, dw_outer = vjp(fresh)
     g = Cotangents(*(None if a is None else a[:, None] for a in g))
-    lse_i = finite_or_zero(stats.lse)[:, None]
+    norm = Normaliser(stats.shift[:, None], stats.log_sum[:, None])
+    # The logits above are the statistics' (defined at every token); the gradient's matmuls
+    # read no hidden row of a token without a cotangent.
+    h_live = zero_rows(h_i, _counted(g, rows)).astype(mm)
 
     def vocab_step(j, carry):
         dh_i, dk, db, dw = carry
         cols = chunk(j, vc, v)
-        k_j = _slice(p.kernel, cols.start, vc, 1)
-        # Stale columns and rows get a zero cotangent: adding their share changes nothing.
+        k_j = _live_columns(_slice(p.kernel, cols.start, vc, 1), cols)
+        # Stale columns and rows get a zero logit gradient and zeroed operands (no 0 · inf).
         dz, dw_j = _block_grads(
-            p, _slice(z, cols.start, vc, 1), lse_i, g, _block(p, rows, cols, nc, vc)
+            p, _slice(z, cols.start, vc, 1), norm, g, _block(p, rows, cols, nc, vc)
         )
         dz = dz.astype(mm)
         dh_i = dh_i + dot(dz, k_j.astype(mm), (1, 1), p.cdt)
-        dk = _put(
-            dk,
-            _slice(dk, cols.start, vc, 1) + dot(h_i.astype(mm), dz, (0, 0), p.cdt),
-            cols.start,
-            1,
-        )
+        dk_j = _slice(dk, cols.start, vc, 1) + dot(h_live, dz, (0, 0), p.cdt)
+        dk = put_fresh(dk, dk_j, cols, 1)
         db = _put(db, _slice(db, cols.start, vc) + jnp.sum(dz.astype(p.cdt), 0), cols.start)
         if dw_j is not None:
             dw = _put(dw, _slice(dw, cols.start, vc) + dw_j, cols.start)

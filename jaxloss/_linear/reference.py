@@ -21,19 +21,21 @@ def reference_stats(p: chunked.Problem) -> chunked.Stats:
     if p.soft_cap is not None:
         z = p.soft_cap * jnp.tanh(z / p.soft_cap)
     w = jnp.ones((z.shape[1],), p.cdt) if p.class_weight is None else p.class_weight
-    lse = jax.nn.logsumexp(z, axis=1)
-    tgt = tz = None
+    top = jnp.max(z, 1)
+    gap = jax.lax.stop_gradient(chunked.finite_or_zero(top))[:, None] - z
+    log_sum = jnp.log(jnp.sum(jnp.exp(-gap), 1))
+    tgt = tgap = None
     if p.labels is not None:
         safe = jnp.clip(p.labels, 0, z.shape[1] - 1)
         tgt = jnp.take_along_axis(z, safe[:, None], 1)[:, 0]
     else:
         u = p.probs * w[None, :]
-        tz = jnp.sum(jnp.where(u == 0, 0, u * z), 1)
-    wz = z @ w if p.weighted_sum else None
+        tgap = jnp.sum(jnp.where(u == 0, 0, u * gap), 1)
+    wgap = gap @ w if p.weighted_sum else None
     probs = jax.nn.softmax(z, axis=1)
-    entropy = lse - jnp.sum(jnp.where(probs == 0, 0, probs * z), 1)
+    entropy = log_sum + jnp.sum(jnp.where(probs == 0, 0, probs * gap), 1)
     arg = jnp.argmax(z, axis=1).astype(jnp.int32)
-    return chunked.Stats(lse, tgt, tz, wz, arg, entropy, jnp.max(z, 1))
+    return chunked.Stats(top, log_sum, tgt, tgap, wgap, arg, entropy)
 
 
 def reference_loss(p: chunked.Problem, options: assembly.Options, hyper) -> jax.Array:

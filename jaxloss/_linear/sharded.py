@@ -87,25 +87,42 @@ def check_mesh_axes(mesh, batch_axis, vocab_axis, n: int, v: int, fn: str = _FN)
     return mesh
 
 
-def _combine_over_vocabulary(s: chunked.Stats, offset, vocab_axis) -> chunked.Stats:
-    """One device's statistics of its columns combined into those of the whole vocabulary."""
-    shift = chunked.finite_or_zero(jax.lax.pmax(jax.lax.stop_gradient(s.lse), vocab_axis))
-    lse = shift + jnp.log(jax.lax.psum(jnp.exp(s.lse - shift), vocab_axis))
+def _combine_over_vocabulary(s: chunked.Stats, vocab_axis, wmass, tmass) -> chunked.Stats:
+    """One device's loss statistics of its columns combined into those of the whole vocabulary.
+
+    Each shard's sums are relative to its own maximum; moved to the global one (``step`` ≥ 0
+    further), a gap ``Σ_c u_c (shift - z_c)`` grows by ``step`` times its mass ``Σ_c u_c``
+    (``wmass``, ``tmass``: the shard's).
+    """
+    top, log_sum, step = chunked.combine_shards(s.max, s.log_sum, vocab_axis)
     psum = lambda x: None if x is None else jax.lax.psum(x, vocab_axis)
-    # The statistics are diagnostics: not differentiated (pmax has no derivative either).
-    arg, entropy, top = (None if a is None else jax.lax.stop_gradient(a) for a in s[4:])
-    if arg is not None and entropy is not None and top is not None:
-        local_top = top
-        top = jax.lax.pmax(local_top, vocab_axis)
-        mine = jnp.where(local_top == top, arg + offset, jnp.iinfo(jnp.int32).max)
-        arg = jax.lax.pmin(mine, vocab_axis)  # ties: the lowest class index of all shards
-        # Σ_c p_c z_c = Σ_shards e^{lse_k - lse} Σ_{c in k} p^k_c z_c, Σ p^k z = lse_k - H_k.
-        local_lse = jax.lax.stop_gradient(s.lse)
-        weight = jnp.exp(local_lse - jax.lax.stop_gradient(lse))
-        entropy = jax.lax.stop_gradient(lse) - jax.lax.psum(
-            weight * (local_lse - entropy), vocab_axis
-        )
-    return chunked.Stats(lse, psum(s.tgt), psum(s.tz), psum(s.wz), arg, entropy, top)
+    moved = lambda gap, mass: None if gap is None else psum(gap + mass * step)
+    return chunked.Stats(
+        top, log_sum, psum(s.tgt), moved(s.tgap, tmass), moved(s.wgap, wmass), None, None
+    )
+
+
+def _combined_diagnostics(s: chunked.Stats, offset, vocab_axis):
+    """``(lse, argmax, entropy)`` of the whole vocabulary from one device's (not differentiated:
+    pmax has no derivative either)."""
+    s = jax.tree.map(jax.lax.stop_gradient, s)
+    top, log_sum, step = chunked.combine_shards(s.max, s.log_sum, vocab_axis)
+    mine = jnp.where(s.max == top, s.arg + offset, jnp.iinfo(jnp.int32).max)
+    arg = jax.lax.pmin(mine, vocab_axis)  # ties: the lowest class index of all shards
+    # H = Σ_k π_k (H_k - log π_k), π_k the shard's share of the probability.
+    log_share = (s.log_sum - step) - log_sum
+    share = jnp.exp(log_share)
+    entropy = jax.lax.psum(jnp.where(share > 0, share * (s.entropy - log_share), 0), vocab_axis)
+    return chunked.finite_or_zero(top) + log_sum, arg, entropy
+
+
+def _without_ignored(s: chunked.Stats, valid) -> chunked.Stats:
+    """The loss statistics with an ignored token's at 0, before any arithmetic of the
+    combination (as in ``assembly.index_losses``): its NaN statistics (a NaN hidden row)
+    would otherwise reach every gradient through the collectives' VJPs as ``0 · NaN``."""
+    quiet = lambda x: None if x is None else jnp.where(valid, x, 0)
+    return s._replace(max=quiet(s.max), log_sum=quiet(s.log_sum), tgt=quiet(s.tgt),
+                      wgap=quiet(s.wgap))  # fmt: skip
 
 
 def _local_loss(p: chunked.Problem, options: assembly.Options, hyper, chunks, axes):
@@ -122,33 +139,36 @@ def _local_loss(p: chunked.Problem, options: assembly.Options, hyper, chunks, ax
         **{k: None if a is None else chunked.vary(a, *everywhere) for k, a in arrays.items()}
     )
     s = chunked.token_stats(local, chunks)
+    diagnostics = (s.lse, s.arg, s.entropy)
     w = local.class_weight
     sum_weight = v_local if w is None else jnp.sum(w)
+    mass = None
     if p.labels is not None:
         valid = ~_targets.ignored(p.labels, options.ignore_index)
         bad = valid & ((p.labels < 0) | (p.labels >= options.num_classes))
         owned = (labels >= 0) & (labels < v_local)
-        pos_weight = valid.astype(s.lse.dtype)
+        pos_weight = valid.astype(s.log_sum.dtype)
         if w is not None:
             pos_weight = jnp.where(valid & owned, w[jnp.clip(labels, 0, v_local - 1)], 0)
     else:
         mass = assembly.target_mass(local.probs, w)
     if vocab_axis is not None:
-        s = _combine_over_vocabulary(s, offset, vocab_axis)
+        if p.with_stats:
+            diagnostics = _combined_diagnostics(s, offset, vocab_axis)
+        quiet = s if p.labels is None else _without_ignored(s, valid)
+        s = _combine_over_vocabulary(quiet, vocab_axis, sum_weight, mass)
+        diagnostics = diagnostics if p.with_stats else (s.lse, None, None)
         sum_weight = jax.lax.psum(sum_weight, vocab_axis)
         if p.labels is not None and w is not None:
             pos_weight = jax.lax.psum(pos_weight, vocab_axis)
         if p.labels is None:
             mass = jax.lax.psum(mass, vocab_axis)
     if p.labels is not None:
-        loss = assembly.index_losses(
-            options, s.lse, s.tgt, s.wz, valid, bad, pos_weight, sum_weight, hyper
-        )
+        loss = assembly.index_losses(options, s, valid, bad, pos_weight, sum_weight, hyper)
     else:
-        loss = assembly.prob_losses(options, s.lse, s.tz, s.wz, mass, sum_weight, hyper)
+        loss = assembly.prob_losses(options, s, mass, sum_weight, hyper)
         pos_weight = jnp.ones_like(loss)
-    stats = (s.lse, s.arg, s.entropy)
-    return assembly.reduce(loss, pos_weight, options.reduction, batch_axis), stats
+    return assembly.reduce(loss, pos_weight, options.reduction, batch_axis), diagnostics
 
 
 def sharded_loss(p: chunked.Problem, options, hyper, config, *, mesh, batch_axis, vocab_axis):

@@ -1,0 +1,267 @@
+"""``linear_cross_entropy`` at the extremes: huge logits and non-finite inputs.
+
+The oracle is ``jaxloss.cross_entropy`` of the materialised logits (itself checked against
+PyTorch), in every form of the fused head: the fused gradient pass (CPU's ``"sum"``/``"mean"``),
+the recomputing pass (GPUs' and TPUs', forced here by emptying ``FUSED_PLATFORMS``), the
+per-token ``"none"`` form and the ``shard_map`` form (one device here; eight in
+``tests/sharding_checks.py``). Inputs vary by value only, so each form compiles once per dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxloss
+from jaxloss._linear import api
+
+DTYPES = ("float32", "float64", "bfloat16")
+FORMS = ("fused", "recomputing", "none", "shard_map")
+# Relative tolerance per dtype: float64 is held to a few ulps (the old lse - z_y lost 1e-8).
+RTOL = {"float32": 1e-6, "float64": 1e-13, "bfloat16": 2**-8}
+
+
+@pytest.fixture(autouse=True)
+def _x64_does_not_leak():
+    yield
+    assert jnp.asarray(1.0).dtype == jnp.float32, "jax_enable_x64 leaked out of a test"
+
+
+@pytest.fixture
+def form(request, monkeypatch):
+    """Sets up one form of the head: the recomputing pass needs ``FUSED_PLATFORMS`` emptied."""
+    if request.param == "recomputing":
+        monkeypatch.setattr(api, "FUSED_PLATFORMS", ())
+    api._linear_cross_entropy.clear_cache()  # pyright: ignore[reportFunctionMemberAccess]
+    yield request.param
+    api._linear_cross_entropy.clear_cache()  # pyright: ignore[reportFunctionMemberAccess]
+
+
+def _head(form: str, **options):
+    """``(hidden, kernel, targets) -> summed loss`` of the fused head in ``form``."""
+    if form == "shard_map":
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("vocab",))
+        options = dict(options, mesh=mesh, vocab_axis="vocab")
+    if form == "none":
+        loss = functools.partial(jaxloss.linear_cross_entropy, reduction="none", **options)
+        return lambda h, k, y, **arrays: jnp.sum(loss(h, k, y, **arrays))
+    return functools.partial(jaxloss.linear_cross_entropy, reduction="sum", **options)
+
+
+def _dense_loss(**options):
+    return lambda h, k, y: jaxloss.cross_entropy(h @ k, y, reduction="sum", **options)
+
+
+@functools.cache
+def _dense():
+    """The oracle's jitted value and gradients, compiled once (per dtype)."""
+    return _value_and_grads(_dense_loss())
+
+
+def _value_and_grads(loss_fn):
+    return jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))
+
+
+def _assert_close(got, want, dtype: str, what: str):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    rtol = RTOL[dtype]
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.max(np.abs(want)), err_msg=what)
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 2: huge logits, exact as cross_entropy (every term relative to the row's maximum)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", FORMS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_huge_logits_are_exact(form, dtype):
+    """The issue's reproducer: ``[[1e4, 1e4, 0]]`` gave 0.6933594 and ``[[1e8, 1e8, 0]]`` 0.0
+    with kernel gradient ``[0, 1, 0]`` (exact: log 2 and ``[-0.5, 0.5, 0]``)."""
+    with jax.enable_x64(dtype == "float64"):
+        hidden, targets = jnp.ones((1, 1), dtype), jnp.array([0])
+        fused = _value_and_grads(_head(form, vocab_chunk=2))
+        dense = _dense()
+        for scale in (1e4, 1e8):
+            kernel = jnp.asarray([[scale, scale, 0.0]], dtype)
+            got, want = fused(hidden, kernel, targets), dense(hidden, kernel, targets)
+            assert got[0].dtype == jnp.dtype(dtype)
+            _assert_close(got[0], want[0], dtype, f"loss at {scale:g}")
+            _assert_close(got[0], np.log(2), dtype, f"loss at {scale:g} vs log 2")
+            _assert_close(got[1][1], want[1][1], dtype, f"kernel gradient at {scale:g}")
+            _assert_close(got[1][1], [[-0.5, 0.5, 0.0]], dtype, f"kernel gradient at {scale:g}")
+            _assert_close(got[1][0], want[1][0], dtype, f"hidden gradient at {scale:g}")
+
+
+# Near-equal huge logits per dtype (exactly representable, a few ulps apart): each class has
+# some probability, so the smoothing and probability-target sums see every digit.
+NEAR_TIES = {"float32": (1e8, 8.0), "float64": (1e17, 16.0)}
+
+
+def _near_tie_cases(dtype):
+    """``{name: (targets, options)}``: smoothing (weighted or not) and probability targets."""
+    weight = jnp.asarray([0.5, 2.0, 1.0, 1.5], dtype)
+    probabilities = jnp.asarray([[0.1, 0.2, 0.3, 0.4], [0.0, 0.5, 0.5, 0.0]], dtype)
+    labels = jnp.array([0, 2])
+    return {
+        "smoothing": (labels, (("label_smoothing", 0.3),)),
+        "weighted smoothing": (labels, (("label_smoothing", 0.3), ("weight", weight))),
+        "probabilities": (probabilities, (("label_smoothing", 0.2),)),
+    }
+
+
+@pytest.mark.parametrize("form", FORMS[:3], indirect=True)  # shard_map: sharding_checks.py
+@pytest.mark.parametrize("dtype", NEAR_TIES)
+def test_huge_logits_smoothing_and_probabilities_are_exact(form, dtype):
+    """``lse·Σw − Σw·z`` cancelled: the sums are now ``Σ w (max − z)`` (moved with the max
+    from one vocabulary chunk to the next: the logits grow along the row)."""
+    top, ulps = NEAR_TIES[dtype]
+    with jax.enable_x64(dtype == "float64"):
+        hidden = jnp.ones((2, 1), dtype)
+        kernel = jnp.asarray([[top - 3 * ulps, top - ulps, top, top - 2 * ulps]], dtype)
+        cases = _near_tie_cases(dtype)
+
+        def every_case(loss):
+            return jax.jit(lambda h, k: {
+                name: jax.value_and_grad(loss(**dict(options)), argnums=(0, 1))(h, k, y)
+                for name, (y, options) in cases.items()
+            })  # fmt: skip
+
+        got = every_case(functools.partial(_head, form, vocab_chunk=1, token_chunk=1))
+        got = got(hidden, kernel)
+        wants = every_case(_dense_loss)(hidden, kernel)
+        for name, want in wants.items():
+            _assert_close(got[name][0], want[0], dtype, f"{name}: loss")
+            _assert_close(got[name][1][1], want[1][1], dtype, f"{name}: kernel gradient")
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 4: a non-finite hidden row at an ignored token contributes nothing
+# ----------------------------------------------------------------------------------------------
+
+N, D, V = 7, 4, 9
+IGNORED = (1, 4)
+
+
+def _problem(seed=0):
+    """Hidden, kernel, bias, class weight and targets (rows ``IGNORED`` ignored), float32."""
+    rng = np.random.default_rng(seed)
+    hidden, kernel = rng.standard_normal((N, D)), rng.standard_normal((D, V))
+    bias, weight = rng.standard_normal(V), rng.uniform(0.5, 2.0, V)
+    targets = rng.integers(0, V, N)
+    targets[list(IGNORED)] = -100
+    floats = (jnp.asarray(a, jnp.float32) for a in (hidden, kernel, bias, weight))
+    return (*floats, jnp.asarray(targets, jnp.int32))
+
+
+# Chunkings: uneven blocks that overlap, single rows and columns, and whole arrays.
+CHUNKINGS = {"uneven": (3, 4, 2), "single": (1, 1, 1), "whole": (N, V, N)}
+
+
+def _all_grads(loss_fn, targets):
+    """Jitted value and gradients in hidden, kernel, bias and class weight."""
+    f = lambda h, k, b, w: loss_fn(h, k, targets, bias=b, weight=w)
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))
+
+
+@pytest.mark.parametrize("form", FORMS, indirect=True)
+@pytest.mark.parametrize("chunking", CHUNKINGS)
+def test_non_finite_hidden_at_ignored_tokens_contributes_nothing(form, chunking):
+    """Padded positions may hold NaN/inf hidden states (fully masked attention rows): the loss
+    and every gradient (kernel, bias, weight) are those of any finite hidden row there, and
+    that row's own hidden gradient is 0."""
+    hidden, kernel, bias, weight, targets = _problem()
+    token_chunk, vocab_chunk, grad_token_chunk = CHUNKINGS[chunking]
+    options = dict(label_smoothing=0.1, z_loss=1e-3, token_chunk=token_chunk,
+                   vocab_chunk=vocab_chunk, grad_token_chunk=grad_token_chunk)  # fmt: skip
+    fused = _all_grads(_head(form, **options), targets)
+    dense = _all_grads(
+        lambda h, k, y, *, bias, weight: jaxloss.cross_entropy(
+            h @ k + bias[None, :], y, weight=weight, reduction="sum", label_smoothing=0.1,
+            z_loss=1e-3,
+        ),
+        targets,
+    )  # fmt: skip
+    want = dense(hidden, kernel, bias, weight)
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        poisoned = hidden.at[IGNORED[0]].set(bad).at[IGNORED[1], 2].set(bad)
+        got = fused(poisoned, kernel, bias, weight)
+        for name, g, w in zip(("loss", "hidden", "kernel", "bias", "weight"), (got[0], *got[1]),
+                              (want[0], *want[1]), strict=True):  # fmt: skip
+            assert np.all(np.isfinite(g)), f"{bad}: {name}"
+            _assert_close(g, w, "float32", f"{bad}: {name}")
+        np.testing.assert_array_equal(np.asarray(got[1][0])[list(IGNORED)], 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 7: non-finite inputs at counted tokens give the materialised path's non-finite gradients
+# ----------------------------------------------------------------------------------------------
+
+
+def _nonfinite_cases(value):
+    """``{name: (hidden, kernel, bias, weight, targets, options)}`` with ``value`` (NaN or ±inf)
+    in one input; ``IGNORED`` rows stay ignored (and finite) for index targets."""
+    hidden, kernel, bias, weight, labels = _problem(1)
+    rng = np.random.default_rng(2)
+    probabilities = jnp.asarray(rng.dirichlet(np.ones(V), N), jnp.float32)
+    smooth = (("label_smoothing", 0.1),)
+    everything = (*smooth, ("z_loss", 1e-3), ("weight", None))
+    return {
+        # The issue's record: one NaN kernel entry, probability targets, "sum", chunks of 1.
+        "kernel, probabilities": (
+            hidden, kernel.at[1, 2].set(value), bias, weight, probabilities, smooth),
+        "kernel, index": (hidden, kernel.at[0, 5].set(value), bias, weight, labels, everything),
+        "hidden row": (hidden.at[3].set(value), kernel, bias, weight, labels, everything),
+        "hidden entry, probabilities": (
+            hidden.at[2, 0].set(value), kernel, bias, weight, probabilities, ()),
+        "bias": (hidden, kernel, bias.at[6].set(value), weight, labels, smooth),
+        # -inf: every logit -inf, no distribution (NaN, as cross_entropy's gradient).
+        "every bias": (hidden, kernel, jnp.full_like(bias, value), weight, labels, ()),
+    }  # fmt: skip
+
+
+def _every_case(loss, cases):
+    """One jitted function: value and gradients (hidden, kernel, bias, weight) of every case."""
+
+    def run(arrays):
+        out = {}
+        for name, (h, k, b, w, y, options) in cases.items():
+            options = dict(options)
+            weighted = "weight" in options
+
+            def f(h, k, b, w, y=y, options=options, weighted=weighted):
+                options = dict(options, weight=w if weighted else None)
+                return loss(h, k, y, bias=b, **options) + (0 if weighted else 0 * jnp.sum(w))
+
+            out[name] = jax.value_and_grad(f, argnums=(0, 1, 2, 3))(*arrays[name])
+        return out
+
+    return jax.jit(run)
+
+
+@pytest.mark.parametrize("form", FORMS, indirect=True)
+def test_non_finite_inputs_give_the_materialised_non_finite_gradients(form):
+    """``finite_or_zero(lse)`` turned a NaN log-sum-exp into 0 in the backward pass: gradients
+    held finite values (up to 4.6e9 in the fuzz records) where the materialised formula's, and
+    torch's, are NaN. Every entry now matches autodiff of the materialised formula: NaN, ±inf
+    and finite alike."""
+    head = _head(form, token_chunk=1, vocab_chunk=2, grad_token_chunk=1)
+    dense = lambda h, k, y, *, bias, **options: jaxloss.cross_entropy(
+        h @ k + bias[None, :], y, reduction="sum", **options
+    )  # fmt: skip
+    structure = _nonfinite_cases(jnp.nan)
+    fused, oracle = _every_case(head, structure), _every_case(dense, structure)
+    for value in (jnp.nan, jnp.inf, -jnp.inf):
+        arrays = {name: case[:4] for name, case in _nonfinite_cases(value).items()}
+        got, want = fused(arrays), oracle(arrays)
+        for name in structure:
+            for what, g, w in zip(("loss", "hidden", "kernel", "bias", "weight"),
+                                  (got[name][0], *got[name][1]), (want[name][0], *want[name][1]),
+                                  strict=True):  # fmt: skip
+                np.testing.assert_allclose(
+                    g, w, rtol=2e-5, atol=1e-6, err_msg=f"{value} in {name}: {what}"
+                )
