@@ -1,11 +1,19 @@
-"""Test configuration.
+"""Test configuration: what every test module shares, set once, before JAX starts its backends.
 
+- Eight CPU devices, so that the sharding tests run in this process on a 2 × 4 mesh (everything
+  else runs on the first device, as on a one-device machine).
 - Silent rank promotion is an error, so (N, 1)-vs-(N,) broadcasting bugs cannot hide.
 - The compile-only GPU/TPU targets' environment is set before JAX starts.
+- ``x64``: one test in float64; no test may leave float64 switched on for the next.
+- ``slow``: examples, benchmark runs, the multi-process cluster, compile-only accelerator targets,
+  large compiles and the layouts, dtypes and shapes that repeat a default test's checks. The
+  default run (``python -m pytest``) deselects them; ``python -m pytest --full`` runs everything,
+  ``-m slow`` only them. ``accel`` tests need the ``accel`` extra and skip without it.
 - Under CI (``CI`` set) hypothesis draws a fixed sequence of examples, so that whether a landing
   passes does not depend on the draw; locally every run explores new examples.
 """
 
+import importlib.util
 import os
 
 # For tests/test_accelerators.py, set before JAX starts its backends (any test module may start
@@ -17,10 +25,80 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
 from hypothesis import settings
 
+NUM_CPU_DEVICES = 8
+jax.config.update("jax_num_cpu_devices", NUM_CPU_DEVICES)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+# The compile-only accelerator targets: the CUDA PJRT plugin and libtpu (the `accel` extra).
+ACCEL_PLUGINS = ("jax_plugins.xla_cuda12", "libtpu")
+INSTALL_ACCEL = 'pip install -e ".[accel]"'
+
+
+def _accel_missing() -> list[str]:
+    missing = []
+    for name in ACCEL_PLUGINS:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # a parent package (jax_plugins) is absent
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--full",
+        action="store_true",
+        help="also run the tests marked slow (deselected by default)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    missing = _accel_missing()
+    if missing:
+        skip = pytest.mark.skip(
+            reason=f"compile-only accelerator plugins {missing} not installed: {INSTALL_ACCEL}"
+        )
+        for item in items:
+            if "accel" in item.keywords:
+                item.add_marker(skip)
+    if config.getoption("--full") or config.option.markexpr:
+        return
+    kept = [item for item in items if "slow" not in item.keywords]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if "slow" in i.keywords])
+        items[:] = kept
+
+
+@pytest.fixture
+def x64():
+    """Runs one test with float64 enabled, restoring the previous setting afterwards."""
+    with jax.enable_x64(True):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _x64_does_not_leak():
+    yield
+    assert jnp.asarray(1.0).dtype == jnp.float32, "jax_enable_x64 leaked out of a test"
+
+
+@pytest.fixture(scope="session")
+def mesh() -> jax.sharding.Mesh:
+    """The eight CPU devices as a 2 × 4 mesh, axes ``data`` and ``model``."""
+    devices = jax.devices()
+    assert len(devices) == NUM_CPU_DEVICES, (
+        f"expected {NUM_CPU_DEVICES} CPU devices, got {devices}: a JAX backend started before "
+        "tests/conftest.py set jax_num_cpu_devices"
+    )
+    return jax.sharding.Mesh(np.array(devices).reshape(2, 4), ("data", "model"))

@@ -1,28 +1,23 @@
 """Sharding checks for ``linear_distillation`` on 8 CPU devices (a 2 × 4 mesh).
 
-Run by ``tests/test_distillation.py`` in a subprocess, because the device count must be fixed
-before JAX initialises::
-
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/distillation_sharding_checks.py
-
-Each check compiles a jitted ``value_and_grad`` (plus the ``"mean"`` and ``"sum"`` values) with
-the inputs placed by ``NamedSharding`` — tokens split over all 8 devices (``batch``), classes
-split over all 8 (``classes``), or tokens over ``data`` and classes over ``model`` (``both``) —
-and compares it with the same function run on one device. It then parses the compiled HLO:
+Each check is one test of ``tests/test_sharding.py``, run in the pytest process on the eight CPU
+devices that ``conftest.py`` sets up. Each compiles a jitted ``value_and_grad`` (plus the
+``"mean"`` and ``"sum"`` values) with the inputs placed by ``NamedSharding`` — tokens split over
+all 8 devices (``batch``), classes split over all 8 (``classes``), or tokens over ``data`` and
+classes over ``model`` (``both``) — and compares it with the same function run on one device.
+It then parses the compiled HLO:
 
 - ``shard_map`` form (axes named, under automatic or explicit axis types): no all-gather of
   any array of rank >= 2 with the full vocabulary in it (logits or kernels);
 - plain call under automatic sharding (XLA partitions the loops): no all-gather of logits.
 
-Prints one JSON object per check (``name``, ``ok``, ``message``, ``all_gathers``) and exits with
-status 0 only if every check passed.
+A check takes the mesh and returns ``(problems, all_gathers)``, as in ``sharding_checks.py``.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -37,7 +32,6 @@ from jax.sharding import PartitionSpec as P
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jaxloss
 
-NUM_DEVICES = 8
 # Distinct sizes (and shard sizes), so that a dimension in an HLO shape says which axis it is.
 N, D, D_T, V = 16, 12, 6, 40
 N_ROWS = {N, N // 2, N // 4, N // 8}
@@ -284,11 +278,3 @@ def _explicit_without_axes(mesh: Mesh):
 
 
 CHECKS["explicit/without_axes_is_an_error"] = _explicit_without_axes
-
-
-if __name__ == "__main__":
-    # The harness (device count check, one JSON verdict per check) is sharding_checks.py's; it
-    # sits beside this script, which Python puts first on sys.path.
-    from sharding_checks import main
-
-    sys.exit(main(sys.argv[1:], CHECKS))

@@ -1,31 +1,25 @@
 """Sharding checks for ``nll``, ``cross_entropy`` and ``linear_cross_entropy`` on 8 CPU devices.
 
-Run by ``tests/test_sharding.py`` in a subprocess, because the device count must be fixed before
-JAX initialises::
-
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_checks.py [NAME ...]
+Each check is one test of ``tests/test_sharding.py``, run in the pytest process on the 2 × 4
+mesh (axes ``data`` and ``model``) of the eight CPU devices that ``conftest.py`` sets up.
 
 Every check compiles a jitted ``value_and_grad`` (or VJP) with inputs placed by ``NamedSharding``
-on a 2 × 4 mesh (axes ``data`` and ``model``) — split over the batch (all 8 devices), over the
-classes (all 8 devices), or both (batch over ``data``, classes over ``model``) — and compares
-values and gradients with the same function run unsharded. Under class sharding it also parses
-the compiled HLO: no ``all-gather`` may produce logits with the full vocabulary (or, for the
-``shard_map`` form of ``linear_cross_entropy``, the kernel with the full vocabulary).
+— split over the batch (all 8 devices), over the classes (all 8 devices), or both (batch over
+``data``, classes over ``model``) — and compares values and gradients with the same function run
+unsharded. Under class sharding it also parses the compiled HLO: no ``all-gather`` may produce
+logits with the full vocabulary (or, for the ``shard_map`` form of ``linear_cross_entropy``, the
+kernel with the full vocabulary).
 
-Prints one JSON object per check (``name``, ``ok``, ``message``, ``all_gathers``) and exits with
-status 0 only if every check passed.
+A check takes the mesh and returns ``(problems, all_gathers)``: what it found wrong (nothing when
+it passes) and the result shapes of the compiled program's all-gathers.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import re
-import sys
-import traceback
 from collections.abc import Callable
 from contextlib import nullcontext
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +27,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jaxloss
 
-NUM_DEVICES = 8
 # Sizes chosen so that N, D, V and all their shard sizes are distinct numbers: a dimension in an
 # HLO shape then says which axis it is.
 N, D, V = 16, 12, 40
@@ -541,31 +533,3 @@ def _parser_self_test(mesh: Mesh):
     return ([] if ok else [f"parser found no [N, V] all-gather in a forced gather: {gathers}"]), (
         gathers
     )
-
-
-def main(names: list[str], checks: dict | None = None) -> int:
-    """Runs ``checks`` (these by default; tests/distillation_sharding_checks.py passes its own)."""
-    checks = CHECKS if checks is None else checks
-    jax.config.update("jax_numpy_rank_promotion", "raise")
-    devices = jax.devices()
-    if len(devices) != NUM_DEVICES:
-        print(json.dumps({"name": "setup", "ok": False, "message": (
-            f"expected {NUM_DEVICES} devices, got {len(devices)}: set XLA_FLAGS="
-            f"--xla_force_host_platform_device_count={NUM_DEVICES} before JAX starts"
-        ), "all_gathers": []}), flush=True)  # fmt: skip
-        return 1
-    mesh = Mesh(np.array(devices).reshape(2, 4), ("data", "model"))
-    failed = 0
-    for name in names or list(checks):
-        try:
-            problems, gathers = checks[name](mesh)
-        except Exception:  # A crash is a failed check, reported with its traceback.
-            problems, gathers = [traceback.format_exc(limit=-6)], []
-        failed += bool(problems)
-        record = {"name": name, "ok": not problems, "message": "\n".join(problems)}
-        print(json.dumps({**record, "all_gathers": [list(s) for s in gathers]}), flush=True)
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

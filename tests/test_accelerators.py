@@ -2,9 +2,11 @@
 
 Nothing here runs on an accelerator: JAX compiles for an H100 (the CUDA PJRT plugin and the
 device description in ``benchmarks/targets/h100_sxm.txtpb``) and for TPUs (``libtpu``) on this
-CPU-only machine, and the tests read the optimised programs. The plugins are in the ``test``
-extra; without them these tests fail, they do not skip. The environment they need (the CUDA
-plugin's check skipped, libtpu shareable) is set in ``conftest.py``, before JAX starts.
+CPU-only machine, and the tests read the optimised programs. The plugins are in the ``accel``
+extra (not in ``test``: they print start-up errors on every JAX start of a machine without the
+accelerator); without them these tests skip, naming the extra. Every compile is large, so they
+are ``slow`` too (``python -m pytest --full``). The environment they need (the CUDA plugin's
+check skipped, libtpu shareable) is set in ``conftest.py``, before JAX starts.
 
 Traffic model, as in ``python -m benchmarks --target`` and read by the same HLO reader
 (``benchmarks/hlo.py``): every kernel of the optimised program reads its operands from HBM and
@@ -39,6 +41,11 @@ SHAPE = (8192, 131072)  # a 128 Ki vocabulary; v5e's 16 GiB hold its f32 logits 
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
 
+def compile_only(test):
+    """A test that compiles for a target: it needs the plugins, and each compile takes seconds."""
+    return pytest.mark.accel(pytest.mark.slow(test))
+
+
 @functools.cache
 def devices(target: str, multi: bool = False) -> tuple:
     platform, one, eight = TOPOLOGIES[target]
@@ -68,6 +75,7 @@ def hbm_bytes(text: str) -> int:
     return hlo.entry_traffic(text).bytes
 
 
+@compile_only
 def test_traffic_model_counts_a_copy_and_a_gather():
     """A copy moves its bytes twice; gathering one logit per row reads N elements, not N×C."""
     n, c = 1024, 4096
@@ -87,6 +95,7 @@ def test_traffic_model_counts_a_copy_and_a_gather():
 # ----------------------------------------------------------------------------------------------
 
 
+@compile_only
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("target", ["h100", "tpu-v5e"])
 def test_cross_entropy_reads_the_logits_once_forward_and_twice_with_the_gradient(target, dtype):
@@ -142,6 +151,7 @@ PEER_CASES = {
 PEER_POINTS = [(target, case) for target in ("h100", "tpu-v5e") for case in PEER_CASES]
 
 
+@compile_only
 @pytest.mark.parametrize(("target", "case"), PEER_POINTS)
 def test_value_and_grad_moves_no_more_than_its_peer(target, case):
     """Within 0.1 % (of the peer's bytes or the logits', the larger) of the optax / jax.nn peer."""
@@ -166,6 +176,7 @@ _V5P_DEFAULT_PRECISION = pytest.mark.xfail(
 )
 
 
+@compile_only
 @pytest.mark.parametrize(
     ("target", "shape", "dtype", "precision", "limit_mib"),
     [
@@ -188,6 +199,7 @@ def test_linear_cross_entropy_temporaries(target, shape, dtype, precision, limit
     assert temp <= limit_mib * 2**20, f"{temp / 2**20:.0f} MiB of temporaries"
 
 
+@compile_only
 def test_linear_distillation_temporaries_on_h100():
     """The student's half-precision hidden gradient gets a pass of its own (no float32 copy of
     it): within the linear head's 128 MiB at an 8B-class shape, bf16 (176 MiB before)."""
@@ -216,6 +228,7 @@ def _placed(mesh: Mesh, *shape_dtype_spec):
     ]
 
 
+@compile_only
 @pytest.mark.parametrize("layout", ["classes", "batch"])
 @pytest.mark.parametrize("target", ["h100", "tpu-v5e"])
 def test_sharded_cross_entropy_gathers_no_logits(target, layout):
@@ -230,6 +243,7 @@ def test_sharded_cross_entropy_gathers_no_logits(target, layout):
     assert not wide, f"all-gather of [N, V] logits: {wide}"
 
 
+@compile_only
 @pytest.mark.parametrize("target", ["h100", "tpu-v5e"])
 def test_shard_map_linear_cross_entropy_gathers_neither_logits_nor_kernel(target):
     mesh = _mesh(target)

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+# Subprocesses that time and compile (about 45 s together): the full suite's.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FUNCTIONS = ("cross_entropy", "log_softmax")  # a scalar loss and an array-valued function

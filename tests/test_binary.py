@@ -37,19 +37,6 @@ GOLDEN_BCE = load_golden("bce")
 GOLDEN_BCE_LOGITS = load_golden("bce_with_logits")
 
 
-@pytest.fixture
-def x64():
-    """Runs one test with float64 enabled, restoring the previous setting afterwards."""
-    with jax.enable_x64(True):
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _x64_does_not_leak():
-    yield
-    assert jnp.asarray(1.0).dtype == jnp.float32, "jax_enable_x64 leaked out of a test"
-
-
 def _optional(case, name, dtype=None):
     return jnp.asarray(case[name], dtype) if name in case else None
 

@@ -67,14 +67,6 @@ PROPERTY_FEW = settings(PROPERTY, max_examples=5)
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _x64_stays_scoped():
-    """The float64 tests enable x64 only inside ``with jax.enable_x64(True)``; nothing leaks."""
-    before = jax.config.jax_enable_x64
-    yield
-    assert jax.config.jax_enable_x64 == before
-
-
 def assert_close(actual, expected, rtol: float, what: str = "") -> None:
     """Elementwise ``rtol``, plus an absolute floor of ``rtol`` times the array's largest entry.
 
@@ -264,10 +256,18 @@ def test_golden_file_covers_the_grid_and_is_small():
 GOLDEN_RUNS = [("float32", s, "axis1") for s in SHAPES]
 GOLDEN_RUNS += [("float32", s, "classes_last") for s in SHAPES if len(SHAPES[s]) > 2]
 GOLDEN_RUNS += [("float64", "4d", "axis1")]
+# The default run compiles the 4-d grid in both layouts: every case, with axis=1 and axis=-1. The
+# other runs repeat every check on other shapes or in float64, a large compile each: slow.
+GOLDEN_DEFAULT = {("float32", "4d", "axis1"), ("float32", "4d", "classes_last")}
+
+
+def _golden_param(run: tuple[str, str, str], values: tuple[str, ...]):
+    marks = () if run in GOLDEN_DEFAULT else pytest.mark.slow
+    return pytest.param(*values, marks=marks, id="-".join(values))
 
 
 @pytest.mark.parametrize("case", CASES, ids="-".join)
-@pytest.mark.parametrize(("dtype", "shape", "layout"), GOLDEN_RUNS, ids=map("-".join, GOLDEN_RUNS))
+@pytest.mark.parametrize(("dtype", "shape", "layout"), [_golden_param(r, r) for r in GOLDEN_RUNS])
 def test_golden_torch_values_and_gradients(dtype, shape, layout, case):
     base = "__".join((case[0], shape, *case[1:]))
     plain, value, grad = golden_results(shape, layout, dtype)["__".join(case)]
@@ -321,8 +321,7 @@ def test_reference_figures_pytorch_layout():
 
 @pytest.mark.parametrize(
     ("shape", "layout"),
-    [run[1:] for run in GOLDEN_RUNS if run[0] == "float32"],
-    ids=["-".join(run[1:]) for run in GOLDEN_RUNS if run[0] == "float32"],
+    [_golden_param(run, run[1:]) for run in GOLDEN_RUNS if run[0] == "float32"],
 )
 def test_torch_parity_fresh_random_grid(shape, layout):
     """Fresh random data (not the golden's) through the whole grid, float32 vs torch float64."""

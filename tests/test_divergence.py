@@ -38,19 +38,6 @@ GOLDEN_KL = load_golden("kl_div")
 GOLDEN_ENTROPY = load_golden("entropy")
 
 
-@pytest.fixture
-def x64():
-    """Runs one test with float64 enabled, restoring the previous setting afterwards."""
-    with jax.enable_x64(True):
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _x64_does_not_leak():
-    yield
-    assert jnp.asarray(1.0).dtype == jnp.float32, "jax_enable_x64 leaked out of a test"
-
-
 def _value_and_vjp(fn, args, ct):
     """``fn(*args)`` and the VJP of ``ct`` with respect to every argument.
 

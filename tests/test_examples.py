@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+# Subprocesses that train (about a minute and a half together): the full suite's.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Generous: each example takes ~10 s on an idle 2-core CPU, including JAX start-up.

@@ -25,19 +25,6 @@ N, D, V = 13, 8, 29
 IGNORE_ROWS = (2, 9)
 
 
-@pytest.fixture
-def x64():
-    """Runs one test with float64 enabled, restoring the previous setting afterwards."""
-    with jax.enable_x64(True):
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _x64_does_not_leak():
-    yield
-    assert jnp.asarray(1.0).dtype == jnp.float32, "jax_enable_x64 leaked out of a test"
-
-
 def _problem(seed=0, n=N, d=D, v=V, dtype=jnp.float32, ignore_index=-100, scale=1.0):
     """Hidden, kernel, bias, class weight and targets (some ignored) for one test.
 
@@ -422,6 +409,7 @@ def _temp_bytes(loss_fn) -> int:
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow  # a compile at an LLM shape
 def test_memory_at_large_vocabulary():
     """value_and_grad at N=8192, D=2048, V=131072 f32: [N, V] logits alone would be 4 GiB."""
     fused = _temp_bytes(jaxloss.linear_cross_entropy)

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+# Two benchmark subprocesses compiling every case: the full suite's.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (512, 8192)  # 16 MiB of float32 logits: big enough that XLA keeps its large-array plan
 SIZE = "x".join(map(str, SHAPE))

@@ -34,6 +34,9 @@ from pathlib import Path
 
 import pytest
 
+# Two-process clusters (about 40 s together): the full suite's.
+pytestmark = pytest.mark.slow
+
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
 NUM_PROCESSES = 2
 CHECKS_TIMEOUT_S = 420  # ~40 s of CPU per process; generous for a loaded 2-core machine

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
 TIMEOUT_S = 300
@@ -24,6 +26,7 @@ def code_blocks(text: str, lang: str) -> list[str]:
     return re.findall(rf"^```{lang}\n(.*?)^```", text, re.M | re.S)
 
 
+@pytest.mark.slow  # a subprocess that trains, as the examples
 def test_flax_nnx_train_step_runs_as_shown(tmp_path: Path) -> None:
     """The snippet, saved as a file and run as a script a user would paste, trains."""
     (block,) = code_blocks(section("In a Flax NNX train step"), "python")

@@ -46,19 +46,6 @@ def load_golden(family: str) -> dict[str, dict[str, np.ndarray]]:
 GOLDEN = load_golden("activation")
 
 
-@pytest.fixture
-def x64():
-    """Runs one test with float64 enabled, restoring the previous setting afterwards."""
-    with jax.enable_x64(True):
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _x64_does_not_leak():
-    yield
-    assert jnp.asarray(1.0).dtype == jnp.float32, "jax_enable_x64 leaked out of a test"
-
-
 def bind(name: str, axis: int | None = None, where=None):
     """The jaxloss function ``name`` with its static arguments bound, as a function of ``x``."""
     fn = FUNCTIONS[name]
