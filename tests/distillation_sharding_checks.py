@@ -20,7 +20,6 @@ import functools
 import re
 from collections.abc import Callable
 from contextlib import nullcontext
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +27,6 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-# This checkout's jaxloss, not whichever one the environment has installed.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jaxloss
 
 # Distinct sizes (and shard sizes), so that a dimension in an HLO shape says which axis it is.

@@ -33,6 +33,7 @@ import jaxloss
 # HLO shape then says which axis it is.
 N, D, V = 16, 12, 40
 BATCH = ("data", "model")  # all 8 devices
+NUM_DEVICES = 8  # tests/conftest.py's CPU devices, the 2 x 4 mesh
 LAYOUTS = ("batch", "classes", "both")
 RTOL = 2e-5
 

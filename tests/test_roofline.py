@@ -20,6 +20,9 @@ import jaxloss
 from benchmarks import compiled, hlo, roofline
 from benchmarks.targets import TARGETS
 
+# Compile-only GPU/TPU programs: the accel extra's plugins, seconds a compile.
+pytestmark = [pytest.mark.accel, pytest.mark.slow]
+
 S = jax.ShapeDtypeStruct
 BF16, F32 = jnp.bfloat16, jnp.float32
 
@@ -263,7 +266,6 @@ def test_one_reader_sees_all_gathers():
     assert hlo.all_gather_shapes(text) == [(32,)]
 
 
-@pytest.mark.slow
 def test_linear_head_takes_larger_blocks_on_gpus():
     """GPUs default to 2048² blocks (chunked.GPU_CHUNK): modelled value_and_grad at an 8B-class
     head, bf16 on an H100, 64.5 ms against 91.5 ms with the CPU's 1024² blocks, within 128 MiB."""
