@@ -621,7 +621,7 @@ def _soft_capped(fn: str, z: jax.Array, cap) -> jax.Array:
     return (cap * jnp.tanh(wide / cap)).astype(z.dtype)
 
 
-def _logit_stats(z: jax.Array, axis: int, target: jax.Array, counted) -> LogitStats:
+def _logit_stats(z: jax.Array, axis: int, target: jax.Array | None, counted) -> LogitStats:
     """``LogitStats`` per position: lse, argmax hit, entropy, argmax (not differentiated)."""
     dtype, shape = z.dtype, _common.without_axis(z.shape, axis)
     if z.shape[axis] == 0:

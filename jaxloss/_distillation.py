@@ -246,7 +246,7 @@ def _divergences(student, teacher, cfg: _Config):
     finite = jnp.isfinite(norm_t.shift + norm_t.log_sum) & jnp.isfinite(
         norm_s.shift + norm_s.log_sum
     )
-    div = _common.nan_where(~finite, div)
+    div = _common.nan_where(~finite, jnp.asarray(div))
     return div, (*norm_t, *norm_s, extra)
 
 

@@ -60,7 +60,11 @@ def _kernel_inputs(z, d, factor):
         ]
     )
     smoothing_weights = d.smoothing is not None and d.class_weight is not None
-    class_weight = d.class_weight.astype(jnp.float32)[None] if smoothing_weights else None
+    class_weight = (
+        d.class_weight.astype(jnp.float32)[None]  # pyright: ignore[reportOptionalMemberAccess]
+        if smoothing_weights
+        else None
+    )
     opts = dict(
         smoothing=d.smoothing is not None,
         z_loss=d.z_loss is not None,

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax._src import sharding_impls
+from jax.core import ShapedArray
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.extend.core import Primitive
@@ -169,6 +170,7 @@ def loss_rows(z, y, row_data, scalars, class_weight, *, opts: Options, interpret
         class_weight = jnp.zeros((1, 128), jnp.float32)
     rows, classes = z.shape
     bn = block_rows(rows, classes, z.dtype)
+    assert bn is not None, (rows, classes, z.dtype)  # callers check supported() first
     width = chunk_width(classes)
     grid = (pl.cdiv(rows, bn),)
     row_spec = lambda cols: pl.BlockSpec((bn, cols), lambda i: (i, 0))
@@ -265,8 +267,8 @@ def kernel_may_lower(ctx) -> bool:
 
 @rows_p.def_abstract_eval
 def _rows_abstract(z, y, row_data, scalars, class_weight, *, opts, interpret, fallback):
-    loss = jax.core.ShapedArray(z.shape[:1], jnp.float32)
-    return [loss, jax.core.ShapedArray(z.shape, z.dtype)] if opts.with_grad else [loss]
+    loss = ShapedArray(z.shape[:1], jnp.float32)
+    return [loss, ShapedArray(z.shape, z.dtype)] if opts.with_grad else [loss]
 
 
 def _rows_lowering(ctx, *args, opts, interpret, fallback):
