@@ -655,7 +655,7 @@ def linear_distillation(
         )
     mask = _check_mask(mask, batch_shape)
     out_dtype = jnp.result_type(*(x for x in (*student, *teacher) if x is not None))
-    flat = lambda head: (head[0].reshape(-1, head[0].shape[-1]), *head[1:])
+    flat = lambda head: (*chunked.rows_with_a_feature(*head[:2]), *head[2:])
     student, teacher = flat(student), flat(teacher)
     mask = None if mask is None else mask.reshape(-1)
     n, v = student[0].shape[0], student[1].shape[1]

@@ -88,3 +88,11 @@ def test_gpu_row_pieces_is_the_fewest_equal_pieces_and_handles_no_classes():
     assert _classification._gpu_row_pieces(0) == 1
     # A prime vocabulary: no qualifying piece count (the old search walked all 10^7 candidates).
     assert _classification._gpu_row_pieces(10_000_019) == 1
+
+
+def test_linear_distillation_of_no_features_is_zero_divergence():
+    """Both heads without features: every logit is 0, both distributions uniform, KL 0."""
+    h, k = jnp.zeros((2, 0)), jnp.ones((0, 4))
+    assert float(jaxloss.linear_distillation(h, k, h, k)) == 0.0
+    grads = jax.grad(lambda k: jaxloss.linear_distillation(h, k, h, k), argnums=0)(k)
+    assert grads.shape == (0, 4)

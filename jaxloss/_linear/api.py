@@ -245,7 +245,7 @@ def _linear_cross_entropy(
     vocab_axis, return_stats,
 ):  # fmt: skip
     hidden, kernel, targets, bias = _check_arrays(hidden, kernel, targets, bias)
-    d, v = kernel.shape
+    v = kernel.shape[1]
     options = assembly.Options(num_classes=v, **dict(static))
     out_dtype = jnp.result_type(hidden.dtype, kernel.dtype, *([] if bias is None else [bias]))
     cdt = _common.compute_dtype(out_dtype)
@@ -259,12 +259,8 @@ def _linear_cross_entropy(
             "targets, as in PyTorch: only index targets can be ignored"
         )
     batch_shape = hidden.shape[:-1]
-    n = int(np.prod(batch_shape))
-    h = hidden.reshape(n, d)
-    if d == 0:
-        # No features: every logit is its bias (or 0). One zero feature gives the same logits
-        # through the same code; the empty inputs' gradients are empty either way.
-        h, kernel = jnp.zeros((n, 1), h.dtype), jnp.zeros((1, v), kernel.dtype)
+    h, kernel = chunked.rows_with_a_feature(hidden, kernel)
+    n = h.shape[0]
     labels = None if probabilities else _targets.widen(targets).reshape(-1)
     probs = jax.lax.stop_gradient(targets.reshape(n, v)) if probabilities else None
     hyper = tuple(jax.lax.stop_gradient(jnp.asarray(x, cdt)) for x in hyper)

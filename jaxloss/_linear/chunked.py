@@ -862,3 +862,15 @@ def fused_total(
     return _fused_total(
         *p.arrays, p.soft_cap, hyper, chunks, p.weighted_sum, p.with_stats, row_loss
     )
+
+
+def rows_with_a_feature(hidden: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``hidden`` as ``(N, D)`` rows, and with no features (``D = 0``) one zero feature instead.
+
+    Every logit is then its bias (or 0), computed by the same blocks; the empty inputs'
+    gradients are empty either way. (``reshape(-1, 0)`` cannot infer ``N``.)
+    """
+    n, d = int(np.prod(hidden.shape[:-1])), hidden.shape[-1]
+    if d:
+        return hidden.reshape(n, d), kernel
+    return jnp.zeros((n, 1), hidden.dtype), jnp.zeros((1, kernel.shape[1]), kernel.dtype)
