@@ -25,7 +25,6 @@ ones, ``psum`` of their shares of the sums).
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, NamedTuple, cast
 
 import jax
@@ -54,13 +53,24 @@ DEFAULT_VOCAB_CHUNK = 1024
 
 
 class _Config(NamedTuple):
-    """The static options the blockwise passes need (hashable: a custom_vjp's nondiff arg)."""
+    """The options the blockwise passes read: ``divergence``, ``chunks`` and ``vocab_axis`` are
+    static (:attr:`static`, a custom_vjp's nondiff arg); ``beta`` and ``temperature`` are
+    scalars, data like ``label_smoothing`` (a schedule under ``jit`` compiles once)."""
 
     divergence: str
-    beta: float
-    temperature: float
+    beta: Any
+    temperature: Any
     chunks: tuple[int, int]
     vocab_axis: Any
+
+    @property
+    def static(self) -> tuple[str, tuple[int, int], Any]:
+        return self.divergence, self.chunks, self.vocab_axis
+
+    @classmethod
+    def of(cls, static, beta, temperature) -> _Config:
+        divergence, chunks, vocab_axis = static
+        return cls(divergence, beta, temperature, chunks, vocab_axis)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,8 +94,7 @@ def _scaled_logits(h_i, k_j, b_j, col: chunked.Chunk, cfg: _Config, cdt):
     z = chunked.dot(h_i, k_j, (1, 0), cdt)
     if b_j is not None:
         z = z + b_j.astype(cdt)[None, :]
-    if cfg.temperature != 1.0:
-        z = z * (1.0 / cfg.temperature)
+    z = z * (1 / cfg.temperature)  # τ is data; at τ = 1 the product is z itself
     return z if col.fresh is None else jnp.where(col.fresh[None, :], z, -jnp.inf)
 
 
@@ -198,10 +207,9 @@ def _combine_mean(mean, local_log_sum, norm: chunked.Normaliser, axis):
 
 
 def _log_mixture(lp_t, lp_s, beta):
-    """``log(β p_t + (1 - β) p_s)`` from the two log-probabilities (β = 0 or 1 exact)."""
-    log_beta = math.log(beta) if beta > 0 else -math.inf
-    log_rest = math.log1p(-beta) if beta < 1 else -math.inf
-    return jnp.logaddexp(lp_t + log_beta, lp_s + log_rest)
+    """``log(β p_t + (1 - β) p_s)`` from the two log-probabilities (β = 0 or 1 exact: a log
+    weight of ``-inf``)."""
+    return jnp.logaddexp(lp_t + jnp.log(beta), lp_s + jnp.log1p(-beta))
 
 
 def _xlogy_ratio(lp, lm):
@@ -235,8 +243,9 @@ def _divergences(student, teacher, cfg: _Config):
     if cfg.divergence == "jsd":
         kl_t, kl_s = _jsd_pass(student, teacher, norm_t, norm_s, cfg, cdt)
         # β = 0 or 1 drop a term outright: an infinite KL times 0 is no NaN here.
-        parts = [(cfg.beta, kl_t), (1 - cfg.beta, kl_s)]
-        div, extra = sum(w * kl for w, kl in parts if w > 0), kl_s
+        beta = cfg.beta
+        div = jnp.where(beta > 0, beta * kl_t, 0) + jnp.where(beta < 1, (1 - beta) * kl_s, 0)
+        extra = kl_s
     else:
         mean_ratio = cast(jax.Array, mean_ratio)  # the KLs' first pass always computes it
         sign = 1 if cfg.divergence == "kl" else -1
@@ -353,23 +362,26 @@ def _hidden_grads(student, teacher, per_row, cfg: _Config, cdt):
     return chunked.sum_over_columns(hidden, cfg.chunks, kernel.shape[1], block, cdt, *inputs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _token_divergence(hidden, kernel, bias, t_hidden, t_kernel, t_bias, cfg):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _token_divergence(hidden, kernel, bias, t_hidden, t_kernel, t_bias, beta, temperature, static):
     """Per-token divergence of the two heads' tempered distributions, with a recomputing VJP."""
+    cfg = _Config.of(static, beta, temperature)
     return _divergences((hidden, kernel, bias), (t_hidden, t_kernel, t_bias), cfg)[0]
 
 
-def _token_divergence_fwd(hidden, kernel, bias, t_hidden, t_kernel, t_bias, cfg):
+def _token_divergence_fwd(hidden, kernel, bias, t_hidden, t_kernel, t_bias, beta, temperature,
+                          static):  # fmt: skip
     student, teacher = (hidden, kernel, bias), (t_hidden, t_kernel, t_bias)
-    div, stats = _divergences(student, teacher, cfg)
-    return div, (student, teacher, stats)
+    div, stats = _divergences(student, teacher, _Config.of(static, beta, temperature))
+    return div, (student, teacher, stats, beta, temperature)
 
 
-def _token_divergence_bwd(cfg, residuals, g):
-    student, teacher, stats = residuals
-    dh, dk, db = _grads(student, teacher, stats, g, cfg)
-    # The teacher is a constant (its inputs also pass through stop_gradient).
-    return dh, dk, db, None, None, None
+def _token_divergence_bwd(static, residuals, g):
+    student, teacher, stats, beta, temperature = residuals
+    dh, dk, db = _grads(student, teacher, stats, g, _Config.of(static, beta, temperature))
+    # The teacher is a constant (its inputs also pass through stop_gradient); β and τ are not
+    # differentiated.
+    return dh, dk, db, None, None, None, None, None
 
 
 _token_divergence.defvjp(_token_divergence_fwd, _token_divergence_bwd)
@@ -387,7 +399,8 @@ def _compute_dtype(*arrays) -> jnp.dtype:
 def _loss(student, teacher, mask, cfg: _Config, reduction: str, batch_axis=None):
     """τ²-scaled per-token divergences, masked and reduced (summed over ``batch_axis``)."""
     teacher = tuple(None if x is None else jax.lax.stop_gradient(x) for x in teacher)
-    div = cast(jax.Array, _token_divergence(*student, *teacher, cfg))
+    div = _token_divergence(*student, *teacher, cfg.beta, cfg.temperature, cfg.static)
+    div = cast(jax.Array, div)
     loss = div * cfg.temperature**2
     if mask is not None:
         # A select, so a masked token's NaN (a degenerate row) leaks into neither value nor grad.
@@ -414,24 +427,37 @@ def _sharded(student, teacher, mask, cfg: _Config, reduction, mesh, batch_axis):
     """
     has_bias = (student[2] is not None, teacher[2] is not None)
 
-    def local(h, k, b, th, tk, tb, mask):
+    def local(h, k, b, th, tk, tb, mask, beta, temperature):
         # Not the mask: it must stay invariant over the vocabulary axis, like the loss.
         heads = (h, k, b, th, tk, tb)
         h, k, b, th, tk, tb = (chunked.vary(x, *heads) for x in heads)
         b, tb = (x if kept else None for x, kept in zip((b, tb), has_bias, strict=True))
         # The mask travels even when absent (all True): its sum counts the tokens per device.
-        return _loss((h, k, b), (th, tk, tb), mask, cfg, reduction, batch_axis)
+        here = cfg._replace(beta=beta, temperature=temperature)
+        return _loss((h, k, b), (th, tk, tb), mask, here, reduction, batch_axis)
 
     rows, cols = PartitionSpec(batch_axis), PartitionSpec(cfg.vocab_axis)
     matrix_rows = PartitionSpec(batch_axis, None)
     matrix_cols = PartitionSpec(None, cfg.vocab_axis)
-    in_specs = (matrix_rows, matrix_cols, cols, matrix_rows, matrix_cols, cols, rows)
+    scalar = PartitionSpec()
+    in_specs = (
+        matrix_rows,
+        matrix_cols,
+        cols,
+        matrix_rows,
+        matrix_cols,
+        cols,
+        rows,
+        scalar,
+        scalar,
+    )
     n, v = student[0].shape[0], student[1].shape[1]
     # shard_map takes arrays only: absent biases and mask travel as inert placeholders.
     (h, k, b), (th, tk, tb) = student, teacher
     no_bias = jnp.zeros((v,), jnp.float32)
     b, tb = (no_bias if x is None else x for x in (b, tb))
-    args = (h, k, b, th, tk, tb, jnp.ones((n,), bool) if mask is None else mask)
+    args = (h, k, b, th, tk, tb, jnp.ones((n,), bool) if mask is None else mask, cfg.beta,
+            cfg.temperature)  # fmt: skip
     if any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
         # Explicitly sharded inputs must arrive in exactly the in_specs' layout.
         target = in_specs
@@ -455,20 +481,23 @@ def _check_chunk(name: str, value: Any) -> int:
     return int(value)
 
 
-def _check_options(divergence, beta, temperature, reduction) -> tuple[float, float]:
+def _check_hyperparameters(beta, temperature) -> None:
+    """β in [0, 1] and τ > 0, finite: a concrete value out of range raises ``ValueError``; a
+    traced one is checked for its type and shape only (check it with ``checkify``)."""
+    _common.hyperparameter(_FN, "beta", beta, high=1.0)
+    _common.hyperparameter(_FN, "temperature", temperature, positive=True)
+
+
+def _prepare(arguments: dict[str, Any]) -> None:
+    # Outside the compiled function, where a concrete array's value can still be read.
+    _check_hyperparameters(arguments["beta"], arguments["temperature"])
+
+
+def _check_options(divergence, beta, temperature, reduction) -> None:
     if divergence not in DIVERGENCES:
         raise ValueError(f"{_FN}: `divergence` must be one of {DIVERGENCES}, got {divergence!r}")
     _common.check_reduction(_FN, reduction)
-    beta = _common.check_unit_interval(_FN, "beta", beta)
-    try:
-        temperature = float(temperature)
-    except TypeError as err:
-        raise TypeError(
-            f"{_FN}: `temperature` must be a Python float, got {type(temperature).__name__}"
-        ) from err
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"{_FN}: `temperature` must be a finite number > 0, got {temperature}")
-    return beta, temperature
+    _check_hyperparameters(beta, temperature)
 
 
 def _check_head(prefix: str, hidden, kernel, bias, batch_shape):
@@ -523,9 +552,10 @@ def _check_mask(mask, batch_shape):
 @functools.partial(
     _common.jit,
     static_argnames=(
-        "divergence", "beta", "temperature", "reduction", "token_chunk", "vocab_chunk", "mesh",
-        "batch_axis", "vocab_axis",
+        "divergence", "reduction", "token_chunk", "vocab_chunk", "mesh", "batch_axis",
+        "vocab_axis",
     ),
+    prepare=_prepare,
 )  # fmt: skip
 def linear_distillation(
     hidden: Float[ArrayLike, "*batch dim"],
@@ -534,8 +564,8 @@ def linear_distillation(
     teacher_kernel: Float[ArrayLike, "teacher_dim classes"],
     *,
     divergence: str = "kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
+    beta: float | Float[ArrayLike, ""] = 0.5,
+    temperature: float | Float[ArrayLike, ""] = 1.0,
     mask: Bool[ArrayLike, "*batch"] | None = None,
     reduction: str = "mean",
     bias: Float[ArrayLike, " classes"] | None = None,
@@ -602,8 +632,12 @@ def linear_distillation(
       teacher_kernel: the teacher's head ``(D_t, V)``, over the same ``V`` classes.
       divergence: ``"kl"`` (forward KL, the teacher as reference), ``"reverse_kl"`` or ``"jsd"``.
       beta: β in ``[0, 1]``, the teacher's weight in the JSD mixture (``"jsd"`` only; β = 0 or 1
-        give 0).
-      temperature: τ > 0, dividing both heads' logits.
+        give 0). A Python float or a traced scalar (a schedule compiles once).
+      temperature: τ > 0, dividing both heads' logits. A Python float or a traced scalar (a
+        schedule compiles once). Neither is differentiated. Concrete values out of range raise
+        ``ValueError``; check traced ones with ``checkify``, e.g.
+        ``checkify.check((tau > 0) & jnp.isfinite(tau), "temperature must be finite and > 0,
+        got {t}", t=tau)`` inside a ``checkify.checkify``-transformed step.
       mask: optional boolean ``(*batch)``: True for the tokens that count (e.g. not padding).
         A masked token contributes nothing, even where its hidden rows are NaN or inf (the
         backward pass reads them as zeros).
@@ -642,7 +676,7 @@ def linear_distillation(
       ``LigerFusedLinearJSD``; Milakov & Gimelshein, "Online normalizer calculation for
       softmax" (2018).
     """
-    beta, temperature = _check_options(divergence, beta, temperature, reduction)
+    _check_options(divergence, beta, temperature, reduction)
     token_chunk = _check_chunk("token_chunk", token_chunk)
     vocab_chunk = _check_chunk("vocab_chunk", vocab_chunk)
     student = _check_head("", hidden, kernel, bias, None)
@@ -667,6 +701,10 @@ def linear_distillation(
         n_local = n // (1 if batch_axis is None else sharded.axis_size(resolved_mesh, batch_axis))
         v_local = v // (1 if vocab_axis is None else sharded.axis_size(resolved_mesh, vocab_axis))
         chunks = (min(token_chunk, n_local), min(vocab_chunk, v_local))
+        cdt = _common.compute_dtype(out_dtype)
+        beta, temperature = (
+            jax.lax.stop_gradient(jnp.asarray(x, cdt)) for x in (beta, temperature)
+        )
         cfg = _Config(divergence, beta, temperature, chunks, vocab_axis)
         if resolved_mesh is None:
             arrays = zip(_ARRAY_NAMES, (*student, *teacher, mask), strict=True)

@@ -19,6 +19,7 @@ import jaxtyping
 import numpy as np
 import pytest
 import torch
+from jax.experimental import checkify
 from jax.test_util import check_grads
 
 import jaxloss
@@ -552,6 +553,20 @@ MISUSE = {
     "beta": (ValueError, "`beta`", (_H, _K, _TH, _TK), {"beta": 1.5}),
     "temperature 0": (ValueError, "`temperature`", (_H, _K, _TH, _TK), {"temperature": 0.0}),
     "temperature inf": (ValueError, "`temperature`", (_H, _K, _TH, _TK), {"temperature": np.inf}),
+    "temperature array": (
+        ValueError,
+        "`temperature`",
+        (_H, _K, _TH, _TK),
+        {"temperature": jnp.float32(-1.0)},
+    ),
+    "beta array": (ValueError, "`beta`", (_H, _K, _TH, _TK), {"beta": jnp.float32(1.5)}),
+    "temperature string": (TypeError, "`temperature`", (_H, _K, _TH, _TK), {"temperature": "2"}),
+    "temperature vector": (
+        ValueError,
+        "`temperature`",
+        (_H, _K, _TH, _TK),
+        {"temperature": jnp.ones(2)},
+    ),
     "reduction": (ValueError, "`reduction`", (_H, _K, _TH, _TK), {"reduction": "batchmean"}),
     "token_chunk 0": (ValueError, "`token_chunk`", (_H, _K, _TH, _TK), {"token_chunk": 0}),
     "vocab_chunk float": (TypeError, "`vocab_chunk`", (_H, _K, _TH, _TK), {"vocab_chunk": 2.0}),
@@ -709,3 +724,80 @@ def test_non_finite_hidden_at_masked_tokens_contributes_nothing(chunks):
             scale = float(jnp.max(jnp.abs(w)))
             np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5 * scale, err_msg=f"{d}: {name}")
         np.testing.assert_array_equal(np.asarray(got[d][1][0])[masked], 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# β and τ are data (issue 19, item 6)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_fifty_temperatures_and_betas_compile_once(monkeypatch):
+    """A schedule of Python floats traces (and compiles) once; they were static arguments, one
+    compilation each."""
+    from jaxloss import _distillation
+
+    traces, check = [], _distillation._check_options
+
+    def counted(*args):  # runs once per trace of linear_distillation's body
+        traces.append(args)
+        return check(*args)
+
+    monkeypatch.setattr(_distillation, "_check_options", counted)
+    (h, k, _, th, tk, _), mask = _problem(n=6)  # shapes of this test only: a cold cache
+    for i in range(50):
+        temperature, beta = 0.5 + i / 20, i / 49  # β = 0 and β = 1 among them
+        loss = jaxloss.linear_distillation(
+            h, k, th, tk, divergence="jsd", temperature=temperature, beta=beta, mask=mask,
+            vocab_chunk=7,
+        )  # fmt: skip
+        if i in (0, 17, 49):
+            want = _materialised(h, k, None, th, tk, None, divergence="jsd", mask=mask,
+                                 temperature=temperature, beta=beta)  # fmt: skip
+            np.testing.assert_allclose(loss, want, rtol=2e-5, atol=1e-7, err_msg=str(i))
+    assert len(traces) == 1, f"{len(traces)} traces"
+
+
+def test_traced_temperature_and_beta_under_jit():
+    """A schedule computed inside ``jit`` (it failed with JAX's "Non-hashable static
+    arguments"): values and gradients as the formula's at each value, one trace."""
+    (h, k, b, th, tk, tb), mask = _problem()
+    traces = []
+
+    @jax.jit
+    def step(temperature, beta, k):
+        traces.append(None)
+        return jax.value_and_grad(
+            lambda k: jaxloss.linear_distillation(
+                h, k, th, tk, bias=b, teacher_bias=tb, mask=mask, divergence="jsd",
+                temperature=temperature, beta=beta, vocab_chunk=6,
+            )
+        )(k)  # fmt: skip
+
+    for temperature, beta in ((0.7, 0.0), (2.5, 0.3), (1.0, 1.0)):
+        got = step(jnp.float32(temperature), jnp.float32(beta), k)
+        want = jax.value_and_grad(
+            lambda k: _materialised(h, k, b, th, tk, tb, divergence="jsd", mask=mask,
+                                    temperature=temperature, beta=beta)
+        )(k)  # fmt: skip
+        for g, w in zip(got, want, strict=True):
+            scale = float(jnp.max(jnp.abs(w)))
+            np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6 * scale + 1e-7)
+    assert len(traces) == 1
+
+
+def test_traced_temperature_is_checkable_with_checkify():
+    """The documented recipe for a traced τ (concrete ones raise ``ValueError``)."""
+    (h, k, _, th, tk, _), _ = _problem()
+
+    def step(temperature):
+        checkify.check(
+            (temperature > 0) & jnp.isfinite(temperature),
+            "temperature must be finite and > 0, got {t}", t=temperature,
+        )  # fmt: skip
+        return jaxloss.linear_distillation(h, k, th, tk, temperature=temperature)
+
+    checked = jax.jit(checkify.checkify(step))
+    error, _ = checked(jnp.float32(-1.0))
+    assert "temperature must be finite and > 0, got -1" in str(error.get())
+    error, value = checked(jnp.float32(2.0))
+    assert error.get() is None and np.isfinite(value)

@@ -265,3 +265,53 @@ def test_non_finite_inputs_give_the_materialised_non_finite_gradients(form):
                 np.testing.assert_allclose(
                     g, w, rtol=2e-5, atol=1e-6, err_msg=f"{value} in {name}: {what}"
                 )
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 3: bf16 gradients through jax.vmap, every primitive run on its own (jax.disable_jit)
+# ----------------------------------------------------------------------------------------------
+
+
+def _bf16_heads():
+    rng = np.random.default_rng(3)
+    hidden = jnp.asarray(rng.standard_normal((5, 4)), jnp.bfloat16)
+    kernels = jnp.asarray(rng.standard_normal((4, 4, 5)), jnp.bfloat16)
+    return hidden, kernels, jnp.array([0, 3, 1, 4, 2])
+
+
+def test_eager_bf16_gradient_through_vmap():
+    """The issue's reproducer: eagerly (and op by op, ``jax.disable_jit``) XLA:CPU got the
+    vmapped ``hidden^T · ∂ℓ/∂z`` of bf16 operands with float32 accumulation as a dot of its
+    own and raised "Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32" (when
+    the gradient was read)."""
+    h, ks, y = _bf16_heads()
+
+    def total(ks):
+        losses = jax.vmap(lambda k: jaxloss.linear_cross_entropy(h, k, y))(ks)
+        return jnp.sum(losses).astype(jnp.float32)
+
+    want = jax.jit(jax.grad(total))(ks)
+    eager = jax.grad(total)(ks)
+    assert eager.dtype == jnp.bfloat16
+    _assert_close(eager, want, "bfloat16", "kernel gradient, eager")
+    with jax.disable_jit():
+        got = jax.grad(total)(ks)
+    _assert_close(got, want, "bfloat16", "kernel gradient, op by op")
+
+
+def test_eager_bf16_gradient_of_a_k_dimensional_torch_weight():
+    """``torch_linear_cross_entropy`` maps the head over a K-dimensional weight (``jax.vmap``):
+    the same crash."""
+    h, _, _ = _bf16_heads()
+    rng = np.random.default_rng(4)
+    weight = jnp.asarray(rng.standard_normal((5, 2, 4)), jnp.bfloat16)  # (C, d_1, in_features)
+    targets = jnp.asarray(rng.integers(0, 5, (5, 2)))
+
+    def loss(w):
+        return jaxloss.torch_linear_cross_entropy(h, w, targets).astype(jnp.float32)
+
+    want = jax.jit(jax.grad(loss))(weight)
+    _assert_close(jax.grad(loss)(weight), want, "bfloat16", "weight gradient, eager")
+    with jax.disable_jit():
+        got = jax.grad(loss)(weight)
+    _assert_close(got, want, "bfloat16", "weight gradient, op by op")

@@ -160,9 +160,22 @@ def dot(a: jax.Array, b: jax.Array, contract: tuple[int, int], out_dtype: Any) -
     CPU, XLA widens half-precision operands to float32 and hoists that conversion of the whole
     kernel out of the loops: one float32 copy of the kernel. GPUs and TPUs slice half precision
     natively.)
+
+    One exception, on CPU only: contracting ``a``'s leading axis (``hidden^T · ∂ℓ/∂z``), the
+    operands are widened here first. Under ``jax.vmap`` with ``a`` unbatched, XLA:CPU can get
+    that dot on its own (an eager ``jax.grad``, ``jax.disable_jit``), which its runtime has no
+    half-precision kernel for ("Unsupported element type for DotThunk::Execute: BF16 x BF16 =
+    F32"). The compiled programs' temporaries are the same either way.
     """
     dims = (((contract[0],), (contract[1],)), ((), ()))
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=out_dtype)
+
+    def native(a, b):
+        return jax.lax.dot_general(a, b, dims, preferred_element_type=out_dtype)
+
+    if jnp.result_type(a, b) == jnp.dtype(out_dtype) or contract[0] != 0:
+        return native(a, b)
+    widened = lambda a, b: native(a.astype(out_dtype), b.astype(out_dtype))
+    return jax.lax.platform_dependent(a, b, cpu=widened, default=native)
 
 
 def finite_or_zero(m: jax.Array) -> jax.Array:
