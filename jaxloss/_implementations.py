@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from jaxloss import _cross_entropy_pallas
+from jaxloss import _cross_entropy_pallas, _targets
 
 IMPLEMENTATIONS = (None, "xla", "pallas")
 
@@ -50,6 +50,10 @@ def _unsupported_case(z: jax.Array, axis: int) -> str | None:
         return f"the class axis {axis} of logits with shape {tuple(z.shape)} (not the last)"
     if z.size == 0:
         return f"empty logits of shape {tuple(z.shape)}"
+    if any(_targets.explicit_spec(z)):
+        # The kernel's row inputs are stacked into one array, which explicit sharding types
+        # per operand; the XLA form is partitioned by XLA instead.
+        return f"explicitly sharded logits ({_targets.explicit_spec(z)})"
     rows = int(jnp.size(z)) // max(z.shape[-1], 1)
     if not _cross_entropy_pallas.supported(rows, z.shape[-1], z.dtype):
         return f"logits of {z.dtype} with {z.shape[-1]} classes (a row block must fit VMEM)"
