@@ -635,9 +635,8 @@ def linear_distillation(
         give 0). A Python float or a traced scalar (a schedule compiles once).
       temperature: τ > 0, dividing both heads' logits. A Python float or a traced scalar (a
         schedule compiles once). Neither is differentiated. Concrete values out of range raise
-        ``ValueError``; check traced ones with ``checkify``, e.g.
-        ``checkify.check((tau > 0) & jnp.isfinite(tau), "temperature must be finite and > 0,
-        got {t}", t=tau)`` inside a ``checkify.checkify``-transformed step.
+        ``ValueError``; check traced ones with ``jaxloss.check_hyperparameters(temperature=tau,
+        beta=b)`` inside a ``checkify.checkify``-transformed step.
       mask: optional boolean ``(*batch)``: True for the tokens that count (e.g. not padding).
         A masked token contributes nothing, even where its hidden rows are NaN or inf (the
         backward pass reads them as zeros).

@@ -219,8 +219,17 @@ def _staged_outside_checkify() -> bool:
         return False
 
 
-def check_hyperparameters(*, label_smoothing: Any = None, z_loss: Any = None) -> None:
-    """Asserts, inside ``checkify``, that traced ``label_smoothing``/``z_loss`` are in range.
+def check_hyperparameters(
+    *,
+    label_smoothing: Any = None,
+    z_loss: Any = None,
+    temperature: Any = None,
+    beta: Any = None,
+) -> None:
+    """Asserts, inside ``checkify``, that traced hyperparameters are in range.
+
+    ``label_smoothing`` and ``beta`` in ``[0, 1]``, ``z_loss`` finite and ``>= 0``,
+    ``temperature`` finite and ``> 0`` (``linear_distillation``'s τ).
 
     Concrete values are checked by the losses themselves; a value computed inside ``jit`` (a
     schedule) can only be checked this way, as with :func:`check_targets`.
@@ -248,3 +257,10 @@ def check_hyperparameters(*, label_smoothing: Any = None, z_loss: Any = None) ->
         lam = jnp.asarray(z_loss)
         ok = (lam >= 0) & jnp.isfinite(lam)
         checkify.check(ok, "z_loss must be finite and >= 0, got {v}", v=lam)
+    if temperature is not None:
+        tau = jnp.asarray(temperature)
+        ok = (tau > 0) & jnp.isfinite(tau)
+        checkify.check(ok, "temperature must be finite and > 0, got {v}", v=tau)
+    if beta is not None:
+        b = jnp.asarray(beta)
+        checkify.check((b >= 0) & (b <= 1), "beta must lie in [0, 1], got {v}", v=b)

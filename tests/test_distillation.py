@@ -789,15 +789,16 @@ def test_traced_temperature_is_checkable_with_checkify():
     """The documented recipe for a traced τ (concrete ones raise ``ValueError``)."""
     (h, k, _, th, tk, _), _ = _problem()
 
-    def step(temperature):
-        checkify.check(
-            (temperature > 0) & jnp.isfinite(temperature),
-            "temperature must be finite and > 0, got {t}", t=temperature,
-        )  # fmt: skip
-        return jaxloss.linear_distillation(h, k, th, tk, temperature=temperature)
+    def step(temperature, beta):
+        jaxloss.check_hyperparameters(temperature=temperature, beta=beta)
+        return jaxloss.linear_distillation(
+            h, k, th, tk, temperature=temperature, beta=beta, divergence="jsd"
+        )
 
     checked = jax.jit(checkify.checkify(step))
-    error, _ = checked(jnp.float32(-1.0))
+    error, _ = checked(jnp.float32(-1.0), jnp.float32(0.5))
     assert "temperature must be finite and > 0, got -1" in str(error.get())
-    error, value = checked(jnp.float32(2.0))
+    error, _ = checked(jnp.float32(1.0), jnp.float32(1.5))
+    assert "beta must lie in [0, 1], got 1.5" in str(error.get())
+    error, value = checked(jnp.float32(2.0), jnp.float32(0.5))
     assert error.get() is None and np.isfinite(value)
