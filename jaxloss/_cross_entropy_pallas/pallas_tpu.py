@@ -126,24 +126,11 @@ def _kernel(scalars, z_ref, y_ref, row_ref, cw_ref, loss_ref, grad_ref, *, opts,
         return s, gap
 
     s, gap = _sweep(width, classes, sums, (zeros, zeros))
-    log_s = jnp.log(s)
-    lse = m + log_s
-    keep = 1 - eps if opts.smoothing else 1.0
-    loss = -keep * w * ((picked - m) - log_s)
-    if opts.smoothing:
-        loss = loss + eps / classes * (gap + total_weight * log_s)
-    if opts.z_loss:
-        loss = loss + lam * lse**2
-    loss_ref[...] = jnp.where(valid, loss, 0)
+    row = (m, s, picked, gap, w, valid, bad)
+    loss, a, keep = _row_terms(row, (eps, lam, total_weight), classes, opts)
+    loss_ref[...] = loss
     if not opts.with_grad:
         return
-
-    a = keep * w
-    if opts.smoothing:
-        a = a + (eps / classes * total_weight if opts.class_weight else eps)
-    if opts.z_loss:
-        a = a + 2 * lam * lse
-    a = jnp.where(bad > 0, jnp.nan, a)
     scale = a / s
 
     def gradient(cols, carry):
@@ -204,6 +191,26 @@ def loss_rows(z, y, row_data, scalars, class_weight, *, opts: Options, interpret
     return (loss, outs[1]) if opts.with_grad else (loss, None)
 
 
+def _row_terms(row, scalars, classes: int, opts: Options):
+    """Per-row loss (0 where not counted) and the gradient's softmax factor ``a`` (NaN at a bad
+    target), from the row's max ``m``, exp-sum ``s``, target logit and smoothing gap: the one
+    formula the kernel and :func:`reference_rows` share. Also ``keep = 1 - ε``."""
+    m, s, picked, gap, w, valid, bad = row
+    eps, lam, total_weight = scalars
+    log_s = jnp.log(s)
+    lse = m + log_s
+    keep = 1 - eps if opts.smoothing else 1.0
+    loss = -keep * w * ((picked - m) - log_s)
+    a = keep * w
+    if opts.smoothing:
+        loss = loss + eps / classes * (gap + total_weight * log_s)
+        a = a + (eps / classes * total_weight if opts.class_weight else eps)
+    if opts.z_loss:
+        loss = loss + lam * lse**2
+        a = a + 2 * lam * lse
+    return jnp.where(valid, loss, 0), jnp.where(bad > 0, jnp.nan, a), keep
+
+
 def _no_grad_ref(kernel, *refs):
     return kernel(*refs, None)
 
@@ -222,24 +229,15 @@ def reference_rows(z, y, row_data, scalars, class_weight, *, opts: Options, inte
     picked = jnp.sum(jnp.where(hit, zf, 0), axis=1, keepdims=True)
     e = jnp.exp(zf - m)
     s = jnp.sum(e, axis=1, keepdims=True)
-    log_s = jnp.log(s)
-    lse = m + log_s
-    keep = 1 - eps if opts.smoothing else 1.0
-    loss = -keep * w * ((picked - m) - log_s)
+    gap = None
     if opts.smoothing:
         gap = (class_weight * (m - zf)) if opts.class_weight else (m - zf)
-        loss = loss + eps / classes * (jnp.sum(gap, axis=1, keepdims=True) + total_weight * log_s)
-    if opts.z_loss:
-        loss = loss + lam * lse**2
-    loss = jnp.where(valid, loss, 0)[:, 0]
+        gap = jnp.sum(gap, axis=1, keepdims=True)
+    row = (m, s, picked, gap, w, valid, bad)
+    loss, a, keep = _row_terms(row, (eps, lam, total_weight), classes, opts)
+    loss = loss[:, 0]
     if not opts.with_grad:
         return loss, None
-    a = keep * w
-    if opts.smoothing:
-        a = a + (eps / classes * total_weight if opts.class_weight else eps)
-    if opts.z_loss:
-        a = a + 2 * lam * lse
-    a = jnp.where(bad > 0, jnp.nan, a)
     b = jnp.where(hit, keep * w, 0)
     if opts.smoothing:
         b = b + eps / classes * (class_weight if opts.class_weight else 1)
