@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, ArrayLike, Bool, Float
 
-from jaxloss import _common
+from jaxloss import _dtypes, _reductions, _validation
 from jaxloss._linear import chunked, sharded
 
 _FN = "linear_distillation"
@@ -255,7 +255,7 @@ def _divergences(student, teacher, cfg: _Config):
     finite = jnp.isfinite(norm_t.shift + norm_t.log_sum) & jnp.isfinite(
         norm_s.shift + norm_s.log_sum
     )
-    div = _common.nan_where(~finite, jnp.asarray(div))
+    div = _reductions.nan_where(~finite, jnp.asarray(div))
     return div, (*norm_t, *norm_s, extra)
 
 
@@ -388,7 +388,7 @@ _token_divergence.defvjp(_token_divergence_fwd, _token_divergence_bwd)
 
 
 def _compute_dtype(*arrays) -> jnp.dtype:
-    return _common.compute_dtype(jnp.result_type(*(a.dtype for a in arrays if a is not None)))
+    return _dtypes.compute_dtype(jnp.result_type(*(a.dtype for a in arrays if a is not None)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,7 +413,7 @@ def _loss(student, teacher, mask, cfg: _Config, reduction: str, batch_axis=None)
     )
     if batch_axis is not None:
         total, count = jax.lax.psum(total, batch_axis), jax.lax.psum(count, batch_axis)
-    return total if reduction == "sum" else _common.safe_divide(total, count)
+    return total if reduction == "sum" else _reductions.safe_divide(total, count)
 
 
 def _sharded(student, teacher, mask, cfg: _Config, reduction, mesh, batch_axis):
@@ -484,8 +484,8 @@ def _check_chunk(name: str, value: Any) -> int:
 def _check_hyperparameters(beta, temperature) -> None:
     """β in [0, 1] and τ > 0, finite: a concrete value out of range raises ``ValueError``; a
     traced one is checked for its type and shape only (check it with ``checkify``)."""
-    _common.hyperparameter(_FN, "beta", beta, high=1.0)
-    _common.hyperparameter(_FN, "temperature", temperature, positive=True)
+    _validation.hyperparameter(_FN, "beta", beta, high=1.0)
+    _validation.hyperparameter(_FN, "temperature", temperature, positive=True)
 
 
 def _prepare(arguments: dict[str, Any]) -> None:
@@ -496,15 +496,15 @@ def _prepare(arguments: dict[str, Any]) -> None:
 def _check_options(divergence, beta, temperature, reduction) -> None:
     if divergence not in DIVERGENCES:
         raise ValueError(f"{_FN}: `divergence` must be one of {DIVERGENCES}, got {divergence!r}")
-    _common.check_reduction(_FN, reduction)
+    _validation.check_reduction(_FN, reduction)
     _check_hyperparameters(beta, temperature)
 
 
 def _check_head(prefix: str, hidden, kernel, bias, batch_shape):
     """A head's ``(hidden, kernel, bias)`` as arrays; ``hidden`` is ``(*batch_shape, D)``."""
     h, k = f"{prefix}hidden", f"{prefix}kernel"
-    hidden = _common.check_floating(_FN, h, hidden)
-    kernel = _common.check_floating(_FN, k, kernel)
+    hidden = _validation.check_floating(_FN, h, hidden)
+    kernel = _validation.check_floating(_FN, k, kernel)
     if hidden.ndim < 1:
         raise ValueError(f"{_FN}: `{h}` must have a feature axis (..., D), got a scalar")
     if batch_shape is not None and hidden.shape[:-1] != batch_shape:
@@ -520,7 +520,7 @@ def _check_head(prefix: str, hidden, kernel, bias, batch_shape):
         )
     if bias is not None:
         name = f"{prefix}bias"
-        bias = _common.check_floating(_FN, name, bias)
+        bias = _validation.check_floating(_FN, name, bias)
         if bias.shape != (kernel.shape[1],):
             raise ValueError(
                 f"{_FN}: `{name}` must have shape ({kernel.shape[1]},), one entry per class "
@@ -532,7 +532,7 @@ def _check_head(prefix: str, hidden, kernel, bias, batch_shape):
 def _check_mask(mask, batch_shape):
     if mask is None:
         return None
-    mask = _common.as_array(_FN, "mask", mask)
+    mask = _validation.as_array(_FN, "mask", mask)
     if mask.dtype != jnp.bool_:
         raise TypeError(f"{_FN}: `mask` must be boolean (True = a token that counts), got dtype "
                         f"{mask.dtype}; pass e.g. `targets != pad_id`")  # fmt: skip
@@ -550,7 +550,7 @@ def _check_mask(mask, batch_shape):
 
 
 @functools.partial(
-    _common.jit,
+    _validation.jit,
     static_argnames=(
         "divergence", "reduction", "token_chunk", "vocab_chunk", "mesh", "batch_axis",
         "vocab_axis",
@@ -694,13 +694,13 @@ def linear_distillation(
     n, v = student[0].shape[0], student[1].shape[1]
     resolved_mesh = sharded.check_mesh_axes(mesh, batch_axis, vocab_axis, n, v, fn=_FN)
     if n == 0:
-        empty = jnp.zeros((0,), _common.compute_dtype(out_dtype))
-        loss = _common.reduce_loss(empty, reduction)
+        empty = jnp.zeros((0,), _dtypes.compute_dtype(out_dtype))
+        loss = _reductions.reduce_loss(empty, reduction)
     else:
         n_local = n // (1 if batch_axis is None else sharded.axis_size(resolved_mesh, batch_axis))
         v_local = v // (1 if vocab_axis is None else sharded.axis_size(resolved_mesh, vocab_axis))
         chunks = (min(token_chunk, n_local), min(vocab_chunk, v_local))
-        cdt = _common.compute_dtype(out_dtype)
+        cdt = _dtypes.compute_dtype(out_dtype)
         beta, temperature = (
             jax.lax.stop_gradient(jnp.asarray(x, cdt)) for x in (beta, temperature)
         )

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxloss import _common
+from jaxloss import _dtypes
 
 # Tuned on a 2-core x86 CPU at N=2048, D=512, V=32768: every block matmul already runs at the
 # speed of one big matmul there, and the temporaries stay ~44 MiB at N=8192, D=2048, V=131072
@@ -274,7 +274,7 @@ class Problem(NamedTuple):
 
     @property
     def cdt(self) -> Any:
-        return _common.compute_dtype(jnp.result_type(self.hidden.dtype, self.kernel.dtype))
+        return _dtypes.compute_dtype(jnp.result_type(self.hidden.dtype, self.kernel.dtype))
 
     @property
     def arrays(self) -> tuple[Any, ...]:
