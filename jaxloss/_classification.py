@@ -352,7 +352,7 @@ def _index_loss(axis: int, z, d: _Index):
     return _index_terms(norm, z, d)
 
 
-def _index_loss_and_grad(axis: int, z, d: _Index):
+def index_loss_and_grad(axis: int, z, d: _Index):
     """The loss and ∂loss/∂z = a·softmax(z) − b, one elementwise expression (no scatter)."""
     norm = _Normalizer(z, axis, z.dtype)
     loss = _index_terms(norm, z, d)
@@ -376,7 +376,7 @@ def _index_loss_and_grad(axis: int, z, d: _Index):
 
 # Custom JVP for speed and memory: softmax − one-hot as one fused expression written in place of
 # exp (no N×C temporaries, no scatter), and PyTorch's NaN gradient on a bad target's row.
-_index_ce = _autodiff.fused_jvp(_index_loss, _index_loss_and_grad, _autodiff.contract_axis)
+index_ce = _autodiff.fused_jvp(_index_loss, index_loss_and_grad, _autodiff.contract_axis)
 
 
 class _Probs(NamedTuple):
@@ -616,7 +616,7 @@ def cross_entropy(
 
 def _index_ce_xla(axis: int, z: jax.Array, d: _Index, reduction: str) -> jax.Array:
     """The XLA form of index cross-entropy, reduced: the CPU/GPU default, the TPU fallback."""
-    return _targets.reduce(_per_position(_index_ce, axis, z, d), reduction, d.idx)
+    return _targets.reduce(_per_position(index_ce, axis, z, d), reduction, d.idx)
 
 
 def _soft_capped(fn: str, z: jax.Array, cap) -> jax.Array:

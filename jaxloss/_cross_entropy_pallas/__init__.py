@@ -122,7 +122,7 @@ _reduced.defjvp(_reduced_jvp, symbolic_zeros=True)
 def _xla_reduced(reduction, z, d):
     from jaxloss import _classification  # the XLA form (imports this package)
 
-    return _targets.reduce(_classification._index_ce(1, z, d), reduction, d.idx)
+    return _targets.reduce(_classification.index_ce(1, z, d), reduction, d.idx)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -136,7 +136,7 @@ def _rows_with_grad_jvp(interpret, primals, tangents):
     from jaxloss import _classification
 
     def xla(z, d, factor):
-        loss, grad = _classification._index_loss_and_grad(1, z, d)
+        loss, grad = _classification.index_loss_and_grad(1, z, d)
         return loss, (factor[:, None] * grad).astype(z.dtype)
 
     out = _rows_with_grad(interpret, *primals)
