@@ -41,7 +41,7 @@ def _reference_rows(h, k, y, opts: dict):
     return assembly.RowLoss(options)(stats, chunked.whole_block(p), cw, hyper)
 
 
-def _kernel_rows(h, k, y, opts: dict, blocks=SMALL):
+def _kernel_rows(h, k, y, opts: dict, blocks: kernels.Blocks | None = SMALL):
     return kernels.per_token_loss(
         h, k, y, class_weight=opts.get("weight"), ignore_index=opts.get("ignore_index", -100),
         label_smoothing=opts.get("smoothing"), z_loss=opts.get("z_loss"),
@@ -82,14 +82,10 @@ def _close(a, b, dtype, what):
 
 
 def _grid():
-    """Every (size, option, dtype); by default one case an option and dtype, the sizes in turn
-    (16 of 48); with --full all."""
+    """Every (size, option, dtype); by default one case an option, the dtypes alternating and
+    the sizes in turn (8 of 48); with --full all."""
     dtypes = [jnp.float32, jnp.bfloat16]
-    default = {
-        (SIZES[(j + t) % len(SIZES)], option, dtypes[t])
-        for j, option in enumerate(OPTIONS)
-        for t in (0, 1)
-    }
+    default = {(SIZES[j % len(SIZES)], option, dtypes[j % 2]) for j, option in enumerate(OPTIONS)}
     for case in itertools.product(SIZES, OPTIONS, dtypes):
         size, option, dtype = case
         ids = f"{'x'.join(map(str, size))}-{option}-{'f32' if dtype == jnp.float32 else 'bf16'}"
@@ -108,12 +104,14 @@ def _value_and_grads(rows_fn, h, k, y, g, opts, w):
 @pytest.mark.parametrize("size, option, dtype", list(_grid()))
 def test_kernels_match_the_reference(size, option, dtype):
     """Per-token losses, and the gradients of Σ g·loss in hidden, kernel and class weights."""
-    h, k, y, w, g = _data(*size, dtype)
+    n, d, v = size
+    h, k, y, w, g = _data(n, d, v, dtype)
     opts = OPTIONS[option]
     if "ignore_index" in opts:
         y = y.at[::5].set(opts["ignore_index"])
-    rows = jax.jit(lambda h, k: _kernel_rows(h, k, y, dict(opts, weight=w if opts.get("weight") else None)))(h, k)  # noqa: E501  # fmt: skip
-    want = _reference_rows(h, k, y, dict(opts, weight=w if opts.get("weight") else None))
+    with_weight = dict(opts, weight=w if opts.get("weight") else None)
+    rows = jax.jit(lambda h, k: _kernel_rows(h, k, y, with_weight))(h, k)
+    want = _reference_rows(h, k, y, with_weight)
     assert rows.dtype == jnp.float32 and rows.shape == (size[0],)
     _close(rows, want, jnp.float32 if dtype == jnp.float32 else dtype, "per-token loss")
     got = _value_and_grads(_kernel_rows, h, k, y, g, opts, w)
@@ -124,7 +122,10 @@ def test_kernels_match_the_reference(size, option, dtype):
         _close(a, b, dtype, name)
 
 
-@pytest.mark.parametrize("opts", [{}, {"weight": True, "smoothing": 0.1, "z_loss": 1e-3}])
+@pytest.mark.parametrize(
+    "opts",
+    [{}, pytest.param({"weight": True, "smoothing": 0.1, "z_loss": 1e-3}, marks=pytest.mark.slow)],
+)
 def test_bad_and_ignored_targets(opts):
     """An out-of-range target: NaN loss there, NaN gradient in its row of ``hidden`` and in all
     of ``kernel`` (as the reference); every target ignored: zero losses and gradients."""
@@ -156,8 +157,100 @@ def test_supported():
     assert kernels.supported((8192, 2048), (2048, 131072), jnp.float32)
     assert kernels.supported((3, 5), (5, 7), jnp.float32)  # whole-array blocks
     assert not kernels.supported((8192, 2048), (2048, 131072), jnp.float32, bias=True)
+    assert not kernels.supported((64, 32), (32, 256), jnp.float32, probabilities=True)
+    assert not kernels.supported((64, 32), (32, 256), jnp.float32, return_stats=True)
     assert not kernels.supported((64, 32), (32, 256), jnp.float64)
     assert not kernels.supported((64, 32), (32, 256), jnp.bfloat16, jnp.float32)
     assert not kernels.supported((0, 32), (32, 256), jnp.float32)
     assert not kernels.supported((64, 32), (16, 256), jnp.float32)
     assert not kernels.supported((64, 1 << 20), (1 << 20, 256), jnp.float32)  # D too large
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile-only TPUs: Mosaic compiles both kernels; one custom call each; temporaries; modelled time
+# ----------------------------------------------------------------------------------------------
+
+LLM = (8192, 2048, 131072)  # an LLM head: N tokens, D features, V classes
+DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+NAMES = ("jaxloss_linear_forward", "jaxloss_linear_backward")
+
+
+def _compile(target: str, fn, specs):
+    from benchmarks import compiled
+    from benchmarks.targets import TARGETS
+
+    return compiled.compile_program(TARGETS[target], fn, specs)
+
+
+def _modelled(target: str, program):
+    """The roofline of a compiled program, each Pallas kernel priced from its grid. Its custom
+    call carries the name under the transformations it was traced in (``jvp(...)``,
+    ``transpose(jvp(...))``): each is matched to the kernel named inside."""
+    from benchmarks import hlo, roofline
+    from benchmarks.targets import TARGETS
+
+    launches = hlo.launches(hlo.Module(program.text)).launches
+    called = {roofline.pallas_name(launch.inst) for launch in launches}
+    costs = {c: cost for c in called for name, cost in program.pallas.items() if name in c}
+    return roofline.roofline(program.text, TARGETS[target], costs)
+
+
+def _specs(dtype):
+    n, d, v = LLM
+    return [jax.ShapeDtypeStruct((n, d), dtype), jax.ShapeDtypeStruct((d, v), dtype),
+            jax.ShapeDtypeStruct((n,), jnp.int32)]  # fmt: skip
+
+
+def _mean_of(rows):
+    return lambda h, k, y: jnp.mean(rows(h, k, y))
+
+
+# Modelled value_and_grad of the mean at 8192×2048×131072 (benchmarks.roofline, grid prices):
+# the two kernels are compute-bound (two N·D·V matmuls each at the peak); the rest is the
+# target-column gather and per-token work. Goal lines reached, not the issue's 1.0x.
+MODELLED_MS = {("tpu-v5p", "bf16"): 38.8, ("tpu-v5p", "f32"): 38.8,
+               ("tpu-v5e", "bf16"): 90.5, ("tpu-v5e", "f32"): 90.5}  # fmt: skip
+
+
+@pytest.mark.accel
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("target", ["tpu-v5e", "tpu-v5p"])
+def test_value_and_grad_compiles_for_tpu(target, dtype):
+    """value_and_grad of the mean: Mosaic compiles both kernels (one tpu_custom_call each),
+    temporaries ≤ 512 MiB, four N·D·V matmuls, each kernel compute-bound when priced from its
+    grid, and the modelled time within the goal line above."""
+    from benchmarks.targets import TARGETS
+
+    rows = lambda h, k, y: kernels.per_token_loss(h, k, y)
+    program = _compile(target, jax.value_and_grad(_mean_of(rows), (0, 1)), _specs(DTYPES[dtype]))
+    assert program.text.count("tpu_custom_call") == 2
+    assert program.compiled.memory_analysis().temp_size_in_bytes <= 512 * 2**20
+    n, d, v = LLM
+    matmul = 2.0 * n * d * v
+    model = _modelled(target, program)
+    assert not model.unpriced
+    assert model.matmuls(matmul) == pytest.approx(4.0)
+    for name in NAMES:
+        cost = program.pallas[name]
+        assert cost.flops == pytest.approx(2 * matmul)
+        peak = TARGETS[target].peak_flops["bf16"]  # f32 at DEFAULT precision: one bf16 pass
+        assert cost.bytes / TARGETS[target].bandwidth < cost.flops / peak, name
+    assert model.seconds * 1e3 <= MODELLED_MS[target, dtype]
+
+
+@pytest.mark.accel
+@pytest.mark.slow
+def test_forward_alone_is_one_kernel_of_one_matmul():
+    """The loss without its gradient: one tpu_custom_call (the forward kernel without the
+    hidden-gradient accumulator): one N·D·V matmul, the kernel fetched once per token block."""
+    rows = lambda h, k, y: kernels.per_token_loss(h, k, y)
+    program = _compile("tpu-v5p", _mean_of(rows), _specs(jnp.bfloat16))
+    assert program.text.count("tpu_custom_call") == 1
+    n, d, v = LLM
+    cost = program.pallas["jaxloss_linear_forward"]
+    bn, _ = kernels.choose_blocks(n, d, v, jnp.bfloat16).forward  # pyright: ignore[reportOptionalMemberAccess]
+    assert cost.flops == pytest.approx(2.0 * n * d * v)
+    assert cost.fetches[2] == (n // bn) * (v // kernels.FORWARD_BLOCKS[0][1])
+    assert cost.read_bytes[2] == (n // bn) * d * v * 2  # K once per token block
+    assert cost.read_bytes[1] == n * d * 2  # h once

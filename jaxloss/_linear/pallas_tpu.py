@@ -117,11 +117,22 @@ def choose_blocks(tokens: int, features: int, classes: int, dtype) -> Blocks | N
     return None if fwd is None or bwd is None else Blocks(fwd, bwd)
 
 
-def supported(hidden_shape, kernel_shape, dtype, kernel_dtype=None, bias: bool = False) -> bool:
+def supported(
+    hidden_shape,
+    kernel_shape,
+    dtype,
+    kernel_dtype=None,
+    *,
+    bias: bool = False,
+    probabilities: bool = False,
+    return_stats: bool = False,
+) -> bool:
     """Whether the kernels take ``hidden (N, D)``, ``kernel (D, V)`` of ``dtype`` (float32 or
-    bfloat16, both the same) with index targets and no bias; else the XLA form."""
+    bfloat16, both the same): index targets, no bias, no argmax/entropy statistics; every other
+    option (class weights, ignore_index, label smoothing, z-loss, soft-cap). Else: the XLA form.
+    """
     kernel_dtype = dtype if kernel_dtype is None else kernel_dtype
-    if bias or len(hidden_shape) != 2 or len(kernel_shape) != 2:
+    if bias or probabilities or return_stats or len(hidden_shape) != 2 or len(kernel_shape) != 2:
         return False
     (n, d), (d2, v) = hidden_shape, kernel_shape
     dtypes = jnp.dtype(dtype) == jnp.dtype(kernel_dtype)
@@ -213,10 +224,10 @@ def _forward_kernel(sc, h_ref, k_ref, y_ref, row_ref, cw_ref, *refs, opts, class
         mass = mass_ref[...]
         gap_ref[...] += mass * (shift_new - shift_old) + jnp.sum(gap, axis=1, keepdims=True)
         mass_ref[...] = mass + jnp.sum(jnp.where(live, w, 0.0), axis=1, keepdims=True)
-    if opts.with_grad:
+    if dh_ref is not None:
         p = e if slope is None else e * slope
         dh_ref[...] = alpha * dh_ref[...] + _dot_nt(p.astype(k.dtype), k)
-        if bacc_ref is not None:
+        if bacc_ref is not None and slope is not None:
             b = jnp.where(live, w * slope, 0.0)
             bacc_ref[...] += _dot_nt(b.astype(k.dtype), k)
 
@@ -537,7 +548,9 @@ def xla_rows(hidden, kernel, y, w, flags, class_weight, scalars, opts: Options):
         m = jax.lax.stop_gradient(jnp.max(z, axis=1, keepdims=True))
         shift = _finite_or_zero(m)
         s = jnp.sum(jnp.exp(z - shift), axis=1, keepdims=True)
-        tgt = jnp.sum(jnp.where(jnp.arange(v)[None, :] == y_b[:, None], z, 0), axis=1, keepdims=True)
+        tgt = jnp.sum(
+            jnp.where(jnp.arange(v)[None, :] == y_b[:, None], z, 0), axis=1, keepdims=True
+        )
         cw = 1.0 if class_weight is None else class_weight
         gap = jnp.sum(cw * (shift - z), axis=1, keepdims=True) if opts.smoothing else None
         row = (w_b[:, None], f_b[:, :1] > 0, f_b[:, 1:2] > 0)
