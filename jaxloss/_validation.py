@@ -41,7 +41,7 @@ def jit(
 
     ``jax.jit`` returns a ``JitWrapped`` typed ``(*args, **kwargs) -> Any``: with it, a misspelt
     keyword in user code is no type error and every loss is ``Any``. At run time this is exactly
-    ``jax.jit`` (``.lower``, ``.trace`` and the rest still work; type checkers just don't see them).
+    ``jax.jit`` (``.lower``, ``.trace``, ``.eval_shape`` work; type checkers just don't see them).
 
     ``prepare(arguments)``, if given, sees every argument by name (defaults applied) before each
     call, outside the compiled function, and may replace them: there concrete data can still
@@ -60,10 +60,36 @@ def jit(
             prepare(bound.arguments)
             return jitted(*bound.args, **bound.kwargs)
 
-    checked = checked_call(fn, call)
-    for name in ("lower", "trace", "eval_shape", "clear_cache"):
-        setattr(checked, name, getattr(jitted, name))
-    return checked
+    return cast(Callable[_P, _R], _Jitted(fn, checked_call(fn, call), jitted))
+
+
+class _Jitted:
+    """A loss as users call it (through the checks), with ``jax.jit``'s ``lower`` and ``trace``.
+
+    Those are methods of this class, not attributes of a function: ``functools.wraps``, which
+    ``jax.grad`` and ``jax.value_and_grad`` apply to what they wrap, copies a function's
+    attributes, and a copied ``lower`` made ``jax.jit(jax.value_and_grad(loss)).lower(...)``
+    lower the loss alone.
+    """
+
+    def __init__(self, fn: Callable, call: Callable, jitted: Any):
+        functools.update_wrapper(self, fn)
+        self._call, self._jitted = call, jitted
+
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        return self._jitted.lower(*args, **kwargs)
+
+    def trace(self, *args, **kwargs):
+        return self._jitted.trace(*args, **kwargs)
+
+    def eval_shape(self, *args, **kwargs):
+        return self._jitted.eval_shape(*args, **kwargs)
+
+    def clear_cache(self) -> None:
+        self._jitted.clear_cache()
 
 
 # What a PyTorch habit passes, and the words that fix it.

@@ -178,3 +178,28 @@ def test_annotations_evaluate(name: str) -> None:
     fn = getattr(jaxloss, name)
     hints = typing.get_type_hints(getattr(fn, "__wrapped__", fn))
     assert "return" in hints or isinstance(fn, type), hints
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "log_softmax", "bce_with_logits"])
+def test_a_transformed_loss_lowers_as_transformed(name: str) -> None:
+    """``jax.value_and_grad`` copies a function's attributes (``functools.wraps``): ``lower``
+    set on the loss made ``jax.jit(jax.value_and_grad(loss)).lower`` lower the loss alone."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxloss
+
+    loss = getattr(jaxloss, name)
+    x = jnp.linspace(-1.0, 1.0, 20).reshape(4, 5)
+    second = {"cross_entropy": jnp.arange(4), "bce_with_logits": jnp.full((4, 5), 0.5)}
+    args = (x, second[name]) if name in second else (x,)
+
+    def total(*a):
+        return jnp.sum(loss(*a))
+
+    out = jax.jit(jax.value_and_grad(total)).lower(*args).out_info
+    value, grad = out
+    assert value.shape == () and grad.shape == x.shape
+    direct = jax.jit(jax.value_and_grad(loss if name != "log_softmax" else total)).lower(*args)
+    assert len(direct.out_info) == 2, direct.out_info
+    assert loss.lower(*args).out_info.shape == jax.eval_shape(loss, *args).shape
