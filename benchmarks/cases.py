@@ -196,133 +196,63 @@ def _plain(f: Callable) -> Callable:
 def all_cases(include_torch: bool = True) -> list[Case]:
     """Every benchmark, in table order (``linear_distillation`` is compiled for --target only)."""
     tp = _torch_peers() if include_torch else {}
-    xy, xt, x = ("logits", "index_targets"), ("logits", "prob_targets"), ("logits",)
-    ce_int = optax.softmax_cross_entropy_with_integer_labels
+    xy, xt, lp = ("logits", "index_targets"), ("logits", "prob_targets"), ("log_probs",)
+    ce_int, ce = optax.softmax_cross_entropy_with_integer_labels, optax.softmax_cross_entropy
+    smooth = f"label_smoothing={LABEL_SMOOTHING}"
+    # name, description, peers, arrays, jaxloss, optax-or-jax peer, other Case fields
     rows: list[tuple[str, str, str, tuple[str, ...], Callable, Callable, dict[str, Any]]] = [
-        (
-            "cross_entropy",
-            "cross_entropy, int32 index targets, mean",
-            "optax.softmax_cross_entropy_with_integer_labels(x, y).mean(); F.cross_entropy",
-            xy,
-            _plain(jaxloss.cross_entropy),
-            lambda x, y: ce_int(x, y).mean(),
-            {},
-        ),
-        (
-            "cross_entropy_probs",
-            "cross_entropy, probability targets, mean",
-            "optax.softmax_cross_entropy(x, t).mean(); F.cross_entropy",
-            xt,
-            _plain(jaxloss.cross_entropy),
-            lambda x, t: optax.softmax_cross_entropy(x, t).mean(),
-            {},
-        ),
-        (
-            "cross_entropy_smooth_weight",
-            f"cross_entropy, index targets, label_smoothing={LABEL_SMOOTHING}, class weights",
-            "optax.softmax_cross_entropy(x, optax.smooth_labels(one_hot(y), eps) * w).sum() / "
-            "w[y].sum() (PyTorch's weighted mean); F.cross_entropy(weight, label_smoothing)",
-            (*xy, "class_weight"),
-            lambda x, y, w: jaxloss.cross_entropy(x, y, weight=w, label_smoothing=LABEL_SMOOTHING),
-            _optax_smoothed_weighted,
-            {},
-        ),
-        (
-            "nll",
-            "nll on log-probabilities, index targets, mean",
-            "hand-written -take_along_axis(lp, y).mean(); F.nll_loss",
-            ("log_probs", "index_targets"),
-            _plain(jaxloss.nll),
-            lambda lp, y: -jnp.take_along_axis(lp, y[:, None], axis=-1).mean(),
-            {"memory_bound": False},
-        ),
-        (
-            "bce_with_logits",
-            "bce_with_logits, soft targets, mean",
-            "optax.sigmoid_binary_cross_entropy(x, t).mean(); F.binary_cross_entropy_with_logits",
-            ("logits", "binary_targets"),
-            _plain(jaxloss.bce_with_logits),
-            lambda x, t: optax.sigmoid_binary_cross_entropy(x, t).mean(),
-            {},
-        ),
-        (
-            "bce",
-            "bce on probabilities, soft targets, mean",
-            "hand-written jnp -(t max(log p, -100) + (1-t) max(log1p(-p), -100)).mean(); "
-            "F.binary_cross_entropy",
-            ("probs", "binary_targets"),
-            _plain(jaxloss.bce),
-            _bce_peer,
-            {},
-        ),
-        (
-            "kl_div",
-            "kl_div(log_q, t), reduction=batchmean",
-            "optax.kl_divergence(log_q, t).mean(); F.kl_div(reduction='batchmean')",
-            ("log_probs", "prob_targets"),
-            lambda lq, t: jaxloss.kl_div(lq, t, reduction="batchmean"),
-            lambda lq, t: optax.kl_divergence(lq, t).mean(),
-            {},
-        ),
-        (
-            "softmax",
-            "softmax over the last axis (array output)",
-            "jax.nn.softmax; torch.softmax",
-            x,
-            _plain(jaxloss.softmax),
-            jax.nn.softmax,
-            {"scalar": False},
-        ),
-        (
-            "log_softmax",
-            "log_softmax over the last axis (array output)",
-            "jax.nn.log_softmax; torch.log_softmax",
-            x,
-            _plain(jaxloss.log_softmax),
-            jax.nn.log_softmax,
-            {"scalar": False},
-        ),
-        (
-            "entropy",
-            "entropy of probability rows, mean over rows",
-            "jax.scipy.special.entr(p).sum(-1).mean(); torch.special.entr",
-            ("prob_targets",),
-            lambda p: jaxloss.entropy(p).mean(),
-            lambda p: jax.scipy.special.entr(p).sum(-1).mean(),
-            {},
-        ),
-    ]
-    cases = [
-        Case(
-            name,
-            desc,
-            note,
-            arrays,
-            {"jaxloss": ours, "optax": peer} | ({"torch": tp[name]} if name in tp else {}),
-            **extra,
-        )
+        ("cross_entropy", "cross_entropy, int32 index targets, mean",
+         "optax.softmax_cross_entropy_with_integer_labels(x, y).mean(); F.cross_entropy", xy,
+         jaxloss.cross_entropy, lambda x, y: ce_int(x, y).mean(), {}),
+        ("cross_entropy_probs", "cross_entropy, probability targets, mean",
+         "optax.softmax_cross_entropy(x, t).mean(); F.cross_entropy", xt,
+         jaxloss.cross_entropy, lambda x, t: ce(x, t).mean(), {}),
+        ("cross_entropy_smooth_weight", f"cross_entropy, index targets, {smooth}, class weights",
+         "optax.softmax_cross_entropy(x, optax.smooth_labels(one_hot(y), eps) * w).sum() / "
+         "w[y].sum() (PyTorch's weighted mean); F.cross_entropy(weight, label_smoothing)",
+         (*xy, "class_weight"),
+         lambda x, y, w: jaxloss.cross_entropy(x, y, weight=w, label_smoothing=LABEL_SMOOTHING),
+         _optax_smoothed_weighted, {}),
+        ("nll", "nll on log-probabilities, index targets, mean",
+         "hand-written -take_along_axis(lp, y).mean(); F.nll_loss", (*lp, "index_targets"),
+         jaxloss.nll, lambda lp, y: -jnp.take_along_axis(lp, y[:, None], axis=-1).mean(),
+         {"memory_bound": False}),
+        ("bce_with_logits", "bce_with_logits, soft targets, mean",
+         "optax.sigmoid_binary_cross_entropy(x, t).mean(); F.binary_cross_entropy_with_logits",
+         ("logits", "binary_targets"), jaxloss.bce_with_logits,
+         lambda x, t: optax.sigmoid_binary_cross_entropy(x, t).mean(), {}),
+        ("bce", "bce on probabilities, soft targets, mean",
+         "hand-written jnp -(t max(log p, -100) + (1-t) max(log1p(-p), -100)).mean(); "
+         "F.binary_cross_entropy", ("probs", "binary_targets"), jaxloss.bce, _bce_peer, {}),
+        ("kl_div", "kl_div(log_q, t), reduction=batchmean",
+         "optax.kl_divergence(log_q, t).mean(); F.kl_div(reduction='batchmean')",
+         (*lp, "prob_targets"), lambda lq, t: jaxloss.kl_div(lq, t, reduction="batchmean"),
+         lambda lq, t: optax.kl_divergence(lq, t).mean(), {}),
+        ("softmax", "softmax over the last axis (array output)", "jax.nn.softmax; torch.softmax",
+         ("logits",), jaxloss.softmax, jax.nn.softmax, {"scalar": False}),
+        ("log_softmax", "log_softmax over the last axis (array output)",
+         "jax.nn.log_softmax; torch.log_softmax", ("logits",), jaxloss.log_softmax,
+         jax.nn.log_softmax, {"scalar": False}),
+        ("entropy", "entropy of probability rows, mean over rows",
+         "jax.scipy.special.entr(p).sum(-1).mean(); torch.special.entr", ("prob_targets",),
+         lambda p: jaxloss.entropy(p).mean(), lambda p: jax.scipy.special.entr(p).sum(-1).mean(),
+         {}),
+        ("linear_cross_entropy",
+         "fused linear_cross_entropy(hidden, kernel, y) vs cross_entropy(hidden @ kernel, y)",
+         "materialised: cross_entropy(h @ k, y) in jaxloss, optax and torch",
+         ("hidden", "kernel", "index_targets"), jaxloss.linear_cross_entropy,
+         lambda h, k, y: ce_int(h @ k, y).mean(),
+         {"argnums": (0, 1), "memory_bound": False, "points": _linear_points,
+          "memory_only": lambda backend: [((8192, 2048, 131072), "f32")],
+          "tolerance": {"f32": 2e-3, "bf16": 1e-1}}),
+    ]  # fmt: skip
+    materialised = {"jaxloss_materialised": lambda h, k, y: jaxloss.cross_entropy(h @ k, y)}
+    return [
+        Case(name, desc, note, arrays, {"jaxloss": _plain(ours), "optax": peer}
+             | (materialised if name == "linear_cross_entropy" else {})
+             | ({"torch": tp[name]} if name in tp else {}), **extra)
         for name, desc, note, arrays, ours, peer, extra in rows
-    ]
-    head = {"argnums": (0, 1), "memory_bound": False}
-    cases.append(
-        Case(
-            "linear_cross_entropy",
-            "fused linear_cross_entropy(hidden, kernel, y) vs cross_entropy(hidden @ kernel, y)",
-            "materialised: cross_entropy(h @ k, y) in jaxloss, optax and torch",
-            ("hidden", "kernel", "index_targets"),
-            {
-                "jaxloss": _plain(jaxloss.linear_cross_entropy),
-                "optax": lambda h, k, y: ce_int(h @ k, y).mean(),
-                "jaxloss_materialised": lambda h, k, y: jaxloss.cross_entropy(h @ k, y),
-            }
-            | ({"torch": tp["linear_cross_entropy"]} if tp else {}),
-            points=_linear_points,
-            memory_only=lambda backend: [((8192, 2048, 131072), "f32")],
-            tolerance={"f32": 2e-3, "bf16": 1e-1},
-            **head,
-        )
-    )
-    return cases
+    ]  # fmt: skip
 
 
 def distillation_case() -> Case:
@@ -333,11 +263,7 @@ def distillation_case() -> Case:
         "fused linear_distillation(h, k, h_t, k_t) vs kl_div of the materialised log-softmaxes",
         "materialised: kl_div(log_softmax(h @ k), log_softmax(h_t @ k_t), batchmean)",
         ("hidden", "kernel", "teacher_hidden", "teacher_kernel"),
-        {
-            "jaxloss": _plain(jaxloss.linear_distillation),
-            "materialised": _distillation_materialised,
-        },
-        argnums=(0, 1),
-        modes=("vag",),
-        memory_bound=False,
-    )
+        {"jaxloss": _plain(jaxloss.linear_distillation),
+         "materialised": _distillation_materialised},
+        argnums=(0, 1), modes=("vag",), memory_bound=False,
+    )  # fmt: skip

@@ -69,90 +69,50 @@ def _names(allowed: Sequence[str]) -> Callable[[str], list[str]]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m benchmarks", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Times jaxloss against optax and torch.nn.functional (forward and\n"
         "value_and_grad) with pytest-benchmark, with compiled temp memory, a copy-bandwidth\n"
         "floor and goal checks. Arguments after -- go to pytest, e.g.\n"
         "  -- --benchmark-save=NAME\n  -- --benchmark-compare --benchmark-compare-fail=median:5%%",
-    )
-    add = p.add_argument
-    add(
-        "--quick",
-        action="store_true",
-        help=f"small grid, few rounds (measured {QUICK_MEASURED}"
-        f"; the full grid took {FULL_MEASURED})",
-    )
-    add(
-        "--out",
-        type=Path,
-        default=DEFAULT_OUT,
-        help=f"directory for results.json, table.txt and PNGs (default: ./{DEFAULT_OUT})",
-    )
-    add(
-        "--filter",
-        default="",
-        help="comma-separated patterns (re.search; plain text is a "
-        "substring) of benchmark names to keep, e.g. '^cross_entropy$,softmax'",
-    )
-    add("--sizes", type=parse_sizes, help="grid as NxC,NxC (replaces the default)")
-    add(
-        "--dtypes",
-        type=_names(tuple(DTYPES)),
-        default=list(DTYPES),
-        help=f"comma-separated input dtypes to run, from {','.join(DTYPES)} (default: all; "
-        "--quick times f32 and one bf16 point, the goal's)",
-    )
-    add(
-        "--modes",
-        type=_names(("fwd", "vag")),
-        default=["fwd", "vag"],
-        help="comma-separated modes to run: fwd (the function's forward pass), vag "
-        "(jax.value_and_grad w.r.t. its first input; torch: autograd.grad) (default: both)",
-    )
-    add("--repeats", type=int, help="fixed number of timed rounds per benchmark")
-    add(
-        "--compile-workers",
-        type=int,
-        default=_cpu_threads(),
-        help="threads compiling for --target (default: cores)",
-    )
-    add("--no-torch", action="store_true", help="skip the PyTorch peers")
-    add(
-        "--fail-on-goal",
-        action="store_true",
-        help="exit with status 1 if a goal FAILs (INCONCLUSIVE, too noisy to tell, does not)",
-    )
-    # The old names of --fail-on-goal and --no-peer-check, kept working but out of --help.
-    add("--check", dest="fail_on_goal", action="store_true", help=argparse.SUPPRESS)
-    add("--no-check", dest="no_peer_check", action="store_true", help=argparse.SUPPRESS)
-    add(
-        "--memory-only",
-        action="store_true",
-        help="compile every benchmark for its temporary memory and kernels, time nothing",
-    )
-    add(
-        "--dry-run",
-        action="store_true",
-        help="print the planned benchmarks (and their "
-        "implementations) and the expected duration, run nothing",
-    )
-    add("--wide", action="store_true", help="print every column (table.txt always has them)")
-    add(
-        "--target",
-        choices=sorted(TARGETS),
-        help="compile-only accelerator "
-        "(benchmarks/targets.py): modelled time (a loop-aware roofline), HBM bytes, kernels and "
-        "temporaries from the compiler, no timing",
-    )
-    add(
-        "--no-peer-check",
-        action="store_true",
-        help="do not compare each peer's output with "
-        "jaxloss's before timing it (a disagreeing peer is then not flagged !MISMATCH)",
-    )
-    add("--no-plots", action="store_true", help="write JSON and table only, no PNGs")
-    add("--no-progress", action="store_true", help="no per-benchmark progress on stderr")
+    )  # fmt: skip
+    flag = {"action": "store_true"}
+    for name, options, text in [
+        ("--quick", flag, f"small grid, few rounds (measured {QUICK_MEASURED}; the full grid "
+         f"took {FULL_MEASURED})"),
+        ("--out", {"type": Path, "default": DEFAULT_OUT}, "directory for results.json, "
+         f"table.txt and PNGs (default: ./{DEFAULT_OUT})"),
+        ("--filter", {"default": ""}, "comma-separated patterns (re.search; plain text is a "
+         "substring) of benchmark names to keep, e.g. '^cross_entropy$,softmax'"),
+        ("--sizes", {"type": parse_sizes}, "grid as NxC,NxC (replaces the default)"),
+        ("--dtypes", {"type": _names(tuple(DTYPES)), "default": list(DTYPES)}, "comma-separated "
+         f"input dtypes to run, from {','.join(DTYPES)} (default: all; --quick times f32 and one "
+         "bf16 point, the goal's)"),
+        ("--modes", {"type": _names(("fwd", "vag")), "default": ["fwd", "vag"]}, "comma-separated "
+         "modes to run: fwd (the function's forward pass), vag (jax.value_and_grad w.r.t. its "
+         "first input; torch: autograd.grad) (default: both)"),
+        ("--repeats", {"type": int}, "fixed number of timed rounds per benchmark"),
+        ("--compile-workers", {"type": int, "default": _cpu_threads()},
+         "threads compiling for --target (default: cores)"),
+        ("--no-torch", flag, "skip the PyTorch peers"),
+        ("--fail-on-goal", flag, "exit with status 1 if a goal FAILs (INCONCLUSIVE, too noisy "
+         "to tell, does not)"),
+        # The old names of --fail-on-goal and --no-peer-check, kept working but out of --help.
+        ("--check", {**flag, "dest": "fail_on_goal"}, argparse.SUPPRESS),
+        ("--no-check", {**flag, "dest": "no_peer_check"}, argparse.SUPPRESS),
+        ("--memory-only", flag, "compile every benchmark for its temporary memory and kernels, "
+         "time nothing"),
+        ("--dry-run", flag, "print the planned benchmarks (and their implementations) and the "
+         "expected duration, run nothing"),
+        ("--wide", flag, "print every column (table.txt always has them)"),
+        ("--target", {"choices": sorted(TARGETS)}, "compile-only accelerator (benchmarks/"
+         "targets.py): modelled time (a loop-aware roofline), HBM bytes, kernels and "
+         "temporaries from the compiler, no timing"),
+        ("--no-peer-check", flag, "do not compare each peer's output with jaxloss's before "
+         "timing it (a disagreeing peer is then not flagged !MISMATCH)"),
+        ("--no-plots", flag, "write JSON and table only, no PNGs"),
+        ("--no-progress", flag, "no per-benchmark progress on stderr"),
+    ]:  # fmt: skip
+        p.add_argument(name, help=text, **options)
     return p
 
 
@@ -172,14 +132,12 @@ def plan(args: argparse.Namespace, backend: str, cases: Sequence[Case] | None = 
     """Every (case, mode, dtype, shape) to run, grouped by input set, small before big."""
     cases = list(all_cases(not args.no_torch)) if cases is None else cases
     dtypes, modes = args.dtypes, args.modes
-    if args.sizes:
-        grid_points = [(s, d) for s in args.sizes for d in dtypes]
-    elif args.quick:
-        grid_points = [(s, "f32") for s in QUICK_SIZES]  # and the goal points below
-    else:
-        grid_points = [
-            (s, d) for s in (CPU_SIZES if backend == "cpu" else GPU_SIZES) for d in dtypes
-        ]
+    sizes = args.sizes or (
+        QUICK_SIZES if args.quick else CPU_SIZES if backend == "cpu" else GPU_SIZES
+    )
+    grid_points = [
+        (s, d) for s in sizes for d in (["f32"] if args.quick and not args.sizes else dtypes)
+    ]
     tasks: list[Task] = []
     for case in (c for c in cases if selected(c.name, args.filter)):
         points = case.points(backend, args.quick) if case.points else grid_points
@@ -193,27 +151,18 @@ def plan(args: argparse.Namespace, backend: str, cases: Sequence[Case] | None = 
             tasks += [
                 Task(case, "vag", d, s, True) for s, d in case.memory_only(backend) if d in dtypes
             ]
-        if case.name == "cross_entropy" and not args.memory_only:
+        if case.name == "cross_entropy" and not args.memory_only:  # the goal points
             timed = args.quick and not args.sizes and "vag" in modes  # else compiled only
+            have = {(t.shape, t.dtype) for t in tasks if t.mode == "vag"}
             tasks += [
                 Task(case, "vag", d, GOAL_SHAPE, not timed)
                 for d in ("f32", "bf16")
-                if not any(
-                    t.shape == GOAL_SHAPE and t.dtype == d and t.mode == "vag" for t in tasks
-                )
+                if (GOAL_SHAPE, d) not in have
             ]
     order = {c.name: i for i, c in enumerate(cases)}
-    return sorted(
-        tasks,
-        key=lambda t: (
-            t.memory_only,
-            len(t.shape),
-            math.prod(t.shape),
-            list(DTYPES).index(t.dtype),
-            order[t.case.name],
-            t.mode,
-        ),
-    )
+    key = lambda t: (t.memory_only, len(t.shape), math.prod(t.shape),
+                     list(DTYPES).index(t.dtype), order[t.case.name], t.mode)  # fmt: skip
+    return sorted(tasks, key=key)
 
 
 def expected_seconds(tasks: Sequence[Task]) -> float:
@@ -230,16 +179,13 @@ def _duration(seconds: float) -> str:
 
 def announce(tasks: Sequence[Task], args: argparse.Namespace) -> str:
     timed, seconds = sum(not t.memory_only for t in tasks), expected_seconds(tasks)
-    line = (
-        f"{timed} benchmarks to time and {len(tasks) - timed} to compile only: expected "
-        f"{_duration(seconds)} to {_duration(1.6 * seconds)} on a 2-core CPU (quiet to busy)."
-    )
+    line = (f"{timed} benchmarks to time and {len(tasks) - timed} to compile only: expected "
+            f"{_duration(seconds)} to {_duration(1.6 * seconds)} on a 2-core CPU (quiet to "
+            "busy).")  # fmt: skip
     load, threads = _load_average(), _cpu_threads()
     if load is not None and load > threads:
-        line += (
-            f" The machine is busy now (1-min load {load:.1f} on {threads} cores): more like "
-            f"{_duration(seconds * load / threads)}."
-        )
+        line += (f" The machine is busy now (1-min load {load:.1f} on {threads} cores): more "
+                 f"like {_duration(seconds * load / threads)}.")  # fmt: skip
     if not args.quick and not args.memory_only:
         line += f" For a first look, --quick took {QUICK_MEASURED}."
     return line
@@ -253,30 +199,13 @@ def time_grid(tasks: list[Task], args: argparse.Namespace, extra: list[str]) -> 
     grid.CHECK = not args.no_peer_check
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "pytest-benchmark.json"
-    rounds = [
-        "--benchmark-min-rounds",
-        "3",
-        "--benchmark-min-time",
-        "0.004" if args.quick else "0.02",
-        "--benchmark-max-time",
-        "0.2" if args.quick else "1.5",
-    ]
+    rounds = ["--benchmark-min-rounds", "3", "--benchmark-min-time", "0.004" if args.quick
+              else "0.02", "--benchmark-max-time", "0.1" if args.quick else "0.5"]  # fmt: skip
     if args.repeats:
         rounds = ["--benchmark-min-rounds", str(args.repeats), "--benchmark-max-time", "0"]
-    argv = [
-        grid.__file__,
-        "-o",
-        "addopts=",
-        "-p",
-        "no:cacheprovider",
-        "-p",
-        "no:randomly",
-        "-q" if args.no_progress else "-v",
-        f"--benchmark-json={path}",
-        "--benchmark-sort=name",
-        *rounds,
-        *extra,
-    ]
+    argv = [grid.__file__, "-o", "addopts=", "-p", "no:cacheprovider", "-p", "no:randomly",
+            "-q" if args.no_progress else "-v", f"--benchmark-json={path}",
+            "--benchmark-sort=name", *rounds, *extra]  # fmt: skip
     with contextlib.redirect_stdout(sys.stderr):  # stdout is the table's
         code = int(pytest.main(argv))
     saved = json.loads(path.read_text()) if path.exists() else {"benchmarks": []}
@@ -371,16 +300,12 @@ def compare_until_clear(
             break
     ratios = [a / b for a, b in zip(*times, strict=True)]
     return {
-        "verdict": verdict,
-        "ratio": float(np.median(ratios)),
-        "rounds": len(ratios),
+        "verdict": verdict, "ratio": float(np.median(ratios)), "rounds": len(ratios),
         "interval": None if interval is None else [float(interval[0]), float(interval[1])],
-        "ratios": ratios,
-        "numerator_s": float(np.median(times[0])),
-        "denominator_s": float(np.median(times[1])),
-        "calls_per_sample": calls,
+        "ratios": ratios, "numerator_s": float(np.median(times[0])),
+        "denominator_s": float(np.median(times[1])), "calls_per_sample": calls,
         "seconds": time.perf_counter() - started,
-    }
+    }  # fmt: skip
 
 
 def check_goals(records: Sequence[dict], cases: Sequence[Case], quick: bool) -> dict[str, dict]:
@@ -402,16 +327,10 @@ def check_goals(records: Sequence[dict], cases: Sequence[Case], quick: bool) -> 
 
 def quick_goals(cases: Sequence[Case], backend: str) -> set[str]:
     """The speed goals whose both sides a plain ``--quick`` run times."""
-    quick = {
-        (t.case.name, t.mode, t.dtype, t.shape)
-        for t in plan(build_parser().parse_args(["--quick"]), backend, cases)
-        if not t.memory_only
-    }
-    return {
-        g.id
-        for g in report.speed_goals()
-        if all((g.case, g.mode, d, g.shape) in quick for _, d in (g.numerator, g.denominator))
-    }
+    quick_plan = plan(build_parser().parse_args(["--quick"]), backend, cases)
+    timed = {(t.case.name, t.mode, t.dtype, t.shape) for t in quick_plan if not t.memory_only}
+    sides = lambda g: [(g.case, g.mode, d, g.shape) for _, d in (g.numerator, g.denominator)]
+    return {g.id for g in report.speed_goals() if set(sides(g)) <= timed}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,53 +382,28 @@ def _device_name(device: Any) -> str:
     return device.device_kind if device.platform != "cpu" else platform.machine() or "cpu"
 
 
-def metadata(
-    args: argparse.Namespace,
-    argv: list[str],
-    tasks: Sequence[Task],
-    cases: Sequence[Case],
-    torch_note: str | None,
-    load_before: float | None,
-) -> dict[str, Any]:
+def metadata(args: argparse.Namespace, argv: list, tasks: Sequence[Task], cases: Sequence[Case],
+             torch_note: str | None, load: float | None) -> dict:  # fmt: skip
     device = jax.devices()[0]
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "backend": jax.default_backend(),
-        "device": f"{device.platform}: {_device_name(device)}",
-        "device_kind": device.device_kind,
-        "devices": [str(d) for d in jax.devices()],
-        "host": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "cpu_threads_available": _cpu_threads(),
-        },
-        "versions": versions(),
-        "git_commit": git_commit(),
-        "argv": argv,
-        "quick": args.quick,
-        "torch": {
-            "used": torch_note is None,
-            "note": torch_note,
-            "num_threads": None if torch_note else _cpu_threads(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        },
+        "backend": jax.default_backend(), "device": f"{device.platform}: {_device_name(device)}",
+        "device_kind": device.device_kind, "devices": [str(d) for d in jax.devices()],
+        "host": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                 "cpu_threads_available": _cpu_threads()},
+        "versions": versions(), "git_commit": git_commit(), "argv": argv, "quick": args.quick,
+        "torch": {"used": torch_note is None, "note": torch_note,
+                  "num_threads": None if torch_note else _cpu_threads(),
+                  "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
         "xla_flags": os.environ.get("XLA_FLAGS"),
-        "load_average_1min": {"start": load_before, "end": _load_average()},
-        "settings": {
-            "min_repeats": args.repeats or 3,
-            "max_repeats": args.repeats,
-            "check": not args.no_peer_check,
-            "timer": "benchmarks.grid.wait_then_time",
-        },
+        "load_average_1min": {"start": load, "end": _load_average()},
+        "settings": {"min_repeats": args.repeats or 3, "max_repeats": args.repeats,
+                     "check": not args.no_peer_check, "timer": "benchmarks.grid.wait_then_time"},
         "shapes": sorted({tuple(t.shape) for t in tasks}, key=math.prod),
-        "dtypes": sorted({t.dtype for t in tasks}),
-        "byte_model": grid.BYTE_MODEL,
-        "cases": {
-            c.name: {"description": c.description, "peers": c.peer_note, "impls": list(c.impls)}
-            for c in cases
-            if selected(c.name, args.filter)
-        },
-    }
+        "dtypes": sorted({t.dtype for t in tasks}), "byte_model": grid.BYTE_MODEL,
+        "cases": {c.name: {"description": c.description, "peers": c.peer_note,
+                           "impls": list(c.impls)} for c in cases if selected(c.name, args.filter)},
+    }  # fmt: skip
 
 
 def plot_title(meta: dict[str, Any]) -> str:
@@ -517,9 +411,8 @@ def plot_title(meta: dict[str, Any]) -> str:
     v, device = meta["versions"], meta["device"].split(": ", 1)[-1]
     if meta["backend"] == "cpu":
         device += f", {meta['host']['cpu_threads_available']} threads"
-    peers = f"jax {v['jax']}, optax {v['optax']}" + (
-        f", torch {v['torch']}" if meta["torch"]["used"] else ""
-    )
+    peers = f"jax {v['jax']}, optax {v['optax']}"
+    peers += f", torch {v['torch']}" if meta["torch"]["used"] else ""
     quick = ", --quick" if meta["quick"] else ""
     return f"{device} (XLA:{meta['backend'].upper()}) · {peers} · {meta['date'][:10]}{quick}"
 
@@ -529,9 +422,7 @@ def text(meta: dict[str, Any], records: Sequence[dict], goals: Sequence[dict], w
     title = "\n".join(textwrap.wrap(plot_title(meta), 100, break_on_hyphens=False))
     heading = f"jaxloss benchmarks, {meta['date']}\n{title}\n" + (
         f"torch threads {torch['num_threads']}, OMP_WAIT_POLICY={torch['omp_wait_policy']}"
-        if torch["used"]
-        else f"no torch peers ({torch['note']})"
-    )
+        if torch["used"] else f"no torch peers ({torch['note']})")  # fmt: skip
     parts = [heading, report.format_table(records, wide=wide)]
     if wide:
         parts += ["byte model: " + grid.BYTE_MODEL]
@@ -539,11 +430,9 @@ def text(meta: dict[str, Any], records: Sequence[dict], goals: Sequence[dict], w
     busiest = max([v for v in meta["load_average_1min"].values() if v is not None], default=0.0)
     threads = meta["host"]["cpu_threads_available"]
     if meta["backend"] == "cpu" and busiest > 0.5 * threads:
-        out += (
-            f"\n\nnote: the machine was busy (1-min load average up to {busiest:.1f} on "
-            f"{threads} cores): absolute times are\ninflated and noisy (the goal checks less "
-            "so: paired rounds); multi-threaded torch suffers most."
-        )
+        out += (f"\n\nnote: the machine was busy (1-min load average up to {busiest:.1f} on "
+                f"{threads} cores): absolute times are\ninflated and noisy (the goal checks less "
+                "so: paired rounds); multi-threaded torch suffers most.")  # fmt: skip
     return out + f"\n\nwall time {meta['wall_s']:.1f} s\n"
 
 
@@ -569,9 +458,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     records += [memory_record(t) for t in tasks if t.memory_only]
     checks = check_goals(records, cases, args.quick)
     goals = report.evaluate_goals(records, backend, checks, quick_goals(cases, backend))
-    meta = metadata(
-        args, list(sys.argv[1:] if argv is None else argv), tasks, cases, torch_note, load_before
-    )
+    argv = list(sys.argv[1:] if argv is None else argv)
+    meta = metadata(args, argv, tasks, cases, torch_note, load_before)
     meta["pytest_exit_code"] = saved["exit_code"] if saved else None
     meta["wall_s"] = time.perf_counter() - started
     print(text(meta, records, goals, wide=args.wide))
@@ -582,11 +470,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     payload = {"meta": meta, "results": records, "goals": goals}
     report.write_json(args.out / "results.json", payload)
     written = f"{len(meta.get('plots', []))} PNG plots, " if meta.get("plots") else ""
-    print(
-        f"wrote results.json, table.txt (every column), {written}pytest-benchmark.json to "
-        f"{args.out}/ (--out DIR to change)",
-        file=sys.stderr,
-    )
+    print(f"wrote results.json, table.txt (every column), {written}pytest-benchmark.json to "
+          f"{args.out}/ (--out DIR to change)", file=sys.stderr)  # fmt: skip
     return payload
 
 

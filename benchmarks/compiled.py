@@ -91,29 +91,16 @@ def analyse(program: Program, target: Target, unit_flops: float | None = None) -
     model = roofline.roofline(program.text, target, program.pallas)
     traffic = hlo.entry_traffic(program.text)
     entry: dict[str, Any] = {
-        "kernels": traffic.kernels,
-        "hbm_bytes": model.bytes,
-        "ops": traffic.ops,
+        "kernels": traffic.kernels, "hbm_bytes": model.bytes, "ops": traffic.ops,
         "temp_bytes": int(program.compiled.memory_analysis().temp_size_in_bytes),
-        "roofline_s": model.seconds,
-        "flops": model.flops,
-        "compute_bound_s": model.compute_bound_s,
+        "roofline_s": model.seconds, "flops": model.flops, "compute_bound_s": model.compute_bound_s,
         "launches": sum(k.calls for k in model.kernels),
-        "top_kernels": [
-            {
-                "name": k.name,
-                "label": k.label,
-                "calls": k.calls,
-                "seconds": k.seconds,
-                "bytes_per_call": k.bytes,
-                "flops_per_call": k.flops,
-                "bound": "compute" if k.compute_s >= k.memory_s else "memory",
-            }
-            for k in model.top(6)
-        ],
-        "unknown_loops": list(model.unknown_loops),
-        "unpriced_pallas": list(model.unpriced),
-    }
+        "top_kernels": [{"name": k.name, "label": k.label, "calls": k.calls, "seconds": k.seconds,
+                         "bytes_per_call": k.bytes, "flops_per_call": k.flops,
+                         "bound": "compute" if k.compute_s >= k.memory_s else "memory"}
+                        for k in model.top(6)],
+        "unknown_loops": list(model.unknown_loops), "unpriced_pallas": list(model.unpriced),
+    }  # fmt: skip
     if unit_flops:
         entry["matmuls"] = model.matmuls(unit_flops)
     try:  # XLA's own figure where the backend has one (not the GPU plugin here)
@@ -141,10 +128,8 @@ LINEAR, DISTILL = "linear_cross_entropy", "linear_distillation"
 HEADS = (LINEAR, DISTILL)
 MATERIALISED = {LINEAR: "jaxloss_materialised", DISTILL: "materialised"}
 # linear_cross_entropy value_and_grad temporaries (issue 8): (shape, dtype, MiB) per target.
-LINEAR_GOALS = {
-    "h100": ((8192, 4096, 131072), "bf16", 128),
-    "tpu-v5p": ((8192, 2048, 131072), "f32", 256),
-}
+LINEAR_GOALS = {"h100": ((8192, 4096, 131072), "bf16", 128),
+                "tpu-v5p": ((8192, 2048, 131072), "f32", 256)}  # fmt: skip
 # Issue 17, item 4: modelled time <= 1.0x the materialised formula, temporaries <= 512 MiB.
 HEAD_GOALS = {
     "h100": ((LINEAR, (8192, 4096, 131072), "bf16"), (DISTILL, (8192, 4096, 131072), "bf16")),
@@ -177,13 +162,8 @@ def plan(target: Target, cases: Sequence[Any], args: Any) -> list[Any]:
             modes = ["vag"]
         else:
             points, modes = [(s, d) for s in sizes for d in args.dtypes], args.modes
-        tasks += [
-            Task(case, m, d, tuple(s), case.name in HEADS)
-            for s, d in points
-            if d in args.dtypes
-            for m in modes
-            if m in case.modes
-        ]
+        tasks += [Task(case, m, d, tuple(s), case.name in HEADS) for s, d in points
+                  if d in args.dtypes for m in modes if m in case.modes]  # fmt: skip
     return tasks
 
 
@@ -224,236 +204,146 @@ def measure(target: Target, task: Any) -> dict[str, Any]:
     return record
 
 
-def _cell(entry: dict, key: str, fmt: Callable[[Any], str]) -> str:
-    return "-" if entry.get(key) is None else fmt(entry[key])
-
-
 def _count(value: float) -> str:
     return f"{value:.0f}" if abs(value - round(value)) < 0.05 else f"{value:.2f}"
 
 
-def format_table(records: Sequence[dict]) -> str:
-    """One line per point but the heads: kernels, x copy, temporaries, roofline; jl and ox."""
-    head = (
-        f"{'function':<27} {'mode':<4} {'dtype':<5} {'shape':<12} {'kernels':>7} "
-        f"{'x copy':>11} {'temporaries':>17} {'roofline':>15}"
-    )
-    sub = f"{'':<59}{'jl/ox':>7} {'jl    ox':>11} {'jl       ox':>17} {'jl      ox':>15}"
-    lines = [head, sub, "-" * len(head)]
-    for r in (r for r in records if r["case"] not in HEADS):
-        jl, ox = (r["impls"].get(k, {}) for k in ("jaxloss", "optax"))
-        pair = lambda key, fmt, w, jl=jl, ox=ox: (
-            f"{_cell(jl, key, fmt):>{w}} {_cell(ox, key, fmt):>{w}}"
-        )
-        errors = [f"{k}: {e['error'][:50]}" for k, e in r["impls"].items() if "error" in e]
-        lines.append(
-            f"{r['case']:<27} {r['mode']:<4} {r['dtype']:<5} {'x'.join(map(str, r['shape'])):<12} "
-            f"{_cell(jl, 'kernels', str) + '/' + _cell(ox, 'kernels', str):>7} "
-            f"{pair('copy_ratio', lambda v: f'{v:.3f}', 5)} {pair('temp_bytes', fmt_bytes, 8)} "
-            f"{pair('roofline_s', fmt_time, 7)}"
-            + (f"  errors: {'; '.join(errors)}" if errors else "")
-        )
-    legend = (
-        "kernels: ENTRY instructions that launch work, jaxloss/optax (jax.nn for softmax and "
-        "log_softmax). " + TRAFFIC_MODEL
-    )
-    return "\n".join([*lines, "", legend])
+def _mat(key: str, fmt: Callable[[Any], str]) -> Callable[[dict], str]:
+    return lambda r: report.impl(MATERIALISED[r["case"]], key, fmt)(r)
 
 
-def format_heads(records: Sequence[dict]) -> str:
-    """The linear heads against their materialised formulas, and where the fused time goes."""
-    head = (
-        f"{'function':<21} {'dtype':<5} {'N x D x V':<17} {'fused':>7} {'materia.':>8} "
-        f"{'ratio':>6} {'NDV matmuls':>11} {'temporaries':>17} {'launches':>8}"
-    )
-    lines, notes = [head, "-" * len(head)], []
-    for r in (r for r in records if r["case"] in HEADS):
-        fused, mat = r["impls"].get("jaxloss", {}), r["impls"].get(MATERIALISED[r["case"]], {})
-        shape, ratio = "x".join(map(str, r["shape"])), r.get("ratio_to_materialised")
-        both = lambda key, fmt, f=fused, m=mat: f"{_cell(f, key, fmt)} / {_cell(m, key, fmt)}"
-        lines.append(
-            f"{r['case']:<21} {r['dtype']:<5} {shape:<17} "
-            f"{_cell(fused, 'roofline_s', fmt_time):>7} {_cell(mat, 'roofline_s', fmt_time):>8} "
-            f"{'-' if ratio is None else f'{ratio:.2f}x':>6} "
-            f"{both('matmuls', _count):>11} {both('temp_bytes', fmt_bytes):>17} "
-            f"{_cell(fused, 'launches', str):>8}"
-        )
-        if top := fused.get("top_kernels", [])[:4]:
-            notes.append(
-                f"{r['case']} {r['dtype']} {shape}: "
-                + "; ".join(
-                    f"{k['name']} {k['calls']}x {fmt_bytes(k['bytes_per_call'])} "
-                    f"{k['bound']}-bound {fmt_time(k['seconds'])}"
-                    for k in top
-                )
-            )
-    legend = (
-        "value_and_grad of the mean loss in (hidden, kernel), default options; fused: jaxloss; "
-        "materialised: cross_entropy(h @ k, y) (linear_cross_entropy) or kl_div of the two "
-        "log_softmaxes (linear_distillation); NDV matmuls: dots of ~2·N·D·V FLOPs (block dots "
-        "x their loop trips), fused / materialised; launches: kernel launches of the fused "
-        "program (loops unrolled)."
-    )
-    where = ["where the fused time goes (its costliest kernels: calls x bytes per call):"]
-    return "\n".join([*lines, "", *where, *(f"  {n}" for n in notes), "", legend])
+# fmt: off
+COLUMNS: list[report.Column] = [
+    *report.FIRST, *report.WHERE, ("kernels", 7, report.pair("kernels", str)),
+    ("x copy", 11, report.pair("copy_ratio", lambda v: f"{v:.3f}")),
+    ("temporaries", 17, report.pair("temp_bytes", fmt_bytes)),
+    ("roofline", 15, report.pair("roofline_s", fmt_time)),
+]
+HEAD_COLUMNS: list[report.Column] = [
+    ("function", -21, lambda r: r["case"]), ("dtype", -5, lambda r: r["dtype"]),
+    ("N x D x V", -17, lambda r: report.size(r["shape"])),
+    ("fused", 7, report.impl("jaxloss", "roofline_s", fmt_time)),
+    ("materia.", 8, _mat("roofline_s", fmt_time)),
+    ("ratio", 6, lambda r: "-" if (v := r.get("ratio_to_materialised")) is None else f"{v:.2f}x"),
+    ("NDV matmuls", 11, lambda r: f"{report.impl('jaxloss', 'matmuls', _count)(r)} / "
+                                  f"{_mat('matmuls', _count)(r)}"),
+    ("temporaries", 17, lambda r: f"{report.impl('jaxloss', 'temp_bytes', fmt_bytes)(r)} / "
+                                  f"{_mat('temp_bytes', fmt_bytes)(r)}"),
+    ("launches", 8, report.impl("jaxloss", "launches")),
+]
+# fmt: on
+HEADS_LEGEND = (
+    "value_and_grad of the mean loss in (hidden, kernel), default options; fused: jaxloss; "
+    "materialised: cross_entropy(h @ k, y) (linear_cross_entropy) or kl_div of the two "
+    "log_softmaxes (linear_distillation); NDV matmuls: dots of ~2·N·D·V FLOPs (block dots "
+    "x their loop trips), fused / materialised; launches: kernel launches of the fused "
+    "program (loops unrolled)."
+)
 
 
+def format_tables(records: Sequence[dict]) -> str:
+    """Every case but the heads (jaxloss/optax), then the linear heads against their
+    materialised formulas and where the fused time goes."""
+    heads = [r for r in records if r["case"] in HEADS]
+    lines = report.table([r for r in records if r["case"] not in HEADS], COLUMNS, group=False)
+    lines += [
+        "",
+        "kernels, x copy, temporaries, roofline: jaxloss/optax (jax.nn for softmax "
+        "and log_softmax). " + TRAFFIC_MODEL,
+        "",
+        *report.table(heads, HEAD_COLUMNS, False),
+        "",
+        "where the fused time goes (its costliest kernels: calls x bytes per call):",
+    ]
+    for r in heads:
+        top = r["impls"].get("jaxloss", {}).get("top_kernels", [])[:4]
+        parts = [f"{k['name']} {k['calls']}x {fmt_bytes(k['bytes_per_call'])} {k['bound']}-bound "
+                 f"{fmt_time(k['seconds'])}" for k in top]  # fmt: skip
+        lines.append(f"  {r['case']} {r['dtype']} {report.size(r['shape'])}: " + "; ".join(parts))
+    return "\n".join([*lines, "", HEADS_LEGEND])
+
+
+# fmt: off
 def evaluate_goals(target: Target, records: Sequence[dict]) -> list[dict]:
     """The modelled goals of issues 8 and 17 for one target (compiler figures, exact)."""
-    shape = target.sizes[-1]
-    at, copy_goal = "x".join(map(str, shape)), CE_COPY_GOAL[target.platform]
-    empty: dict[str, Any] = {"impls": {}}
+    shape, empty = target.sizes[-1], dict[str, Any](impls={})
+    at, copy_goal = report.size(shape), CE_COPY_GOAL[target.platform]
+    get = lambda case, dtype, s, mode="vag": report.find(records, case, mode, dtype, s) or empty
+    ours = lambda r, key: r["impls"].get("jaxloss", {}).get(key)
     goals = []
     for dtype in ("f32", "bf16"):
-        vag = report.find(records, "cross_entropy", "vag", dtype, shape) or empty
-        fwd = report.find(records, "cross_entropy", "fwd", dtype, shape) or empty
-        goals.append(
-            goal(
-                f"ce_vag_hbm_{dtype}",
-                f"{dtype} cross_entropy value_and_grad at {at}: modelled HBM <= {copy_goal}x copy",
-                "bytes",
-                vag["impls"].get("jaxloss", {}).get("hbm_bytes"),
-                vag.get("min_bytes"),
-                copy_goal,
-                "jaxloss bytes",
-                "copy bytes",
-                ROW_NOTE,
-                ROW_SLACK * vag.get("logits_bytes", 0),
-            )
-        )
-        goals.append(
-            goal(
-                f"ce_fwd_hbm_{dtype}",
-                f"{dtype} cross_entropy forward at {at}: modelled HBM <= 1.05x the logits",
-                "bytes",
-                fwd["impls"].get("jaxloss", {}).get("hbm_bytes"),
-                fwd.get("logits_bytes"),
-                1.05,
-                "jaxloss bytes",
-                "logits bytes",
-                ROW_NOTE,
-                ROW_SLACK * fwd.get("logits_bytes", 0),
-            )
-        )
-        goals.append(_peer_goal(records, dtype, shape))
+        vag, fwd = get("cross_entropy", dtype, shape), get("cross_entropy", dtype, shape, "fwd")
+        goals += [
+            goal(f"ce_vag_hbm_{dtype}", f"{dtype} cross_entropy value_and_grad at {at}: modelled "
+                 f"HBM <= {copy_goal}x copy", "bytes", ours(vag, "hbm_bytes"), vag.get("min_bytes"),
+                 copy_goal, "jaxloss bytes", "copy bytes", ROW_NOTE,
+                 ROW_SLACK * vag.get("logits_bytes", 0)),
+            goal(f"ce_fwd_hbm_{dtype}", f"{dtype} cross_entropy forward at {at}: modelled HBM <= "
+                 "1.05x the logits", "bytes", ours(fwd, "hbm_bytes"), fwd.get("logits_bytes"), 1.05,
+                 "jaxloss bytes", "logits bytes", ROW_NOTE, ROW_SLACK * fwd.get("logits_bytes", 0)),
+            _peer_goal(records, dtype, shape),
+        ]
     if target.name in LINEAR_GOALS:
         lshape, dtype, mib = LINEAR_GOALS[target.name]
-        ours = (report.find(records, LINEAR, "vag", dtype, lshape) or empty)["impls"].get(
-            "jaxloss", {}
-        )
-        what = f"{dtype} linear_cross_entropy value_and_grad temporaries at "
-        what += f"{'x'.join(map(str, lshape))} <= {mib} MiB"
-        tpu_f32 = "temp_bytes_f32_matmuls" in ours
-        goals.append(
-            goal(
-                f"linear_ce_temp_{dtype}",
-                what,
-                "bytes",
-                ours.get("temp_bytes"),
-                mib * 2**20,
-                1.0,
-                "jaxloss temp bytes",
-                f"{mib} MiB",
-                "DEFAULT matmul precision: on TPU, XLA's bf16 copy of a float32 kernel included"
-                if tpu_f32
-                else "",
-            )
-        )
-        if tpu_f32:
-            goals.append(
-                goal(
-                    f"linear_ce_temp_{dtype}_f32_matmuls",
-                    what + " (float32 matmul precision)",
-                    "bytes",
-                    ours["temp_bytes_f32_matmuls"],
-                    mib * 2**20,
-                    1.0,
-                    "jaxloss temp bytes",
-                    f"{mib} MiB",
-                    'under jax.default_matmul_precision("float32")',
-                )
-            )
+        r = get(LINEAR, dtype, lshape)
+        what = (f"{dtype} linear_cross_entropy value_and_grad temporaries at {report.size(lshape)} "
+                f"<= {mib} MiB")
+        f32_matmuls = ours(r, "temp_bytes_f32_matmuls")
+        note = "DEFAULT matmul precision: on TPU, XLA's bf16 copy of a float32 kernel included"
+        goals.append(goal(f"linear_ce_temp_{dtype}", what, "bytes", ours(r, "temp_bytes"),
+                          mib * 2**20, 1.0, "jaxloss temp bytes", f"{mib} MiB",
+                          note if f32_matmuls is not None else ""))
+        if f32_matmuls is not None:
+            goals.append(goal(f"linear_ce_temp_{dtype}_f32_matmuls", what + " (float32 matmul "
+                              "precision)", "bytes", f32_matmuls, mib * 2**20, 1.0,
+                              "jaxloss temp bytes", f"{mib} MiB",
+                              'under jax.default_matmul_precision("float32")'))
     for case, hshape, dtype in HEAD_GOALS.get(target.name, ()):
-        r = report.find(records, case, "vag", dtype, hshape) or empty
+        r = get(case, dtype, hshape)
         fused, mat = r["impls"].get("jaxloss", {}), r["impls"].get(MATERIALISED[case], {})
-        at_head = f"{dtype} {case} value_and_grad at {'x'.join(map(str, hshape))}"
-        matmuls = (
-            ""
-            if "matmuls" not in fused
-            else (
-                f"N·D·V matmuls {_count(fused['matmuls'])} "
-                f"(materialised {_count(mat.get('matmuls', 0))}); "
-                f"compute-bound kernels {fused['compute_bound_s'] * 1e3:.1f} ms of the fused time"
-            )
-        )
-        goals.append(
-            goal(
-                f"{case}_time_{dtype}",
-                f"{at_head}: modelled time <= 1.0x materialised",
-                "modelled",
-                fused.get("roofline_s"),
-                mat.get("roofline_s"),
-                1.0,
-                "fused modelled time",
-                "materialised modelled time",
-                matmuls,
-            )
-        )
-        goals.append(
-            goal(
-                f"{case}_temp_512_{dtype}",
-                f"{at_head}: temporaries <= {HEAD_TEMP_MIB} MiB",
-                "bytes",
-                fused.get("temp_bytes"),
-                HEAD_TEMP_MIB * 2**20,
-                1.0,
-                "fused temp bytes",
-                f"{HEAD_TEMP_MIB} MiB",
-            )
-        )
+        at_head = f"{dtype} {case} value_and_grad at {report.size(hshape)}"
+        matmuls = "" if "matmuls" not in fused else (
+            f"N·D·V matmuls {_count(fused['matmuls'])} (materialised "
+            f"{_count(mat.get('matmuls', 0))}); compute-bound kernels "
+            f"{fused['compute_bound_s'] * 1e3:.1f} ms of the fused time")
+        goals += [
+            goal(f"{case}_time_{dtype}", f"{at_head}: modelled time <= 1.0x materialised",
+                 "modelled", fused.get("roofline_s"), mat.get("roofline_s"), 1.0,
+                 "fused modelled time", "materialised modelled time", matmuls),
+            goal(f"{case}_temp_512_{dtype}", f"{at_head}: temporaries <= {HEAD_TEMP_MIB} MiB",
+                 "bytes", fused.get("temp_bytes"), HEAD_TEMP_MIB * 2**20, 1.0, "fused temp bytes",
+                 f"{HEAD_TEMP_MIB} MiB"),
+        ]
     return goals
 
 
 def _peer_goal(records: Sequence[dict], dtype: str, shape: tuple[int, ...]) -> dict:
     """Every other function at ``shape``, both modes: jaxloss's bytes <= its peer's, judged
-    within 0.1 % of the larger of the peer's and the logits' bytes."""
-    compared: dict[str, tuple[int, int, float]] = {}
-    for r in records:
-        if (
-            r["case"] not in ("cross_entropy", *HEADS)
-            and r["dtype"] == dtype
-            and tuple(r["shape"]) == tuple(shape)
-            and r.get("ratio_to_optax")
-        ):
-            jl, ox = (r["impls"][k]["hbm_bytes"] for k in ("jaxloss", "optax"))
-            compared[f"{r['case']} {r['mode']}"] = (jl, ox, ROW_SLACK * max(ox, r["logits_bytes"]))
+    within 0.1 % of the larger of the peer's and the logits' bytes (the ratio shown is the one
+    judged: jaxloss's bytes over the peer's plus that slack)."""
+    compared = {
+        f"{r['case']} {r['mode']}": (jl := r["impls"]["jaxloss"]["hbm_bytes"],
+                                     ox := r["impls"]["optax"]["hbm_bytes"],
+                                     ROW_SLACK * max(ox, r["logits_bytes"]))
+        for r in records
+        if r["case"] not in ("cross_entropy", *HEADS) and r["dtype"] == dtype
+        and tuple(r["shape"]) == tuple(shape) and r.get("ratio_to_optax")
+    }
     over = sorted(k for k, (jl, ox, slack) in compared.items() if jl > ox + slack)
     worst = max(compared, key=lambda k: compared[k][0] / sum(compared[k][1:]), default=None)
-    description = (
-        f"{dtype} every other function at {'x'.join(map(str, shape))}, fwd and vag: "
-        "modelled HBM <= its optax/jax.nn peer's"
-    )
+    description = (f"{dtype} every other function at {report.size(shape)}, fwd and vag: modelled "
+                   "HBM <= its optax/jax.nn peer's")
     if worst is None:
         note = "not compiled in this run (the full grid has it; --quick does not)"
         return goal(f"peers_hbm_{dtype}", description, "bytes", None, None, 1.0, "", "", note)
     jl, ox, slack = compared[over[0] if over else worst]
-    note = f"{len(compared)} compared; " + (
-        f"over: {', '.join(over)}" if over else f"largest ratio: {worst}"
-    )
+    note = f"{len(compared)} compared; " + (f"over: {', '.join(over)}" if over else
+                                            f"largest ratio: {worst}")
     note += "; judged within 0.1% of the larger of the peer's and the logits' bytes"
-    # Judged against the peer's bytes plus the slack, so the ratio shown is the one judged.
-    result = goal(
-        f"peers_hbm_{dtype}",
-        description,
-        "bytes",
-        jl,
-        ox + slack,
-        1.0,
-        "jaxloss bytes",
-        "peer bytes + slack",
-        note,
-    )
+    result = goal(f"peers_hbm_{dtype}", description, "bytes", jl, ox + slack, 1.0,
+                  "jaxloss bytes", "peer bytes + slack", note)
     return {**result, "status": "FAIL" if over else "PASS"}
+# fmt: on
 
 
 def peaks_line(target: Target) -> str:
@@ -484,36 +374,24 @@ def run(args: Any, argv: Sequence[str] | None = None) -> dict[str, Any]:
         for record in pool.map(lambda t: measure(target, t), tasks):
             records.append(record)
             if not args.no_progress:
-                print(
-                    f"[{len(records)}/{len(tasks)}] {record['name']}", file=sys.stderr, flush=True
-                )
+                print(f"[{len(records)}/{len(tasks)}] {record['name']}", file=sys.stderr)
     goals = evaluate_goals(target, records)
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "target": dataclasses.asdict(target),
-        "compile_only": True,
+        "target": dataclasses.asdict(target), "compile_only": True,
         "device": f"{target.platform}: {devices(target.name)[0].device_kind}",
-        "not_measured": NOT_MEASURED,
-        "traffic_model": TRAFFIC_MODEL,
+        "not_measured": NOT_MEASURED, "traffic_model": TRAFFIC_MODEL,
         "versions": cli.versions("jax-cuda12-pjrt", "jax-cuda12-plugin", "libtpu"),
-        "git_commit": cli.git_commit(),
-        "argv": list(sys.argv[1:] if argv is None else argv),
-        "quick": args.quick,
-        "points": [t.name for t in tasks],
+        "git_commit": cli.git_commit(), "argv": list(sys.argv[1:] if argv is None else argv),
+        "quick": args.quick, "points": [t.name for t in tasks],
         "wall_s": time.perf_counter() - started,
-    }
+    }  # fmt: skip
     title = f"{target.description}, compile-only, jax {jax.__version__}"
-    text = "\n\n".join(
-        [
-            f"jaxloss on {title}{', quick' if args.quick else ''}, {meta['date']}",
-            NOT_MEASURED,
-            format_table(records),
-            format_heads(records),
-            peaks_line(target),
-            report.format_goals(goals, legend=False),
-            f"wall time {meta['wall_s']:.1f} s",
-        ]
-    )
+    text = "\n\n".join([
+        f"jaxloss on {title}{', quick' if args.quick else ''}, {meta['date']}", NOT_MEASURED,
+        format_tables(records), peaks_line(target), report.format_goals(goals, legend=False),
+        f"wall time {meta['wall_s']:.1f} s",
+    ])  # fmt: skip
     print(text)
     payload = {"meta": meta, "results": records, "goals": goals}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ from benchmarks.cases import (
     arg_names,
     jax_function,
     objective,
-)
+)  # fmt: skip
 
 BYTE_MODEL = (
     "min_bytes = bytes of every input read once + every output written once. Bandwidth = 2 x "
@@ -240,28 +240,21 @@ def base_record(task: Task) -> dict[str, Any]:
     outputs = jax.eval_shape(jax_function(case, case.impls["jaxloss"], task.mode), *specs)
     elements = shape[0] * shape[-1]
     return {
-        "name": task.name.replace("-mem", ""),
-        "case": case.name,
-        "mode": task.mode,
-        "dtype": task.dtype,
-        "shape": list(shape),
+        "name": task.name.replace("-mem", ""), "case": case.name, "mode": task.mode,
+        "dtype": task.dtype, "shape": list(shape),
         "shape_names": ["N", "D", "V"] if len(shape) == 3 else ["N", "C"],
-        "elements": elements,
-        "logits_bytes": task.logits_bytes,
-        "memory_only": task.memory_only,
+        "elements": elements, "logits_bytes": task.logits_bytes, "memory_only": task.memory_only,
         "min_bytes": _nbytes(specs) + _nbytes(outputs),
         "fresh_output_bytes": _nbytes([x for x in jax.tree.leaves(outputs) if x.ndim]),
-        "impls": {name: {} for name in case.impls},
-        "agreement": {},
-    }
+        "impls": {name: {} for name in case.impls}, "agreement": {},
+    }  # fmt: skip
 
 
 def records(plan: list[Task], saved: dict[str, Any]) -> list[dict[str, Any]]:
     """results.json's records of the timed tasks, from pytest-benchmark's JSON and
     :data:`ERRORS`: medians per call, ratios of medians, copy floors, agreement."""
-    stats = {
-        (b["extra_info"]["benchmark"], b["extra_info"]["impl"]): b for b in saved["benchmarks"]
-    }
+    stats = {(b["extra_info"]["benchmark"], b["extra_info"]["impl"]): b
+             for b in saved["benchmarks"]}  # fmt: skip
     found = []
     for task in (t for t in plan if not t.memory_only):
         record = base_record(task)
@@ -273,34 +266,24 @@ def records(plan: list[Task], saved: dict[str, Any]) -> list[dict[str, Any]]:
                 info = {k: v for k, v in b["extra_info"].items() if k not in ("benchmark", "impl")}
                 if "agreement" in info:
                     record["agreement"][impl] = info.pop("agreement")
-                median = b["stats"]["median"]
-                entry.update(
-                    info,
-                    median_s=median,
-                    min_s=b["stats"]["min"],
-                    iqr_s=b["stats"]["iqr"],
-                    rounds=b["stats"]["rounds"],
-                    calls_per_round=b["stats"]["iterations"],
-                    elements_per_s=record["elements"] / median,
-                    bytes_per_s=record["min_bytes"] / median,
-                )
+                median, st = b["stats"]["median"], b["stats"]
+                entry.update(info, median_s=median, min_s=st["min"], iqr_s=st["iqr"],
+                             rounds=st["rounds"], calls_per_round=st["iterations"],
+                             elements_per_s=record["elements"] / median,
+                             bytes_per_s=record["min_bytes"] / median)  # fmt: skip
         record["tolerance"] = task.case.tolerance.get(task.dtype, 1e-2)
         record["agrees"] = all(e <= record["tolerance"] for e in record["agreement"].values())
-        copies = [
-            stats.get((copy_name(task), c), {}).get("stats", {}).get("median") for c in COPIES
-        ]
+        copies = [stats.get((copy_name(task), c), {}).get("stats", {}).get("median")
+                  for c in COPIES]  # fmt: skip
         record["floor_s"] = None
         if task.floored and None not in copies:
             t_in, t_fresh = copies
             price = max(t_fresh - t_in, 0.0) / task.logits_bytes  # per fresh output byte
-            record["copy"] = {
-                "in_place_s": t_in,
-                "fresh_output_s": t_fresh,
-                "bytes_per_s": 2 * task.logits_bytes / t_in,
-            }
+            record["copy"] = {"in_place_s": t_in, "fresh_output_s": t_fresh,
+                              "bytes_per_s": 2 * task.logits_bytes / t_in}  # fmt: skip
+            bandwidth = 2 * task.logits_bytes / t_in
             record["floor_s"] = (
-                record["min_bytes"] * t_in / (2 * task.logits_bytes)
-                + record["fresh_output_bytes"] * price
+                record["min_bytes"] / bandwidth + record["fresh_output_bytes"] * price
             )
         finish_record(record)
         found.append(record)
