@@ -36,7 +36,7 @@ from benchmarks.cases import (
     all_cases,
     arg_names,
     jax_function,
-)
+)  # fmt: skip
 from benchmarks.grid import Task
 from benchmarks.targets import TARGETS
 
