@@ -1,13 +1,10 @@
 """What is benchmarked: one :class:`Case` per function, with its optax and PyTorch peers.
 
-A case names the arrays it needs (built once per shape and dtype by :class:`Inputs`) and gives
-one loss function per implementation. Every implementation of a case receives the same arrays in
-the same order and must compute the same number; the harness checks that before it times them.
-
-To add a benchmark, append a :class:`Case` to the list that :func:`all_cases` returns. A case may
-bring its own shapes (``points``), its own inputs and its own notion of "logits bytes" (the
-denominator of the temporary-memory ratio); the fused ``linear_cross_entropy`` entry at the
-bottom is the example, registered only when ``jaxloss`` provides the function.
+A case names the arrays it reads (built once per shape and dtype by :class:`Inputs`) and gives
+one function per implementation; every implementation gets the same arrays in the same order
+and must compute the same number (checked before timing). To add a benchmark, add a row to
+:func:`all_cases`. A size is ``(N, C)``, or ``(N, D, V)`` for the linear heads (whose logits,
+``hidden @ kernel``, are ``N x V``).
 """
 
 from __future__ import annotations
@@ -25,197 +22,133 @@ import optax
 import jaxloss
 
 Shape = tuple[int, ...]
-
 DTYPES: dict[str, Any] = {"f32": jnp.float32, "bf16": jnp.bfloat16}
-
-# The (batch, classes) grids of the spec. The GPU grid adds the LLM-vocabulary point.
 CPU_SIZES: tuple[Shape, ...] = ((128, 10), (1024, 1000), (4096, 4096), (4096, 32768))
 GPU_SIZES: tuple[Shape, ...] = (*CPU_SIZES, (16384, 131072))
-# --quick: f32 on these sizes; its one bf16 point is the goal point (see cli.plan).
-QUICK_SIZES: tuple[Shape, ...] = ((128, 10), (1024, 1000))
-# Where the goals are defined (the biggest CPU shape).
+QUICK_SIZES: tuple[Shape, ...] = ((128, 10), (1024, 1000))  # f32; plus the goal points
 GOAL_SHAPE: Shape = (4096, 32768)
 GOAL_SMALL_SHAPE: Shape = (128, 10)
-
+LINEAR_GOAL_SHAPE: Shape = (2048, 512, 32768)
 LABEL_SMOOTHING = 0.1
 
 
-class Inputs:
-    """Lazily built benchmark arrays for one ``(batch, classes)`` shape and dtype.
+def logits_shape(shape: Shape) -> Shape:
+    return (shape[0], shape[2]) if len(shape) == 3 else tuple(shape)
 
-    Each array is generated on the default device once and shared by every case and
-    implementation that asks for it; PyTorch gets zero-copy DLPack views of the same buffers.
-    """
+
+def _normal(scale: float = 1.0, dims: Callable[[Shape], Shape] = logits_shape):
+    return lambda i, k: (scale * jax.random.normal(k, dims(i.shape))).astype(i.dtype)
+
+
+# How each named input array is built: ``(inputs, key) -> array``. Logits are scaled so that the
+# softmax is neither flat nor one-hot; a linear head's kernel so that its logits have unit scale.
+ARRAYS: dict[str, Callable[[Inputs, jax.Array], jax.Array]] = {
+    "logits": _normal(3.0),
+    "cotangent": _normal(),
+    "index_targets": lambda i, k: jax.random.randint(k, i.shape[:1], 0, i.shape[-1], jnp.int32),
+    "prob_targets": lambda i, k: jax.nn.softmax(2 * jax.random.normal(k, i.logits)).astype(i.dtype),
+    "log_probs": lambda i, k: jax.nn.log_softmax(i["logits"].astype(jnp.float32)).astype(i.dtype),
+    "probs": lambda i, k: jnp.clip(
+        jax.nn.sigmoid(i["logits"].astype(jnp.float32)), 1e-3, 1 - 1e-3
+    ).astype(i.dtype),
+    "binary_targets": lambda i, k: jax.random.uniform(k, i.logits).astype(i.dtype),
+    "class_weight": lambda i, k: jax.random.uniform(k, i.logits[-1:], jnp.float32, 0.5, 1.5),
+    "hidden": _normal(1.0, lambda s: s[:2]),
+    "kernel": lambda i, k: (jax.random.normal(k, i.shape[1:]) / np.sqrt(i.shape[1])).astype(
+        i.dtype
+    ),
+    "teacher_hidden": _normal(1.0, lambda s: s[:2]),
+    "teacher_kernel": lambda i, k: ARRAYS["kernel"](i, k),
+}
+
+
+class Inputs:
+    """The arrays of one size and dtype, each built on first use from a key of its name and
+    shared by every case and implementation (PyTorch gets zero-copy DLPack views)."""
 
     def __init__(self, shape: Shape, dtype: Any, seed: int = 0):
-        self.shape = tuple(shape)
-        self.dtype = jnp.dtype(dtype)
-        self._key = jax.random.key(seed)
-        self._cache: dict[str, jax.Array] = {}
+        self.shape, self.dtype, self.logits = tuple(shape), jnp.dtype(dtype), logits_shape(shape)
+        self._key, self._cache = jax.random.key(seed), {}
 
-    def _get(self, name: str, build: Callable[[jax.Array], jax.Array]) -> jax.Array:
-        # Not blocked here: under jax.eval_shape (memory-only runs) these are tracers.
+    def __getitem__(self, name: str) -> jax.Array:
         if name not in self._cache:
-            self._cache[name] = build(jax.random.fold_in(self._key, zlib.crc32(name.encode())))
+            key = jax.random.fold_in(self._key, zlib.crc32(name.encode()))
+            self._cache[name] = ARRAYS[name](self, key)
         return self._cache[name]
-
-    @property
-    def num_classes(self) -> int:
-        return self.shape[-1]
-
-    def logits(self) -> jax.Array:
-        """Standard-normal logits scaled by 3, so the softmax is neither flat nor one-hot."""
-        return self._get(
-            "logits", lambda k: (3 * jax.random.normal(k, self.shape)).astype(self.dtype)
-        )
-
-    def index_targets(self) -> jax.Array:
-        """Uniform int32 class indices, shape ``shape[:-1]``."""
-        return self._get(
-            "index_targets",
-            lambda k: jax.random.randint(k, self.shape[:-1], 0, self.num_classes, jnp.int32),
-        )
-
-    def prob_targets(self) -> jax.Array:
-        """Rows of a softmax of random logits: strictly positive probabilities."""
-        return self._get(
-            "prob_targets",
-            lambda k: jax.nn.softmax(2 * jax.random.normal(k, self.shape)).astype(self.dtype),
-        )
-
-    def log_probs(self) -> jax.Array:
-        """Log-softmax of :meth:`logits` (the input of nll and kl_div)."""
-        return self._get(
-            "log_probs",
-            lambda k: jax.nn.log_softmax(self.logits().astype(jnp.float32)).astype(self.dtype),
-        )
-
-    def probs(self) -> jax.Array:
-        """Sigmoid of :meth:`logits`, kept away from 0 and 1 (the input of bce)."""
-        return self._get(
-            "probs",
-            lambda k: jnp.clip(
-                jax.nn.sigmoid(self.logits().astype(jnp.float32)), 1e-3, 1 - 1e-3
-            ).astype(self.dtype),
-        )
-
-    def binary_targets(self) -> jax.Array:
-        """Soft binary targets, uniform in ``[0, 1)``."""
-        return self._get(
-            "binary_targets", lambda k: jax.random.uniform(k, self.shape).astype(self.dtype)
-        )
-
-    def class_weight(self) -> jax.Array:
-        """Positive per-class weights in ``[0.5, 1.5)``, float32 (as PyTorch users pass them)."""
-        return self._get(
-            "class_weight",
-            lambda k: jax.random.uniform(k, (self.num_classes,), jnp.float32, 0.5, 1.5),
-        )
-
-    def cotangent(self) -> jax.Array:
-        """Random output cotangent, for the backward pass of array-valued functions."""
-        return self._get("cotangent", lambda k: jax.random.normal(k, self.shape).astype(self.dtype))
-
-    def names_of(self, arrays: Sequence[Any]) -> set[str]:
-        """The names under which ``arrays`` (the very objects) are cached."""
-        return {name for name, v in self._cache.items() if any(v is a for a in arrays)}
 
     def keep(self, names: set[str]) -> None:
         """Drops every array not in ``names``: the biggest shapes hold several GB of inputs."""
-        for name in set(self._cache) - names:
-            del self._cache[name]
-
-    def clear(self) -> None:
-        """Drops every array."""
-        self._cache.clear()
+        self._cache = {k: v for k, v in self._cache.items() if k in names}
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One benchmarked function and its peers.
 
-    Attributes:
-      name: benchmark name (``--filter`` matches substrings of it).
-      description: one line for the table legend and the JSON.
-      peer_note: how the optax (and PyTorch) peers are built, for the JSON and the legend.
-      inputs: builds the argument tuple from an :class:`Inputs`; the first argument is the one
-        differentiated (``argnums`` may add more).
-      impls: implementation name -> function of the arguments (JAX for every name but
-        ``"torch"``, whose function takes ``torch.Tensor`` views of the same arrays). Returns a
-        scalar loss, or an array when ``scalar`` is False.
-      scalar: whether the functions return a scalar. Array-valued functions (softmax) are
-        differentiated through ``sum(f(x) * cotangent)``, with the cotangent as an extra input.
-      argnums: the arguments ``value_and_grad`` differentiates.
-      modes: which of ``"fwd"`` and ``"vag"`` (forward + backward) to run.
-      points: the case's own ``(shape, dtype name)`` points for a backend and quick flag,
-        instead of the global grid (``--dtypes`` still filters them).
-      memory_only: ``(shape, dtype name)`` pairs, for a backend, that are compiled for the
-        temp-memory report but never run (they need not fit in memory).
-      logits_shape: the shape of the logits this case reads or would materialise (the unit of
-        the temp-memory ratio and of the copy floor); the input shape by default.
-      memory_bound: whether the copy-of-the-logits floor is a meaningful bound for this case
-        (not for nll, whose forward gathers one entry per row and whose gradient does not
-        depend on the input's values, nor for the matmul-bound linear cross-entropy).
-      shape_names: the names of the dimensions of a size, for the table.
-      tolerance: relative agreement required between implementations, per dtype name.
+    ``impls``: implementation name -> function of the arrays named by ``arrays`` (JAX, except
+    ``"torch"``, which gets ``torch.Tensor`` views). Array-valued functions (``scalar=False``)
+    are differentiated through ``sum(f(x) * cotangent)``. ``points(backend, quick)``: the case's
+    own ``(shape, dtype)`` points instead of the global grid; ``memory_only(backend)``: points
+    only compiled. ``memory_bound``: whether a copy of the logits is a meaningful floor.
     """
 
     name: str
     description: str
     peer_note: str
-    inputs: Callable[[Inputs], tuple[jax.Array, ...]]
+    arrays: tuple[str, ...]
     impls: dict[str, Callable[..., Any]]
     scalar: bool = True
     argnums: int | tuple[int, ...] = 0
     modes: tuple[str, ...] = ("fwd", "vag")
     points: Callable[[str, bool], Sequence[tuple[Shape, str]]] | None = None
     memory_only: Callable[[str], Sequence[tuple[Shape, str]]] | None = None
-    make_inputs: Callable[[Shape, Any], Inputs] = Inputs
-    logits_shape: Callable[[Shape], Shape] = lambda shape: shape
     memory_bound: bool = True
-    shape_names: tuple[str, ...] = ("N", "C")
     tolerance: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"f32": 2e-3, "bf16": 6e-2}
     )
 
 
+def objective(case: Case, fn: Callable, mode: str) -> Callable:
+    """The function timed in ``mode``: the loss, or for ``vag`` a scalar to differentiate."""
+    if case.scalar or mode == "fwd":
+        return fn
+    return lambda *a: (fn(*a[:-1]) * a[-1]).sum()
+
+
+def jax_function(case: Case, fn: Callable, mode: str) -> Callable:
+    f = objective(case, fn, mode)
+    return f if mode == "fwd" else jax.value_and_grad(f, argnums=case.argnums)
+
+
+def arg_names(case: Case, mode: str) -> tuple[str, ...]:
+    return case.arrays + (("cotangent",) if mode == "vag" and not case.scalar else ())
+
+
+def abstract_args(case: Case, mode: str, dtype: str, shape: Shape) -> tuple[Any, ...]:
+    """``jax.ShapeDtypeStruct`` of the arguments: compiles without allocating anything."""
+    inputs = Inputs(shape, DTYPES[dtype])
+    return jax.eval_shape(lambda: tuple(inputs[n] for n in arg_names(case, mode)))
+
+
 # ----------------------------------------------------------------------------------------------
-# Peers. Written with explicit broadcasts: the test suite runs with rank promotion = "raise".
+# Peers, written with explicit broadcasts (the tests run with rank promotion = "raise").
 # ----------------------------------------------------------------------------------------------
 
 
-def _optax_smoothed_weighted_ce(logits, targets, weight):
-    """PyTorch's label smoothing + class weights built from optax parts.
-
-    PyTorch's per-position loss is ``-sum_c w_c t'_c log p_c`` with ``t' = (1-ε) onehot + ε/C``
-    (``optax.smooth_labels``): the target term carries ``w_y``, the smoothing term ``w_c``. The
-    mean divides by the total weight of the targets, ``sum_n w_{y_n}``.
-    """
-    num_classes = logits.shape[-1]
-    smoothed = optax.smooth_labels(
-        jax.nn.one_hot(targets, num_classes, dtype=logits.dtype), LABEL_SMOOTHING
-    )
-    weighted = smoothed * weight[None, :].astype(logits.dtype)
-    per_position = optax.softmax_cross_entropy(logits, weighted)
-    return per_position.sum() / weight[targets].sum().astype(per_position.dtype)
+def _optax_smoothed_weighted(x, y, w):
+    """PyTorch's label smoothing and class weights from optax parts: the target term carries
+    ``w_y``, the smoothing term ``w_c``; the mean divides by ``sum_n w_{y_n}``."""
+    t = optax.smooth_labels(jax.nn.one_hot(y, x.shape[-1], dtype=x.dtype), LABEL_SMOOTHING)
+    per_row = optax.softmax_cross_entropy(x, t * w[None, :].astype(x.dtype))
+    return per_row.sum() / w[y].sum().astype(per_row.dtype)
 
 
-def _nll_peer(log_probs, targets):
-    return -jnp.take_along_axis(log_probs, targets[:, None], axis=-1).mean()
+def _bce_peer(p, t):
+    log_p, log_1mp = jnp.maximum(jnp.log(p), -100), jnp.maximum(jnp.log1p(-p), -100)
+    return -(t * log_p + (1 - t) * log_1mp).mean()
 
 
-def _bce_peer(probs, targets):
-    log_p = jnp.maximum(jnp.log(probs), -100)
-    log_1mp = jnp.maximum(jnp.log1p(-probs), -100)
-    return -(targets * log_p + (1 - targets) * log_1mp).mean()
-
-
-def _entropy_peer(probs):
-    return jax.scipy.special.entr(probs).sum(-1).mean()
-
-
-def _torch_cases() -> dict[str, Callable[..., Any]]:
-    """PyTorch peers by case name (empty when torch is not importable)."""
+def _torch_peers() -> dict[str, Callable[..., Any]]:
     try:
         import torch
         import torch.nn.functional as F
@@ -223,248 +156,114 @@ def _torch_cases() -> dict[str, Callable[..., Any]]:
         return {}
     return {
         "cross_entropy": lambda x, y: F.cross_entropy(x, y.long()),
-        "cross_entropy_probs": lambda x, t: F.cross_entropy(x, t),
+        "cross_entropy_probs": F.cross_entropy,
         "cross_entropy_smooth_weight": lambda x, y, w: F.cross_entropy(
             x, y.long(), weight=w.to(x.dtype), label_smoothing=LABEL_SMOOTHING
         ),
         "nll": lambda lp, y: F.nll_loss(lp, y.long()),
-        "bce_with_logits": lambda x, t: F.binary_cross_entropy_with_logits(x, t),
-        "bce": lambda p, t: F.binary_cross_entropy(p, t),
+        "bce_with_logits": F.binary_cross_entropy_with_logits,
+        "bce": F.binary_cross_entropy,
         "kl_div": lambda lq, t: F.kl_div(lq, t, reduction="batchmean"),
         "softmax": lambda x: torch.softmax(x, -1),
         "log_softmax": lambda x: torch.log_softmax(x, -1),
         "entropy": lambda p: torch.special.entr(p).sum(-1).mean(),
+        "linear_cross_entropy": lambda h, k, y: F.cross_entropy(h @ k, y.long()),
     }
 
 
-def _with_torch(name: str, impls: dict[str, Callable], torch_peers: dict) -> dict:
-    if name in torch_peers:
-        return {**impls, "torch": torch_peers[name]}
-    return impls
+def _linear_points(backend: str, quick: bool) -> list[tuple[Shape, str]]:
+    # bf16 matmuls are emulated (slow) on most CPUs: f32 only there.
+    if backend == "cpu":
+        full = [(512, 256, 8192), (1024, 512, 16384), LINEAR_GOAL_SHAPE]
+        return [(s, "f32") for s in ([(256, 128, 4096), (512, 256, 8192)] if quick else full)]
+    big = (8192, 2048, 131072)
+    return [(LINEAR_GOAL_SHAPE, "f32")] if quick else [(big, "f32"), (big, "bf16")]
+
+
+def _distillation_materialised(h, k, th, tk):
+    teacher = jax.lax.stop_gradient(jax.nn.log_softmax(th @ tk, axis=-1))
+    student = jax.nn.log_softmax(h @ k, axis=-1)
+    return jaxloss.kl_div(student, teacher, reduction="batchmean", log_target=True)
+
+
+def _plain(f: Callable) -> Callable:
+    """``f`` without the attributes of jaxloss's jit wrapper (``lower``, ``trace``): copied onto
+    ``jax.value_and_grad(f)`` by ``functools.wraps``, they made ``jax.jit(...).lower`` lower the
+    forward pass alone."""
+    return lambda *args: f(*args)
 
 
 def all_cases(include_torch: bool = True) -> list[Case]:
-    """Every registered benchmark, in table order."""
-    tp = _torch_cases() if include_torch else {}
-    cases = [
-        Case(
-            "cross_entropy",
-            "cross_entropy, int32 index targets, mean",
-            "optax.softmax_cross_entropy_with_integer_labels(x, y).mean(); F.cross_entropy",
-            lambda i: (i.logits(), i.index_targets()),
-            _with_torch(
-                "cross_entropy",
-                {
-                    "jaxloss": lambda x, y: jaxloss.cross_entropy(x, y),
-                    "optax": lambda x, y: optax.softmax_cross_entropy_with_integer_labels(
-                        x, y
-                    ).mean(),
-                },
-                tp,
-            ),
-        ),
-        Case(
-            "cross_entropy_probs",
-            "cross_entropy, probability targets, mean",
-            "optax.softmax_cross_entropy(x, t).mean(); F.cross_entropy",
-            lambda i: (i.logits(), i.prob_targets()),
-            _with_torch(
-                "cross_entropy_probs",
-                {
-                    "jaxloss": lambda x, t: jaxloss.cross_entropy(x, t),
-                    "optax": lambda x, t: optax.softmax_cross_entropy(x, t).mean(),
-                },
-                tp,
-            ),
-        ),
-        Case(
-            "cross_entropy_smooth_weight",
-            f"cross_entropy, index targets, label_smoothing={LABEL_SMOOTHING}, class weights",
-            "optax.softmax_cross_entropy(x, optax.smooth_labels(one_hot(y), eps) * w).sum() "
-            "/ w[y].sum() (PyTorch's weighted mean); F.cross_entropy(weight, label_smoothing)",
-            lambda i: (i.logits(), i.index_targets(), i.class_weight()),
-            _with_torch(
-                "cross_entropy_smooth_weight",
-                {
-                    "jaxloss": lambda x, y, w: jaxloss.cross_entropy(
-                        x, y, weight=w, label_smoothing=LABEL_SMOOTHING
-                    ),
-                    "optax": _optax_smoothed_weighted_ce,
-                },
-                tp,
-            ),
-        ),
-        Case(
-            "nll",
-            "nll on log-probabilities, index targets, mean",
-            "hand-written -take_along_axis(lp, y).mean(); F.nll_loss",
-            lambda i: (i.log_probs(), i.index_targets()),
-            _with_torch(
-                "nll",
-                {
-                    "jaxloss": lambda lp, y: jaxloss.nll(lp, y),
-                    "optax": _nll_peer,
-                },
-                tp,
-            ),
-            memory_bound=False,
-        ),
-        Case(
-            "bce_with_logits",
-            "bce_with_logits, soft targets, mean",
-            "optax.sigmoid_binary_cross_entropy(x, t).mean(); F.binary_cross_entropy_with_logits",
-            lambda i: (i.logits(), i.binary_targets()),
-            _with_torch(
-                "bce_with_logits",
-                {
-                    "jaxloss": lambda x, t: jaxloss.bce_with_logits(x, t),
-                    "optax": lambda x, t: optax.sigmoid_binary_cross_entropy(x, t).mean(),
-                },
-                tp,
-            ),
-        ),
-        Case(
-            "bce",
-            "bce on probabilities, soft targets, mean",
-            "hand-written jnp -(t max(log p, -100) + (1-t) max(log1p(-p), -100)).mean(); "
-            "F.binary_cross_entropy",
-            lambda i: (i.probs(), i.binary_targets()),
-            _with_torch(
-                "bce",
-                {
-                    "jaxloss": lambda p, t: jaxloss.bce(p, t),
-                    "optax": _bce_peer,
-                },
-                tp,
-            ),
-        ),
-        Case(
-            "kl_div",
-            "kl_div(log_q, t), reduction=batchmean",
-            "optax.kl_divergence(log_q, t).mean(); F.kl_div(reduction='batchmean')",
-            lambda i: (i.log_probs(), i.prob_targets()),
-            _with_torch(
-                "kl_div",
-                {
-                    "jaxloss": lambda lq, t: jaxloss.kl_div(lq, t, reduction="batchmean"),
-                    "optax": lambda lq, t: optax.kl_divergence(lq, t).mean(),
-                },
-                tp,
-            ),
-        ),
-        Case(
-            "softmax",
-            "softmax over the last axis (array output)",
-            "jax.nn.softmax; torch.softmax",
-            lambda i: (i.logits(),),
-            _with_torch("softmax", {"jaxloss": jaxloss.softmax, "optax": jax.nn.softmax}, tp),
-            scalar=False,
-        ),
-        Case(
-            "log_softmax",
-            "log_softmax over the last axis (array output)",
-            "jax.nn.log_softmax; torch.log_softmax",
-            lambda i: (i.logits(),),
-            _with_torch(
-                "log_softmax", {"jaxloss": jaxloss.log_softmax, "optax": jax.nn.log_softmax}, tp
-            ),
-            scalar=False,
-        ),
-        Case(
-            "entropy",
-            "entropy of probability rows, mean over rows",
-            "jax.scipy.special.entr(p).sum(-1).mean(); torch.special.entr",
-            lambda i: (i.prob_targets(),),
-            _with_torch(
-                "entropy",
-                {
-                    "jaxloss": lambda p: jaxloss.entropy(p).mean(),
-                    "optax": _entropy_peer,
-                },
-                tp,
-            ),
-        ),
-    ]
-    linear = _linear_cross_entropy_case(tp != {})
-    if linear is not None:
-        cases.append(linear)
-    return cases
+    """Every benchmark, in table order (``linear_distillation`` is compiled for --target only)."""
+    tp = _torch_peers() if include_torch else {}
+    xy, xt, lp = ("logits", "index_targets"), ("logits", "prob_targets"), ("log_probs",)
+    ce_int, ce = optax.softmax_cross_entropy_with_integer_labels, optax.softmax_cross_entropy
+    smooth = f"label_smoothing={LABEL_SMOOTHING}"
+    # name, description, peers, arrays, jaxloss, optax-or-jax peer, other Case fields
+    rows: list[tuple[str, str, str, tuple[str, ...], Callable, Callable, dict[str, Any]]] = [
+        ("cross_entropy", "cross_entropy, int32 index targets, mean",
+         "optax.softmax_cross_entropy_with_integer_labels(x, y).mean(); F.cross_entropy", xy,
+         jaxloss.cross_entropy, lambda x, y: ce_int(x, y).mean(), {}),
+        ("cross_entropy_probs", "cross_entropy, probability targets, mean",
+         "optax.softmax_cross_entropy(x, t).mean(); F.cross_entropy", xt,
+         jaxloss.cross_entropy, lambda x, t: ce(x, t).mean(), {}),
+        ("cross_entropy_smooth_weight", f"cross_entropy, index targets, {smooth}, class weights",
+         "optax.softmax_cross_entropy(x, optax.smooth_labels(one_hot(y), eps) * w).sum() / "
+         "w[y].sum() (PyTorch's weighted mean); F.cross_entropy(weight, label_smoothing)",
+         (*xy, "class_weight"),
+         lambda x, y, w: jaxloss.cross_entropy(x, y, weight=w, label_smoothing=LABEL_SMOOTHING),
+         _optax_smoothed_weighted, {}),
+        ("nll", "nll on log-probabilities, index targets, mean",
+         "hand-written -take_along_axis(lp, y).mean(); F.nll_loss", (*lp, "index_targets"),
+         jaxloss.nll, lambda lp, y: -jnp.take_along_axis(lp, y[:, None], axis=-1).mean(),
+         {"memory_bound": False}),
+        ("bce_with_logits", "bce_with_logits, soft targets, mean",
+         "optax.sigmoid_binary_cross_entropy(x, t).mean(); F.binary_cross_entropy_with_logits",
+         ("logits", "binary_targets"), jaxloss.bce_with_logits,
+         lambda x, t: optax.sigmoid_binary_cross_entropy(x, t).mean(), {}),
+        ("bce", "bce on probabilities, soft targets, mean",
+         "hand-written jnp -(t max(log p, -100) + (1-t) max(log1p(-p), -100)).mean(); "
+         "F.binary_cross_entropy", ("probs", "binary_targets"), jaxloss.bce, _bce_peer, {}),
+        ("kl_div", "kl_div(log_q, t), reduction=batchmean",
+         "optax.kl_divergence(log_q, t).mean(); F.kl_div(reduction='batchmean')",
+         (*lp, "prob_targets"), lambda lq, t: jaxloss.kl_div(lq, t, reduction="batchmean"),
+         lambda lq, t: optax.kl_divergence(lq, t).mean(), {}),
+        ("softmax", "softmax over the last axis (array output)", "jax.nn.softmax; torch.softmax",
+         ("logits",), jaxloss.softmax, jax.nn.softmax, {"scalar": False}),
+        ("log_softmax", "log_softmax over the last axis (array output)",
+         "jax.nn.log_softmax; torch.log_softmax", ("logits",), jaxloss.log_softmax,
+         jax.nn.log_softmax, {"scalar": False}),
+        ("entropy", "entropy of probability rows, mean over rows",
+         "jax.scipy.special.entr(p).sum(-1).mean(); torch.special.entr", ("prob_targets",),
+         lambda p: jaxloss.entropy(p).mean(), lambda p: jax.scipy.special.entr(p).sum(-1).mean(),
+         {}),
+        ("linear_cross_entropy",
+         "fused linear_cross_entropy(hidden, kernel, y) vs cross_entropy(hidden @ kernel, y)",
+         "materialised: cross_entropy(h @ k, y) in jaxloss, optax and torch",
+         ("hidden", "kernel", "index_targets"), jaxloss.linear_cross_entropy,
+         lambda h, k, y: ce_int(h @ k, y).mean(),
+         {"argnums": (0, 1), "memory_bound": False, "points": _linear_points,
+          "memory_only": lambda backend: [((8192, 2048, 131072), "f32")],
+          "tolerance": {"f32": 2e-3, "bf16": 1e-1}}),
+    ]  # fmt: skip
+    materialised = {"jaxloss_materialised": lambda h, k, y: jaxloss.cross_entropy(h @ k, y)}
+    return [
+        Case(name, desc, note, arrays, {"jaxloss": _plain(ours), "optax": peer}
+             | (materialised if name == "linear_cross_entropy" else {})
+             | ({"torch": tp[name]} if name in tp else {}), **extra)
+        for name, desc, note, arrays, ours, peer, extra in rows
+    ]  # fmt: skip
 
 
-# ----------------------------------------------------------------------------------------------
-# Hook: fused linear cross-entropy (hidden @ kernel never materialised), when jaxloss has it.
-# ----------------------------------------------------------------------------------------------
-
-
-class LinearInputs(Inputs):
-    """Inputs of a fused linear cross-entropy for a size ``(N, D, V)``."""
-
-    def __init__(self, shape: Shape, dtype: Any, seed: int = 0):
-        super().__init__(shape, dtype, seed)
-        self.n, self.d, self.v = shape
-
-    @property
-    def num_classes(self) -> int:
-        return self.v
-
-    def hidden(self) -> jax.Array:
-        return self._get(
-            "hidden", lambda k: jax.random.normal(k, (self.n, self.d)).astype(self.dtype)
-        )
-
-    def kernel(self) -> jax.Array:
-        # Scaled so the logits have unit variance.
-        return self._get(
-            "kernel",
-            lambda k: (jax.random.normal(k, (self.d, self.v)) / np.sqrt(self.d)).astype(self.dtype),
-        )
-
-    def index_targets(self) -> jax.Array:
-        return self._get(
-            "index_targets", lambda k: jax.random.randint(k, (self.n,), 0, self.v, jnp.int32)
-        )
-
-
-def _linear_cross_entropy_case(with_torch: bool) -> Case | None:
-    fused = getattr(jaxloss, "linear_cross_entropy", None)
-    if fused is None:
-        return None
-    impls: dict[str, Callable] = {
-        "jaxloss": lambda h, k, y: fused(h, k, y),
-        "optax": lambda h, k, y: optax.softmax_cross_entropy_with_integer_labels(h @ k, y).mean(),
-        "jaxloss_materialised": lambda h, k, y: jaxloss.cross_entropy(h @ k, y),
-    }
-    if with_torch:
-        import torch.nn.functional as F
-
-        impls["torch"] = lambda h, k, y: F.cross_entropy(h @ k, y.long())
-
-    def points(backend: str, quick: bool) -> list[tuple[Shape, str]]:
-        # bf16 matmuls are emulated (slow) on most CPUs: f32 only there. Several sizes, so
-        # that its plot shows how the fused path scales.
-        if backend == "cpu":
-            sizes = [(256, 128, 4096), (512, 256, 8192)]
-            if not quick:
-                sizes = [(512, 256, 8192), (1024, 512, 16384), (2048, 512, 32768)]
-            return [(size, "f32") for size in sizes]
-        return (
-            [((2048, 512, 32768), "f32")]
-            if quick
-            else [((8192, 2048, 131072), "f32"), ((8192, 2048, 131072), "bf16")]
-        )
-
+def distillation_case() -> Case:
+    """``linear_distillation`` (KL, mean, a teacher of the student's size) against the
+    ``kl_div`` of both materialised ``log_softmax``es: compiled for the targets only."""
     return Case(
-        "linear_cross_entropy",
-        "fused linear_cross_entropy(hidden, kernel, y) vs cross_entropy(hidden @ kernel, y)",
-        "materialised: cross_entropy(h @ k, y) in jaxloss, optax and torch",
-        lambda i: (i.hidden(), i.kernel(), i.index_targets()),
-        impls,
-        argnums=(0, 1),
-        points=points,
-        memory_only=lambda backend: [((8192, 2048, 131072), "f32")],
-        make_inputs=LinearInputs,
-        logits_shape=lambda shape: (shape[0], shape[2]),
-        memory_bound=False,
-        shape_names=("N", "D", "V"),
-        tolerance={"f32": 2e-3, "bf16": 1e-1},
-    )
+        "linear_distillation",
+        "fused linear_distillation(h, k, h_t, k_t) vs kl_div of the materialised log-softmaxes",
+        "materialised: kl_div(log_softmax(h @ k), log_softmax(h_t @ k_t), batchmean)",
+        ("hidden", "kernel", "teacher_hidden", "teacher_kernel"),
+        {"jaxloss": _plain(jaxloss.linear_distillation),
+         "materialised": _distillation_materialised},
+        argnums=(0, 1), modes=("vag",), memory_bound=False,
+    )  # fmt: skip

@@ -1,12 +1,10 @@
 """The one reader of optimised HLO text, for the benchmarks and the tests alike.
 
-``compiled.as_text()`` of an XLA executable is the only view of the optimised program that every
-backend gives (the CUDA plugin has no ``cost_analysis`` of its own here). This module parses it
-into computations of :class:`Instruction` (name, result type, opcode, operands, attributes),
-and answers what the cost models need: bytes of a type, the computations an instruction calls,
-its ``backend_config``, a while loop's trip count. :func:`entry_traffic` is the loop-free HBM
-traffic model of the ``--target`` tables; :mod:`benchmarks.roofline` prices whole programs,
-loops included, from the same reader.
+``compiled.as_text()`` is the only view of the optimised program that every backend gives (the
+CUDA plugin has no ``cost_analysis`` of its own here). :class:`Module` parses it into
+computations of :class:`Instruction`; :func:`launches` finds the kernels the program runs and how
+often (while loops times their trip counts); :func:`kernel_bytes` is what a kernel moves.
+:mod:`benchmarks.roofline` prices whole programs from the same reader.
 """
 
 from __future__ import annotations
@@ -29,22 +27,24 @@ _NAME = re.compile(r"%([\w.\-]+)")
 _HEADER = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
 # Instructions that name or regroup buffers without touching their contents, and the async
 # copies between memory spaces on TPU (the data they move is counted at its consumer).
-NO_WORK = frozenset(
-    {
-        "parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all",
-        "copy-start", "copy-done", "partition-id", "replica-id", "opt-barrier",
-    }
-)  # fmt: skip
+NO_WORK = frozenset({
+    "parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all", "copy-start",
+    "copy-done", "partition-id", "replica-id", "opt-barrier",
+})  # fmt: skip
 SLICING = frozenset({"gather", "dynamic-slice", "slice"})
-# Custom calls that only reserve a buffer (XLA:TPU's loop-carried accumulators).
-NO_WORK_TARGETS = frozenset({"AllocateBuffer"})
+NO_WORK_TARGETS = frozenset({"AllocateBuffer"})  # XLA:TPU's loop-carried accumulators
+# Custom calls that are kernels of their own: Pallas (Mosaic TPU, Triton, Mosaic GPU). Any other
+# custom call that names computations but is no GEMM stands for them.
+PALLAS_TARGETS = frozenset(
+    {"tpu_custom_call", "__gpu$xla.gpu.triton", "mosaic_gpu", "mosaic_gpu_v2"}
+)
 
 
 def arrays(hlo_type: str) -> list[tuple[str, tuple[int, ...]]]:
     """``(element type, dims)`` of every array in an HLO type (a tuple is flattened)."""
     return [
-        (dtype, tuple(int(d) for d in dims.split(",") if d))
-        for dtype, dims in _ARRAY_TYPE.findall(hlo_type)
+        (t, tuple(int(d) for d in dims.split(",") if d))
+        for t, dims in _ARRAY_TYPE.findall(hlo_type)
     ]
 
 
@@ -103,12 +103,14 @@ class Instruction:
         match = re.search(r'op_name="([^"]*)"', self.attributes)
         return match.group(1) if match else ""
 
+    def computations(self, key: str) -> list[str]:
+        """The computations named by ``key={%a, %b}``."""
+        match = re.search(rf"{key}=\{{([^}}]*)\}}", self.attributes)
+        return _NAME.findall(match.group(1)) if match else []
+
 
 def parse_instruction(line: str) -> Instruction | None:
-    line = line.strip()
-    if line.startswith("ROOT "):
-        line = line[5:]
-    name, sep, rest = line.partition(" = ")
+    name, sep, rest = line.strip().removeprefix("ROOT ").partition(" = ")
     if not sep or not name.startswith("%"):
         return None
     end = _closing(rest, 0) if rest.startswith("(") else rest.find(" ")
@@ -117,36 +119,27 @@ def parse_instruction(line: str) -> Instruction | None:
     if paren < 0:
         return None
     close = _closing(rest, paren)
-    operands = tuple(_NAME.findall(rest[paren + 1 : close - 1]))
+    inside = rest[paren + 1 : close - 1]
     return Instruction(
-        name[1:], hlo_type, rest[:paren], operands, rest[close:], rest[paren + 1 : close - 1]
+        name[1:], hlo_type, rest[:paren], tuple(_NAME.findall(inside)), rest[close:], inside
     )
-
-
-def computations(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
-    """Instructions by computation name, and the ENTRY computation's name."""
-    comps: dict[str, list[Instruction]] = {}
-    entry, current = "", None
-    for line in hlo_text.splitlines():
-        header = _HEADER.match(line)
-        if header:
-            current = header.group(2)
-            comps[current] = []
-            entry = current if header.group(1) else entry
-        elif line.startswith("}"):
-            current = None
-        elif current is not None:
-            inst = parse_instruction(line)
-            if inst is not None:
-                comps[current].append(inst)
-    return comps, entry
 
 
 class Module:
     """An optimised HLO module: its computations, and lookups by name within each."""
 
     def __init__(self, hlo_text: str):
-        self.computations, self.entry = computations(hlo_text)
+        self.computations: dict[str, list[Instruction]] = {}
+        self.entry, current = "", None
+        for line in hlo_text.splitlines():
+            if header := _HEADER.match(line):
+                current = header.group(2)
+                self.computations[current] = []
+                self.entry = current if header.group(1) else self.entry
+            elif line.startswith("}"):
+                current = None
+            elif current is not None and (inst := parse_instruction(line)) is not None:
+                self.computations[current].append(inst)
 
     @functools.cached_property
     def _by_name(self) -> dict[str, dict[str, Instruction]]:
@@ -163,36 +156,19 @@ class Module:
         return body[-1] if body else None  # XLA prints the ROOT last
 
     def parameter(self, computation: str, index: int) -> Instruction | None:
-        return next(
-            (
-                i
-                for i in self.body(computation)
-                if i.opcode == "parameter" and i.arguments == str(index)
-            ),
-            None,
+        found = (
+            i
+            for i in self.body(computation)
+            if i.opcode == "parameter" and i.arguments == str(index)
         )
+        return next(found, None)
 
     def users(self, computation: str, name: str) -> list[Instruction]:
         return [i for i in self.body(computation) if name in i.operands]
 
     def instructions(self) -> Iterator[tuple[str, Instruction]]:
         """Every ``(computation, instruction)`` of the module."""
-        for computation, body in self.computations.items():
-            for inst in body:
-                yield computation, inst
-
-    def result_shapes(self, *opcodes: str) -> list[tuple[int, ...]]:
-        """The dims of every array that an instruction of one of ``opcodes`` produces."""
-        return [
-            dims
-            for _, inst in self.instructions()
-            if inst.opcode in opcodes
-            for _, dims in arrays(inst.type)
-        ]
-
-    # --------------------------------------------------------------------------------------
-    # While loops
-    # --------------------------------------------------------------------------------------
+        return ((c, inst) for c, body in self.computations.items() for inst in body)
 
     def trip_count(self, computation: str, loop: Instruction) -> int | None:
         """How often ``loop`` (a ``while`` in ``computation``) runs its body, or None.
@@ -209,32 +185,37 @@ class Module:
         if induction is None:
             return None
         index, limit = induction
-        start = self._initial_value(computation, loop, index)
+        init = self.get(computation, loop.operands[0])
+        start = None
+        if init is not None and init.opcode == "tuple" and index < len(init.operands):
+            start = self._constant(computation, self.get(computation, init.operands[index]))
         step = self._step(loop.attr("body") or "", index)
-        if start is None or not step:
-            return None
-        return max(0, -(-(limit - start) // step))
+        return None if start is None or not step else max(0, -(-(limit - start) // step))
+
+    def _fused_root(
+        self, computation: str, inst: Instruction | None
+    ) -> tuple[str, Instruction | None]:
+        """Through a fusion (XLA:GPU fuses the loop's comparison and increment) to its root."""
+        if inst is not None and inst.opcode == "fusion":
+            return inst.called or "", self.root(inst.called or "")
+        return computation, inst
 
     def _induction(self, condition: str) -> tuple[int, int] | None:
         """``(tuple index, limit)`` of a ``state[index] < limit`` condition."""
         root = self.root(condition)
-        if root is None:
-            return None
-        compare, scope, operands = root, condition, root.operands
-        if root.opcode == "fusion":  # XLA:GPU fuses the comparison
-            compare = self.root(root.called or "")
-            scope = root.called or ""
-            if compare is None:
-                return None
-        if compare.opcode != "compare" or compare.attr("direction") != "LT":
+        scope, compare = self._fused_root(condition, root)
+        if (
+            root is None
+            or compare is None
+            or compare.opcode != "compare"
+            or compare.attr("direction") != "LT"
+        ):
             return None
         lhs, rhs = (self.get(scope, o) for o in compare.operands)
         limit = self._constant(scope, rhs)
-        if lhs is None or limit is None:
-            return None
-        if lhs.opcode == "parameter" and scope != condition:
-            lhs = self.get(condition, operands[int(lhs.arguments)])
-        if lhs is None or lhs.opcode != "get-tuple-element":
+        if lhs is not None and lhs.opcode == "parameter" and scope != condition:
+            lhs = self.get(condition, root.operands[int(lhs.arguments)])
+        if lhs is None or limit is None or lhs.opcode != "get-tuple-element":
             return None
         return int(lhs.attr("index") or -1), limit
 
@@ -249,21 +230,12 @@ class Module:
         except ValueError:
             return None
 
-    def _initial_value(self, computation: str, loop: Instruction, index: int) -> int | None:
-        init = self.get(computation, loop.operands[0])
-        if init is None or init.opcode != "tuple" or index >= len(init.operands):
-            return None
-        return self._constant(computation, self.get(computation, init.operands[index]))
-
     def _step(self, body: str, index: int) -> int | None:
         """The constant the body adds to ``state[index]``, or None."""
         root = self.root(body)
         if root is None or root.opcode != "tuple" or index >= len(root.operands):
             return None
-        update = self.get(body, root.operands[index])
-        scope = body
-        if update is not None and update.opcode == "fusion":
-            scope, update = update.called or "", self.root(update.called or "")
+        scope, update = self._fused_root(body, self.get(body, root.operands[index]))
         if update is None or update.opcode != "add":
             return None
         steps = [self._constant(scope, self.get(scope, o)) for o in update.operands]
@@ -276,22 +248,16 @@ class Module:
 
 
 def operand_read_bytes(module: Module, fused: str, index: int, full: int) -> int:
-    """Bytes a fused computation reads of its parameter ``index`` (``full`` bytes in all).
-
-    A parameter used only as the operand that slices (``gather``, ``dynamic-slice``, ``slice``)
-    are taken from is read for what they produce; as the buffer a ``dynamic-update-slice``
-    writes into (in place), it is not read at all; through a bitcast or a nested fusion, as
-    that one reads it. A kernel reads no byte twice: at most ``full``.
-    """
+    """Bytes a fused computation reads of its parameter ``index`` (``full`` bytes in all): an
+    operand only sliced or gathered from is read for what is taken; the buffer an in-place
+    ``dynamic-update-slice`` writes into is not read; through a bitcast or a nested fusion, as
+    that one reads it. A kernel reads no byte twice: at most ``full``."""
     param = module.parameter(fused, index)
     return full if param is None else min(full, _reads(module, fused, param.name, full))
 
 
 def _reads(module: Module, computation: str, name: str, full: int) -> int:
-    users = module.users(computation, name)
-    if not users:
-        return full
-    total = 0
+    users, total = module.users(computation, name), 0
     for user in users:
         positions = [k for k, o in enumerate(user.operands) if o == name]
         if user.opcode in SLICING and positions == [0]:
@@ -304,63 +270,50 @@ def _reads(module: Module, computation: str, name: str, full: int) -> int:
             total += sum(operand_read_bytes(module, user.called, k, full) for k in positions)
         else:
             return full
-    return total
-
-
-def result_write_bytes(module: Module, computation: str, inst: Instruction) -> int:
-    """Bytes an instruction of ``computation`` writes: its result, but only the update of an
-    in-place ``dynamic-update-slice`` (alone or at the root of a fusion, or in its root tuple)."""
-    if inst.opcode == "dynamic-update-slice":
-        return _update_bytes(module, computation, inst, inst.nbytes)
-    if inst.opcode != "fusion":
-        return inst.nbytes
-    fused = inst.called or ""
-    root = module.root(fused)
-    if root is None:
-        return inst.nbytes
-    if root.opcode == "tuple":
-        parts = [module.get(fused, o) for o in root.operands]
-        return sum(_update_bytes(module, fused, p, p.nbytes) for p in parts if p is not None)
-    return _update_bytes(module, fused, root, inst.nbytes)
+    return total if users else full
 
 
 def _update_bytes(module: Module, computation: str, inst: Instruction, default: int) -> int:
+    """An in-place ``dynamic-update-slice`` writes its update; anything else ``default``."""
     if inst.opcode != "dynamic-update-slice":
         return default
     update = module.get(computation, inst.operands[1])
     return update.nbytes if update is not None else default
 
 
+def result_write_bytes(module: Module, computation: str, inst: Instruction) -> int:
+    """Bytes an instruction writes: its result, but only the update of an in-place
+    ``dynamic-update-slice`` (alone, at the root of a fusion, or in its root tuple)."""
+    if inst.opcode != "fusion" or (root := module.root(inst.called or "")) is None:
+        return _update_bytes(module, computation, inst, inst.nbytes)
+    fused = inst.called or ""
+    if root.opcode == "tuple":
+        parts = [p for o in root.operands if (p := module.get(fused, o)) is not None]
+        return sum(_update_bytes(module, fused, p, p.nbytes) for p in parts)
+    return _update_bytes(module, fused, root, inst.nbytes)
+
+
 def kernel_bytes(module: Module, computation: str, inst: Instruction) -> int:
     """Modelled HBM bytes of one instruction that launches work: operands read + result
     written, refined for slicing reads and in-place updates (see the two functions above)."""
     total = result_write_bytes(module, computation, inst)
-    fused = inst.called if inst.opcode == "fusion" else None
     for k, operand in enumerate(inst.operands):
-        source = module.get(computation, operand)
-        if source is None:
+        if (source := module.get(computation, operand)) is None:
             continue
-        full = source.nbytes
         if inst.opcode in SLICING and k == 0:
             total += inst.nbytes
         elif inst.opcode == "dynamic-update-slice" and k == 0:
             continue  # written in place: the update is counted with the result
-        elif fused:
-            total += operand_read_bytes(module, fused, k, full)
+        elif inst.opcode == "fusion" and inst.called:
+            total += operand_read_bytes(module, inst.called, k, source.nbytes)
         else:
-            total += full
+            total += source.nbytes
     return total
 
 
 # ----------------------------------------------------------------------------------------------
 # Which kernels run, and how often
 # ----------------------------------------------------------------------------------------------
-
-# Custom calls that are kernels of their own: GEMM libraries, Pallas (Mosaic TPU, Triton,
-# Mosaic GPU). Any other custom call that names computations stands for them.
-PALLAS_TARGETS = frozenset(
-    {"tpu_custom_call", "__gpu$xla.gpu.triton", "mosaic_gpu", "mosaic_gpu_v2"}
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,27 +327,15 @@ class Launch:
 
 def kernel_label(inst: Instruction) -> str:
     """The opcode, with a fusion's kind or a custom call's target spelt out."""
-    kind = inst.attr("kind")
-    if kind:
+    if kind := inst.attr("kind"):
         return f"{inst.opcode}:{kind}"
     target = inst.attr("custom_call_target")
     return f"{inst.opcode}:{target.strip(chr(34))}" if target else inst.opcode
 
 
-def _wrapped(inst: Instruction) -> list[str]:
-    """The computations a custom call stands for (XLA:TPU's SparseCore gather offload, for
-    one), unless it is a GEMM or a Pallas kernel, which are priced as they are."""
-    if inst.opcode != "custom-call" or "gemm_backend_config" in inst.backend_config:
-        return []
-    if kernel_label(inst).split(":", 1)[-1] in PALLAS_TARGETS:
-        return []
-    match = re.search(r"called_computations=\{([^}]*)\}", inst.attributes)
-    return _NAME.findall(match.group(1)) if match else []
-
-
 @dataclasses.dataclass
 class Launches:
-    """Every kernel launch of a module (:meth:`Module.launches`), loops unrolled into counts."""
+    """Every kernel launch of a module, loops unrolled into counts (see :func:`launches`)."""
 
     module: Module
     launches: list[Launch] = dataclasses.field(default_factory=list)
@@ -402,10 +343,14 @@ class Launches:
 
     def walk(self, computation: str, calls: int) -> None:
         for inst in self.module.body(computation):
-            if inst.opcode in NO_WORK or inst.opcode in ("async-update", "async-done"):
+            target = kernel_label(inst).split(":", 1)[-1]
+            # A custom call that names computations, other than a GEMM or a Pallas kernel,
+            # stands for them (XLA:TPU's SparseCore gather offload, for one).
+            plain = target in PALLAS_TARGETS or "gemm_backend_config" in inst.backend_config
+            wrapped = [] if inst.opcode != "custom-call" or plain else (
+                inst.computations("called_computations"))  # fmt: skip
+            if inst.opcode in (*NO_WORK, "async-update", "async-done") or target in NO_WORK_TARGETS:
                 continue  # an async op's work is its wrapped computation's (at its start)
-            if kernel_label(inst).split(":", 1)[-1] in NO_WORK_TARGETS:
-                continue
             if inst.opcode == "while":
                 trips = self.module.trip_count(computation, inst)
                 if trips is None:
@@ -416,17 +361,16 @@ class Launches:
             elif inst.opcode in ("call", "async-start"):
                 self.walk(inst.called or inst.attr("to_apply") or "", calls)
             elif inst.opcode == "conditional":
-                self.branch(computation, inst, calls)
-            elif wrapped := _wrapped(inst):
+                self.branch(inst, calls)
+            elif wrapped:
                 for name in wrapped:
                     self.walk(name, calls)
             else:
                 self.launches.append(Launch(computation, inst, calls))
 
-    def branch(self, computation: str, inst: Instruction, calls: int) -> None:
+    def branch(self, inst: Instruction, calls: int) -> None:
         """A conditional runs one branch (which is data): the one that moves most bytes."""
-        match = re.search(r"branch_computations=\{([^}]*)\}", inst.attributes)
-        names = _NAME.findall(match.group(1)) if match else []
+        names = inst.computations("branch_computations")
         names += [inst.attr(k) or "" for k in ("true_computation", "false_computation")]
         branches = []
         for name in filter(None, names):
@@ -443,9 +387,9 @@ class Launches:
 
 
 def launches(module: Module) -> Launches:
-    """The kernels the ENTRY computation launches, with their counts (see :class:`Launches`):
-    a while loop's body and condition run once per trip (:meth:`Module.trip_count`; once when
-    no count is found, listed in ``unknown_loops``), calls and async ops run what they wrap."""
+    """The kernels the ENTRY computation launches, with their counts: a while loop's body and
+    condition run once per trip (:meth:`Module.trip_count`; once when no count is found, listed
+    in ``unknown_loops``), calls and async ops run what they wrap."""
     found = Launches(module)
     found.walk(module.entry, 1)
     return found
@@ -462,8 +406,9 @@ def entry_traffic(hlo_text: str) -> Traffic:
     """Modelled HBM traffic: every launch reads its operands and writes its result
     (:func:`kernel_bytes`), as often as it runs (:func:`launches`)."""
     module = Module(hlo_text)
-    found = launches(module)
-    total = sum(x.calls * kernel_bytes(module, x.computation, x.inst) for x in found.launches)
+    total = sum(
+        x.calls * kernel_bytes(module, x.computation, x.inst) for x in launches(module).launches
+    )
     ops: dict[str, int] = {}
     for inst in module.body(module.entry):
         if inst.opcode not in NO_WORK:
@@ -472,11 +417,9 @@ def entry_traffic(hlo_text: str) -> Traffic:
     return Traffic(sum(ops.values()), total, ops)
 
 
-def has_loop(hlo_text: str) -> bool:
-    module = Module(hlo_text)
-    return any(i.opcode == "while" for i in module.body(module.entry))
-
-
 def all_gather_shapes(hlo_text: str) -> list[tuple[int, ...]]:
     """The result dims of every all-gather (tuple results flattened)."""
-    return Module(hlo_text).result_shapes("all-gather", "all-gather-start")
+    module = Module(hlo_text)
+    gathers = ("all-gather", "all-gather-start")
+    return [dims for _, inst in module.instructions() if inst.opcode in gathers
+            for _, dims in arrays(inst.type)]  # fmt: skip

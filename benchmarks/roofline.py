@@ -246,11 +246,8 @@ def roofline(
         flops = sum(d.flops for d in kernel_dots)
         compute = sum(d.flops / d.peak for d in kernel_dots)
         memory = nbytes / target.bandwidth
-        kernels.append(
-            Kernel(
-                launch.computation, inst.name, label, launch.calls, nbytes, flops, compute, memory
-            )
-        )
+        kernels.append(Kernel(launch.computation, inst.name, label, launch.calls, nbytes, flops,
+                              compute, memory))  # fmt: skip
     return Roofline(tuple(kernels), tuple(dots), tuple(found.unknown_loops), tuple(unpriced))
 
 
@@ -261,15 +258,10 @@ def roofline(
 
 @dataclasses.dataclass(frozen=True)
 class Block:
-    """One operand of a ``pallas_call`` as its grid moves it.
-
-    Attributes:
-      block_shape: the block; ``None`` for a squeezed dimension (one element, indexed directly).
-      index_map: grid indices → block indices, as the ``BlockSpec``'s. Called once with one
-        integer array per grid dimension (every step at once): plain arithmetic works as is.
-      shape: the whole array's shape.
-      itemsize: bytes per element.
-    """
+    """One operand of a ``pallas_call`` as its grid moves it: the ``block_shape`` (``None``
+    for a squeezed dimension), the ``index_map`` (grid indices to block indices, as the
+    ``BlockSpec``'s; called once with one integer array per grid dimension: every step at once),
+    the whole array's ``shape`` and ``itemsize``."""
 
     block_shape: tuple[int | None, ...]
     index_map: Callable[..., Sequence[Any]]

@@ -20,23 +20,15 @@ TARGET_DIR = Path(__file__).resolve().parent / "targets"
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """One compile-only device.
-
-    Attributes:
-      name: the ``--target`` name.
-      platform: ``"cuda"`` or ``"tpu"`` (the PJRT plugin that compiles for it).
-      topology: the topology of one device, as ``get_topology_desc`` spells it.
-      multi_topology: the topology of eight devices (the sharding checks).
-      bandwidth: HBM bytes per second.
-      peak_flops: dense matmul FLOP/s by operand kind: ``"bf16"`` (half precision),
-        ``"f32"`` (float32 at DEFAULT precision), ``"f32_high"``, ``"f32_highest"``
-        (:func:`benchmarks.roofline.dot_peak` picks one per dot).
-      description: what the device is, for the table title.
-      sizes: the ``(N, C)`` grid; the last is where the cross_entropy goals are judged (a TPU
-        v5e's 16 GiB hold 8192×131072 float32 logits and their gradient, not 16384×131072).
-      linear_points: ``((N, D, V), dtype)`` of linear_cross_entropy (temporaries only).
-      config_file: the GPU target description (``GpuTargetConfigProto`` text), GPUs only.
-    """
+    """One compile-only device: its ``--target`` name; ``platform`` (``"cuda"`` or ``"tpu"``,
+    the PJRT plugin that compiles for it); ``topology`` of one device and ``multi_topology`` of
+    eight, as ``get_topology_desc`` spells them; HBM ``bandwidth`` (bytes/s); dense matmul
+    ``peak_flops`` by operand kind (``"bf16"``, ``"f32"`` at DEFAULT precision, ``"f32_high"``,
+    ``"f32_highest"``: :func:`benchmarks.roofline.dot_peak` picks one per dot); the ``(N, C)``
+    ``sizes`` (the last is where the cross_entropy goals are judged: a TPU v5e's 16 GiB hold
+    8192×131072 float32 logits and their gradient, not 16384×131072); ``linear_points``,
+    ``((N, D, V), dtype)`` of the linear heads; a GPU's ``config_file``
+    (``GpuTargetConfigProto`` text beside this file)."""
 
     name: str
     platform: str

@@ -17,7 +17,6 @@ A check takes the mesh and returns ``(problems, all_gathers)``, as in ``sharding
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -28,6 +27,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxloss
+from benchmarks.hlo import all_gather_shapes
 
 # Distinct sizes (and shard sizes), so that a dimension in an HLO shape says which axis it is.
 N, D, D_T, V = 16, 12, 6, 40
@@ -36,21 +36,6 @@ BATCH = ("data", "model")
 LAYOUTS = ("batch", "classes", "both")
 OPTIONS = dict(beta=0.3, temperature=1.5, token_chunk=3, vocab_chunk=3)
 RTOL = 2e-5
-
-_ALL_GATHER = re.compile(r"=\s*(?P<type>.+?)\s+all-gather(?:-start)?\(")
-_SHAPE = re.compile(r"\b[a-z]+\d*\[(?P<dims>[\d,]*)\]")
-
-
-def all_gather_shapes(hlo_text: str) -> list[tuple[int, ...]]:
-    """The result shapes of every all-gather in compiled HLO text (tuple results flattened)."""
-    shapes = []
-    for line in hlo_text.splitlines():
-        match = _ALL_GATHER.search(line)
-        if match:
-            for shape in _SHAPE.finditer(match.group("type")):
-                dims = shape.group("dims")
-                shapes.append(tuple(int(d) for d in dims.split(",")) if dims else ())
-    return shapes
 
 
 def _specs(layout: str) -> dict[str, P]:

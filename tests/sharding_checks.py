@@ -17,7 +17,6 @@ it passes) and the result shapes of the compiled program's all-gathers.
 from __future__ import annotations
 
 import itertools
-import re
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -28,6 +27,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxloss
+from benchmarks.hlo import all_gather_shapes
 
 # Sizes chosen so that N, D, V and all their shard sizes are distinct numbers: a dimension in an
 # HLO shape then says which axis it is.
@@ -61,23 +61,8 @@ def _axes(layout: str) -> dict[str, str | tuple[str, ...] | None]:
 
 
 # ----------------------------------------------------------------------------------------------
-# HLO inspection
+# HLO inspection (benchmarks.hlo.all_gather_shapes: the one reader of optimised HLO)
 # ----------------------------------------------------------------------------------------------
-
-_ALL_GATHER = re.compile(r"=\s*(?P<type>.+?)\s+all-gather(?:-start)?\(")
-_SHAPE = re.compile(r"\b[a-z]+\d*\[(?P<dims>[\d,]*)\]")
-
-
-def all_gather_shapes(hlo_text: str) -> list[tuple[int, ...]]:
-    """The result shapes of every all-gather in compiled HLO text (tuple results flattened)."""
-    shapes = []
-    for line in hlo_text.splitlines():
-        match = _ALL_GATHER.search(line)
-        if match:
-            for shape in _SHAPE.finditer(match.group("type")):
-                dims = shape.group("dims")
-                shapes.append(tuple(int(d) for d in dims.split(",")) if dims else ())
-    return shapes
 
 
 def gathers_vocabulary_matrix(shape: tuple[int, ...]) -> bool:

@@ -11,7 +11,6 @@ kernel priced from its grid (a block is fetched whenever its block index changes
 from __future__ import annotations
 
 import itertools
-import math
 import re
 
 import jax
@@ -21,6 +20,7 @@ import pytest
 from test_accelerators import SHAPE, TOPOLOGIES, compile_for, compile_only, hbm_bytes
 
 import jaxloss
+from benchmarks import roofline
 from jaxloss import _cross_entropy_pallas
 from jaxloss._cross_entropy_pallas import pallas_tpu
 
@@ -186,30 +186,12 @@ def test_rows_too_wide_for_vmem_fall_back():
 
 
 def grid_bytes(jaxpr) -> int:
-    """HBM bytes of every pallas_call in ``jaxpr``, from its grid: enumerate the grid in Pallas
-    order (last dimension fastest), evaluate each block's index map, count a fetch (input) or a
-    write-back (output) whenever the block index changes (an unchanged block is not re-fetched),
-    each the block's bytes within the array."""
-    total = 0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name != "pallas_call":
-            continue
-        mapping = eqn.params["grid_mapping"]
-        for block in mapping.block_mappings:
-            shape, dtype = block.array_aval.shape, block.array_aval.dtype
-            sizes = [getattr(b, "block_size", b) for b in block.block_shape]
-            last = None
-            for step in np.ndindex(*mapping.grid):
-                index = tuple(int(i) for i in jax.core.eval_jaxpr(
-                    block.index_map_jaxpr.jaxpr, block.index_map_jaxpr.consts, *step
-                ))  # fmt: skip
-                if index != last:
-                    extent = [
-                        min(s, n - i * s) for s, n, i in zip(sizes, shape, index, strict=True)
-                    ]
-                    total += math.prod(extent) * jnp.dtype(dtype).itemsize
-                last = index
-    return total
+    """HBM bytes of every pallas_call in ``jaxpr``, priced from its grid by the benchmarks'
+    pricer (``benchmarks.roofline.price_grid``: a block is fetched, or written back, whenever
+    its block index changes; an unchanged block is not re-fetched)."""
+    costs = roofline.pallas_costs(jaxpr).values()
+    assert all(isinstance(c, roofline.GridCost) for c in costs), costs
+    return sum(c.bytes for c in costs)
 
 
 def _kernel_jaxpr(n, c, dtype):

@@ -1,0 +1,305 @@
+"""The timed grid as pytest-benchmark tests: one test per (benchmark, implementation).
+
+``python -m benchmarks`` sets :data:`PLAN` and runs this module through pytest: pytest-benchmark
+calibrates the calls per round, takes the rounds, computes the statistics and writes them to
+``bench_out/pytest-benchmark.json``; after ``--`` its options (``--benchmark-save``,
+``--benchmark-compare``, ``--benchmark-compare-fail=median:5%``) compare with a saved run.
+``python -m pytest benchmarks/grid.py -o addopts=`` runs the ``--quick`` grid under plain pytest
+(the repository's ``addopts`` would spread it over xdist workers and check jaxloss's
+annotations at run time). Before timing, every implementation is compiled (its temporaries and
+kernels read from the executable) and its output compared with jaxloss's.
+
+Timer (this module's ``benchmark`` mark): :func:`wait_then_time` waits for the work dispatched
+so far, then reads the clock, so that a round of ``n`` calls is ``n`` asynchronous dispatches and
+one wait, as a training loop runs them.
+
+Byte model (the "copy floor"): the least traffic of a function is reading every input once and
+writing every output once. The bandwidth is that of a jitted ``x * s`` of the logits (``s`` a
+runtime scalar, so XLA can neither elide nor fold it), donated so that it runs in place; a
+function returning a fresh logits-sized array also pays what ``x * s`` into a fresh buffer costs
+over the in-place one (page faults on CPU). Both copies are timed once per size and dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import hlo
+from benchmarks.cases import (
+    DTYPES,
+    Case,
+    Inputs,
+    Shape,
+    abstract_args,
+    arg_names,
+    jax_function,
+    objective,
+)  # fmt: skip
+
+BYTE_MODEL = (
+    "min_bytes = bytes of every input read once + every output written once. Bandwidth = 2 x "
+    "logits_bytes / t(x * s in place, donated; s a runtime scalar). A fresh array output (the "
+    "gradient, softmax's output) also pays t(x * s into a new buffer) - t(in place) per "
+    "logits_bytes: page faults on CPU. floor_s = min_bytes / bandwidth + fresh_output_bytes x "
+    "that price; copy_fraction = floor_s / t (1 = speed of light); both copies timed once per "
+    "size and dtype, only for logits >= 8 MiB."
+)
+COPY_FLOOR_MIN_BYTES = 8 * 2**20  # below this a copy times dispatch and caches, not memory
+COPIES = ("copy_in_place", "copy_fresh")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    case: Case
+    mode: str
+    dtype: str
+    shape: Shape
+    memory_only: bool = False
+
+    @property
+    def name(self) -> str:
+        kind = f"{self.mode}-mem" if self.memory_only else self.mode
+        return f"{self.case.name}/{kind}/{self.dtype}/{'x'.join(map(str, self.shape))}"
+
+    @property
+    def logits_bytes(self) -> int:
+        shape = (self.shape[0], self.shape[-1])
+        return math.prod(shape) * jnp.dtype(DTYPES[self.dtype]).itemsize
+
+    @property
+    def floored(self) -> bool:
+        return self.case.memory_bound and self.logits_bytes >= COPY_FLOOR_MIN_BYTES
+
+
+PLAN: list[Task] = []  # set by benchmarks.cli; empty: the --quick grid
+CHECK = True  # compare every peer's output with jaxloss's before timing it
+ERRORS: dict[tuple[str, str], str] = {}  # (benchmark, implementation) -> why it did not run
+_pending: list[Any] = [None]
+_state: dict[str, Any] = {}
+
+
+def wait_then_time() -> float:
+    """pytest-benchmark's timer: see the module doc."""
+    jax.block_until_ready(_pending[0])
+    return time.perf_counter()
+
+
+pytestmark = pytest.mark.benchmark(timer=wait_then_time)
+
+
+def copy_name(task: Task) -> str:
+    return f"copy/{task.dtype}/{'x'.join(map(str, task.shape))}"
+
+
+def items(plan: list[Task]) -> list[tuple[Task, str]]:
+    """``(task, implementation)`` in timing order; a size's two copies before its first
+    floored benchmark."""
+    found, copied = [], set()
+    for task in (t for t in plan if not t.memory_only):
+        if task.floored and copy_name(task) not in copied:
+            copied.add(copy_name(task))
+            found += [(task, copy) for copy in COPIES]
+        found += [(task, impl) for impl in task.case.impls]
+    return found
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if not PLAN:
+        from benchmarks import cli
+
+        PLAN[:] = cli.plan(cli.build_parser().parse_args(["--quick"]), jax.default_backend())
+    found = items(PLAN)
+    ids = [copy_name(t) + f"/{i}" if i in COPIES else f"{t.name}/{i}" for t, i in found]
+    metafunc.parametrize(("task", "impl"), found, ids=ids)
+
+
+def _inputs(task: Task) -> Inputs:
+    """The current size's arrays, less those no later benchmark of that size reads."""
+    if _state.get("group") != (task.shape, task.dtype):
+        _state.clear()
+        _state.update(group=(task.shape, task.dtype), inputs=Inputs(task.shape, DTYPES[task.dtype]))
+    later = [t for t in PLAN[PLAN.index(task) :] if (t.shape, t.dtype) == _state["group"]]
+    _state["inputs"].keep(set().union(*(arg_names(t.case, t.mode) for t in later)))
+    return _state["inputs"]
+
+
+def _torch_call(task: Task, fn: Callable, args: tuple) -> Callable[[], Any]:
+    """PyTorch eager on zero-copy DLPack views of the JAX arrays."""
+    import torch
+
+    tensors = [torch.from_dlpack(a) for a in args]
+    f = objective(task.case, fn, task.mode)
+    if task.mode == "fwd":
+        return lambda: f(*tensors)
+    wrt = (task.case.argnums,) if isinstance(task.case.argnums, int) else task.case.argnums
+    for i in wrt:
+        tensors[i] = tensors[i].detach().requires_grad_(True)
+
+    def call() -> Any:
+        loss = f(*tensors)
+        return (loss, *torch.autograd.grad(loss, [tensors[i] for i in wrt]))
+
+    return call
+
+
+_SCALE_IN_PLACE = jax.jit(lambda x, s: x * s, donate_argnums=0)
+_SCALE = jax.jit(lambda x, s: x * s)
+
+
+def _copy_call(impl: str, like: jax.Array) -> Callable[[], Any]:
+    s = jnp.asarray(1, like.dtype)
+    if impl == "copy_fresh":
+        return lambda: _SCALE(like, s)
+    state = [jnp.ones(like.shape, like.dtype)]
+
+    def in_place() -> jax.Array:
+        state[0] = _SCALE_IN_PLACE(state[0], s)
+        return state[0]
+
+    return in_place
+
+
+def compile_info(compiled: Any) -> dict[str, Any]:
+    """Temporary bytes (``memory_analysis()``) and entry kernels of an executable."""
+    try:
+        temp = int(compiled.memory_analysis().temp_size_in_bytes)
+    except Exception:  # a backend without the analysis
+        temp = None
+    return {"temp_bytes": temp, "hlo_ops": hlo.entry_traffic(compiled.as_text()).ops}
+
+
+def prepare(task: Task, impl: str) -> tuple[Callable[[], Any], dict[str, Any]]:
+    """The call to time and what is known of it before timing: compile time, temporaries,
+    kernels, agreement with jaxloss's output."""
+    args = jax.block_until_ready(tuple(_inputs(task)[n] for n in arg_names(task.case, task.mode)))
+    if impl in COPIES:
+        return _copy_call(impl, args[0]), {}
+    fn = task.case.impls[impl]
+    if impl == "torch":
+        call, info = _torch_call(task, fn, args), {}
+    else:
+        started = time.perf_counter()
+        compiled = jax.jit(jax_function(task.case, fn, task.mode)).lower(*args).compile()
+        info = {"compile_s": time.perf_counter() - started, **compile_info(compiled)}
+        call = lambda: compiled(*args)
+    out = jax.block_until_ready(call())  # the first call also pays page faults: not timed
+    if impl == "jaxloss":
+        _state["reference"] = out
+    elif CHECK and "reference" in _state:
+        info["agreement"] = relative_error(out, _state["reference"])
+    return call, info
+
+
+@jax.jit
+def _relative_error(a: jax.Array, b: jax.Array) -> jax.Array:
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), jnp.finfo(jnp.float32).tiny)
+
+
+def relative_error(out: Any, reference: Any) -> float:
+    """Largest per-leaf ``max|a - b| / max|b|`` between two outputs of the same structure."""
+    to_jax = lambda x: jnp.from_dlpack(x.detach()) if hasattr(x, "detach") else jnp.asarray(x)
+    a, b = (list(map(to_jax, jax.tree.leaves(o))) for o in (out, reference))
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b, strict=True)):
+        return math.inf
+    return max((float(_relative_error(x, y)) for x, y in zip(a, b, strict=True)), default=0.0)
+
+
+def test_time(benchmark: Any, task: Task, impl: str) -> None:
+    name = copy_name(task) if impl in COPIES else task.name
+    try:
+        call, info = prepare(task, impl)
+    except Exception as err:
+        ERRORS[name, impl] = f"{type(err).__name__}: {err}"[:300]
+        raise
+
+    def timed() -> None:
+        _pending[0] = call()
+
+    benchmark.group = name
+    benchmark.extra_info.update(benchmark=name, impl=impl, **info)
+    benchmark(timed)
+    _pending[0] = None
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def base_record(task: Task) -> dict[str, Any]:
+    case, shape = task.case, task.shape
+    specs = abstract_args(case, task.mode, task.dtype, shape)
+    outputs = jax.eval_shape(jax_function(case, case.impls["jaxloss"], task.mode), *specs)
+    elements = shape[0] * shape[-1]
+    return {
+        "name": task.name.replace("-mem", ""), "case": case.name, "mode": task.mode,
+        "dtype": task.dtype, "shape": list(shape),
+        "shape_names": ["N", "D", "V"] if len(shape) == 3 else ["N", "C"],
+        "elements": elements, "logits_bytes": task.logits_bytes, "memory_only": task.memory_only,
+        "min_bytes": _nbytes(specs) + _nbytes(outputs),
+        "fresh_output_bytes": _nbytes([x for x in jax.tree.leaves(outputs) if x.ndim]),
+        "impls": {name: {} for name in case.impls}, "agreement": {},
+    }  # fmt: skip
+
+
+def records(plan: list[Task], saved: dict[str, Any]) -> list[dict[str, Any]]:
+    """results.json's records of the timed tasks, from pytest-benchmark's JSON and
+    :data:`ERRORS`: medians per call, ratios of medians, copy floors, agreement."""
+    stats = {(b["extra_info"]["benchmark"], b["extra_info"]["impl"]): b
+             for b in saved["benchmarks"]}  # fmt: skip
+    found = []
+    for task in (t for t in plan if not t.memory_only):
+        record = base_record(task)
+        for impl, entry in record["impls"].items():
+            if (task.name, impl) in ERRORS:
+                entry["error"] = ERRORS[task.name, impl]
+            if (task.name, impl) in stats:
+                b = stats[task.name, impl]
+                info = {k: v for k, v in b["extra_info"].items() if k not in ("benchmark", "impl")}
+                if "agreement" in info:
+                    record["agreement"][impl] = info.pop("agreement")
+                median, st = b["stats"]["median"], b["stats"]
+                entry.update(info, median_s=median, min_s=st["min"], iqr_s=st["iqr"],
+                             rounds=st["rounds"], calls_per_round=st["iterations"],
+                             elements_per_s=record["elements"] / median,
+                             bytes_per_s=record["min_bytes"] / median)  # fmt: skip
+        record["tolerance"] = task.case.tolerance.get(task.dtype, 1e-2)
+        record["agrees"] = all(e <= record["tolerance"] for e in record["agreement"].values())
+        copies = [stats.get((copy_name(task), c), {}).get("stats", {}).get("median")
+                  for c in COPIES]  # fmt: skip
+        record["floor_s"] = None
+        if task.floored and None not in copies:
+            t_in, t_fresh = copies
+            price = max(t_fresh - t_in, 0.0) / task.logits_bytes  # per fresh output byte
+            record["copy"] = {"in_place_s": t_in, "fresh_output_s": t_fresh,
+                              "bytes_per_s": 2 * task.logits_bytes / t_in}  # fmt: skip
+            bandwidth = 2 * task.logits_bytes / t_in
+            record["floor_s"] = (
+                record["min_bytes"] / bandwidth + record["fresh_output_bytes"] * price
+            )
+        finish_record(record)
+        found.append(record)
+    return found
+
+
+def finish_record(record: dict[str, Any]) -> None:
+    """Temporaries over logits bytes; time ratios (of medians) to optax and of jaxloss to the
+    other implementations; the copy fraction."""
+    impls, floor = record["impls"], record.get("floor_s")
+    for entry in impls.values():
+        temp, median = entry.get("temp_bytes"), entry.get("median_s")
+        entry["temp_ratio"] = None if temp is None else temp / record["logits_bytes"]
+        entry["copy_fraction"] = floor / median if floor and median else None
+    medians = {k: e["median_s"] for k, e in impls.items() if e.get("median_s")}
+    jl, ox = medians.get("jaxloss"), medians.get("optax")
+    record["ratio_to_optax"] = {k: t / ox for k, t in medians.items() if ox and k != "optax"}
+    record["jaxloss_ratio_to"] = {k: jl / t for k, t in medians.items() if jl and k != "jaxloss"}
+    record["repeats"] = min((e.get("rounds", 0) for e in impls.values()), default=0)
