@@ -17,6 +17,8 @@ from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, Float, Integer
 
 from jaxloss import _common, _targets
+from jaxloss._blockwise import blocks
+from jaxloss._blockwise import sharding as mesh_axes
 from jaxloss._linear import assembly, chunked, sharded
 from jaxloss._stats import LogitStats
 
@@ -259,7 +261,7 @@ def _linear_cross_entropy(
             "targets, as in PyTorch: only index targets can be ignored"
         )
     batch_shape = hidden.shape[:-1]
-    h, kernel = chunked.rows_with_a_feature(hidden, kernel)
+    h, kernel = blocks.rows_with_a_feature(hidden, kernel)
     n = h.shape[0]
     labels = None if probabilities else _targets.widen(targets).reshape(-1)
     probs = jax.lax.stop_gradient(targets.reshape(n, v)) if probabilities else None
@@ -269,14 +271,14 @@ def _linear_cross_entropy(
     problem = chunked.Problem(
         h, kernel, bias, labels, probs, class_weight, soft_cap, options.smoothing, return_stats
     )
-    resolved_mesh = sharded.check_mesh_axes(mesh, batch_axis, vocab_axis, n, v)
+    resolved_mesh = mesh_axes.check_mesh_axes(_FN, mesh, batch_axis, vocab_axis, n, v)
     if n == 0:
         # Nothing to loop over: the loss of an empty batch, as cross_entropy gives it.
         empty = jnp.zeros((0,), cdt)
         loss = assembly.reduce(empty, empty, options.reduction)
         stats = (empty, jnp.zeros((0,), jnp.int32), empty)
     elif resolved_mesh is None:
-        sharded.reject_explicit_sharding(
+        mesh_axes.reject_explicit_sharding(
             _FN, hidden=h, kernel=kernel, targets=targets, bias=bias, weight=weight
         )
         chunks = {"cpu": config.clipped(n, v), "cuda": config.clipped(n, v, gpu=True)}
