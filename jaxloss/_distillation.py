@@ -274,18 +274,23 @@ def _student_slope(a, b, stats, cfg: _Config):
     """``∂ div / ∂b`` for a block (``b`` the student's scaled logits), before the cotangent.
 
     kl: ``p_s - p_t``; reverse_kl: ``p_s (log p_s/p_t - KL)``; jsd: ``(1-β) p_s (log p_s/m -
-    KL(p_s‖m))``. Entries of zero student probability are exactly 0.
+    KL(p_s‖m))``. Entries of zero student probability are exactly 0. A row where either head
+    has no distribution (a ``+inf`` or NaN logit, or all ``-inf``) is NaN throughout, as
+    autodiff of the materialised ``log_softmax`` gives (the finite-shift softmax would be NaN
+    at the ``+inf`` logit only, and finite elsewhere).
     """
     shift_t, log_sum_t, shift_s, log_sum_s, extra = (x[:, None] for x in stats)
-    lp_t = Normaliser(shift_t, log_sum_t).log_softmax(a)
-    lp_s = Normaliser(shift_s, log_sum_s).log_softmax(b)
+    norm_t, norm_s = Normaliser(shift_t, log_sum_t), Normaliser(shift_s, log_sum_s)
+    lp_t, lp_s = norm_t.log_softmax(a), norm_s.log_softmax(b)
     p_s = jnp.exp(lp_s)
     if cfg.divergence == "kl":
-        return p_s - jnp.exp(lp_t)
-    if cfg.divergence == "reverse_kl":
-        return jnp.where(p_s == 0, 0, p_s * (lp_s - lp_t - extra))
-    lm = _log_mixture(lp_t, lp_s, cfg.beta)
-    return jnp.where(p_s == 0, 0, (1 - cfg.beta) * p_s * (lp_s - lm - extra))
+        slope = p_s - jnp.exp(lp_t)
+    elif cfg.divergence == "reverse_kl":
+        slope = jnp.where(p_s == 0, 0, p_s * (lp_s - lp_t - extra))
+    else:
+        lm = _log_mixture(lp_t, lp_s, cfg.beta)
+        slope = jnp.where(p_s == 0, 0, (1 - cfg.beta) * p_s * (lp_s - lm - extra))
+    return _common.nan_where(~(norm_t.finite() & norm_s.finite()), slope)
 
 
 @dataclasses.dataclass(frozen=True)

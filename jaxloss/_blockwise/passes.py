@@ -122,7 +122,10 @@ def _column_pass(hidden, kernel, spans, chunks, block: BlockGradient, dh, sums_l
             rows = row_span.chunk(i, nc)
             h_i, k_j, dz_mm, dz, block_sums = _block(hidden, kernel, block, rows, cols, chunks)
             if dh is not None:
-                dh = put(dh, take(dh, rows.start, nc) + dot(dz_mm, k_j, (1, 1), cdt), rows.start)
+                # Stale rows were finished by the previous chunk: 0 · inf (an infinite kernel
+                # entry times their quieted logit gradient) must not reach them.
+                dh_i = take(dh, rows.start, nc) + dot(dz_mm, k_j, (1, 1), cdt)
+                dh = put_fresh(dh, dh_i, rows)
             dk_j = dk_j + dot(h_i, dz_mm, (0, 0), cdt)
             parts = (jnp.sum(dz, 0), *block_sums)
             sums_j = tuple(s if p is None else s + p for s, p in zip(sums_j, parts, strict=True))
