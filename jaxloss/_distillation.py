@@ -384,17 +384,22 @@ def _sharded(student, teacher, mask, cfg: _Config, reduction, mesh, batch_axis):
     """
 
     def local(h, k, b, th, tk, tb, mask, beta, temperature):
+        here = cfg._replace(beta=beta, temperature=temperature)
+        if cfg.width is not None:  # uneven vocabulary shards: this device's column range
+            start, owned_from = sharding.device_columns(cfg.vocab_axis, v, cfg.width)
+            here = here._replace(col_start=start, owned_from=owned_from)
         # Not the mask: it must stay invariant over the vocabulary axis, like the loss.
-        heads = [x for x in (h, k, b, th, tk, tb) if x is not None]
+        heads = [x for x in (h, k, b, th, tk, tb, here.col_start) if x is not None]
         h, k, b, th, tk, tb = (
             None if x is None else vary(x, *heads) for x in (h, k, b, th, tk, tb)
         )
-        here = cfg._replace(beta=beta, temperature=temperature)
         return _loss((h, k, b), (th, tk, tb), mask, here, reduction, batch_axis)
 
-    rows, cols = PartitionSpec(batch_axis), PartitionSpec(cfg.vocab_axis)
+    v = student[1].shape[1]
+    vocab = None if cfg.width is not None else cfg.vocab_axis  # replicated when uneven
+    rows, cols = PartitionSpec(batch_axis), PartitionSpec(vocab)
     matrix_rows = PartitionSpec(batch_axis, None)
-    matrix_cols = PartitionSpec(None, cfg.vocab_axis)
+    matrix_cols = PartitionSpec(None, vocab)
     (h, k, b), (th, tk, tb) = student, teacher
     # The mask travels even when absent (all True): its sum counts the tokens per device.
     mask = jnp.ones((h.shape[0],), bool) if mask is None else mask
@@ -580,7 +585,9 @@ def linear_distillation(
       mesh: the ``jax.sharding.Mesh`` for ``batch_axis``/``vocab_axis`` (default: the context
         mesh).
       batch_axis: mesh axis name(s) the tokens are split over (evenly), or ``None``.
-      vocab_axis: mesh axis name(s) the classes are split over (evenly), or ``None``.
+      vocab_axis: mesh axis name(s) the classes are split over, or ``None``; they need not
+        split evenly (each device then reads ``ceil(V / n)`` columns of the replicated
+        kernels in place, the last range slid back with its overlap masked).
 
     Returns:
       Per-token losses (``"none"``) or a scalar, in the inputs' common floating dtype.
@@ -623,19 +630,20 @@ def linear_distillation(
     student, teacher = flat(student), flat(teacher)
     mask = None if mask is None else mask.reshape(-1)
     n, v = student[0].shape[0], student[1].shape[1]
-    resolved_mesh = sharding.check_mesh_axes(_FN, mesh, batch_axis, vocab_axis, n, v)
+    resolved_mesh = sharding.check_mesh_axes(_FN, mesh, batch_axis, vocab_axis, n)
     if n == 0:
         empty = jnp.zeros((0,), _common.compute_dtype(out_dtype))
         loss = _common.reduce_loss(empty, reduction)
     else:
         n_local = n // sharding.axis_size(resolved_mesh, batch_axis)
-        v_local = v // sharding.axis_size(resolved_mesh, vocab_axis)
-        chunks = (min(token_chunk, n_local), min(vocab_chunk, v_local))
+        split = sharding.VocabularySplit.of(resolved_mesh, vocab_axis, v)
+        chunks = (min(token_chunk, n_local), min(vocab_chunk, split.width))
         cdt = _common.compute_dtype(out_dtype)
         beta, temperature = (
             jax.lax.stop_gradient(jnp.asarray(x, cdt)) for x in (beta, temperature)
         )
-        cfg = _Config(divergence, beta, temperature, chunks, vocab_axis)
+        width = split.width if split.uneven else None
+        cfg = _Config(divergence, beta, temperature, chunks, vocab_axis, width)
         if resolved_mesh is None:
             arrays = zip(_ARRAY_NAMES, (*student, *teacher, mask), strict=True)
             sharding.reject_explicit_sharding(_FN, **dict(arrays))

@@ -8,9 +8,10 @@ per-token statistics cross devices (the ops combine them with
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -55,8 +56,12 @@ def _resolve_mesh(fn: str, mesh):
     return mesh
 
 
-def check_mesh_axes(fn: str, mesh, batch_axis, vocab_axis, n: int, v: int):
-    """The mesh to run on (``None``: no axes named), after checking the axes against it."""
+def check_mesh_axes(fn: str, mesh, batch_axis, vocab_axis, n: int):
+    """The mesh to run on (``None``: no axes named), after checking the axes against it.
+
+    Tokens must split evenly over ``batch_axis``; classes need not over ``vocab_axis`` (see
+    :class:`VocabularySplit`).
+    """
     if batch_axis is None and vocab_axis is None:
         return None
     mesh = _resolve_mesh(fn, mesh)
@@ -69,19 +74,49 @@ def check_mesh_axes(fn: str, mesh, batch_axis, vocab_axis, n: int, v: int):
                 f"{fn}: `{name}`={axes!r} names axes {missing} that are not in the mesh's axes "
                 f"{tuple(mesh.shape)}"
             )
-    for name, axes, size, what in (
-        ("batch_axis", batch_axis, n, "tokens"), ("vocab_axis", vocab_axis, v, "classes")
-    ):  # fmt: skip
-        parts = axis_size(mesh, axes)
-        if size % parts:
-            raise ValueError(
-                f"{fn}: the {size} {what} do not split evenly over `{name}`={axes!r} of size "
-                f"{parts}"
-            )
+    parts = axis_size(mesh, batch_axis)
+    if n % parts:
+        raise ValueError(
+            f"{fn}: the {n} tokens do not split evenly over `batch_axis`={batch_axis!r} of size "
+            f"{parts}"
+        )
     both = batch_axis is not None and vocab_axis is not None
     if both and set(names(batch_axis)) & set(names(vocab_axis)):
         raise ValueError(f"{fn}: `batch_axis` and `vocab_axis` must name different mesh axes")
     return mesh
+
+
+class VocabularySplit(NamedTuple):
+    """How ``V`` classes split over a vocabulary axis of ``parts`` devices: ``width`` columns
+    each (``ceil(V / parts)``).
+
+    ``uneven`` (``V`` not divisible): JAX cannot place such shards, so the vocabulary arrays
+    (kernel, biases, class weights, probabilities) travel replicated over the axis (or as
+    sharded over other axes) and each device reads its own column range of them in place —
+    no copy, no padding: ``[start, start + width)`` with ``start = min(i · width, V - width)``,
+    the last range slid back and its columns before ``i · width`` (the previous device's)
+    masked out (:func:`device_columns`). Their gradients come back replicated, as they came:
+    each device writes its own columns, a ``psum`` over the axis adds them up.
+    """
+
+    width: int
+    uneven: bool
+
+    @classmethod
+    def of(cls, mesh, vocab_axis, v: int) -> VocabularySplit:
+        parts = axis_size(mesh, vocab_axis)
+        return cls(-(-v // parts), v % parts != 0)
+
+    def axis(self, vocab_axis):
+        """The mesh axes the vocabulary arrays are split over (``None``: replicated)."""
+        return None if self.uneven else vocab_axis
+
+
+def device_columns(vocab_axis, v: int, width: int) -> tuple[jax.Array, jax.Array]:
+    """Inside ``shard_map``: ``(start, owned_from)`` of this device's column range (see
+    :class:`VocabularySplit`)."""
+    nominal = jax.lax.axis_index(vocab_axis) * width
+    return jnp.minimum(nominal, v - width), nominal
 
 
 def run(local: Callable, mesh, arguments: dict[str, tuple[Any, Any]], out_specs):

@@ -188,8 +188,11 @@ def linear_cross_entropy(
         mesh).
       batch_axis: mesh axis name(s) the tokens are split over, or ``None``. Tokens must split
         evenly; ``token_chunk`` then applies to each device's share.
-      vocab_axis: mesh axis name(s) the classes are split over, or ``None``. Classes must split
-        evenly; ``vocab_chunk`` then applies to each device's share.
+      vocab_axis: mesh axis name(s) the classes are split over, or ``None``. Classes need not
+        split evenly (GPT-2's 50257 over 8 devices): each device then takes ``ceil(V / n)``
+        columns of the kernel, which arrives replicated (JAX cannot place uneven shards), read
+        in place, the last range slid back with its overlap masked; the kernel's gradient comes
+        back replicated. ``vocab_chunk`` applies to each device's share.
 
     Returns:
       Per-token losses (``"none"``) or a scalar, in the dtype ``hidden @ kernel + bias`` would
@@ -271,7 +274,7 @@ def _linear_cross_entropy(
     problem = chunked.Problem(
         h, kernel, bias, labels, probs, class_weight, soft_cap, options.smoothing, return_stats
     )
-    resolved_mesh = mesh_axes.check_mesh_axes(_FN, mesh, batch_axis, vocab_axis, n, v)
+    resolved_mesh = mesh_axes.check_mesh_axes(_FN, mesh, batch_axis, vocab_axis, n)
     if n == 0:
         # Nothing to loop over: the loss of an empty batch, as cross_entropy gives it.
         empty = jnp.zeros((0,), cdt)

@@ -10,7 +10,7 @@ vocabulary-parallel cross-entropy). Nothing switches to this form by itself.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,45 +61,82 @@ def _without_ignored(s: chunked.Stats, valid) -> chunked.Stats:
                       wgap=quiet(s.wgap))  # fmt: skip
 
 
+class _DeviceColumns(NamedTuple):
+    """This device's classes ``[lo, hi)`` in the coordinates of the kernel it holds; ``offset``
+    of that kernel's first column among all classes; ``owned`` a mask over the kernel's columns
+    where it holds every class (uneven vocabulary shards), else ``None``."""
+
+    lo: Any
+    hi: Any
+    offset: Any
+    owned: Any
+
+
+def _device_columns(p: chunked.Problem, vocab_axis) -> tuple[chunked.Problem, _DeviceColumns]:
+    """The problem with labels in the kernel's coordinates, and this device's classes."""
+    width = p.columns.size
+    if vocab_axis is None:
+        return p, _DeviceColumns(0, width, 0, None)
+    if p.owned_from is None:
+        offset = jax.lax.axis_index(vocab_axis) * width
+        labels = None if p.labels is None else (p.labels - offset).astype(p.labels.dtype)
+        return p._replace(labels=labels), _DeviceColumns(0, width, offset, None)
+    v = p.kernel.shape[1]
+    lo, hi = p.owned_from, jnp.minimum(p.owned_from + width, v)
+    ids = jax.lax.iota(jnp.int32, v)
+    return p, _DeviceColumns(lo, hi, 0, (ids >= lo) & (ids < hi))
+
+
+def _owned_weight_sum(local: chunked.Problem, cols: _DeviceColumns):
+    """``Σ_c w_c`` over this device's classes (their count without class weights)."""
+    w = local.class_weight
+    if cols.owned is None:
+        return local.columns.size if w is None else jnp.sum(w)
+    if w is None:
+        return jnp.maximum(cols.hi - cols.lo, 0)
+    return jnp.sum(jnp.where(cols.owned, w, 0))
+
+
 def _local_loss(p: chunked.Problem, options: assembly.Options, hyper, chunks, axes):
     """One device's share: blocked statistics, combined over the vocabulary shards."""
     batch_axis, vocab_axis = axes
-    v_local = p.kernel.shape[1]
-    offset = 0 if vocab_axis is None else jax.lax.axis_index(vocab_axis) * v_local
-    labels: Any = None if p.labels is None else (p.labels - offset).astype(p.labels.dtype)
+    targets = p.labels  # among all classes
+    p, cols = _device_columns(p, vocab_axis)
     # Every array marked as varying over all the axes any of them varies over (see sharded_loss).
     names = ("hidden", "kernel", "bias", "labels", "probs", "class_weight")
-    arrays = dict(zip(names, (*p.arrays[:3], labels, *p.arrays[4:]), strict=True))
-    everywhere = [a for a in arrays.values() if a is not None]
+    arrays = dict(zip(names, p.arrays, strict=True))
+    # (With uneven vocabulary shards the column range too: it varies over the vocabulary axis.)
+    everywhere = [a for a in (*arrays.values(), p.col_start) if a is not None]
     local = p._replace(
         **{k: None if a is None else vary(a, *everywhere) for k, a in arrays.items()}
     )
     s = chunked.token_stats(local, chunks)
     diagnostics = (s.lse, s.arg, s.entropy)
-    w = local.class_weight
-    sum_weight = v_local if w is None else jnp.sum(w)
+    w, labels = local.class_weight, local.labels
+    sum_weight = _owned_weight_sum(local, cols)
     mass = None
-    if p.labels is not None:
-        valid = ~_targets.ignored(p.labels, options.ignore_index)
-        bad = valid & ((p.labels < 0) | (p.labels >= options.num_classes))
-        owned = (labels >= 0) & (labels < v_local)
+    if labels is not None:
+        valid = ~_targets.ignored(targets, options.ignore_index)
+        bad = valid & ((targets < 0) | (targets >= options.num_classes))
+        owned = (labels >= cols.lo) & (labels < cols.hi)
         pos_weight = valid.astype(s.log_sum.dtype)
         if w is not None:
-            pos_weight = jnp.where(valid & owned, w[jnp.clip(labels, 0, v_local - 1)], 0)
+            pos_weight = jnp.where(valid & owned, w[jnp.clip(labels, 0, w.shape[0] - 1)], 0)
     else:
-        mass = assembly.target_mass(local.probs, w)
+        probs = local.probs if cols.owned is None else jnp.where(cols.owned, local.probs, 0)
+        mass = assembly.target_mass(probs, w)
     if vocab_axis is not None:
         if p.with_stats:
-            diagnostics = _combined_diagnostics(s, offset, vocab_axis)
-        quiet = s if p.labels is None else _without_ignored(s, valid)
+            diagnostics = _combined_diagnostics(s, cols.offset, vocab_axis)
+        quiet = s if labels is None else _without_ignored(s, valid)
         s = _combine_over_vocabulary(quiet, vocab_axis, sum_weight, mass)
         diagnostics = diagnostics if p.with_stats else (s.lse, None, None)
         sum_weight = jax.lax.psum(sum_weight, vocab_axis)
-        if p.labels is not None and w is not None:
+        if labels is not None and w is not None:
             pos_weight = jax.lax.psum(pos_weight, vocab_axis)
-        if p.labels is None:
+        if labels is None:
             mass = jax.lax.psum(mass, vocab_axis)
-    if p.labels is not None:
+    if labels is not None:
         loss = assembly.index_losses(options, s, valid, bad, pos_weight, sum_weight, hyper)
     else:
         loss = assembly.prob_losses(options, s, mass, sum_weight, hyper)
@@ -117,12 +154,13 @@ def sharded_loss(p: chunked.Problem, options, hyper, config, *, mesh, batch_axis
     """
     n, v = p.hidden.shape[0], p.kernel.shape[1]
     n_local = n // sharding.axis_size(mesh, batch_axis)
-    v_local = v // sharding.axis_size(mesh, vocab_axis)
-    chunks = config.clipped(n_local, v_local)[:2]
-    rows, cols = PartitionSpec(batch_axis), PartitionSpec(vocab_axis)
+    split = sharding.VocabularySplit.of(mesh, vocab_axis, v)
+    chunks = config.clipped(n_local, split.width)[:2]
+    vocab = split.axis(vocab_axis)
+    rows, cols = PartitionSpec(batch_axis), PartitionSpec(vocab)
     specs = dict(
-        hidden=PartitionSpec(batch_axis, None), kernel=PartitionSpec(None, vocab_axis),
-        bias=cols, labels=rows, probs=PartitionSpec(batch_axis, vocab_axis), class_weight=cols,
+        hidden=PartitionSpec(batch_axis, None), kernel=PartitionSpec(None, vocab),
+        bias=cols, labels=rows, probs=PartitionSpec(batch_axis, vocab), class_weight=cols,
         soft_cap=PartitionSpec(), smoothing=PartitionSpec(), z_loss=PartitionSpec(),
     )  # fmt: skip
     arrays = dict(p._asdict(), smoothing=hyper[0], z_loss=hyper[1])
@@ -130,6 +168,9 @@ def sharded_loss(p: chunked.Problem, options, hyper, config, *, mesh, batch_axis
 
     def local(smoothing, z_loss, **given):
         local_p = p._replace(**given)
+        if split.uneven:
+            start, owned_from = sharding.device_columns(vocab_axis, v, split.width)
+            local_p = local_p._replace(col_start=start, width=split.width, owned_from=owned_from)
         return _local_loss(local_p, options, (smoothing, z_loss), chunks, (batch_axis, vocab_axis))
 
     out_specs = (rows if options.reduction == "none" else PartitionSpec(), (rows,) * 3)
