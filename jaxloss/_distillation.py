@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple, cast
+from typing import Any, Literal, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, ArrayLike, Bool, Float
 
-from jaxloss import _common
+from jaxloss import _common, _implementations
 from jaxloss._blockwise import passes, sharding, vjp
 from jaxloss._blockwise.blocks import (
     Chunk,
@@ -489,7 +489,7 @@ def _check_mask(mask, batch_shape):
     _common.jit,
     static_argnames=(
         "divergence", "reduction", "token_chunk", "vocab_chunk", "mesh", "batch_axis",
-        "vocab_axis",
+        "vocab_axis", "implementation",
     ),
     prepare=_prepare,
 )  # fmt: skip
@@ -511,6 +511,7 @@ def linear_distillation(
     mesh: Mesh | None = None,
     batch_axis: str | tuple[str, ...] | None = None,
     vocab_axis: str | tuple[str, ...] | None = None,
+    implementation: Literal["xla", "pallas"] | None = None,
 ) -> Float[Array, "*batch"] | Float[Array, ""]:
     r"""Distillation divergence between a teacher's and a student's linear heads, fused.
 
@@ -588,6 +589,9 @@ def linear_distillation(
       vocab_axis: mesh axis name(s) the classes are split over, or ``None``; they need not
         split evenly (each device then reads ``ceil(V / n)`` columns of the replicated
         kernels in place, the last range slid back with its overlap masked).
+      implementation: ``None`` (each backend's default), ``"xla"`` (the blockwise XLA form)
+        or ``"pallas"`` (no kernel yet: a ``ValueError``). Every backend gets the XLA form
+        today; see docs/linear.md.
 
     Returns:
       Per-token losses (``"none"``) or a scalar, in the inputs' common floating dtype.
@@ -614,6 +618,7 @@ def linear_distillation(
       softmax" (2018).
     """
     _check_options(divergence, beta, temperature, reduction)
+    _implementations.check_linear(_FN, implementation)
     token_chunk = positive_int(_FN, "token_chunk", token_chunk)
     vocab_chunk = positive_int(_FN, "vocab_chunk", vocab_chunk)
     student = _check_head("", hidden, kernel, bias, None)
@@ -647,7 +652,9 @@ def linear_distillation(
         if resolved_mesh is None:
             arrays = zip(_ARRAY_NAMES, (*student, *teacher, mask), strict=True)
             sharding.reject_explicit_sharding(_FN, **dict(arrays))
-            loss = _loss(student, teacher, mask, cfg, reduction)
+            loss = _implementations.linear_head(
+                _FN, implementation, _loss, student, teacher, mask, cfg, reduction
+            )
         else:
             loss = _sharded(student, teacher, mask, cfg, reduction, resolved_mesh, batch_axis)
     if reduction == "none":
