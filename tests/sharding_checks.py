@@ -552,7 +552,33 @@ for _layout in UNEVEN_AXES:
         )
         want = _unsharded(_linear_stats_fn(), _uneven_args())
         problems += _compare(stats, want, f"uneven {layout}, soft cap and statistics")
+        probs, _ = _sharded(mesh, layout, _uneven_probs_fn(mesh=mesh, **axes), _uneven_probs(), {
+            "hidden": "hidden", "probs": "rows"})  # fmt: skip
+        want = _unsharded(_uneven_probs_fn(), _uneven_probs())
+        problems += _compare(probs, want, f"uneven {layout}, probability targets")
         return problems, []
+
+
+def _uneven_probs():
+    data = _uneven_args()
+    rng = np.random.default_rng(5)
+    probs = rng.dirichlet(np.ones(UNEVEN_V), N).astype(np.float32)
+    return {k: data[k] for k in ("hidden", "kernel", "bias", "weight")} | {"probs": probs}
+
+
+def _uneven_probs_fn(**axes):
+    """Probability targets: each device's mass counts only the classes it owns."""
+
+    def fn(hidden, kernel, bias, weight, probs):
+        def f(hidden, kernel, bias, weight):
+            return jaxloss.linear_cross_entropy(
+                hidden, kernel, probs, bias=bias, weight=weight, reduction="sum",
+                label_smoothing=0.1, z_loss=1e-3, token_chunk=3, vocab_chunk=3, **axes,
+            )  # fmt: skip
+
+        return jax.value_and_grad(f, argnums=(0, 1, 2, 3))(hidden, kernel, bias, weight)
+
+    return fn
 
 
 @check("hlo_parser/sees_all_gathers")
