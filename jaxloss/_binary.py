@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Real
 
-from jaxloss import _common
+from jaxloss import _autodiff, _dtypes, _reductions, _validation
 from jaxloss._softmax import softplus_neg
 
 # PyTorch clamps each log at -100 so that p = 0 or 1 gives a finite loss.
@@ -20,15 +20,15 @@ _GRAD_EPS = float(np.float32(1e-12))
 
 
 def _upcast_or_none(w: jax.Array | None) -> jax.Array | None:
-    return None if w is None else _common.upcast(w)
+    return None if w is None else _dtypes.upcast(w)
 
 
 def _binary_inputs(fn, inputs, targets, weight, reduction, input_name):
-    inputs = _common.check_floating(fn, input_name, inputs)
-    targets = _common.check_floating(fn, "targets", targets)
-    _common.check_same_shape(fn, (input_name, "targets"), inputs, targets)
-    _common.check_reduction(fn, reduction)
-    weight = _common.broadcast_like(fn, "weight", weight, inputs.shape)
+    inputs = _validation.check_floating(fn, input_name, inputs)
+    targets = _validation.check_floating(fn, "targets", targets)
+    _validation.check_same_shape(fn, (input_name, "targets"), inputs, targets)
+    _validation.check_reduction(fn, reduction)
+    weight = _validation.broadcast_like(fn, "weight", weight, inputs.shape)
     return inputs, targets, weight
 
 
@@ -52,10 +52,10 @@ def _bce_loss_and_grad(static, p, data):
     return _bce_loss(static, p, data), _bce_grad(p, *data)
 
 
-_bce = _common.fused_jvp(_bce_loss, _bce_loss_and_grad, _common.contract_elementwise)
+_bce = _autodiff.fused_jvp(_bce_loss, _bce_loss_and_grad, _autodiff.contract_elementwise)
 
 
-@functools.partial(_common.jit, static_argnames=("reduction",))
+@functools.partial(_validation.jit, static_argnames=("reduction",))
 def bce(
     probs: Float[ArrayLike, "*shape"],
     targets: Float[ArrayLike, "*shape"],
@@ -89,9 +89,9 @@ def bce(
       PyTorch ``torch.nn.functional.binary_cross_entropy``.
     """
     probs, targets, weight = _binary_inputs("bce", probs, targets, weight, reduction, "probs")
-    up = _common.upcast
+    up = _dtypes.upcast
     loss = _bce(None, up(probs), (up(targets), _upcast_or_none(weight)))
-    return _common.reduce_loss(loss, reduction).astype(probs.dtype)
+    return _reductions.reduce_loss(loss, reduction).astype(probs.dtype)
 
 
 def _bce_logits_loss(static, x, data):
@@ -113,12 +113,12 @@ def _bce_logits_loss_and_grad(static, x, data):
     return _bce_logits_loss(static, x, data), _bce_logits_grad(x, *data)
 
 
-_bce_logits = _common.fused_jvp(
-    _bce_logits_loss, _bce_logits_loss_and_grad, _common.contract_elementwise
+_bce_logits = _autodiff.fused_jvp(
+    _bce_logits_loss, _bce_logits_loss_and_grad, _autodiff.contract_elementwise
 )
 
 
-@functools.partial(_common.jit, static_argnames=("reduction",))
+@functools.partial(_validation.jit, static_argnames=("reduction",))
 def bce_with_logits(
     logits: Float[ArrayLike, "*shape"],
     targets: Float[ArrayLike, "*shape"],
@@ -156,8 +156,8 @@ def bce_with_logits(
     """
     fn = "bce_with_logits"
     logits, targets, weight = _binary_inputs(fn, logits, targets, weight, reduction, "logits")
-    pos_weight = _common.broadcast_like(fn, "pos_weight", pos_weight, logits.shape)
-    up = _common.upcast
+    pos_weight = _validation.broadcast_like(fn, "pos_weight", pos_weight, logits.shape)
+    up = _dtypes.upcast
     data = (up(targets), _upcast_or_none(weight), _upcast_or_none(pos_weight))
     loss = _bce_logits(None, up(logits), data)
-    return _common.reduce_loss(loss, reduction).astype(logits.dtype)
+    return _reductions.reduce_loss(loss, reduction).astype(logits.dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Literal, NamedTuple, overload
 
 import chex
@@ -11,7 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Integer, Real
 
-from jaxloss import _common, _implementations, _targets
+from jaxloss import (
+    _autodiff,
+    _dtypes,
+    _implementations,
+    _reductions,
+    _targets,
+    _validation,
+    _xla_cpu,
+)
 from jaxloss._stats import LogitStats
 
 # ----------------------------------------------------------------------------------------------
@@ -21,7 +30,7 @@ from jaxloss._stats import LogitStats
 
 def _axis_hint(shape: tuple[int, ...], target_shape: tuple[int, ...], axis: int) -> str:
     """Names the class axis that would fit, e.g. ``axis=1`` for PyTorch's ``(N, C, d1)``."""
-    fits = [a for a in range(len(shape)) if _common.without_axis(shape, a) == target_shape]
+    fits = [a for a in range(len(shape)) if _validation.without_axis(shape, a) == target_shape]
     if not fits or axis in fits:
         return ""
     return (
@@ -43,18 +52,18 @@ class _Index(NamedTuple):
 def _index_inputs(fn, inputs, targets, weight, ignore_index, axis, input_name):
     """Validated index targets: ``(axis, targets at least int32, IndexTargets, class weight)``."""
     ignore_index = _targets.check_ignore_index(fn, ignore_index)
-    axis = _common.class_axis(fn, axis, inputs.ndim)
-    expected = _common.without_axis(inputs.shape, axis)
+    axis = _validation.class_axis(fn, axis, inputs.ndim)
+    expected = _validation.without_axis(inputs.shape, axis)
     message = (
         f"{fn}: index `targets` must have the shape of `{input_name}` without its class axis "
-        f"{axis}, i.e. {expected}; got `targets` with {_common.describe(targets)} for "
-        f"`{input_name}` with {_common.describe(inputs)}"
+        f"{axis}, i.e. {expected}; got `targets` with {_validation.describe(targets)} for "
+        f"`{input_name}` with {_validation.describe(inputs)}"
         + _axis_hint(inputs.shape, targets.shape, axis)
     )
-    _common.expect(chex.assert_shape, targets, expected, message=message, error=ValueError)
+    _validation.expect(chex.assert_shape, targets, expected, message=message, error=ValueError)
     num_classes = inputs.shape[axis]
-    class_weight = _common.check_class_weight(fn, weight, num_classes)
-    dtype = _common.compute_dtype(inputs.dtype)
+    class_weight = _validation.check_class_weight(fn, weight, num_classes)
+    dtype = _dtypes.compute_dtype(inputs.dtype)
     if class_weight is not None:
         class_weight = class_weight.astype(dtype)
     targets = _targets.widen(targets)
@@ -63,7 +72,7 @@ def _index_inputs(fn, inputs, targets, weight, ignore_index, axis, input_name):
 
 
 def _prepare(fn: str, input_name: str):
-    """``_common.jit``'s ``prepare``: PyTorch's error on concrete targets, 0 options dropped."""
+    """``_validation.jit``'s ``prepare``: PyTorch's error on concrete targets, 0 options dropped."""
 
     def prepare(arguments: dict) -> None:
         shape = np.shape(arguments[input_name])
@@ -77,10 +86,10 @@ def _prepare(fn: str, input_name: str):
         )
         for name, high in (("label_smoothing", 1.0), ("z_loss", np.inf)):
             if name in arguments:
-                arguments[name] = _common.hyperparameter(fn, name, arguments[name], high=high)
+                arguments[name] = _validation.hyperparameter(fn, name, arguments[name], high=high)
         if "soft_cap" in arguments:
             cap = arguments["soft_cap"]
-            arguments["soft_cap"] = _common.hyperparameter(fn, "soft_cap", cap, positive=True)
+            arguments["soft_cap"] = _validation.hyperparameter(fn, "soft_cap", cap, positive=True)
 
     return prepare
 
@@ -91,7 +100,7 @@ def _prepare(fn: str, input_name: str):
 
 
 @functools.partial(
-    _common.jit,
+    _validation.jit,
     static_argnames=("ignore_index", "reduction", "axis"),
     prepare=_prepare("nll", "log_probs"),
 )
@@ -134,9 +143,9 @@ def nll(
       PyTorch ``torch.nn.functional.nll_loss``.
     """
     fn = "nll"
-    log_probs = _common.check_floating(fn, "log_probs", log_probs)
-    targets = _common.check_integer(fn, "targets", targets)
-    _common.check_reduction(fn, reduction)
+    log_probs = _validation.check_floating(fn, "log_probs", log_probs)
+    targets = _validation.check_integer(fn, "targets", targets)
+    _validation.check_reduction(fn, reduction)
     ax, targets, idx, _ = _index_inputs(
         fn, log_probs, targets, weight, ignore_index, axis, "log_probs"
     )
@@ -146,7 +155,7 @@ def nll(
 
 def _nll_loss(axis, x, data):
     targets, idx = data
-    picked = jnp.squeeze(_common.upcast(_pick(x, targets, axis)), axis)
+    picked = jnp.squeeze(_dtypes.upcast(_pick(x, targets, axis)), axis)
     return jnp.where(idx.valid, -idx.weight * picked, 0)
 
 
@@ -160,7 +169,7 @@ def _nll_loss_and_grad(axis, x, data):
 
 # Custom JVP for speed: the gradient is a one-hot built from an iota comparison, fused into the
 # backward pass, instead of the scatter-add that autodiff of the gather would produce.
-_nll = _common.fused_jvp(_nll_loss, _nll_loss_and_grad, _common.contract_axis)
+_nll = _autodiff.fused_jvp(_nll_loss, _nll_loss_and_grad, _autodiff.contract_axis)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,7 +256,7 @@ class _Normalizer:
 
     def __init__(self, z: jax.Array, axis: int, e_dtype, finite_shift: bool = True):
         self.logits, self.axis = z, axis
-        zc = _common.upcast(z)
+        zc = _dtypes.upcast(z)
         # XLA:GPU and XLA:TPU run each reduction as its own pass over the logits: the one-pass
         # form reads them once where max-then-sum reads them twice (modelled HBM traffic: forward
         # 2.0x -> 1.0x the logits, value_and_grad 2.0x -> 1.5x the copy floor; see
@@ -265,25 +274,29 @@ class _Normalizer:
         self.log_sum = jnp.log(self.sum)
         self.lse = self.max + self.log_sum
 
-    def max_again(self) -> jax.Array:
-        """The row maximum for a second consumer; on XLA:CPU a second reduction (``-min(-z)``).
+    def reduce_again(self, reduce: Callable[[jax.Array], jax.Array]) -> jax.Array:
+        """``reduce(z - max)`` (float32) for a second reduction over the logits.
 
-        A second consumer of the broadcast ``max`` would make XLA:CPU materialise it as an N×C
-        buffer, whose first touch costs more than this extra read of the logits. XLA:GPU and
-        XLA:TPU broadcast it inside each kernel, where the extra read is a pass of its own.
+        On XLA:CPU a second consumer of the first reading (the broadcast ``max``, or the float32
+        convert of half-precision logits) is materialised as an N×C buffer: 512 MiB at
+        4096×32768 bf16 with label smoothing. Behind an optimization barrier this reading (its
+        own max, its own convert) is fused into its reduction: 0.08 MiB. XLA:GPU and XLA:TPU
+        broadcast inside each kernel, where a second max would be a pass of its own.
         """
 
-        def again(z, m):
-            return _shift(-jnp.min(-z, self.axis, keepdims=True).astype(m.dtype), True)
+        def apart(z, m):
+            z = jax.lax.optimization_barrier(z)
+            m = jnp.max(z, self.axis, keepdims=True).astype(m.dtype)
+            return reduce(_dtypes.upcast(z) - _shift(m, True))
 
         def same(z, m):
-            return _shift(m, True)
+            return reduce(_dtypes.upcast(z) - _shift(m, True))
 
-        return jax.lax.platform_dependent(self.logits, self.max, default=again, cuda=same, tpu=same)
+        return jax.lax.platform_dependent(self.logits, self.max, default=apart, cuda=same, tpu=same)
 
     def e_wide(self) -> jax.Array:
         """``e`` in float32 for the gradient's arithmetic, apart from the sum's own upcast."""
-        return _common.upcast_apart(self.e).astype(self.sum.dtype)
+        return _xla_cpu.upcast_apart(self.e).astype(self.sum.dtype)
 
 
 def _sharded_along(x: jax.Array, axis: int) -> bool:
@@ -318,7 +331,7 @@ def _index_terms(norm: _Normalizer, z, d: _Index):
     axis, eps = norm.axis, d.smoothing
     # Picked from the raw logits (N reads), so that the N×C shifted logits feed only reductions
     # and XLA never materialises them.
-    target_logp = (_common.upcast(_pick(z, d.targets, axis)) - norm.max) - norm.log_sum
+    target_logp = (_dtypes.upcast(_pick(z, d.targets, axis)) - norm.max) - norm.log_sum
     valid_k = jnp.expand_dims(d.idx.valid, axis)
     w = jnp.expand_dims(d.idx.weight, axis)
     keep = 1 if eps is None else 1 - eps
@@ -326,13 +339,10 @@ def _index_terms(norm: _Normalizer, z, d: _Index):
     if eps is not None:
         # -Σ_c w_c log p_c = Σ_c w_c (max - z_c) + (Σ_c w_c) log s: two sums of non-negative
         # terms (no cancellation), each a single reduction over the logits.
-        gap = norm.max_again() - _common.upcast(z)
-        if d.class_weight is None:
-            total_weight = z.shape[axis]
-        else:
-            gap = _common.expand_at(d.class_weight, axis, z.ndim) * gap
-            total_weight = jnp.sum(d.class_weight)
-        smooth = jnp.sum(gap, axis, keepdims=True) + total_weight * norm.log_sum
+        cw = 1 if d.class_weight is None else expand_at(d.class_weight, axis, z.ndim)
+        gap = norm.reduce_again(lambda shifted: -jnp.sum(cw * shifted, axis, keepdims=True))
+        total_weight = z.shape[axis] if d.class_weight is None else jnp.sum(d.class_weight)
+        smooth = gap + total_weight * norm.log_sum
         loss = loss + jnp.where(valid_k, eps / z.shape[axis] * smooth, 0)
     if d.z_loss is not None:
         loss = loss + jnp.where(valid_k, d.z_loss * norm.lse**2, 0)
@@ -340,11 +350,11 @@ def _index_terms(norm: _Normalizer, z, d: _Index):
 
 
 def _index_loss(axis: int, z, d: _Index):
-    norm = _Normalizer(z, axis, _common.compute_dtype(z.dtype), finite_shift=False)
+    norm = _Normalizer(z, axis, _dtypes.compute_dtype(z.dtype), finite_shift=False)
     return _index_terms(norm, z, d)
 
 
-def _index_loss_and_grad(axis: int, z, d: _Index):
+def index_loss_and_grad(axis: int, z, d: _Index):
     """The loss and ∂loss/∂z = a·softmax(z) − b, one elementwise expression (no scatter)."""
     norm = _Normalizer(z, axis, z.dtype)
     loss = _index_terms(norm, z, d)
@@ -357,18 +367,18 @@ def _index_loss_and_grad(axis: int, z, d: _Index):
         if d.class_weight is None:
             a, b = a + d.smoothing, b + eps_c
         else:
-            cw = _common.expand_at(d.class_weight, axis, z.ndim)
+            cw = expand_at(d.class_weight, axis, z.ndim)
             a, b = a + eps_c * jnp.sum(d.class_weight), b + eps_c * cw
     if d.z_loss is not None:
         a = a + 2 * d.z_loss * norm.lse
-    a = _common.nan_where(jnp.expand_dims(d.idx.bad, axis), a)
+    a = _reductions.nan_where(jnp.expand_dims(d.idx.bad, axis), a)
     grad = jnp.where(jnp.expand_dims(d.idx.valid, axis), (a / norm.sum) * norm.e_wide() - b, 0)
     return loss, grad
 
 
 # Custom JVP for speed and memory: softmax − one-hot as one fused expression written in place of
 # exp (no N×C temporaries, no scatter), and PyTorch's NaN gradient on a bad target's row.
-_index_ce = _common.fused_jvp(_index_loss, _index_loss_and_grad, _common.contract_axis)
+index_ce = _autodiff.fused_jvp(_index_loss, index_loss_and_grad, _autodiff.contract_axis)
 
 
 class _Probs(NamedTuple):
@@ -380,33 +390,36 @@ class _Probs(NamedTuple):
     z_loss: jax.Array | None
 
 
-def _prob_terms(norm: _Normalizer, shift, d: _Probs):
+def _prob_terms(norm: _Normalizer, d: _Probs, again: bool):
     """Per-position cross-entropy of probability targets (PyTorch's soft-label formula).
 
-    ``shift`` is the row maximum: ``norm.max`` itself, or when the gradient also reads it (and
-    would make XLA:CPU materialise its broadcast) ``norm.max_again()``.
+    ``again``: the gradient also reads the row maximum, so the loss takes its own reading of the
+    logits (``norm.reduce_again``) rather than a second consumer of the first.
     """
     wt = _smoothed_weighted_targets(d, norm.axis)
+
     # -Σ_c t_c log p_c: terms of one sign (no cancellation), written as one expression so that
     # XLA:CPU fuses max, exp-sum and this sum into a single pass (the N×C log-probabilities are
     # never materialised). 0 · log 0 = 0: a class with no target mass at a -inf (masked) logit
     # contributes nothing; elsewhere the loss stays linear in the targets, so their gradient is
     # -w·log p even where a target is exactly 0 (as in PyTorch).
-    log_p = (_common.upcast(norm.logits) - shift) - norm.log_sum
-    loss = -jnp.sum(_common.absorbing_product(wt, log_p), norm.axis)
+    def cross(shifted):
+        return -jnp.sum(_xla_cpu.absorbing_product(wt, shifted - norm.log_sum), norm.axis)
+
+    loss = norm.reduce_again(cross) if again else cross(_dtypes.upcast(norm.logits) - norm.max)
     if d.z_loss is not None:
         loss = loss + d.z_loss * jnp.squeeze(norm.lse, norm.axis) ** 2
     return loss, wt
 
 
 def _prob_loss(axis: int, z, d: _Probs):
-    norm = _Normalizer(z, axis, _common.compute_dtype(z.dtype), finite_shift=False)
-    return _prob_terms(norm, norm.max, d)[0]
+    norm = _Normalizer(z, axis, _dtypes.compute_dtype(z.dtype), finite_shift=False)
+    return _prob_terms(norm, d, again=False)[0]
 
 
 def _prob_loss_and_grad(axis: int, z, d: _Probs):
     norm = _Normalizer(z, axis, z.dtype)
-    loss, wt = _prob_terms(norm, norm.max_again(), d)
+    loss, wt = _prob_terms(norm, d, again=True)
     a = jnp.sum(wt, axis, keepdims=True)
     if d.z_loss is not None:
         a = a + 2 * d.z_loss * norm.lse
@@ -414,16 +427,16 @@ def _prob_loss_and_grad(axis: int, z, d: _Probs):
 
 
 def _smoothed_weighted_targets(d: _Probs, axis: int):
-    t = _common.upcast(d.targets)
+    t = _dtypes.upcast(d.targets)
     if d.smoothing is not None:
         t = t * (1 - d.smoothing) + d.smoothing / t.shape[axis]
     if d.class_weight is not None:
-        t = t * _common.expand_at(d.class_weight, axis, t.ndim)
+        t = t * expand_at(d.class_weight, axis, t.ndim)
     return t
 
 
 # Custom JVP for speed and memory: a·softmax − w·t in one pass (autodiff would keep log p).
-_prob_ce = _common.fused_jvp(_prob_loss, _prob_loss_and_grad, _common.contract_axis)
+_prob_ce = _autodiff.fused_jvp(_prob_loss, _prob_loss_and_grad, _autodiff.contract_axis)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,13 +446,13 @@ _prob_ce = _common.fused_jvp(_prob_loss, _prob_loss_and_grad, _common.contract_a
 
 def _check_probability_targets(logits, targets, axis: int, ignore_index: int) -> None:
     fn = "cross_entropy"
-    if targets.shape == _common.without_axis(logits.shape, axis) and targets.ndim < logits.ndim:
+    if targets.shape == _validation.without_axis(logits.shape, axis) and targets.ndim < logits.ndim:
         raise TypeError(
             f"{fn}: floating `targets` are read as class probabilities of the logits' shape "
-            f"{tuple(logits.shape)}; got {_common.describe(targets)}, the shape of class "
+            f"{tuple(logits.shape)}; got {_validation.describe(targets)}, the shape of class "
             "indices: class indices need an integer dtype (e.g. `targets.astype(jnp.int32)`)"
         )
-    _common.check_same_shape(fn, ("logits", "targets"), logits, targets)
+    _validation.check_same_shape(fn, ("logits", "targets"), logits, targets)
     if isinstance(ignore_index, (int, np.integer)) and ignore_index >= 0:
         raise ValueError(
             f"{fn}: `ignore_index`={ignore_index} is not supported for floating point (class "
@@ -484,7 +497,7 @@ def cross_entropy(
 
 
 @functools.partial(
-    _common.jit,
+    _validation.jit,
     static_argnames=("ignore_index", "reduction", "axis", "return_stats", "implementation"),
     prepare=_prepare("cross_entropy", "logits"),
 )
@@ -570,12 +583,12 @@ def cross_entropy(
       help?" (2019); Chowdhery et al., "PaLM" (2022) for the z-loss.
     """
     fn = "cross_entropy"
-    logits = _common.check_floating(fn, "logits", logits)
-    targets = _common.as_array(fn, "targets", targets)
-    _common.check_reduction(fn, reduction)
-    return_stats = _common.check_flag(fn, "return_stats", return_stats)
+    logits = _validation.check_floating(fn, "logits", logits)
+    targets = _validation.as_array(fn, "targets", targets)
+    _validation.check_reduction(fn, reduction)
+    return_stats = _validation.check_flag(fn, "return_stats", return_stats)
     hyper = _traced_hyperparameters(fn, label_smoothing, z_loss)
-    soft_cap = _common.hyperparameter(fn, "soft_cap", soft_cap, positive=True)
+    soft_cap = _validation.hyperparameter(fn, "soft_cap", soft_cap, positive=True)
     _implementations.check(fn, implementation)
     z = logits if soft_cap is None else _soft_capped(fn, logits, soft_cap)
     if jnp.issubdtype(targets.dtype, jnp.integer):
@@ -590,45 +603,45 @@ def cross_entropy(
         if not jnp.issubdtype(targets.dtype, jnp.floating):
             raise TypeError(
                 f"{fn}: `targets` must be integer class indices or floating probabilities, got "
-                f"{_common.describe(targets)}"
+                f"{_validation.describe(targets)}"
             )
-        ax = _common.class_axis(fn, axis, logits.ndim)
+        ax = _validation.class_axis(fn, axis, logits.ndim)
         _check_probability_targets(logits, targets, ax, ignore_index)
-        class_weight = _common.check_class_weight(fn, weight, logits.shape[ax])
+        class_weight = _validation.check_class_weight(fn, weight, logits.shape[ax])
         if class_weight is not None:
-            class_weight = class_weight.astype(_common.compute_dtype(logits.dtype))
+            class_weight = class_weight.astype(_dtypes.compute_dtype(logits.dtype))
         _implementations.refuse_pallas(fn, implementation, "probability (floating) targets")
         loss = _per_position(_prob_ce, ax, z, _Probs(targets, class_weight, *hyper))
         # PyTorch's mean divides by logits.numel() / C: NaN when there are no classes.
         positions = loss.size if logits.shape[ax] else 0
-        loss = _common.reduce_loss(loss, reduction, positions).astype(logits.dtype)
+        loss = _reductions.reduce_loss(loss, reduction, positions).astype(logits.dtype)
         hit = (jnp.argmax(targets, ax) if targets.shape[ax] else None, True)
     return (loss, _logit_stats(z, ax, *hit)) if return_stats else loss
 
 
 def _index_ce_xla(axis: int, z: jax.Array, d: _Index, reduction: str) -> jax.Array:
     """The XLA form of index cross-entropy, reduced: the CPU/GPU default, the TPU fallback."""
-    return _targets.reduce(_per_position(_index_ce, axis, z, d), reduction, d.idx)
+    return _targets.reduce(_per_position(index_ce, axis, z, d), reduction, d.idx)
 
 
 def _soft_capped(fn: str, z: jax.Array, cap) -> jax.Array:
     """``c·tanh(z/c)``, computed in float32 for half precision, returned in ``z``'s dtype."""
-    cap = jax.lax.stop_gradient(_common.check_real(fn, "soft_cap", cap))
+    cap = jax.lax.stop_gradient(_validation.check_real(fn, "soft_cap", cap))
     if cap.shape != ():
-        raise ValueError(f"{fn}: `soft_cap` must be a scalar, got {_common.describe(cap)}")
-    wide = _common.upcast(z)
+        raise ValueError(f"{fn}: `soft_cap` must be a scalar, got {_validation.describe(cap)}")
+    wide = _dtypes.upcast(z)
     cap = cap.astype(wide.dtype)
     return (cap * jnp.tanh(wide / cap)).astype(z.dtype)
 
 
 def _logit_stats(z: jax.Array, axis: int, target: jax.Array | None, counted) -> LogitStats:
     """``LogitStats`` per position: lse, argmax hit, entropy, argmax (not differentiated)."""
-    dtype, shape = z.dtype, _common.without_axis(z.shape, axis)
+    dtype, shape = z.dtype, _validation.without_axis(z.shape, axis)
     if z.shape[axis] == 0:
         # An empty sum: lse = log 0, entropy 0; no class to predict or hit.
         zeros = jnp.zeros(shape, dtype)
         return LogitStats(zeros - jnp.inf, jnp.zeros(shape, bool), zeros, zeros.astype(jnp.int32))
-    zc = jax.lax.stop_gradient(_common.upcast(z))
+    zc = jax.lax.stop_gradient(_dtypes.upcast(z))
     lse = jax.nn.logsumexp(zc, axis)
     p = jnp.exp(zc - jnp.expand_dims(lse, axis))
     # Σ p z with 0 · (-inf) = 0: a masked class has no probability and contributes nothing.
@@ -641,7 +654,7 @@ def _logit_stats(z: jax.Array, axis: int, target: jax.Array | None, counted) -> 
 def _per_position(loss_fn, axis: int, z: jax.Array, data) -> jax.Array:
     """``loss_fn(axis, z, data)``; with no classes, 0 (the reduction makes a counted target NaN)."""
     if z.shape[axis] == 0:
-        return jnp.zeros(_common.without_axis(z.shape, axis), _common.compute_dtype(z.dtype))
+        return jnp.zeros(_validation.without_axis(z.shape, axis), _dtypes.compute_dtype(z.dtype))
     return loss_fn(axis, z, data)
 
 
@@ -655,10 +668,19 @@ def _traced_hyperparameters(fn: str, label_smoothing, z_loss) -> tuple:
     values = []
     for name, value in (("label_smoothing", label_smoothing), ("z_loss", z_loss)):
         high = 1.0 if name == "label_smoothing" else np.inf
-        value = _common.hyperparameter(fn, name, value, high=high)
+        value = _validation.hyperparameter(fn, name, value, high=high)
         if value is not None:
-            value = _common.check_real(fn, name, value)
+            value = _validation.check_real(fn, name, value)
             if value.shape != ():
-                raise ValueError(f"{fn}: `{name}` must be a scalar, got {_common.describe(value)}")
+                raise ValueError(
+                    f"{fn}: `{name}` must be a scalar, got {_validation.describe(value)}"
+                )
         values.append(value)
     return tuple(values)
+
+
+def expand_at(v: jax.Array, axis: int, ndim: int) -> jax.Array:
+    """Reshapes a per-class vector so that it lies along ``axis`` of a rank-``ndim`` array."""
+    shape = [1] * ndim
+    shape[axis] = v.shape[0]
+    return v.reshape(shape)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, ArrayLike, Bool, Float
 
-from jaxloss import _common, _implementations
+from jaxloss import _dtypes, _implementations, _reductions, _validation
 from jaxloss._blockwise import passes, sharding, vjp
 from jaxloss._blockwise.blocks import (
     Chunk,
@@ -261,7 +261,7 @@ def _divergences(student, teacher, cfg: _Config):
     finite = jnp.isfinite(norm_t.shift + norm_t.log_sum) & jnp.isfinite(
         norm_s.shift + norm_s.log_sum
     )
-    div = _common.nan_where(~finite, jnp.asarray(div))
+    div = _reductions.nan_where(~finite, jnp.asarray(div))
     return div, (*norm_t, *norm_s, extra)
 
 
@@ -290,7 +290,7 @@ def _student_slope(a, b, stats, cfg: _Config):
     else:
         lm = _log_mixture(lp_t, lp_s, cfg.beta)
         slope = jnp.where(p_s == 0, 0, (1 - cfg.beta) * p_s * (lp_s - lm - extra))
-    return _common.nan_where(~(norm_t.finite() & norm_s.finite()), slope)
+    return _reductions.nan_where(~(norm_t.finite() & norm_s.finite()), slope)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,7 +346,7 @@ class _TokenDivergence:
 
 
 def _compute_dtype(*arrays) -> jnp.dtype:
-    return _common.compute_dtype(jnp.result_type(*(a.dtype for a in arrays if a is not None)))
+    return _dtypes.compute_dtype(jnp.result_type(*(a.dtype for a in arrays if a is not None)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,7 +370,7 @@ def _loss(student, teacher, mask, cfg: _Config, reduction: str, batch_axis=None)
     )
     if batch_axis is not None:
         total, count = jax.lax.psum(total, batch_axis), jax.lax.psum(count, batch_axis)
-    return total if reduction == "sum" else _common.safe_divide(total, count)
+    return total if reduction == "sum" else _reductions.safe_divide(total, count)
 
 
 def _sharded(student, teacher, mask, cfg: _Config, reduction, mesh, batch_axis):
@@ -420,8 +420,8 @@ def _sharded(student, teacher, mask, cfg: _Config, reduction, mesh, batch_axis):
 def _check_hyperparameters(beta, temperature) -> None:
     """β in [0, 1] and τ > 0, finite: a concrete value out of range raises ``ValueError``; a
     traced one is checked for its type and shape only (check it with ``checkify``)."""
-    _common.hyperparameter(_FN, "beta", beta, high=1.0)
-    _common.hyperparameter(_FN, "temperature", temperature, positive=True)
+    _validation.hyperparameter(_FN, "beta", beta, high=1.0)
+    _validation.hyperparameter(_FN, "temperature", temperature, positive=True)
 
 
 def _prepare(arguments: dict[str, Any]) -> None:
@@ -432,15 +432,15 @@ def _prepare(arguments: dict[str, Any]) -> None:
 def _check_options(divergence, beta, temperature, reduction) -> None:
     if divergence not in DIVERGENCES:
         raise ValueError(f"{_FN}: `divergence` must be one of {DIVERGENCES}, got {divergence!r}")
-    _common.check_reduction(_FN, reduction)
+    _validation.check_reduction(_FN, reduction)
     _check_hyperparameters(beta, temperature)
 
 
 def _check_head(prefix: str, hidden, kernel, bias, batch_shape):
     """A head's ``(hidden, kernel, bias)`` as arrays; ``hidden`` is ``(*batch_shape, D)``."""
     h, k = f"{prefix}hidden", f"{prefix}kernel"
-    hidden = _common.check_floating(_FN, h, hidden)
-    kernel = _common.check_floating(_FN, k, kernel)
+    hidden = _validation.check_floating(_FN, h, hidden)
+    kernel = _validation.check_floating(_FN, k, kernel)
     if hidden.ndim < 1:
         raise ValueError(f"{_FN}: `{h}` must have a feature axis (..., D), got a scalar")
     if batch_shape is not None and hidden.shape[:-1] != batch_shape:
@@ -456,7 +456,7 @@ def _check_head(prefix: str, hidden, kernel, bias, batch_shape):
         )
     if bias is not None:
         name = f"{prefix}bias"
-        bias = _common.check_floating(_FN, name, bias)
+        bias = _validation.check_floating(_FN, name, bias)
         if bias.shape != (kernel.shape[1],):
             raise ValueError(
                 f"{_FN}: `{name}` must have shape ({kernel.shape[1]},), one entry per class "
@@ -468,7 +468,7 @@ def _check_head(prefix: str, hidden, kernel, bias, batch_shape):
 def _check_mask(mask, batch_shape):
     if mask is None:
         return None
-    mask = _common.as_array(_FN, "mask", mask)
+    mask = _validation.as_array(_FN, "mask", mask)
     if mask.dtype != jnp.bool_:
         raise TypeError(f"{_FN}: `mask` must be boolean (True = a token that counts), got dtype "
                         f"{mask.dtype}; pass e.g. `targets != pad_id`")  # fmt: skip
@@ -486,7 +486,7 @@ def _check_mask(mask, batch_shape):
 
 
 @functools.partial(
-    _common.jit,
+    _validation.jit,
     static_argnames=(
         "divergence", "reduction", "token_chunk", "vocab_chunk", "mesh", "batch_axis",
         "vocab_axis", "implementation",
@@ -637,13 +637,13 @@ def linear_distillation(
     n, v = student[0].shape[0], student[1].shape[1]
     resolved_mesh = sharding.check_mesh_axes(_FN, mesh, batch_axis, vocab_axis, n)
     if n == 0:
-        empty = jnp.zeros((0,), _common.compute_dtype(out_dtype))
-        loss = _common.reduce_loss(empty, reduction)
+        empty = jnp.zeros((0,), _dtypes.compute_dtype(out_dtype))
+        loss = _reductions.reduce_loss(empty, reduction)
     else:
         n_local = n // sharding.axis_size(resolved_mesh, batch_axis)
         split = sharding.VocabularySplit.of(resolved_mesh, vocab_axis, v)
         chunks = (min(token_chunk, n_local), min(vocab_chunk, split.width))
-        cdt = _common.compute_dtype(out_dtype)
+        cdt = _dtypes.compute_dtype(out_dtype)
         beta, temperature = (
             jax.lax.stop_gradient(jnp.asarray(x, cdt)) for x in (beta, temperature)
         )

@@ -9,16 +9,16 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float
 
-from jaxloss import _common
+from jaxloss import _dtypes, _validation
 
 
 def _mask(fn: str, where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array | None:
     if where is None:
         return None
-    mask = _common.as_array(fn, "where", where)
-    message = f"{fn}: `where` must be a boolean mask, got {_common.describe(mask)}"
-    _common.expect(chex.assert_type, mask, bool, message=message, error=TypeError)
-    out = _common.broadcast_like(fn, "where", mask, shape, boolean=True)
+    mask = _validation.as_array(fn, "where", where)
+    message = f"{fn}: `where` must be a boolean mask, got {_validation.describe(mask)}"
+    _validation.expect(chex.assert_type, mask, bool, message=message, error=TypeError)
+    out = _validation.broadcast_like(fn, "where", mask, shape, boolean=True)
     assert out is not None
     return out
 
@@ -32,8 +32,8 @@ def _shifted(x: jax.Array, axis: int, where: jax.Array | None) -> jax.Array:
     m = jnp.max(x, axis, keepdims=True, where=where, initial=-jnp.inf)
     # No finite-shift select: a row that is all -inf (or masked) or holds +inf comes out all NaN,
     # as in PyTorch, and without a select XLA:CPU fuses the max into the shift.
-    m = jax.lax.stop_gradient(_common.upcast(m))
-    shifted = _common.upcast(x) - m
+    m = jax.lax.stop_gradient(_dtypes.upcast(m))
+    shifted = _dtypes.upcast(x) - m
     return shifted if where is None else jnp.where(where, shifted, -jnp.inf)
 
 
@@ -42,20 +42,20 @@ def _along_axis(fn: str, kernel, x: ArrayLike, axis: int, where: ArrayLike | Non
 
     A 0-d ``x`` is one class, as in PyTorch (``axis`` -1 or 0): softmax 1, log-softmax 0.
     """
-    x = _common.check_floating(fn, "x", x)
+    x = _validation.check_floating(fn, "x", x)
     if x.ndim == 0:
         if axis not in (-1, 0) and not isinstance(axis, (bool, float)):
             raise ValueError(
                 f"{fn}: `axis`={axis!r} is out of range for a 0-d `x` (a single class): "
                 "use -1 or 0, as in PyTorch"
             )
-        _common.class_axis(fn, axis, 1)  # a non-int axis is a TypeError
+        _validation.class_axis(fn, axis, 1)  # a non-int axis is a TypeError
         return kernel(x.reshape(1), 0, _mask(fn, where, (1,))).reshape(())
-    axis = _common.class_axis(fn, axis, x.ndim)
+    axis = _validation.class_axis(fn, axis, x.ndim)
     return kernel(x, axis, _mask(fn, where, x.shape))
 
 
-@functools.partial(_common.jit, static_argnames=("axis",))
+@functools.partial(_validation.jit, static_argnames=("axis",))
 def log_softmax(
     x: Float[ArrayLike, "*shape"], axis: int = -1, where: Bool[ArrayLike, "*#shape"] | None = None
 ) -> Float[Array, "*shape"]:
@@ -107,7 +107,7 @@ def _log_softmax_jvp(axis, primals, tangents):
     x, where = primals
     dx, _ = tangents
     y = _log_softmax(x, axis, where)
-    dxc, p = _common.upcast(dx), jnp.exp(_common.upcast(y))
+    dxc, p = _dtypes.upcast(dx), jnp.exp(_dtypes.upcast(y))
     if where is not None:
         # A fully masked row has a NaN output; its entries must send no NaN into the normaliser
         # (0 · NaN) when transposed: a padded row then gets a zero gradient, as in jax.nn.
@@ -135,11 +135,11 @@ def _row_dot(a: jax.Array, t: jax.Array, wide_t: jax.Array, axis: int, where) ->
     """
 
     def wide():
-        product = _common.upcast(a).astype(wide_t.dtype) * wide_t
+        product = _dtypes.upcast(a).astype(wide_t.dtype) * wide_t
         return jnp.sum(product, axis, keepdims=True, where=where)
 
     def narrow():
-        product = _common.upcast(a.astype(t.dtype) * t)
+        product = _dtypes.upcast(a.astype(t.dtype) * t)
         return jnp.sum(product, axis, keepdims=True, where=where)
 
     if wide_t.dtype == t.dtype:
@@ -154,7 +154,7 @@ def _softmax(x: jax.Array, axis: int, where: jax.Array | None) -> jax.Array:
     # exp is kept in x's dtype: that buffer becomes the output in place, and for half precision
     # no float32 copy of the logits or of exp exists (the sum still accumulates in float32).
     e = jnp.exp(_shifted(x, axis, where)).astype(x.dtype)
-    wide = _common.upcast(e)
+    wide = _dtypes.upcast(e)
     return (wide / jnp.sum(wide, axis, keepdims=True, where=where)).astype(x.dtype)
 
 
@@ -164,13 +164,13 @@ def _softmax_jvp(axis, primals, tangents):
     dx, _ = tangents
     y = _softmax(x, axis, where)
     live = y if where is None else jnp.where(where, y, 0)  # a masked row's NaN stays out
-    dxc = _common.upcast(dx)
-    dy = _common.upcast(live) * (dxc - _row_dot(live, dx, dxc, axis, where))
+    dxc = _dtypes.upcast(dx)
+    dy = _dtypes.upcast(live) * (dxc - _row_dot(live, dx, dxc, axis, where))
     dy = dy if where is None else jnp.where(where, dy, 0)
     return y, dy.astype(dx.dtype)
 
 
-@functools.partial(_common.jit, static_argnames=("axis",))
+@functools.partial(_validation.jit, static_argnames=("axis",))
 def softmax(
     x: Float[ArrayLike, "*shape"], axis: int = -1, where: Bool[ArrayLike, "*#shape"] | None = None
 ) -> Float[Array, "*shape"]:
@@ -202,7 +202,7 @@ def softmax(
     return _along_axis("softmax", _softmax, x, axis, where)
 
 
-@_common.jit
+@_validation.jit
 def sigmoid(x: Float[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
     r"""Logistic sigmoid, exact at both tails.
 
@@ -224,8 +224,8 @@ def sigmoid(x: Float[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
     References:
       PyTorch ``torch.sigmoid``; JAX ``jax.nn.sigmoid``.
     """
-    x = _common.check_floating("sigmoid", "x", x)
-    return jax.lax.logistic(_common.upcast(x)).astype(x.dtype)
+    x = _validation.check_floating("sigmoid", "x", x)
+    return jax.lax.logistic(_dtypes.upcast(x)).astype(x.dtype)
 
 
 def softplus_neg(x: jax.Array) -> jax.Array:
@@ -235,7 +235,7 @@ def softplus_neg(x: jax.Array) -> jax.Array:
     return jnp.log1p(jnp.exp(-jnp.abs(x))) + jax.nn.relu(-x)
 
 
-@_common.jit
+@_validation.jit
 def log_sigmoid(x: Float[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
     r"""Log of the logistic sigmoid, finite for any magnitude of ``x``.
 
@@ -257,5 +257,5 @@ def log_sigmoid(x: Float[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
     References:
       PyTorch ``torch.nn.functional.logsigmoid``; JAX ``jax.nn.log_sigmoid``.
     """
-    x = _common.check_floating("log_sigmoid", "x", x)
-    return (-softplus_neg(_common.upcast(x))).astype(x.dtype)
+    x = _validation.check_floating("log_sigmoid", "x", x)
+    return (-softplus_neg(_dtypes.upcast(x))).astype(x.dtype)

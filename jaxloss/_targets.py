@@ -16,7 +16,7 @@ import numpy as np
 from jax.experimental import checkify
 from jaxtyping import ArrayLike, Integer
 
-from jaxloss import _common
+from jaxloss import _reductions, _validation
 
 
 class IndexTargets(NamedTuple):
@@ -79,8 +79,8 @@ def reduce(loss: jax.Array, reduction: str, idx: IndexTargets) -> jax.Array:
     A bad target makes its position NaN (and so any reduction); every target ignored makes the
     mean NaN with zero gradients.
     """
-    loss = _common.nan_where(idx.bad, loss)
-    return _common.reduce_loss(loss, reduction, weights=idx.weight)
+    loss = _reductions.nan_where(idx.bad, loss)
+    return _reductions.reduce_loss(loss, reduction, weights=idx.weight)
 
 
 def check_ignore_index(fn: str, ignore_index: Any) -> int:
@@ -118,11 +118,11 @@ def raise_if_out_of_range(
 ) -> None:
     """PyTorch's out-of-bounds error for concrete index targets; nothing for traced ones.
 
-    Runs before the compiled function (``_common.jit``'s ``prepare``), so it costs nothing under
+    Runs before the compiled function (``_validation.jit``'s ``prepare``), so it costs nothing under
     an outer ``jit``. Arguments that are wrong in type or shape are left to the compiled
     function's own checks, which name them.
     """
-    if not _common.is_concrete(targets) or not isinstance(ignore_index, (int, np.integer)):
+    if not _validation.is_concrete(targets) or not isinstance(ignore_index, (int, np.integer)):
         return
     t = np.asarray(targets)
     if not np.issubdtype(t.dtype, np.integer) or not isinstance(axis, (int, np.integer)):
@@ -130,7 +130,7 @@ def raise_if_out_of_range(
     if not -len(shape) <= axis < len(shape):
         return
     axis = int(axis) % len(shape)
-    if t.shape != _common.without_axis(shape, axis):
+    if t.shape != _validation.without_axis(shape, axis):
         return
     num_classes = shape[axis]
     bad = (t != ignore_index) & ((t < 0) | (t >= num_classes))
@@ -175,7 +175,7 @@ def check_targets(
       >>> print(err.get())  # doctest: +ELLIPSIS
       cross_entropy targets out of range [0, 3): 7 ...
     """
-    targets = widen(_common.check_integer("check_targets", "targets", targets))
+    targets = widen(_validation.check_integer("check_targets", "targets", targets))
     ignore_index = check_ignore_index("check_targets", ignore_index)
     bad = index_targets(targets, num_classes, ignore_index, None, jnp.float32).bad
     first = jnp.zeros((), targets.dtype)

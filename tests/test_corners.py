@@ -259,6 +259,7 @@ def test_check_targets_under_checkify_still_works_nested_and_plain():
 # debug_nans: the NaN a bad target or an empty mean gets is made only where it belongs.
 
 
+@pytest.mark.slow  # every loss run op by op (disable_jit): ~35 s here
 def test_debug_nans_is_quiet_on_clean_data_for_every_loss():
     z = jnp.array([[1.0, 2.0, 0.5], [0.1, 0.2, 0.3]])
     y, k = jnp.array([0, 2]), jnp.ones((3, 4))

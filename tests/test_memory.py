@@ -112,3 +112,27 @@ def test_bfloat16_forward_holds_no_float32_copy_of_the_logits(name):
     compiled = jax.jit(getattr(jaxloss, name)).lower(z, y).compile()
     temps = compiled.memory_analysis().temp_size_in_bytes  # pyright: ignore[reportOptionalMemberAccess]
     assert temps <= ROW_SLACK, f"{temps} bytes against {LOGITS_BYTES['bf16']} of logits"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("mode", ["forward", "value_and_grad"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["smoothing", "smoothing+weight"])
+def test_label_smoothing_holds_no_copy_of_the_logits(dtype, mode, weighted):
+    """Label smoothing's sum over the logits beside the exp-sum made XLA:CPU materialise the
+    float32 convert of bf16 logits, twice their bytes (issue 19 item 8)."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxloss
+
+    z = jax.ShapeDtypeStruct(SHAPE, jnp.dtype(dtype))
+    y = jax.ShapeDtypeStruct(SHAPE[:1], jnp.int32)
+    w = jax.ShapeDtypeStruct(SHAPE[1:], jnp.float32) if weighted else None
+
+    def loss(z, y, w):
+        return jaxloss.cross_entropy(z, y, weight=w, label_smoothing=0.1).astype(jnp.float32)
+
+    f = jax.value_and_grad(loss) if mode == "value_and_grad" else loss
+    compiled = jax.jit(f).lower(z, y, w).compile()
+    temps = compiled.memory_analysis().temp_size_in_bytes  # pyright: ignore[reportOptionalMemberAccess]
+    assert temps <= ROW_SLACK, f"{temps} bytes of temporaries for {z}"

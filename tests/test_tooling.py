@@ -131,7 +131,15 @@ def test_docs_have_pages() -> None:
     assert expected <= names, f"missing docs pages: {expected - names}"
 
 
-@pytest.mark.parametrize("page", DOC_PAGES, ids=lambda p: p.name)
+# The pages with a linear head or many examples take 15-25 s each: the full suite's.
+SLOW_PAGES = {"linear.md", "classification.md", "distillation.md"}
+
+
+@pytest.mark.parametrize(
+    "page",
+    [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW_PAGES else p for p in DOC_PAGES],
+    ids=lambda p: p.name,
+)
 def test_docs_pycon_examples_run(page: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every ``>>>`` example in the docs prints what it shows; a page's blocks share names."""
     # The docs show what a user sees: jaxloss's own errors, not the suite's runtime type checks.

@@ -21,7 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxloss import _common, _targets
+from jaxloss import _autodiff, _targets
 from jaxloss._cross_entropy_pallas import pallas_tpu
 from jaxloss._cross_entropy_pallas.pallas_tpu import supported
 
@@ -98,7 +98,7 @@ def _reduced(static, z, d):
 def _reduced_jvp(static, primals, tangents):
     reduction, interpret = static
     (z, d), (dz, dd) = primals, tangents
-    if _common.is_zero(dz):
+    if _autodiff.is_zero(dz):
         out = _reduced(static, z, d)
         tangent = jnp.zeros_like(out)
     else:
@@ -109,8 +109,8 @@ def _reduced_jvp(static, primals, tangents):
         # cotangent of value_and_grad (XLA folds × 1 and the f32 round trip of bf16).
         product = grad.astype(jnp.float32) * dz.astype(jnp.float32)
         tangent = jnp.sum(product, axis=1) if reduction == "none" else jnp.sum(product)
-    if not all(_common.is_zero(t) for t in jax.tree.leaves(dd, is_leaf=_common.is_zero)):
-        dd = jax.tree.map(_common._instantiate, dd, d, is_leaf=_common.is_zero)
+    if not all(_autodiff.is_zero(t) for t in jax.tree.leaves(dd, is_leaf=_autodiff.is_zero)):
+        dd = jax.tree.map(_autodiff.instantiate, dd, d, is_leaf=_autodiff.is_zero)
         _, t_data = jax.jvp(lambda data: _xla_reduced(reduction, z, data), (d,), (dd,))
         tangent = tangent + t_data
     return out, tangent
@@ -122,7 +122,7 @@ _reduced.defjvp(_reduced_jvp, symbolic_zeros=True)
 def _xla_reduced(reduction, z, d):
     from jaxloss import _classification  # the XLA form (imports this package)
 
-    return _targets.reduce(_classification._index_ce(1, z, d), reduction, d.idx)
+    return _targets.reduce(_classification.index_ce(1, z, d), reduction, d.idx)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -136,7 +136,7 @@ def _rows_with_grad_jvp(interpret, primals, tangents):
     from jaxloss import _classification
 
     def xla(z, d, factor):
-        loss, grad = _classification._index_loss_and_grad(1, z, d)
+        loss, grad = _classification.index_loss_and_grad(1, z, d)
         return loss, (factor[:, None] * grad).astype(z.dtype)
 
     out = _rows_with_grad(interpret, *primals)

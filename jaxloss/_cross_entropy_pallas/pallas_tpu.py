@@ -8,7 +8,7 @@ the per-row factor of the reduction, see ``_cross_entropy_pallas``) is written i
 dtype: the whole of ``value_and_grad`` is one read of the logits and one write of the gradient.
 
 The formulas are those of ``jaxloss._classification._index_terms`` and
-``_index_loss_and_grad`` (PyTorch's smoothing, PaLM's z-loss); the per-row target weights, the
+``index_loss_and_grad`` (PyTorch's smoothing, PaLM's z-loss); the per-row target weights, the
 ignore and out-of-range masks come from ``jaxloss._targets.index_targets``.
 """
 

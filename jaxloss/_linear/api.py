@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, Float, Integer
 
-from jaxloss import _common, _implementations, _targets
+from jaxloss import _dtypes, _implementations, _reductions, _targets, _validation
 from jaxloss._blockwise import blocks
 from jaxloss._blockwise import sharding as mesh_axes
 from jaxloss._linear import assembly, chunked, sharded
@@ -31,9 +31,9 @@ FUSED_PLATFORMS = ("cpu",)
 def _check_arrays(hidden, kernel, targets, bias):
     """Validated ``(hidden, kernel, targets, bias)`` arrays of consistent shapes."""
     fn = _FN
-    hidden = _common.check_floating(fn, "hidden", hidden)
-    kernel = _common.check_floating(fn, "kernel", kernel)
-    targets = _common.check_real(fn, "targets", targets)
+    hidden = _validation.check_floating(fn, "hidden", hidden)
+    kernel = _validation.check_floating(fn, "kernel", kernel)
+    targets = _validation.check_real(fn, "targets", targets)
     if hidden.ndim < 1:
         raise ValueError(f"{fn}: `hidden` must have a feature axis (..., D), got a scalar")
     if kernel.ndim != 2 or kernel.shape[0] != hidden.shape[-1] or kernel.shape[1] == 0:
@@ -58,7 +58,7 @@ def _check_arrays(hidden, kernel, targets, bias):
             f"{v} classes); got shape {tuple(targets.shape)} and dtype {targets.dtype}"
         )
     if bias is not None:
-        bias = _common.check_floating(fn, "bias", bias)
+        bias = _validation.check_floating(fn, "bias", bias)
         if bias.shape != (v,):
             raise ValueError(
                 f"{fn}: `bias` must have shape ({v},), one entry per class (column of `kernel`), "
@@ -69,12 +69,12 @@ def _check_arrays(hidden, kernel, targets, bias):
 
 def _check_options(ignore_index, reduction, label_smoothing, z_loss, soft_cap):
     """``(static Options without num_classes, (smoothing, z_loss), soft_cap)``."""
-    _common.check_reduction(_FN, reduction)
+    _validation.check_reduction(_FN, reduction)
     if not isinstance(ignore_index, (int, np.integer)) or isinstance(ignore_index, bool):
         raise TypeError(f"{_FN}: `ignore_index` must be an int, got {ignore_index!r}")
-    smoothing = _common.hyperparameter(_FN, "label_smoothing", label_smoothing, high=1.0)
-    z_loss = _common.hyperparameter(_FN, "z_loss", z_loss)
-    soft_cap = _common.hyperparameter(_FN, "soft_cap", soft_cap, positive=True)
+    smoothing = _validation.hyperparameter(_FN, "label_smoothing", label_smoothing, high=1.0)
+    z_loss = _validation.hyperparameter(_FN, "z_loss", z_loss)
+    soft_cap = _validation.hyperparameter(_FN, "soft_cap", soft_cap, positive=True)
     static = dict(
         ignore_index=int(ignore_index), reduction=reduction, smoothing=smoothing is not None,
         z_loss=z_loss is not None,
@@ -83,7 +83,7 @@ def _check_options(ignore_index, reduction, label_smoothing, z_loss, soft_cap):
     return static, hyper, soft_cap
 
 
-@_common.checked_call
+@_validation.checked_call
 def linear_cross_entropy(
     hidden: Float[ArrayLike, "*hidden_shape"],
     kernel: Float[ArrayLike, "*kernel_shape"],
@@ -261,8 +261,8 @@ def _linear_cross_entropy(
     v = kernel.shape[1]
     options = assembly.Options(num_classes=v, **dict(static))
     out_dtype = jnp.result_type(hidden.dtype, kernel.dtype, *([] if bias is None else [bias]))
-    cdt = _common.compute_dtype(out_dtype)
-    class_weight = _common.check_class_weight(_FN, weight, v)
+    cdt = _dtypes.compute_dtype(out_dtype)
+    class_weight = _validation.check_class_weight(_FN, weight, v)
     if class_weight is not None:
         class_weight = class_weight.astype(cdt)
     probabilities = jnp.issubdtype(targets.dtype, jnp.floating)
@@ -319,7 +319,7 @@ def _single_device(p: chunked.Problem, options: assembly.Options, hyper, chunks)
         return total, stats
     n = p.hidden.shape[0]
     den = assembly.denominator(options, p.labels, p.class_weight, n, total.dtype)
-    return _common.safe_divide(total, den), stats
+    return _reductions.safe_divide(total, den), stats
 
 
 def _per_token(p: chunked.Problem, options: assembly.Options, hyper, chunks):

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxloss import _common, _targets
+from jaxloss import _reductions, _targets
 
 
 def index_setup(targets, class_weight, num_classes, ignore_index, cdt):
@@ -46,7 +46,7 @@ def _loss_log_sum(s) -> jax.Array:
     gradients) is NaN at such a row, while the logits' gradient keeps ``softmax`` taken with the
     finite shift (NaN at a ``+inf`` logit only). The added constant has no derivative.
     """
-    return s.log_sum + _common.nan_where(~jnp.isfinite(s.max), jnp.zeros_like(s.log_sum))
+    return s.log_sum + _reductions.nan_where(~jnp.isfinite(s.max), jnp.zeros_like(s.log_sum))
 
 
 def index_losses(o: Options, s, valid, bad, pos_weight, sum_weight, hyper):
@@ -71,7 +71,7 @@ def index_losses(o: Options, s, valid, bad, pos_weight, sum_weight, hyper):
     # A bad target (out of range, not ignored) is NaN, in value and — as in cross_entropy — in
     # the gradient of every logit of its row (and in no class weight's); the factor is exactly 0
     # (and so is its gradient) at every other row.
-    return loss + _common.nan_where(bad, jnp.zeros_like(log_sum)) * log_sum
+    return loss + _reductions.nan_where(bad, jnp.zeros_like(log_sum)) * log_sum
 
 
 def prob_losses(o: Options, s, mass, sum_weight, hyper):
@@ -134,4 +134,4 @@ def reduce(loss, denominator_value, reduction, sum_over=None):
         den = jax.lax.psum(den, sum_over)
     if reduction == "sum":
         return total
-    return _common.safe_divide(total, den)
+    return _reductions.safe_divide(total, den)

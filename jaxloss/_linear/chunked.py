@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxloss import _common
+from jaxloss import _dtypes
 from jaxloss._blockwise import passes, vjp
 from jaxloss._blockwise.blocks import (
     Chunk,
@@ -150,7 +150,7 @@ class Problem(NamedTuple):
 
     @property
     def cdt(self) -> Any:
-        return _common.compute_dtype(jnp.result_type(self.hidden.dtype, self.kernel.dtype))
+        return _dtypes.compute_dtype(jnp.result_type(self.hidden.dtype, self.kernel.dtype))
 
     @property
     def arrays(self) -> tuple[Any, ...]:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Integer
 
-from jaxloss import _common, _implementations
+from jaxloss import _implementations, _reductions, _validation
 from jaxloss._linear import assembly
 from jaxloss._linear.api import linear_cross_entropy
 
@@ -51,7 +51,7 @@ def _check_layout(x, w, bias):
     return c, out
 
 
-@_common.checked_call
+@_validation.checked_call
 def torch_linear_cross_entropy(
     input: Float[ArrayLike, "*input_shape"],
     linear_weight: Float[ArrayLike, "*weight_shape"],
@@ -105,10 +105,12 @@ def torch_linear_cross_entropy(
       True
     """
     _implementations.check_linear(_FN, implementation)
-    x = _common.check_floating(_FN, "input", input)
-    w = _common.check_floating(_FN, "linear_weight", linear_weight)
-    bias = None if linear_bias is None else _common.check_floating(_FN, "linear_bias", linear_bias)
-    t = _common.check_real(_FN, "target", target)
+    x = _validation.check_floating(_FN, "input", input)
+    w = _validation.check_floating(_FN, "linear_weight", linear_weight)
+    bias = (
+        None if linear_bias is None else _validation.check_floating(_FN, "linear_bias", linear_bias)
+    )
+    t = _validation.check_real(_FN, "target", target)
     c, out = _check_layout(x, w, bias)
     probabilities = t.shape == (*x.shape[:-1], c, *out) and jnp.issubdtype(t.dtype, jnp.floating)
     if probabilities and ignore_index is not None:
@@ -160,4 +162,4 @@ def _k_dimensional(x, w, t, bias, probabilities: bool, options: dict[str, Any]) 
     _, _, pos_weight = assembly.index_setup(
         targets, class_weight, c, options["ignore_index"], total.dtype
     )
-    return _common.safe_divide(total, jnp.sum(pos_weight))
+    return _reductions.safe_divide(total, jnp.sum(pos_weight))

@@ -1,9 +1,9 @@
-"""Shared machinery: argument validation, dtype policy, class-axis handling, reductions.
+"""Argument validation: every misuse raises at trace time, naming the function, argument and fix.
 
-Every loss in jaxloss funnels its checks and reductions through this module so that a misuse is
-reported the same way everywhere and the PyTorch reduction rules live in exactly one place. All
-checks here inspect static shapes and dtypes only, so they run once at trace time and cost nothing
-inside ``jax.jit``.
+Every loss funnels its checks through this module so that a misuse is reported the same way
+everywhere. The checks inspect static shapes and dtypes only, so they run once at trace time and
+cost nothing inside ``jax.jit``; ``jit`` and ``checked_call`` put PyTorch habits (positional
+options, ``dim=``, ``torch.Tensor`` inputs) into words before JAX sees them.
 """
 
 from __future__ import annotations
@@ -18,12 +18,16 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.custom_derivatives import SymbolicZero
 
 Reduction = Literal["none", "mean", "sum"]
+
+
 REDUCTIONS: tuple[str, ...] = ("none", "mean", "sum")
 
+
 _P = ParamSpec("_P")
+
+
 _R = TypeVar("_R")
 
 
@@ -319,201 +323,3 @@ def broadcast_like(
             f"{tuple(shape)}"
         )
     return jnp.broadcast_to(arr, shape)
-
-
-def compute_dtype(dtype: Any) -> jnp.dtype:
-    """Accumulation dtype: float32 for half-precision inputs, the input's own dtype otherwise."""
-    dtype = jnp.dtype(dtype)
-    return jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else dtype
-
-
-def upcast(x: jax.Array) -> jax.Array:
-    """Upcasts a half-precision array to float32 once, so every accumulation runs in float32."""
-    return x.astype(compute_dtype(x.dtype))
-
-
-def upcast_apart(x: jax.Array) -> jax.Array:
-    """:func:`upcast`, written so that XLA does not merge it with another upcast of ``x``.
-
-    Two consumers of one ``convert`` (say a loss's sum and its gradient) make XLA:CPU
-    materialise the float32 copy as an N×C temporary. For bf16 this widening is a bit shift
-    (exact: bf16 is the top half of a float32), which XLA leaves apart and fuses into its own
-    consumer.
-    """
-    return _widen_bf16_bits(x) if x.dtype == jnp.bfloat16 else upcast(x)
-
-
-# Custom JVP for correctness: a bitcast has no derivative in JAX; the widening's is the identity.
-@jax.custom_jvp
-def _widen_bf16_bits(x: jax.Array) -> jax.Array:
-    bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) << 16
-    return jax.lax.bitcast_convert_type(bits, jnp.float32)
-
-
-@_widen_bf16_bits.defjvp
-def _widen_bf16_bits_jvp(primals, tangents):
-    # A bitcast has no derivative in JAX (its tangent would be silently zero): the widening's
-    # derivative is the identity, as for the convert it stands for.
-    (x,), (dx,) = primals, tangents
-    return _widen_bf16_bits(x), dx.astype(jnp.float32)
-
-
-def expand_at(v: jax.Array, axis: int, ndim: int) -> jax.Array:
-    """Reshapes a per-class vector so that it lies along ``axis`` of a rank-``ndim`` array."""
-    shape = [1] * ndim
-    shape[axis] = v.shape[0]
-    return v.reshape(shape)
-
-
-# XLA:CPU fuses elementwise producers into a reduction only when they hold no select: a
-# ``jnp.where`` in front of a sum materialises the full array first. The zero-probability
-# corners are therefore written with ``sign`` arithmetic, and the conventions that need a select
-# (gradients at zero probability) live in custom JVP rules, which run only when differentiated.
-
-
-def zero_indicator(p: jax.Array) -> jax.Array:
-    """1 where ``p == 0``, 0 elsewhere (NaN stays NaN), without a select."""
-    return 1 - jnp.abs(jnp.sign(p))
-
-
-def _finite_where_zero(w: jax.Array, x: jax.Array) -> jax.Array:
-    """``x`` clipped to the finite range where ``w == 0``, untouched elsewhere (no select)."""
-    bound = jax.lax.stop_gradient(jnp.finfo(x.dtype).max / zero_indicator(w).astype(x.dtype))
-    return jnp.clip(x, -bound, bound)
-
-
-# Custom JVP for a convention: 0 · ±inf = 0 in value and in the derivative in w.
-@jax.custom_jvp
-def absorbing_product(w: jax.Array, x: jax.Array) -> jax.Array:
-    """``w · x`` where a zero ``w`` absorbs an infinite ``x``: ``0 · ±inf = 0``, not NaN.
-
-    The derivative in ``w`` at such a corner is 0 as well (``x`` there is taken as 0).
-    """
-    return w * _finite_where_zero(w, x)
-
-
-@absorbing_product.defjvp
-def _absorbing_product_jvp(primals, tangents):
-    (w, x), (dw, dx) = primals, tangents
-    silenced = (w == 0) & jnp.isinf(x)
-    return absorbing_product(w, x), jnp.where(silenced, 0, x) * dw + w * dx
-
-
-def nan_where(mask: jax.Array, x: jax.Array) -> jax.Array:
-    """``x`` with NaN where ``mask`` holds (PyTorch's NaN for a bad target or an empty mean).
-
-    The NaN is made only where ``mask`` holds (``-inf + inf``), never as a constant: under
-    ``jax.debug_nans`` a NaN literal would raise on clean data (with ``jax.disable_jit``).
-    """
-    nan_or_inf = jnp.where(mask, -jnp.inf, 0).astype(x.dtype) + jnp.inf
-    return jnp.where(mask, nan_or_inf, x)
-
-
-def safe_divide(total: jax.Array, denominator: jax.Array) -> jax.Array:
-    """``total / denominator``, NaN when the denominator is 0, with a zero gradient there.
-
-    PyTorch returns NaN for a mean over nothing (every target ignored) yet zero gradients; the
-    double ``where`` keeps the 0/0 out of the backward pass.
-    """
-    empty = denominator == 0
-    return nan_where(empty, total / jnp.where(empty, 1, denominator))
-
-
-def reduce_loss(
-    loss: jax.Array,
-    reduction: str,
-    denominator: jax.Array | float | int | None = None,
-    *,
-    weights: jax.Array | None = None,
-) -> jax.Array:
-    """Applies a PyTorch reduction to per-position losses.
-
-    Args:
-      loss: per-position losses, any shape.
-      reduction: ``"none"``, ``"sum"`` or ``"mean"``.
-      denominator: the divisor for ``"mean"``; the number of elements when omitted.
-      weights: per-position weights, the shape of ``loss``: ``"mean"`` divides by their sum
-        (instead of ``denominator``).
-
-    Returns:
-      ``loss`` itself, its sum, or its sum over ``denominator``.
-    """
-    if reduction == "none":
-        return loss
-    if reduction == "mean" and weights is not None:
-        # Both sums in one reduction: at small shapes each reduction is a kernel launch or two,
-        # and these launches, not the arithmetic, set the time.
-        pair = jnp.stack([loss, weights.astype(loss.dtype)]).reshape(2, -1)
-        total, weight_sum = jnp.sum(pair, axis=1)
-        return safe_divide(total, weight_sum)
-    total = jnp.sum(loss)
-    if reduction == "sum":
-        return total
-    if denominator is None:
-        denominator = loss.size
-    return safe_divide(total, jnp.asarray(denominator, total.dtype))
-
-
-def is_zero(tangent: Any) -> bool:
-    """Whether a ``custom_jvp`` tangent is a symbolic zero (that input is not differentiated)."""
-    return tangent is None or isinstance(tangent, SymbolicZero)
-
-
-def fused_jvp(
-    loss_fn: Callable[[Any, jax.Array, Any], jax.Array],
-    loss_and_grad_fn: Callable[[Any, jax.Array, Any], tuple[jax.Array, jax.Array]],
-    contract: Callable[[Any, jax.Array, jax.Array], jax.Array],
-) -> Callable[[Any, jax.Array, Any], jax.Array]:
-    """A ``custom_jvp`` of ``loss_fn(static, x, data)`` whose tangent in ``x`` is hand-written.
-
-    ``static`` is a hashable description of the options (a frozen dataclass, or None), ``x``
-    the array whose derivative ``loss_and_grad_fn`` returns beside the loss (sharing their
-    intermediates), and ``data`` a pytree of every other array (targets, weights,
-    hyperparameters); ``contract(static, g, dx)`` applies that derivative to a tangent. Written
-    as a JVP (not a VJP) so that forward mode and Hessians keep working; under reverse mode the
-    transposed tangent is one fused elementwise expression. The tangents in ``data`` come from
-    ordinary autodiff of ``loss_fn`` and are computed only when some leaf of ``data`` is actually
-    differentiated (symbolic zeros otherwise).
-    """
-    f = jax.custom_jvp(loss_fn, nondiff_argnums=(0,))
-
-    def jvp(static, primals, tangents):
-        (x, data), (dx, d_data) = primals, tangents
-        if is_zero(dx):
-            out = loss_fn(static, x, data)
-            tangent = jnp.zeros_like(out)
-        else:
-            out, g = loss_and_grad_fn(static, x, data)
-            wide = compute_dtype(jnp.promote_types(g.dtype, dx.dtype))
-            tangent = contract(static, g.astype(wide), dx.astype(wide)).astype(out.dtype)
-        if not all(is_zero(t) for t in jax.tree.leaves(d_data, is_leaf=is_zero)):
-            d_data = jax.tree.map(_instantiate, d_data, data, is_leaf=is_zero)
-            _, t_data = jax.jvp(lambda d: loss_fn(static, x, d), (data,), (d_data,))
-            tangent = tangent + t_data
-        return out, tangent
-
-    f.defjvp(jvp, symbolic_zeros=True)
-    return f
-
-
-def _instantiate(tangent: Any, primal: Any) -> Any:
-    """A symbolic zero tangent as an array like ``primal`` (its sharding too), others as they are.
-
-    Integer primals take ``float0`` zeros, as ``jax.jvp`` requires.
-    """
-    if not isinstance(tangent, SymbolicZero):
-        return tangent
-    if jnp.issubdtype(jnp.result_type(primal), jnp.floating):
-        return jnp.zeros_like(primal)
-    return np.zeros(np.shape(primal), jax.dtypes.float0)
-
-
-def contract_axis(axis: int, g: jax.Array, dx: jax.Array) -> jax.Array:
-    """Tangent of a per-position loss over the class ``axis`` (the kernels' static): ``Σ g·dx``."""
-    return jnp.sum(g * dx, axis)
-
-
-def contract_elementwise(static: Any, g: jax.Array, dx: jax.Array) -> jax.Array:
-    """Tangent of an elementwise loss: ``g · dx``."""
-    del static
-    return g * dx

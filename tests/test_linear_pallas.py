@@ -1,0 +1,265 @@
+"""linear_cross_entropy's Pallas TPU kernels (issue 17 items 4-5, ``jaxloss/_linear/pallas_tpu``).
+
+Exactness: both kernels run in the TPU interpret mode on CPU — reads past an array's end return
+NaN there, so a tail the kernels forgot to mask shows — and the per-token losses and the
+gradients of ``hidden``, ``kernel`` and the class weights are compared with the materialised
+reference (``jaxloss/_linear/reference.py``) over the options, in float32 and bfloat16, at sizes
+the blocks do not divide. Compile-only TPUs (v5e, v5p through libtpu): Mosaic compiles both
+kernels at 8192×2048×131072, the program holds one ``tpu_custom_call`` per kernel, temporaries
+stay under 512 MiB, and the modelled time of ``value_and_grad`` prices each kernel from its grid
+(``benchmarks.roofline.price_grid``: a block is fetched when its index changes).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from jaxloss._linear import assembly, chunked, reference
+from jaxloss._linear import pallas_tpu as kernels
+
+# Uninitialised reads (past an array's end) are NaN in the TPU interpret mode.
+INTERPRET = pltpu.InterpretParams(out_of_bounds_reads="uninitialized")
+SMALL = kernels.Blocks(forward=(16, 128), backward=(16, 128))
+
+
+def _reference_rows(h, k, y, opts: dict):
+    """Per-token losses of the materialised reference (``reduction="none"``)."""
+    cw, eps, lam, cap = (opts.get(key) for key in ("weight", "smoothing", "z_loss", "cap"))
+    p = chunked.Problem(h, k, None, y, None, cw, cap, eps is not None, False)
+    options = assembly.Options(
+        num_classes=k.shape[1], ignore_index=opts.get("ignore_index", -100), reduction="none",
+        smoothing=eps is not None, z_loss=lam is not None,
+    )  # fmt: skip
+    hyper = (0.0 if eps is None else eps, 0.0 if lam is None else lam)
+    stats = reference.reference_stats(p)
+    return assembly.RowLoss(options)(stats, chunked.whole_block(p), cw, hyper)
+
+
+def _kernel_rows(h, k, y, opts: dict, blocks: kernels.Blocks | None = SMALL):
+    return kernels.per_token_loss(
+        h, k, y, class_weight=opts.get("weight"), ignore_index=opts.get("ignore_index", -100),
+        label_smoothing=opts.get("smoothing"), z_loss=opts.get("z_loss"),
+        soft_cap=opts.get("cap"), interpret=INTERPRET, blocks=blocks,
+    )  # fmt: skip
+
+
+def _data(n, d, v, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    h = jnp.asarray(rng.normal(size=(n, d)), dtype)
+    k = jnp.asarray(rng.normal(size=(d, v)) / np.sqrt(d) * 6, dtype)
+    y = jnp.asarray(rng.integers(0, v, n), jnp.int32).at[2].set(-100)
+    w = jnp.asarray(rng.uniform(0.2, 2.0, v), jnp.float32)
+    g = jnp.asarray(rng.uniform(0.5, 1.5, n), jnp.float32)  # per-token cotangents
+    return h, k, y, w, g
+
+
+OPTIONS = {
+    "plain": {},
+    "weight": {"weight": True},
+    "smoothing": {"smoothing": 0.1},
+    "weight_smoothing_zloss": {"weight": True, "smoothing": 0.2, "z_loss": 1e-3},
+    "zloss": {"z_loss": 1e-2},
+    "cap": {"cap": 5.0},
+    "cap_weight_smoothing_zloss": {"cap": 4.0, "weight": True, "smoothing": 0.1, "z_loss": 1e-3},
+    "ignore_7": {"ignore_index": 7},
+}
+# (N, D, V) with 16 × 128 blocks: tails in both axes; both divided; fewer classes than a block.
+SIZES = [(37, 24, 300), (32, 16, 256), (20, 8, 100)]
+
+
+def _close(a, b, dtype, what):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=f"{what}: NaN pattern")
+    scale = np.nanmax(np.abs(b)) if b.size and np.isfinite(b).any() else 1.0
+    tol = 2e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale, err_msg=what)
+
+
+# The default run: every option at least once (the combined case covers weight, smoothing,
+# z-loss and the cap), both dtypes, tails in both axes and fewer classes than a block; --full
+# runs all 48 (each case is its own interpret-mode compile, ~10 s here).
+DEFAULT_CASES = {
+    ((37, 24, 300), "plain", jnp.float32),
+    ((37, 24, 300), "cap_weight_smoothing_zloss", jnp.bfloat16),
+    ((20, 8, 100), "ignore_7", jnp.float32),
+}
+
+
+def _grid():
+    """Every (size, option, dtype); the default run only ``DEFAULT_CASES``."""
+    for case in itertools.product(SIZES, OPTIONS, [jnp.float32, jnp.bfloat16]):
+        size, option, dtype = case
+        ids = f"{'x'.join(map(str, size))}-{option}-{'f32' if dtype == jnp.float32 else 'bf16'}"
+        marks = () if case in DEFAULT_CASES else (pytest.mark.slow,)
+        yield pytest.param(*case, id=ids, marks=marks)
+
+
+def _value_and_grads(rows_fn, h, k, y, g, opts, w):
+    def total(h, k, w):
+        o = dict(opts, weight=w) if opts.get("weight") else opts
+        return jnp.sum(g * rows_fn(h, k, y, o))
+
+    return jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2)))(h, k, w)
+
+
+@pytest.mark.parametrize("size, option, dtype", list(_grid()))
+def test_kernels_match_the_reference(size, option, dtype):
+    """Per-token losses, and the gradients of Σ g·loss in hidden, kernel and class weights."""
+    n, d, v = size
+    h, k, y, w, g = _data(n, d, v, dtype)
+    opts = OPTIONS[option]
+    if "ignore_index" in opts:
+        y = y.at[::5].set(opts["ignore_index"])
+    with_weight = dict(opts, weight=w if opts.get("weight") else None)
+    rows = jax.jit(lambda h, k: _kernel_rows(h, k, y, with_weight))(h, k)
+    want = _reference_rows(h, k, y, with_weight)
+    assert rows.dtype == jnp.float32 and rows.shape == (size[0],)
+    _close(rows, want, jnp.float32 if dtype == jnp.float32 else dtype, "per-token loss")
+    got = _value_and_grads(_kernel_rows, h, k, y, g, opts, w)
+    ref = _value_and_grads(_reference_rows, h, k, y, g, opts, w)
+    assert got[1][0].dtype == dtype and got[1][1].dtype == dtype
+    for name, a, b in zip(["value", "d hidden", "d kernel", "d weight"],
+                          jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):  # fmt: skip
+        _close(a, b, dtype, name)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [{}, pytest.param({"weight": True, "smoothing": 0.1, "z_loss": 1e-3}, marks=pytest.mark.slow)],
+)
+def test_bad_and_ignored_targets(opts):
+    """An out-of-range target: NaN loss there, NaN gradient in its row of ``hidden`` and in all
+    of ``kernel`` (as the reference); every target ignored: zero losses and gradients."""
+    h, k, y, w, g = _data(37, 24, 300, jnp.float32)
+    for targets in (y.at[4].set(300).at[9].set(-3), jnp.full_like(y, -100)):
+        o = dict(opts, weight=w if opts.get("weight") else None)
+        _close(_kernel_rows(h, k, targets, o), _reference_rows(h, k, targets, o), jnp.float32,
+               "loss")  # fmt: skip
+        got = _value_and_grads(_kernel_rows, h, k, targets, g, opts, w)
+        ref = _value_and_grads(_reference_rows, h, k, targets, g, opts, w)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+            _close(a, b, jnp.float32, "bad/ignored")
+    zero = _value_and_grads(_kernel_rows, h, k, jnp.full_like(y, -100), g, {}, w)
+    assert not np.asarray(zero[1][0]).any() and not np.asarray(zero[1][1]).any()
+
+
+def test_default_blocks_match_the_reference():
+    """The blocks :func:`choose_blocks` picks (one block per axis at this size)."""
+    h, k, y, w, g = _data(40, 16, 520, jnp.float32)
+    opts = {"weight": True, "smoothing": 0.1}
+    got = _value_and_grads(lambda *a: _kernel_rows(*a, blocks=None), h, k, y, g, opts, w)
+    ref = _value_and_grads(_reference_rows, h, k, y, g, opts, w)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        _close(a, b, jnp.float32, "default blocks")
+
+
+def test_supported():
+    assert kernels.supported((8192, 2048), (2048, 131072), jnp.bfloat16)
+    assert kernels.supported((8192, 2048), (2048, 131072), jnp.float32)
+    assert kernels.supported((3, 5), (5, 7), jnp.float32)  # whole-array blocks
+    assert not kernels.supported((8192, 2048), (2048, 131072), jnp.float32, bias=True)
+    assert not kernels.supported((64, 32), (32, 256), jnp.float32, probabilities=True)
+    assert not kernels.supported((64, 32), (32, 256), jnp.float32, return_stats=True)
+    assert not kernels.supported((64, 32), (32, 256), jnp.float64)
+    assert not kernels.supported((64, 32), (32, 256), jnp.bfloat16, jnp.float32)
+    assert not kernels.supported((0, 32), (32, 256), jnp.float32)
+    assert not kernels.supported((64, 32), (16, 256), jnp.float32)
+    assert not kernels.supported((64, 1 << 20), (1 << 20, 256), jnp.float32)  # D too large
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile-only TPUs: Mosaic compiles both kernels; one custom call each; temporaries; modelled time
+# ----------------------------------------------------------------------------------------------
+
+LLM = (8192, 2048, 131072)  # an LLM head: N tokens, D features, V classes
+DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+NAMES = ("jaxloss_linear_forward", "jaxloss_linear_backward")
+
+
+def _compile(target: str, fn, specs):
+    from benchmarks import compiled
+    from benchmarks.targets import TARGETS
+
+    return compiled.compile_program(TARGETS[target], fn, specs)
+
+
+def _modelled(target: str, program):
+    """The roofline of a compiled program, each Pallas kernel priced from its grid. Its custom
+    call carries the name under the transformations it was traced in (``jvp(...)``,
+    ``transpose(jvp(...))``): each is matched to the kernel named inside."""
+    from benchmarks import hlo, roofline
+    from benchmarks.targets import TARGETS
+
+    launches = hlo.launches(hlo.Module(program.text)).launches
+    called = {roofline.pallas_name(launch.inst) for launch in launches}
+    costs = {c: cost for c in called for name, cost in program.pallas.items() if name in c}
+    return roofline.roofline(program.text, TARGETS[target], costs)
+
+
+def _specs(dtype):
+    n, d, v = LLM
+    return [jax.ShapeDtypeStruct((n, d), dtype), jax.ShapeDtypeStruct((d, v), dtype),
+            jax.ShapeDtypeStruct((n,), jnp.int32)]  # fmt: skip
+
+
+def _mean_of(rows):
+    return lambda h, k, y: jnp.mean(rows(h, k, y))
+
+
+# Modelled value_and_grad of the mean at 8192×2048×131072 (benchmarks.roofline, grid prices):
+# the two kernels are compute-bound (two N·D·V matmuls each at the peak); the rest is the
+# target-column gather and per-token work. Goal lines reached, not the issue's 1.0x.
+# Reached: v5p 38.55 (bf16) / 38.59 ms (f32), v5e 90.04 / 90.20 ms; four matmuls at the peak are
+# 38.33 / 89.30 ms; the materialised path 31.1 / 30.3 ms on v5p (issue 17).
+MODELLED_MS = {("tpu-v5p", "bf16"): 38.7, ("tpu-v5p", "f32"): 38.7,
+               ("tpu-v5e", "bf16"): 90.4, ("tpu-v5e", "f32"): 90.4}  # fmt: skip
+
+
+@pytest.mark.accel
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("target", ["tpu-v5e", "tpu-v5p"])
+def test_value_and_grad_compiles_for_tpu(target, dtype):
+    """value_and_grad of the mean: Mosaic compiles both kernels (one tpu_custom_call each),
+    temporaries ≤ 512 MiB, four N·D·V matmuls, each kernel compute-bound when priced from its
+    grid, and the modelled time within the goal line above."""
+    from benchmarks.targets import TARGETS
+
+    rows = lambda h, k, y: kernels.per_token_loss(h, k, y)
+    program = _compile(target, jax.value_and_grad(_mean_of(rows), (0, 1)), _specs(DTYPES[dtype]))
+    assert program.text.count("tpu_custom_call") == 2
+    assert program.compiled.memory_analysis().temp_size_in_bytes <= 512 * 2**20
+    n, d, v = LLM
+    matmul = 2.0 * n * d * v
+    model = _modelled(target, program)
+    assert not model.unpriced
+    assert model.matmuls(matmul) == pytest.approx(4.0)
+    for name in NAMES:
+        cost = program.pallas[name]
+        assert cost.flops == pytest.approx(2 * matmul)
+        peak = TARGETS[target].peak_flops["bf16"]  # f32 at DEFAULT precision: one bf16 pass
+        assert cost.bytes / TARGETS[target].bandwidth < cost.flops / peak, name
+    assert model.seconds * 1e3 <= MODELLED_MS[target, dtype]
+
+
+@pytest.mark.accel
+@pytest.mark.slow
+def test_forward_alone_is_one_kernel_of_one_matmul():
+    """The loss without its gradient: one tpu_custom_call (the forward kernel without the
+    hidden-gradient accumulator): one N·D·V matmul, the kernel fetched once per token block."""
+    rows = lambda h, k, y: kernels.per_token_loss(h, k, y)
+    program = _compile("tpu-v5p", _mean_of(rows), _specs(jnp.bfloat16))
+    assert program.text.count("tpu_custom_call") == 1
+    n, d, v = LLM
+    cost = program.pallas["jaxloss_linear_forward"]
+    bn, _ = kernels.choose_blocks(n, d, v, jnp.bfloat16).forward  # pyright: ignore[reportOptionalMemberAccess]
+    assert cost.flops == pytest.approx(2.0 * n * d * v)
+    assert cost.fetches[2] == (n // bn) * (v // kernels.FORWARD_BLOCKS[0][1])
+    assert cost.read_bytes[2] == (n // bn) * d * v * 2  # K once per token block
+    assert cost.read_bytes[1] == n * d * 2  # h once
