@@ -24,17 +24,30 @@ ones, ``psum`` of their shares of the sums).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, NamedTuple, cast
+from typing import Any, Literal, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, ArrayLike, Bool, Float
 
-from jaxloss import _dtypes, _reductions, _validation
-from jaxloss._linear import chunked, sharded
+from jaxloss import _dtypes, _implementations, _reductions, _validation
+from jaxloss._blockwise import passes, sharding, vjp
+from jaxloss._blockwise.blocks import (
+    Chunk,
+    Span,
+    dot,
+    finite_or_zero,
+    maybe_take,
+    positive_int,
+    rows_with_a_feature,
+    take,
+    vary,
+    zero_rows,
+)
+from jaxloss._blockwise.online import Normaliser, combine_normaliser, online_step
 
 _FN = "linear_distillation"
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
@@ -53,45 +66,60 @@ DEFAULT_VOCAB_CHUNK = 1024
 
 
 class _Config(NamedTuple):
-    """The options the blockwise passes read: ``divergence``, ``chunks`` and ``vocab_axis`` are
-    static (:attr:`static`, a custom_vjp's nondiff arg); ``beta`` and ``temperature`` are
-    scalars, data like ``label_smoothing`` (a schedule under ``jit`` compiles once)."""
+    """The options the blockwise passes read: ``divergence``, ``chunks``, ``vocab_axis`` and
+    ``width`` are static (:attr:`static`, the engine op's hashable part); ``beta`` and
+    ``temperature`` are scalars, data like ``label_smoothing`` (a schedule under ``jit``
+    compiles once). ``col_start``, ``width`` and ``owned_from`` are the columns this device
+    covers (:class:`jaxloss._blockwise.blocks.Span`; ``None``: every column)."""
 
     divergence: str
     beta: Any
     temperature: Any
     chunks: tuple[int, int]
     vocab_axis: Any
+    width: int | None = None
+    col_start: Any = None
+    owned_from: Any = None
 
     @property
-    def static(self) -> tuple[str, tuple[int, int], Any]:
-        return self.divergence, self.chunks, self.vocab_axis
+    def static(self) -> tuple[str, tuple[int, int], Any, int | None]:
+        return self.divergence, self.chunks, self.vocab_axis, self.width
+
+    @property
+    def data(self) -> tuple[Any, Any, Any, Any]:
+        return self.beta, self.temperature, self.col_start, self.owned_from
 
     @classmethod
-    def of(cls, static, beta, temperature) -> _Config:
-        divergence, chunks, vocab_axis = static
-        return cls(divergence, beta, temperature, chunks, vocab_axis)
+    def of(cls, static, data) -> _Config:
+        divergence, chunks, vocab_axis, width = static
+        beta, temperature, col_start, owned_from = data
+        return cls(divergence, beta, temperature, chunks, vocab_axis, width, col_start, owned_from)
+
+    def spans(self, student) -> tuple[Span, Span]:
+        width = student[1].shape[1] if self.width is None else self.width
+        start = 0 if self.col_start is None else self.col_start
+        return Span.whole(student[0].shape[0]), Span(start, width, self.owned_from)
 
 
 # ----------------------------------------------------------------------------------------------
-# Blocks of both heads (the chunking itself is jaxloss._linear.chunked's)
+# Blocks of both heads (the loops are the shared engine's, jaxloss._blockwise)
 # ----------------------------------------------------------------------------------------------
 
 
-def _columns(head, start, width):
-    """A head's kernel (and bias) columns ``[start, start + width)``."""
+def _columns(head, cols: Chunk, width: int):
+    """A head's kernel (and bias) columns of the chunk ``cols``."""
     _, kernel, bias = head
-    k_j = jax.lax.dynamic_slice_in_dim(kernel, start, width, axis=1)
-    return k_j, None if bias is None else jax.lax.dynamic_slice_in_dim(bias, start, width)
+    return take(kernel, cols.start, width, 1), maybe_take(bias, cols.start, width)
 
 
-def _scaled_logits(h_i, k_j, b_j, col: chunked.Chunk, cfg: _Config, cdt):
-    """``(h_i @ k_j + b_j) / τ``, with the columns already seen in the previous chunk at -inf.
+def _scaled_logits(h_i, k_j, b_j, col: Chunk, cfg: _Config, cdt):
+    """``(h_i @ k_j + b_j) / τ``, with the stale columns (already seen in the previous chunk, or
+    another device's) at -inf.
 
     A -inf column is no class at all to every statistic below (zero probability, zero term), so
     the overlap of a slid-back last chunk needs no other masking.
     """
-    z = chunked.dot(h_i, k_j, (1, 0), cdt)
+    z = dot(h_i, k_j, (1, 0), cdt)
     if b_j is not None:
         z = z + b_j.astype(cdt)[None, :]
     z = z * (1 / cfg.temperature)  # τ is data; at τ = 1 the product is z itself
@@ -99,53 +127,34 @@ def _scaled_logits(h_i, k_j, b_j, col: chunked.Chunk, cfg: _Config, cdt):
 
 
 def _rows(arrays, start, width):
-    return tuple(jax.lax.dynamic_slice_in_dim(a, start, width) for a in arrays)
+    return tuple(take(a, start, width) for a in arrays)
 
 
 def _sweep(student, teacher, stats, init, update, cfg: _Config, cdt):
     """Folds ``update`` over every block of both heads' scaled logits; returns per-token carries.
 
     ``update(a, b, carry_i, stats_i)`` gets the teacher's and the student's block ``(nc, vc)``
-    and the row chunk's slices of the carries and of the read-only per-token ``stats``. Loops
-    run over vocabulary chunks outside and token chunks inside.
+    and the row chunk's slices of the carries and of the read-only per-token ``stats``.
     """
-    n, v = student[0].shape[0], student[1].shape[1]
     nc, vc = cfg.chunks
 
-    def vocab_step(j, carry):
-        col = chunked.chunk(j, vc, v)
-        cols_t, cols_s = _columns(teacher, col.start, vc), _columns(student, col.start, vc)
+    def columns(cols: Chunk):
+        return _columns(teacher, cols, vc), _columns(student, cols, vc)
 
-        def token_step(i, carry):
-            row = chunked.chunk(i, nc, n)
-            old = _rows(carry, row.start, nc)
-            (th_i,), (h_i,) = _rows(teacher[:1], row.start, nc), _rows(student[:1], row.start, nc)
-            a = _scaled_logits(th_i, *cols_t, col, cfg, cdt)
-            b = _scaled_logits(h_i, *cols_s, col, cfg, cdt)
-            new = update(a, b, old, _rows(stats, row.start, nc))
-            if row.fresh is not None:
-                new = tuple(jnp.where(row.fresh, x, y) for x, y in zip(new, old, strict=True))
-            return tuple(
-                jax.lax.dynamic_update_slice_in_dim(c, x, row.start, 0)
-                for c, x in zip(carry, new, strict=True)
-            )
+    def absorb(rows: Chunk, cols: Chunk, column_data, old):
+        cols_t, cols_s = column_data
+        (th_i,), (h_i,) = _rows(teacher[:1], rows.start, nc), _rows(student[:1], rows.start, nc)
+        a = _scaled_logits(th_i, cols_t[0], cols_t[1], cols, cfg, cdt)
+        b = _scaled_logits(h_i, cols_s[0], cols_s[1], cols, cfg, cdt)
+        return update(a, b, old, _rows(stats, rows.start, nc))
 
-        return jax.lax.fori_loop(0, chunked.num_chunks(n, nc), token_step, carry)
-
-    init = tuple(chunked.vary(x, *student, *teacher, *stats) for x in init)
-    return jax.lax.fori_loop(0, chunked.num_chunks(v, vc), vocab_step, init)
+    varying = (*student, *teacher, *stats)
+    return passes.sweep(cfg.spans(student), cfg.chunks, tuple(init), columns, absorb, varying)
 
 
 # ----------------------------------------------------------------------------------------------
 # Forward statistics
 # ----------------------------------------------------------------------------------------------
-
-
-def _online_step(m, s, x):
-    """One online log-sum-exp step: the new running max, the rescale factor and ``exp(x - max)``."""
-    m_new = jnp.maximum(m, jnp.max(x, 1))
-    shift = chunked.finite_or_zero(m_new)
-    return m_new, jnp.exp(m - shift), jnp.exp(x - shift[:, None])
 
 
 def _log_ratio(x, other):
@@ -154,7 +163,7 @@ def _log_ratio(x, other):
 
 
 def _first_pass(student, teacher, cfg: _Config, cdt):
-    """Per token: each head's :class:`chunked.Normaliser` and, for the KLs, ``Σ_c p_c (x_c -
+    """Per token: each head's :class:`Normaliser` and, for the KLs, ``Σ_c p_c (x_c -
     y_c)``.
 
     ``p``/``x`` are the reference distribution's (teacher for ``"kl"``, student for
@@ -166,8 +175,8 @@ def _first_pass(student, teacher, cfg: _Config, cdt):
 
     def update(a, b, carry, _):
         m_t, s_t, m_s, s_s, u = carry
-        m_t, scale_t, e_t = _online_step(m_t, s_t, a)
-        m_s, scale_s, e_s = _online_step(m_s, s_s, b)
+        m_t, scale_t, e_t = _online(m_t, a)
+        m_s, scale_s, e_s = _online(m_s, b)
         if with_ratio:
             x, y, e, scale = (a, b, e_t, scale_t) if teacher_ref else (b, a, e_s, scale_s)
             u = u * scale + jnp.sum(e * _log_ratio(x, y), 1)
@@ -179,7 +188,7 @@ def _first_pass(student, teacher, cfg: _Config, cdt):
         student, teacher, (), (ninf, zero, ninf, zero, zero), update, cfg, cdt
     )
     (norm_t, local_t), (norm_s, local_s) = (
-        _combine_normaliser(m, jnp.log(s), cfg.vocab_axis) for m, s in ((m_t, s_t), (m_s, s_s))
+        combine_normaliser(m, jnp.log(s), cfg.vocab_axis) for m, s in ((m_t, s_t), (m_s, s_s))
     )
     if not with_ratio:
         return norm_t, norm_s, None
@@ -188,20 +197,17 @@ def _first_pass(student, teacher, cfg: _Config, cdt):
     return norm_t, norm_s, _combine_mean(mean, local_ref, norm_ref, cfg.vocab_axis)
 
 
-def _combine_normaliser(top, log_sum, axis):
-    """The normaliser over every vocabulary shard, and each shard's own ``log_sum`` moved to its
-    shift (``-inf`` where the shard has no probability)."""
-    if axis is None:
-        return chunked.Normaliser(chunked.finite_or_zero(top), log_sum), log_sum
-    top, total, step = chunked.combine_shards(top, log_sum, axis)
-    return chunked.Normaliser(chunked.finite_or_zero(top), total), log_sum - step
+def _online(running_max, x):
+    """The new running max, the old sum's rescale factor and ``e^(x - shift)``."""
+    step = online_step(running_max, x)
+    return step.max, step.rescale, step.exp
 
 
-def _combine_mean(mean, local_log_sum, norm: chunked.Normaliser, axis):
+def _combine_mean(mean, local_log_sum, norm: Normaliser, axis):
     """Shards' ``p``-weighted means, each weighted by its shard's share of ``p``, summed."""
     if axis is None:
         return mean
-    log_share = local_log_sum - chunked.finite_or_zero(norm.log_sum)
+    log_share = local_log_sum - finite_or_zero(norm.log_sum)
     share = jnp.where(jnp.isneginf(local_log_sum), 0, jnp.exp(log_share))
     return jax.lax.psum(share * mean, axis)
 
@@ -223,14 +229,14 @@ def _jsd_pass(student, teacher, norm_t, norm_s, cfg: _Config, cdt):
     def update(a, b, carry, stats):
         kl_t, kl_s = carry
         shift_t, log_sum_t, shift_s, log_sum_s = (x[:, None] for x in stats)
-        lp_t = chunked.Normaliser(shift_t, log_sum_t).log_softmax(a)
-        lp_s = chunked.Normaliser(shift_s, log_sum_s).log_softmax(b)
+        lp_t = Normaliser(shift_t, log_sum_t).log_softmax(a)
+        lp_s = Normaliser(shift_s, log_sum_s).log_softmax(b)
         lm = _log_mixture(lp_t, lp_s, cfg.beta)
         return kl_t + jnp.sum(_xlogy_ratio(lp_t, lm), 1), kl_s + jnp.sum(_xlogy_ratio(lp_s, lm), 1)
 
     zero = jnp.zeros((student[0].shape[0],), cdt)
     # A degenerate row (no finite normaliser) is NaN in the end; finite here, it stays quiet.
-    stats = tuple(chunked.finite_or_zero(x) for x in (*norm_t, *norm_s))
+    stats = tuple(finite_or_zero(x) for x in (*norm_t, *norm_s))
     kl_t, kl_s = _sweep(student, teacher, stats, (zero, zero), update, cfg, cdt)
     axis = cfg.vocab_axis
     return (kl_t, kl_s) if axis is None else (jax.lax.psum(kl_t, axis), jax.lax.psum(kl_s, axis))
@@ -268,123 +274,75 @@ def _student_slope(a, b, stats, cfg: _Config):
     """``∂ div / ∂b`` for a block (``b`` the student's scaled logits), before the cotangent.
 
     kl: ``p_s - p_t``; reverse_kl: ``p_s (log p_s/p_t - KL)``; jsd: ``(1-β) p_s (log p_s/m -
-    KL(p_s‖m))``. Entries of zero student probability are exactly 0.
+    KL(p_s‖m))``. Entries of zero student probability are exactly 0. A row where either head
+    has no distribution (a ``+inf`` or NaN logit, or all ``-inf``) is NaN throughout, as
+    autodiff of the materialised ``log_softmax`` gives (the finite-shift softmax would be NaN
+    at the ``+inf`` logit only, and finite elsewhere).
     """
     shift_t, log_sum_t, shift_s, log_sum_s, extra = (x[:, None] for x in stats)
-    lp_t = chunked.Normaliser(shift_t, log_sum_t).log_softmax(a)
-    lp_s = chunked.Normaliser(shift_s, log_sum_s).log_softmax(b)
+    norm_t, norm_s = Normaliser(shift_t, log_sum_t), Normaliser(shift_s, log_sum_s)
+    lp_t, lp_s = norm_t.log_softmax(a), norm_s.log_softmax(b)
     p_s = jnp.exp(lp_s)
     if cfg.divergence == "kl":
-        return p_s - jnp.exp(lp_t)
-    if cfg.divergence == "reverse_kl":
-        return jnp.where(p_s == 0, 0, p_s * (lp_s - lp_t - extra))
-    lm = _log_mixture(lp_t, lp_s, cfg.beta)
-    return jnp.where(p_s == 0, 0, (1 - cfg.beta) * p_s * (lp_s - lm - extra))
+        slope = p_s - jnp.exp(lp_t)
+    elif cfg.divergence == "reverse_kl":
+        slope = jnp.where(p_s == 0, 0, p_s * (lp_s - lp_t - extra))
+    else:
+        lm = _log_mixture(lp_t, lp_s, cfg.beta)
+        slope = jnp.where(p_s == 0, 0, (1 - cfg.beta) * p_s * (lp_s - lm - extra))
+    return _reductions.nan_where(~(norm_t.finite() & norm_s.finite()), slope)
 
 
-def _block_dz(student, teacher, per_row, row: chunked.Chunk, col: chunked.Chunk, cfg, cdt):
-    """``(∂ℓ/∂z_s, h_i)`` of one recomputed block (``z_s`` the student's unscaled logits, ``h_i``
-    its hidden rows as the gradient matmuls read them).
+@dataclasses.dataclass(frozen=True)
+class _StudentGradient:
+    """The engine's rule for one recomputed block (:class:`passes.BlockGradient`): ``∂ℓ/∂z_s``
+    of the student's unscaled logits. Rows without a cotangent (masked tokens) are zeroed by
+    the engine, the teacher's here: a NaN/inf hidden row there contributes nothing."""
 
-    Tokens without a cotangent (masked) contribute exactly nothing, even degenerate ones and
-    NaN/inf hidden rows: those rows are zeroed before any matmul (a select, no ``0 · NaN``).
-    """
-    nc, vc = cfg.chunks
-    *stats_i, g_i = _rows(per_row, row.start, nc)
-    counted = g_i != 0
-    th_i, h_i = (
-        chunked.zero_rows(x, counted) for x in _rows((teacher[0], student[0]), row.start, nc)
-    )
-    a = _scaled_logits(th_i, *_columns(teacher, col.start, vc), col, cfg, cdt)
-    b = _scaled_logits(h_i, *_columns(student, col.start, vc), col, cfg, cdt)
-    live = counted if row.fresh is None else counted & row.fresh
-    return jnp.where(live[:, None], g_i[:, None] * _student_slope(a, b, stats_i, cfg), 0), h_i
+    student: Any
+    teacher: Any
+    per_row: tuple[jax.Array, ...]  # the statistics of :func:`_divergences`, then g / τ
+    cfg: _Config
+    cdt: Any
 
+    def live(self, rows: Chunk) -> jax.Array:
+        return take(self.per_row[-1], rows.start, self.cfg.chunks[0]) != 0
 
-def _grads(student, teacher, stats, g, cfg: _Config):
-    """Gradients for the student's hidden, kernel and bias from the per-token cotangent ``g``.
-
-    Vocabulary chunks outside (each kernel-gradient column block is finished and written once),
-    token chunks inside. A float32 hidden gradient accumulates in place there; a half-precision
-    one gets a pass of its own (:func:`_hidden_grads`) rather than a float32 copy of its size.
-    """
-    hidden, kernel, bias = student
-    (n, d), v = hidden.shape, kernel.shape[1]
-    nc, vc = cfg.chunks
-    mm = jnp.result_type(hidden.dtype, kernel.dtype)
-    cdt = _compute_dtype(*student, *teacher)
-    # 1/τ: the slope is in the scaled logits z/τ.
-    per_row = (*stats, g.astype(cdt) / cfg.temperature)
-    inputs = (*student, *teacher, *per_row)
-    one_pass = jnp.dtype(hidden.dtype) == jnp.dtype(cdt)
-
-    def vocab_step(j, carry):
-        dh, dk, db = carry
-        col = chunked.chunk(j, vc, v)
-        k_j = _columns(student, col.start, vc)[0].astype(mm)
-
-        def token_step(i, inner):
-            dh, dk_j, db_j = inner
-            row = chunked.chunk(i, nc, n)
-            dz, h_i = _block_dz(student, teacher, per_row, row, col, cfg, cdt)
-            dz_mm = dz.astype(mm)
-            if dh is not None:
-                dh_i = jax.lax.dynamic_slice_in_dim(dh, row.start, nc)
-                dh_i = dh_i + chunked.dot(dz_mm, k_j, (1, 1), cdt)
-                dh = jax.lax.dynamic_update_slice_in_dim(dh, dh_i, row.start, 0)
-            return dh, dk_j + chunked.dot(h_i.astype(mm), dz_mm, (0, 0), cdt), db_j + jnp.sum(dz, 0)
-
-        zeros = (jnp.zeros((d, vc), cdt), jnp.zeros((vc,), cdt))
-        inner = (dh, *(chunked.vary(z, *inputs) for z in zeros))
-        dh, dk_j, db_j = jax.lax.fori_loop(0, chunked.num_chunks(n, nc), token_step, inner)
-        return dh, chunked.put_fresh(dk, dk_j, col, 1), chunked.put_fresh(db, db_j, col)
-
-    dh = jnp.zeros((n, d), cdt) if one_pass else None
-    init = (dh, jnp.zeros((d, v), kernel.dtype), jnp.zeros((v,), cdt))
-    init = tuple(None if x is None else chunked.vary(x, *inputs) for x in init)
-    dh, dk, db = jax.lax.fori_loop(0, chunked.num_chunks(v, vc), vocab_step, init)
-    if not one_pass:
-        dh = _hidden_grads(student, teacher, per_row, cfg, cdt)
-    return dh.astype(hidden.dtype), dk, (None if bias is None else db.astype(bias.dtype))
+    def __call__(self, rows: Chunk, cols: Chunk, h_i, k_j):
+        nc, vc = self.cfg.chunks
+        *stats_i, g_i = _rows(self.per_row, rows.start, nc)
+        th_i = zero_rows(take(self.teacher[0], rows.start, nc), g_i != 0)
+        a = _scaled_logits(th_i, *_columns(self.teacher, cols, vc), cols, self.cfg, self.cdt)
+        b_j = maybe_take(self.student[2], cols.start, vc)
+        b = _scaled_logits(h_i, k_j, b_j, cols, self.cfg, self.cdt)
+        return g_i[:, None] * _student_slope(a, b, stats_i, self.cfg), ()
 
 
-def _hidden_grads(student, teacher, per_row, cfg: _Config, cdt):
-    """The student hidden's gradient, one row block at a time (no full-size accumulator)."""
-    hidden, kernel, _ = student
-    mm = jnp.result_type(hidden.dtype, kernel.dtype)
+@dataclasses.dataclass(frozen=True)
+class _TokenDivergence:
+    """Per-token divergence of the two heads' tempered distributions as an engine op: ``O(N)``
+    statistics saved, each block recomputed in the backward pass. The teacher is a constant
+    (its inputs also pass through stop_gradient); β and τ are not differentiated."""
 
-    def block(row: chunked.Chunk, col: chunked.Chunk) -> jax.Array:
-        dz, _ = _block_dz(student, teacher, per_row, row, col, cfg, cdt)
-        k_j = _columns(student, col.start, cfg.chunks[1])[0].astype(mm)
-        return chunked.dot(dz.astype(mm), k_j, (1, 1), cdt)
+    static: tuple
 
-    inputs = (*student, *teacher, *per_row)
-    return chunked.sum_over_columns(hidden, cfg.chunks, kernel.shape[1], block, cdt, *inputs)
+    def forward(self, student, data):
+        teacher, cfg_data = data
+        return _divergences(student, teacher, _Config.of(self.static, cfg_data))
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
-def _token_divergence(hidden, kernel, bias, t_hidden, t_kernel, t_bias, beta, temperature, static):
-    """Per-token divergence of the two heads' tempered distributions, with a recomputing VJP."""
-    cfg = _Config.of(static, beta, temperature)
-    return _divergences((hidden, kernel, bias), (t_hidden, t_kernel, t_bias), cfg)[0]
-
-
-def _token_divergence_fwd(hidden, kernel, bias, t_hidden, t_kernel, t_bias, beta, temperature,
-                          static):  # fmt: skip
-    student, teacher = (hidden, kernel, bias), (t_hidden, t_kernel, t_bias)
-    div, stats = _divergences(student, teacher, _Config.of(static, beta, temperature))
-    return div, (student, teacher, stats, beta, temperature)
-
-
-def _token_divergence_bwd(static, residuals, g):
-    student, teacher, stats, beta, temperature = residuals
-    dh, dk, db = _grads(student, teacher, stats, g, _Config.of(static, beta, temperature))
-    # The teacher is a constant (its inputs also pass through stop_gradient); β and τ are not
-    # differentiated.
-    return dh, dk, db, None, None, None, None, None
-
-
-_token_divergence.defvjp(_token_divergence_fwd, _token_divergence_bwd)
+    def backward(self, student, data, stats, g):
+        teacher, cfg_data = data
+        cfg = _Config.of(self.static, cfg_data)
+        hidden, kernel, bias = student
+        cdt = _compute_dtype(*student, *teacher)
+        # 1/τ: the slope is in the scaled logits z/τ.
+        per_row = (*stats, g.astype(cdt) / cfg.temperature)
+        block = _StudentGradient(student, teacher, per_row, cfg, cdt)
+        varying = (*student, *teacher, *per_row)
+        dh, dk, (db,) = passes.head_gradients(
+            hidden, kernel, cfg.spans(student), cfg.chunks, block, cdt, (cdt,), varying
+        )
+        return dh, dk, (None if bias is None else db.astype(bias.dtype))
 
 
 def _compute_dtype(*arrays) -> jnp.dtype:
@@ -399,8 +357,7 @@ def _compute_dtype(*arrays) -> jnp.dtype:
 def _loss(student, teacher, mask, cfg: _Config, reduction: str, batch_axis=None):
     """τ²-scaled per-token divergences, masked and reduced (summed over ``batch_axis``)."""
     teacher = tuple(None if x is None else jax.lax.stop_gradient(x) for x in teacher)
-    div = _token_divergence(*student, *teacher, cfg.beta, cfg.temperature, cfg.static)
-    div = cast(jax.Array, div)
+    div = cast(jax.Array, vjp.apply(_TokenDivergence(cfg.static), student, (teacher, cfg.data)))
     loss = div * cfg.temperature**2
     if mask is not None:
         # A select, so a masked token's NaN (a degenerate row) leaks into neither value nor grad.
@@ -425,60 +382,39 @@ def _sharded(student, teacher, mask, cfg: _Config, reduction, mesh, batch_axis):
     marked as varying over every mesh axis in use, so that autodiff sums their per-device
     gradients over the axes each is replicated on.
     """
-    has_bias = (student[2] is not None, teacher[2] is not None)
 
     def local(h, k, b, th, tk, tb, mask, beta, temperature):
-        # Not the mask: it must stay invariant over the vocabulary axis, like the loss.
-        heads = (h, k, b, th, tk, tb)
-        h, k, b, th, tk, tb = (chunked.vary(x, *heads) for x in heads)
-        b, tb = (x if kept else None for x, kept in zip((b, tb), has_bias, strict=True))
-        # The mask travels even when absent (all True): its sum counts the tokens per device.
         here = cfg._replace(beta=beta, temperature=temperature)
+        if cfg.width is not None:  # uneven vocabulary shards: this device's column range
+            start, owned_from = sharding.device_columns(cfg.vocab_axis, v, cfg.width)
+            here = here._replace(col_start=start, owned_from=owned_from)
+        # Not the mask: it must stay invariant over the vocabulary axis, like the loss.
+        heads = [x for x in (h, k, b, th, tk, tb, here.col_start) if x is not None]
+        h, k, b, th, tk, tb = (
+            None if x is None else vary(x, *heads) for x in (h, k, b, th, tk, tb)
+        )
         return _loss((h, k, b), (th, tk, tb), mask, here, reduction, batch_axis)
 
-    rows, cols = PartitionSpec(batch_axis), PartitionSpec(cfg.vocab_axis)
+    v = student[1].shape[1]
+    vocab = None if cfg.width is not None else cfg.vocab_axis  # replicated when uneven
+    rows, cols = PartitionSpec(batch_axis), PartitionSpec(vocab)
     matrix_rows = PartitionSpec(batch_axis, None)
-    matrix_cols = PartitionSpec(None, cfg.vocab_axis)
-    scalar = PartitionSpec()
-    in_specs = (
-        matrix_rows,
-        matrix_cols,
-        cols,
-        matrix_rows,
-        matrix_cols,
-        cols,
-        rows,
-        scalar,
-        scalar,
-    )
-    n, v = student[0].shape[0], student[1].shape[1]
-    # shard_map takes arrays only: absent biases and mask travel as inert placeholders.
+    matrix_cols = PartitionSpec(None, vocab)
     (h, k, b), (th, tk, tb) = student, teacher
-    no_bias = jnp.zeros((v,), jnp.float32)
-    b, tb = (no_bias if x is None else x for x in (b, tb))
-    args = (h, k, b, th, tk, tb, jnp.ones((n,), bool) if mask is None else mask, cfg.beta,
-            cfg.temperature)  # fmt: skip
-    if any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
-        # Explicitly sharded inputs must arrive in exactly the in_specs' layout.
-        target = in_specs
-        if isinstance(mesh, Mesh):
-            target = tuple(jax.sharding.NamedSharding(mesh, spec) for spec in in_specs)
-        args = jax.reshard(args, target)
+    # The mask travels even when absent (all True): its sum counts the tokens per device.
+    mask = jnp.ones((h.shape[0],), bool) if mask is None else mask
+    arguments = dict(
+        h=(h, matrix_rows), k=(k, matrix_cols), b=(b, cols), th=(th, matrix_rows),
+        tk=(tk, matrix_cols), tb=(tb, cols), mask=(mask, rows), beta=(cfg.beta, PartitionSpec()),
+        temperature=(cfg.temperature, PartitionSpec()),
+    )  # fmt: skip
     out_specs = rows if reduction == "none" else PartitionSpec()
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
+    return sharding.run(local, mesh, arguments, out_specs)
 
 
 # ----------------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------------
-
-
-def _check_chunk(name: str, value: Any) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-        raise TypeError(f"{_FN}: `{name}` must be a positive int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{_FN}: `{name}` must be a positive int, got {value}")
-    return int(value)
 
 
 def _check_hyperparameters(beta, temperature) -> None:
@@ -553,7 +489,7 @@ def _check_mask(mask, batch_shape):
     _validation.jit,
     static_argnames=(
         "divergence", "reduction", "token_chunk", "vocab_chunk", "mesh", "batch_axis",
-        "vocab_axis",
+        "vocab_axis", "implementation",
     ),
     prepare=_prepare,
 )  # fmt: skip
@@ -575,6 +511,7 @@ def linear_distillation(
     mesh: Mesh | None = None,
     batch_axis: str | tuple[str, ...] | None = None,
     vocab_axis: str | tuple[str, ...] | None = None,
+    implementation: Literal["xla", "pallas"] | None = None,
 ) -> Float[Array, "*batch"] | Float[Array, ""]:
     r"""Distillation divergence between a teacher's and a student's linear heads, fused.
 
@@ -649,7 +586,12 @@ def linear_distillation(
       mesh: the ``jax.sharding.Mesh`` for ``batch_axis``/``vocab_axis`` (default: the context
         mesh).
       batch_axis: mesh axis name(s) the tokens are split over (evenly), or ``None``.
-      vocab_axis: mesh axis name(s) the classes are split over (evenly), or ``None``.
+      vocab_axis: mesh axis name(s) the classes are split over, or ``None``; they need not
+        split evenly (each device then reads ``ceil(V / n)`` columns of the replicated
+        kernels in place, the last range slid back with its overlap masked).
+      implementation: ``None`` (each backend's default), ``"xla"`` (the blockwise XLA form)
+        or ``"pallas"`` (no kernel yet: a ``ValueError``). Every backend gets the XLA form
+        today; see docs/linear.md.
 
     Returns:
       Per-token losses (``"none"``) or a scalar, in the inputs' common floating dtype.
@@ -676,8 +618,9 @@ def linear_distillation(
       softmax" (2018).
     """
     _check_options(divergence, beta, temperature, reduction)
-    token_chunk = _check_chunk("token_chunk", token_chunk)
-    vocab_chunk = _check_chunk("vocab_chunk", vocab_chunk)
+    _implementations.check_linear(_FN, implementation)
+    token_chunk = positive_int(_FN, "token_chunk", token_chunk)
+    vocab_chunk = positive_int(_FN, "vocab_chunk", vocab_chunk)
     student = _check_head("", hidden, kernel, bias, None)
     batch_shape = tuple(student[0].shape[:-1])
     teacher = _check_head("teacher_", teacher_hidden, teacher_kernel, teacher_bias, batch_shape)
@@ -688,27 +631,30 @@ def linear_distillation(
         )
     mask = _check_mask(mask, batch_shape)
     out_dtype = jnp.result_type(*(x for x in (*student, *teacher) if x is not None))
-    flat = lambda head: (*chunked.rows_with_a_feature(*head[:2]), *head[2:])
+    flat = lambda head: (*rows_with_a_feature(*head[:2]), *head[2:])
     student, teacher = flat(student), flat(teacher)
     mask = None if mask is None else mask.reshape(-1)
     n, v = student[0].shape[0], student[1].shape[1]
-    resolved_mesh = sharded.check_mesh_axes(mesh, batch_axis, vocab_axis, n, v, fn=_FN)
+    resolved_mesh = sharding.check_mesh_axes(_FN, mesh, batch_axis, vocab_axis, n)
     if n == 0:
         empty = jnp.zeros((0,), _dtypes.compute_dtype(out_dtype))
         loss = _reductions.reduce_loss(empty, reduction)
     else:
-        n_local = n // (1 if batch_axis is None else sharded.axis_size(resolved_mesh, batch_axis))
-        v_local = v // (1 if vocab_axis is None else sharded.axis_size(resolved_mesh, vocab_axis))
-        chunks = (min(token_chunk, n_local), min(vocab_chunk, v_local))
+        n_local = n // sharding.axis_size(resolved_mesh, batch_axis)
+        split = sharding.VocabularySplit.of(resolved_mesh, vocab_axis, v)
+        chunks = (min(token_chunk, n_local), min(vocab_chunk, split.width))
         cdt = _dtypes.compute_dtype(out_dtype)
         beta, temperature = (
             jax.lax.stop_gradient(jnp.asarray(x, cdt)) for x in (beta, temperature)
         )
-        cfg = _Config(divergence, beta, temperature, chunks, vocab_axis)
+        width = split.width if split.uneven else None
+        cfg = _Config(divergence, beta, temperature, chunks, vocab_axis, width)
         if resolved_mesh is None:
             arrays = zip(_ARRAY_NAMES, (*student, *teacher, mask), strict=True)
-            sharded.reject_explicit_sharding(_FN, **dict(arrays))
-            loss = _loss(student, teacher, mask, cfg, reduction)
+            sharding.reject_explicit_sharding(_FN, **dict(arrays))
+            loss = _implementations.linear_head(
+                _FN, implementation, _loss, student, teacher, mask, cfg, reduction
+            )
         else:
             loss = _sharded(student, teacher, mask, cfg, reduction, resolved_mesh, batch_axis)
     if reduction == "none":

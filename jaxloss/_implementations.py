@@ -7,6 +7,8 @@ so a program compiled here for a TPU gets the TPU form; ``"xla"`` forces the por
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -24,7 +26,28 @@ IMPLEMENTATIONS = (None, "xla", "pallas")
 # and bf16: the Pallas kernel 1.0002-1.0003x, the XLA form 1.50x (its backward reads the logits
 # again). CUDA: no kernel (a 131072-wide row exceeds one SM's shared memory), XLA 1.5x. CPU: the
 # XLA form (tests/test_memory.py and the CPU benchmark pin its programs).
-DEFAULTS = {"cross_entropy": {"tpu": "pallas", "cuda": "xla", "rocm": "xla", "cpu": "xla"}}
+#
+# The fused linear heads: the XLA forms (jaxloss._blockwise) on every backend, as no Pallas kernel
+# of them exists yet. Their compiled figures are in docs/linear.md; a kernel registered in
+# LINEAR_KERNELS becomes a backend's default only when its row here says "pallas".
+_XLA_EVERYWHERE = {"tpu": "xla", "cuda": "xla", "rocm": "xla", "cpu": "xla"}
+DEFAULTS = {
+    "cross_entropy": {"tpu": "pallas", "cuda": "xla", "rocm": "xla", "cpu": "xla"},
+    "linear_cross_entropy": _XLA_EVERYWHERE,
+    "linear_distillation": _XLA_EVERYWHERE,
+}
+# The seam for Pallas kernels of the fused heads: function -> {backend: kernel}. A kernel takes
+# the operands of the XLA form it replaces, as the caller passes them to linear_head
+# (linear_cross_entropy: ``_linear.api._single_device(problem, options, hyper, chunks)``,
+# returning ``(loss, (lse, argmax, entropy))``; linear_distillation:
+# ``_distillation._loss(student, teacher, mask, cfg, reduction)``, returning the loss). Empty
+# until a kernel (e.g. jaxloss/_linear/pallas_tpu.py) registers itself here.
+LINEAR_KERNELS: dict[str, dict[str, Callable[..., Any]]] = {
+    "linear_cross_entropy": {},
+    "linear_distillation": {},
+}
+# torch_linear_cross_entropy runs linear_cross_entropy's implementations.
+_SAME_KERNELS = {"torch_linear_cross_entropy": "linear_cross_entropy"}
 
 
 def check(fn: str, implementation: Any) -> None:
@@ -33,6 +56,52 @@ def check(fn: str, implementation: Any) -> None:
             f"{fn}: `implementation` must be None (each backend's default), 'xla' or 'pallas' "
             f"(the TPU kernel); got {implementation!r}"
         )
+
+
+def _kernels_everywhere() -> str:
+    found = [
+        f"{fn} on {platform}"
+        for fn, table in DEFAULTS.items()
+        for platform in (*table, *LINEAR_KERNELS.get(fn, {}))
+        if table.get(platform) == "pallas" or platform in LINEAR_KERNELS.get(fn, {})
+    ]
+    return ", ".join(dict.fromkeys(found)) or "none"
+
+
+def check_linear(fn: str, implementation: Any) -> None:
+    """``implementation`` of a fused linear head, checked at call time: ``"pallas"`` raises a
+    ``ValueError`` where no backend has a kernel of the head (naming what exists)."""
+    check(fn, implementation)
+    kernels = LINEAR_KERNELS[_SAME_KERNELS.get(fn, fn)]
+    if implementation == "pallas" and not kernels:
+        raise ValueError(
+            f"{fn}: implementation='pallas' has no kernel on the {jax.default_backend()} "
+            f"backend, nor on any other: {fn} has only its XLA form so far (Pallas kernels exist "
+            f"for: {_kernels_everywhere()}). Use implementation=None (each backend's default, "
+            "the XLA form everywhere) or 'xla'"
+        )
+
+
+def linear_head(fn: str, implementation: Any, xla: Callable[..., Any], *operands) -> Any:
+    """``fn``'s outputs by ``implementation``: ``xla(*operands)`` (the XLA form), or a kernel
+    of :data:`LINEAR_KERNELS` on the operands, chosen per backend when the program is lowered
+    (``None``: where :data:`DEFAULTS` names it; ``"pallas"``: wherever one exists, an error
+    where none does)."""
+    kernels = LINEAR_KERNELS[fn]
+    chosen = {
+        platform: kernel
+        for platform, kernel in kernels.items()
+        if implementation == "pallas" or DEFAULTS[fn].get(platform) == "pallas"
+    }
+    if implementation == "xla" or not chosen:
+        return xla(*operands)
+    default = lambda: xla(*operands)
+    if implementation == "pallas":
+        default = lambda: jax.tree.map(lambda x: _no_kernel(fn, x), xla(*operands))
+    branches = {
+        platform: functools.partial(kernel, *operands) for platform, kernel in chosen.items()
+    }
+    return jax.lax.platform_dependent(default=default, **branches)
 
 
 def refuse_pallas(fn: str, implementation: Any, case: str) -> None:
@@ -105,6 +174,7 @@ def _no_kernel(fn: str, x: jax.Array) -> jax.Array:
 def _refuse_lowering(ctx, x, *, fn):
     platforms = ", ".join(ctx.module_context.platforms)
     kernels = [p for p, impl in DEFAULTS[fn].items() if impl == "pallas"]
+    kernels += [p for p in LINEAR_KERNELS.get(fn, {}) if p not in kernels]
     raise ValueError(
         f"{fn}: implementation='pallas' has no kernel for the {platforms} backend (Pallas "
         f"kernels exist for: {', '.join(kernels)}). Use implementation=None (each backend's "

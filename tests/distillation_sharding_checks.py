@@ -164,6 +164,47 @@ for _layout in ("classes", "both"):
 _register("shard_map", "both", "reverse_kl", masked=False)
 
 
+# Classes that do not split evenly over the vocabulary axis: 37 over 4 (``both``) or 8
+# (``classes``) devices. JAX cannot place such shards: both heads' kernels and biases arrive
+# replicated and each device reads its own (slid-back, overlap-masked) column range in place.
+UNEVEN_V = 37
+
+
+def _uneven_data() -> dict[str, np.ndarray]:
+    data = _data()
+    for name in ("kernel", "teacher_kernel"):
+        data[name] = data[name][:, :UNEVEN_V]
+    for name in ("bias", "teacher_bias"):
+        data[name] = data[name][:UNEVEN_V]
+    return data
+
+
+def _register_uneven(layout: str, divergence: str) -> None:
+    name = f"shard_map/{divergence}/{layout}/uneven_classes"
+
+    def run(mesh: Mesh):
+        vocabulary = ("kernel", "bias", "teacher_kernel", "teacher_bias")
+        spec = lambda k: P() if k in vocabulary else _specs(layout)[KINDS[k]]
+        placed = {
+            k: jax.device_put(v, NamedSharding(mesh, spec(k))) for k, v in _uneven_data().items()
+        }
+        fn = _fn(divergence, mesh=mesh, **_axes(layout))
+        got = jax.jit(fn)(**placed)
+        want = jax.jit(_fn(divergence))(**{k: jnp.asarray(v) for k, v in _uneven_data().items()})
+        problems = _compare(got, want, name)
+        kernel_grad = got[3][0][1]
+        if not kernel_grad.sharding.is_fully_replicated:
+            problems.append(f"{name}: kernel gradient sharding {kernel_grad.sharding}")
+        return problems, []
+
+    CHECKS[name] = run
+
+
+for _layout in ("classes", "both"):
+    for _divergence in ("kl", "jsd"):
+        _register_uneven(_layout, _divergence)
+
+
 def _huge_data() -> dict[str, np.ndarray]:
     """One feature of ones; logits 2^26 and 1, 2, 3 float32 ulps (8) below it on every shard."""
     ones = np.ones((N, 1), np.float32)

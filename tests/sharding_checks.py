@@ -486,24 +486,84 @@ for _layout in ("classes", "both"):
         return problems, []
 
 
-@check("linear_cross_entropy/shard_map/uneven_split_is_an_error")
-def _linear_uneven(mesh: Mesh):
-    """Tokens or classes that do not split evenly over the named axes raise a ValueError."""
+@check("linear_cross_entropy/shard_map/uneven_tokens_is_an_error")
+def _linear_uneven_tokens(mesh: Mesh):
+    """Tokens that do not split evenly over the batch axis raise a ValueError."""
     data = _linear_args()
     h, k, y = data["hidden"], data["kernel"], data["targets"]
-    problems = []
-    for what, args, axes in (
-        ("tokens", (h[:-1], k, y[:-1]), {"batch_axis": BATCH}),
-        ("classes", (h, k[:, :-1], y), {"vocab_axis": "model"}),
-    ):
-        try:
-            jaxloss.linear_cross_entropy(*args, mesh=mesh, **axes)
-        except ValueError as err:
-            if "split evenly" not in str(err):
-                problems.append(f"{what}: unexpected message {err}")
-        else:
-            problems.append(f"{what}: no ValueError for an uneven split")
-    return problems, []
+    try:
+        jaxloss.linear_cross_entropy(h[:-1], k, y[:-1], mesh=mesh, batch_axis=BATCH)
+    except ValueError as err:
+        return ([] if "split evenly" in str(err) else [f"unexpected message {err}"]), []
+    return ["no ValueError for tokens that do not split evenly"], []
+
+
+# Classes that do not split evenly over the vocabulary axis (GPT-2's 50257 over 8, small): 37
+# over 4 devices (ranges of 10, the last slid back to [27, 37) owning [30, 37)) and over 8
+# (ranges of 5, the last owning [35, 37)). JAX cannot place such an uneven shard, so the kernel,
+# bias and weight arrive replicated; each device reads its own column range of them in place.
+UNEVEN_V = 37
+UNEVEN_AXES = {
+    "classes": {"batch_axis": None, "vocab_axis": BATCH},
+    "both": {"batch_axis": "data", "vocab_axis": "model"},
+}
+
+
+def _uneven_args():
+    data = _linear_args()
+    targets = np.where(data["targets"] >= UNEVEN_V, UNEVEN_V - 1, data["targets"])
+    targets[[2, 3]] = [UNEVEN_V - 1, 30]  # the last device's first and last owned classes
+    return dict(
+        data, kernel=data["kernel"][:, :UNEVEN_V], bias=data["bias"][:UNEVEN_V],
+        weight=data["weight"][:UNEVEN_V], targets=targets,
+    )  # fmt: skip
+
+
+for _layout in UNEVEN_AXES:
+
+    @check(f"linear_cross_entropy/shard_map/{_layout}/uneven_classes")
+    def _linear_uneven_classes(mesh: Mesh, layout=_layout):
+        """Values, gradients and statistics exact against the unsharded call; the kernel's
+        gradient comes back with the kernel's (replicated) sharding."""
+        axes = UNEVEN_AXES[layout]
+        kinds = {"hidden": "hidden", "targets": "rows", "cotangent": "rows"}
+        got, _ = _sharded(mesh, layout, _linear_fn(mesh=mesh, **axes), _uneven_args(), kinds)
+        problems = _compare(got, _unsharded(_linear_fn(), _uneven_args()), f"uneven {layout}")
+        kernel_grad = got[3][1]
+        if not kernel_grad.sharding.is_fully_replicated:
+            problems.append(f"kernel gradient sharding {kernel_grad.sharding}, not replicated")
+        stats, _ = _sharded(
+            mesh, layout, _linear_stats_fn(mesh=mesh, **axes), _uneven_args(), kinds
+        )
+        want = _unsharded(_linear_stats_fn(), _uneven_args())
+        problems += _compare(stats, want, f"uneven {layout}, soft cap and statistics")
+        probs, _ = _sharded(mesh, layout, _uneven_probs_fn(mesh=mesh, **axes), _uneven_probs(), {
+            "hidden": "hidden", "probs": "rows"})  # fmt: skip
+        want = _unsharded(_uneven_probs_fn(), _uneven_probs())
+        problems += _compare(probs, want, f"uneven {layout}, probability targets")
+        return problems, []
+
+
+def _uneven_probs():
+    data = _uneven_args()
+    rng = np.random.default_rng(5)
+    probs = rng.dirichlet(np.ones(UNEVEN_V), N).astype(np.float32)
+    return {k: data[k] for k in ("hidden", "kernel", "bias", "weight")} | {"probs": probs}
+
+
+def _uneven_probs_fn(**axes):
+    """Probability targets: each device's mass counts only the classes it owns."""
+
+    def fn(hidden, kernel, bias, weight, probs):
+        def f(hidden, kernel, bias, weight):
+            return jaxloss.linear_cross_entropy(
+                hidden, kernel, probs, bias=bias, weight=weight, reduction="sum",
+                label_smoothing=0.1, z_loss=1e-3, token_chunk=3, vocab_chunk=3, **axes,
+            )  # fmt: skip
+
+        return jax.value_and_grad(f, argnums=(0, 1, 2, 3))(hidden, kernel, bias, weight)
+
+    return fn
 
 
 @check("hlo_parser/sees_all_gathers")

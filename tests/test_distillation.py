@@ -23,6 +23,7 @@ from jax.experimental import checkify
 from jax.test_util import check_grads
 
 import jaxloss
+from jaxloss import _distillation_reference as reference
 
 N, D, D_T, V = 13, 8, 5, 29
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
@@ -43,40 +44,8 @@ def _problem(seed=0, n=N, dtype=jnp.float32, scale=1.0):
     return tuple(jnp.asarray(a, dtype) for a in arrays), jnp.asarray(mask)
 
 
-def _kl_rows(log_p, log_q):
-    """``Σ_c p_c (log p_c - log q_c)`` per row, ``0 log 0 = 0`` (double select: NaN-free grads).
-
-    ``p_c = 0`` also where it underflows (saturated logits), where ``log q_c`` may be ``-inf``.
-    """
-    present = jnp.exp(log_p) > 0
-    safe_p = jnp.where(present, log_p, 0)
-    return jnp.sum(jnp.where(present, jnp.exp(safe_p) * (safe_p - log_q), 0), -1)
-
-
-def _materialised(
-    h, k, b, th, tk, tb, *, divergence="kl", beta=0.5, temperature=1.0, mask=None, reduction="mean"
-):
-    """The definition on full ``[N, V]`` logits."""
-    z_s = h @ k + (0 if b is None else b[None, :])
-    z_t = th @ tk + (0 if tb is None else tb[None, :])
-    log_s = jax.nn.log_softmax(z_s / temperature)
-    log_t = jax.nn.log_softmax(z_t / temperature)
-    if divergence == "kl":
-        per_token = _kl_rows(log_t, log_s)
-    elif divergence == "reverse_kl":
-        per_token = _kl_rows(log_s, log_t)
-    else:
-        m = beta * jnp.exp(log_t) + (1 - beta) * jnp.exp(log_s)
-        # log 0 = -inf with a NaN-free gradient (a class that both distributions rule out).
-        log_m = jnp.where(m > 0, jnp.log(jnp.where(m > 0, m, 1)), -jnp.inf)
-        per_token = beta * _kl_rows(log_t, log_m) + (1 - beta) * _kl_rows(log_s, log_m)
-    loss = temperature**2 * per_token
-    if mask is not None:
-        loss = jnp.where(mask, loss, 0)
-    if reduction == "none":
-        return loss
-    count = loss.shape[0] if mask is None else jnp.sum(mask)
-    return jnp.sum(loss) if reduction == "sum" else jnp.sum(loss) / count
+# The materialised definition every form is tested against (values and autodiff gradients).
+_materialised = reference.reference_loss
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -802,3 +771,64 @@ def test_traced_temperature_is_checkable_with_checkify():
     assert "beta must lie in [0, 1], got 1.5" in str(error.get())
     error, value = checked(jnp.float32(2.0), jnp.float32(0.5))
     assert error.get() is None and np.isfinite(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite inputs at counted tokens (issue 19, item 7, through the shared blockwise engine)
+# ----------------------------------------------------------------------------------------------
+
+
+def _nonfinite_heads(value):
+    """``{name: (h, k, b, th, tk, tb)}`` with ``value`` (NaN or ±inf) in one input, the tokens
+    counted (no mask)."""
+    (h, k, b, th, tk, tb), _ = _problem(3)
+    return {
+        "student kernel": (h, k.at[1, 27].set(value), b, th, tk, tb),
+        "student kernel, early column": (h, k.at[0, 2].set(value), b, th, tk, tb),
+        "student hidden row": (h.at[11].set(value), k, b, th, tk, tb),
+        "student hidden entry": (h.at[2, 0].set(value), k, b, th, tk, tb),
+        "student bias": (h, k, b.at[26].set(value), th, tk, tb),
+        "teacher kernel": (h, k, b, th, tk.at[1, 28].set(value), tb),
+        "teacher hidden row": (h, k, b, th.at[12].set(value), tk, tb),
+    }
+
+
+@pytest.mark.parametrize("chunks", [(4, 6), (1, 2), (5, 8)])
+def test_non_finite_inputs_give_the_materialised_non_finite_gradients(chunks):
+    """NaN or ±inf in a head's kernel, hidden or bias at counted tokens: the value and every
+    entry of the student's gradients (NaN, ±inf and finite alike) are autodiff's of the
+    materialised formula. A slid-back last chunk (V = 29, N = 13 here) multiplied the zero
+    logit gradient of the columns and rows it shares with the previous chunk by an infinite
+    kernel or hidden entry (``0 · inf = NaN``) where the materialised gradient is finite."""
+
+    def run(loss_fn):
+        def every(arrays):
+            out = {}
+            for name, (h, k, b, th, tk, tb) in arrays.items():
+                for d in DIVERGENCES:
+                    f = lambda h, k, b, th=th, tk=tk, tb=tb, d=d: loss_fn(
+                        h, k, b, th, tk, tb, divergence=d, reduction="sum", beta=0.3
+                    )
+                    out[name, d] = jax.value_and_grad(f, (0, 1, 2))(h, k, b)
+            return out
+
+        return jax.jit(every)
+
+    def fused(h, k, b, th, tk, tb, **options):
+        return jaxloss.linear_distillation(
+            h, k, th, tk, bias=b, teacher_bias=tb, token_chunk=chunks[0], vocab_chunk=chunks[1],
+            **options,
+        )  # fmt: skip
+
+    got_fn, want_fn = run(fused), run(_materialised)
+    for value in (jnp.nan, jnp.inf, -jnp.inf):
+        arrays = _nonfinite_heads(value)
+        got, want = got_fn(arrays), want_fn(arrays)
+        for key in want:
+            names = ("loss", "hidden", "kernel", "bias")
+            for what, g, w in zip(names, (got[key][0], *got[key][1]),
+                                  (want[key][0], *want[key][1]), strict=True):  # fmt: skip
+                # atol: entries of order 1 (the reverse-KL slope cancels at a row with -inf).
+                np.testing.assert_allclose(
+                    g, w, rtol=2e-5, atol=1e-5, err_msg=f"{value} in {key}: {what}"
+                )

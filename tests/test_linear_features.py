@@ -12,6 +12,7 @@ that do not divide the problem.
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -342,3 +343,93 @@ def test_matmul_counts_of_each_form(monkeypatch):
     assert _matmuls(jax.value_and_grad(loss("mean"), (0, 1)), *low) == 5
     api._linear_cross_entropy.clear_cache()  # pyright: ignore[reportFunctionMemberAccess]
     assert _matmuls(loss("mean"), hidden, kernel) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# implementation= (issue 17 item 3): the one table in jaxloss/_implementations.py
+# ----------------------------------------------------------------------------------------------
+
+
+def _heads(implementation):
+    """``{name: () -> loss}``: the three fused heads with ``implementation``."""
+    hidden, kernel, _, _, targets = _problem()
+    return {
+        "linear_cross_entropy": lambda: jaxloss.linear_cross_entropy(
+            hidden, kernel, targets, implementation=implementation
+        ),
+        "torch_linear_cross_entropy": lambda: jaxloss.torch_linear_cross_entropy(
+            hidden, kernel.T, targets, implementation=implementation
+        ),
+        "linear_distillation": lambda: jaxloss.linear_distillation(
+            hidden, kernel, hidden, kernel, implementation=implementation
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", ["linear_cross_entropy", "torch_linear_cross_entropy",
+                                  "linear_distillation"])  # fmt: skip
+def test_pallas_without_a_kernel_names_the_function_backend_and_what_exists(name):
+    """No Pallas kernel of the fused heads exists yet: ``"pallas"`` says so, naming the
+    function, the backend and the kernels that do exist; an unknown name is refused too."""
+    message = rf"^{name}: implementation='pallas' has no kernel on the cpu backend.*"
+    with pytest.raises(ValueError, match=message + r"cross_entropy on tpu.*'xla'"):
+        _heads("pallas")[name]()
+    with pytest.raises((ValueError, TypeError), match="implementation"):
+        _heads("triton")[name]()
+
+
+@pytest.mark.parametrize("name", ["linear_cross_entropy", "linear_distillation"])
+def test_default_is_the_xla_form_on_every_backend(name):
+    """``None`` resolves to the XLA form (the same program as ``"xla"``), per the table."""
+    from jaxloss import _implementations
+
+    assert set(_implementations.DEFAULTS[name].values()) == {"xla"}
+    hidden, kernel, _, _, targets = _problem()
+    loss = {
+        "linear_cross_entropy": lambda impl: (
+            lambda h, k: jaxloss.linear_cross_entropy(h, k, targets, implementation=impl)
+        ),
+        "linear_distillation": lambda impl: (
+            lambda h, k: jaxloss.linear_distillation(h, k, hidden, kernel, implementation=impl)
+        ),
+    }[name]
+    programs = [
+        jax.jit(jax.value_and_grad(loss(impl), (0, 1))).lower(hidden, kernel).as_text()
+        for impl in (None, "xla")
+    ]
+    strip = lambda text: re.sub(r"loc\([^)]*\)|#loc\d*", "", text)
+    assert strip(programs[0]) == strip(programs[1])
+
+
+@pytest.mark.parametrize("name", ["linear_cross_entropy", "linear_distillation"])
+def test_a_registered_kernel_plugs_into_the_seam(name, monkeypatch):
+    """The seam a Pallas kernel plugs into: registered for a backend in ``LINEAR_KERNELS``, it
+    gets the XLA form's operands; ``"pallas"`` takes it, ``None`` only where ``DEFAULTS`` names
+    it, ``"xla"`` never."""
+    from jaxloss import _implementations
+    from jaxloss._linear import api
+
+    calls = []
+
+    def kernel(*operands):  # stands in for a kernel: the XLA form's result plus 1000
+        calls.append(len(operands))
+        xla = {"linear_cross_entropy": api._single_device, "linear_distillation": None}[name]
+        if xla is None:
+            from jaxloss import _distillation
+
+            return _distillation._loss(*operands) + 1000
+        loss, stats = xla(*operands)
+        return loss + 1000, stats
+
+    def run(impl):
+        api._linear_cross_entropy.clear_cache()  # pyright: ignore[reportFunctionMemberAccess]
+        jaxloss.linear_distillation.clear_cache()  # pyright: ignore[reportFunctionMemberAccess]
+        return float(_heads(impl)[name]())
+
+    monkeypatch.setitem(_implementations.LINEAR_KERNELS, name, {"cpu": kernel})
+    xla, pallas, default = run("xla"), run("pallas"), run(None)
+    assert pallas == pytest.approx(xla + 1000) and default == xla and calls
+    monkeypatch.setitem(_implementations.DEFAULTS, name, {"cpu": "pallas"})
+    assert run(None) == pytest.approx(xla + 1000)
+    monkeypatch.undo()
+    run("xla")  # no patched program left in the caches

@@ -9,6 +9,7 @@ the per-token blocked statistics for ``"none"`` and for every reduction on GPUs 
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,9 @@ import numpy as np
 from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, Float, Integer
 
-from jaxloss import _dtypes, _reductions, _targets, _validation
+from jaxloss import _dtypes, _implementations, _reductions, _targets, _validation
+from jaxloss._blockwise import blocks
+from jaxloss._blockwise import sharding as mesh_axes
 from jaxloss._linear import assembly, chunked, sharded
 from jaxloss._stats import LogitStats
 
@@ -100,6 +103,7 @@ def linear_cross_entropy(
     mesh: Mesh | None = None,
     batch_axis: str | tuple[str, ...] | None = None,
     vocab_axis: str | tuple[str, ...] | None = None,
+    implementation: Literal["xla", "pallas"] | None = None,
 ) -> (
     Float[Array, "*batch"]
     | Float[Array, ""]
@@ -186,8 +190,14 @@ def linear_cross_entropy(
         mesh).
       batch_axis: mesh axis name(s) the tokens are split over, or ``None``. Tokens must split
         evenly; ``token_chunk`` then applies to each device's share.
-      vocab_axis: mesh axis name(s) the classes are split over, or ``None``. Classes must split
-        evenly; ``vocab_chunk`` then applies to each device's share.
+      vocab_axis: mesh axis name(s) the classes are split over, or ``None``. Classes need not
+        split evenly (GPT-2's 50257 over 8 devices): each device then takes ``ceil(V / n)``
+        columns of the kernel, which arrives replicated (JAX cannot place uneven shards), read
+        in place, the last range slid back with its overlap masked; the kernel's gradient comes
+        back replicated. ``vocab_chunk`` applies to each device's share.
+      implementation: ``None`` (each backend's default, chosen when the program is lowered),
+        ``"xla"`` (the blockwise XLA form) or ``"pallas"`` (a Pallas kernel: none exists yet,
+        so a ``ValueError``). Today every backend gets the XLA form; docs/linear.md says why.
 
     Returns:
       Per-token losses (``"none"``) or a scalar, in the dtype ``hidden @ kernel + bias`` would
@@ -227,22 +237,25 @@ def linear_cross_entropy(
         ignore_index, reduction, label_smoothing, z_loss, soft_cap
     )
     config = chunked.ChunkConfig(token_chunk, vocab_chunk, grad_token_chunk)
+    _implementations.check_linear(_FN, implementation)
     if not isinstance(return_stats, bool):
         raise TypeError(f"{_FN}: `return_stats` must be a bool, got {return_stats!r}")
     return _linear_cross_entropy(
         hidden, kernel, targets, bias, weight, hyper, soft_cap, static=tuple(static.items()),
         config=config, mesh=mesh, batch_axis=batch_axis, vocab_axis=vocab_axis,
-        return_stats=return_stats,
+        return_stats=return_stats, implementation=implementation,
     )  # fmt: skip
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("static", "config", "mesh", "batch_axis", "vocab_axis", "return_stats"),
-)
+    static_argnames=(
+        "static", "config", "mesh", "batch_axis", "vocab_axis", "return_stats", "implementation"
+    ),
+)  # fmt: skip
 def _linear_cross_entropy(
     hidden, kernel, targets, bias, weight, hyper, soft_cap, *, static, config, mesh, batch_axis,
-    vocab_axis, return_stats,
+    vocab_axis, return_stats, implementation,
 ):  # fmt: skip
     hidden, kernel, targets, bias = _check_arrays(hidden, kernel, targets, bias)
     v = kernel.shape[1]
@@ -259,7 +272,7 @@ def _linear_cross_entropy(
             "targets, as in PyTorch: only index targets can be ignored"
         )
     batch_shape = hidden.shape[:-1]
-    h, kernel = chunked.rows_with_a_feature(hidden, kernel)
+    h, kernel = blocks.rows_with_a_feature(hidden, kernel)
     n = h.shape[0]
     labels = None if probabilities else _targets.widen(targets).reshape(-1)
     probs = jax.lax.stop_gradient(targets.reshape(n, v)) if probabilities else None
@@ -269,18 +282,20 @@ def _linear_cross_entropy(
     problem = chunked.Problem(
         h, kernel, bias, labels, probs, class_weight, soft_cap, options.smoothing, return_stats
     )
-    resolved_mesh = sharded.check_mesh_axes(mesh, batch_axis, vocab_axis, n, v)
+    resolved_mesh = mesh_axes.check_mesh_axes(_FN, mesh, batch_axis, vocab_axis, n)
     if n == 0:
         # Nothing to loop over: the loss of an empty batch, as cross_entropy gives it.
         empty = jnp.zeros((0,), cdt)
         loss = assembly.reduce(empty, empty, options.reduction)
         stats = (empty, jnp.zeros((0,), jnp.int32), empty)
     elif resolved_mesh is None:
-        sharded.reject_explicit_sharding(
+        mesh_axes.reject_explicit_sharding(
             _FN, hidden=h, kernel=kernel, targets=targets, bias=bias, weight=weight
         )
         chunks = {"cpu": config.clipped(n, v), "cuda": config.clipped(n, v, gpu=True)}
-        loss, stats = _single_device(problem, options, hyper, chunks)
+        loss, stats = _implementations.linear_head(
+            _FN, implementation, _single_device, problem, options, hyper, chunks
+        )
     else:
         loss, stats = sharded.sharded_loss(
             problem, options, hyper, config, mesh=resolved_mesh, batch_axis=batch_axis,

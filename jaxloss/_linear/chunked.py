@@ -1,20 +1,20 @@
-"""The blocked kernel: per-token statistics of ``hidden @ kernel + bias`` without the logits.
+"""The linear head's block rules: per-token statistics of ``hidden @ kernel + bias`` without the
+logits, and their gradients, on the shared blockwise engine (:mod:`jaxloss._blockwise`).
 
 The loss needs only a few numbers per token — the maximum logit ``m_n`` and
 ``log Σ_c e^(z_{n,c} - m_n)``, the target logit ``z_{n,y_n}``, ``Σ_c w_c (m_n - z_{n,c})`` for
 label smoothing, ``Σ_c w_c t_{n,c} (m_n - z_{n,c})`` for probability targets — and the
 per-token statistics (argmax, entropy) need two more, so all of them are accumulated one
 ``token_chunk × vocab_chunk`` block of (soft-capped) logits at a time: an online logsumexp over
-vocabulary chunks (a running maximum and a rescaled running sum, Milakov & Gimelshein 2018),
-the sums moved along with the running maximum. Every term stays relative to the maximum, as in
-``cross_entropy``: ``logsumexp(z) - z_y`` would cancel at large logits (1e8 in float32).
+vocabulary chunks, the sums moved along with the running maximum. Every term stays relative to
+the maximum, as in ``cross_entropy``: ``logsumexp(z) - z_y`` would cancel at large logits (1e8
+in float32).
 
 Two differentiable forms share those block rules:
 
-- :func:`token_stats` returns the statistics per token; its ``custom_vjp`` recomputes each
-  logit block in the backward pass (four ``N·D·V`` matmuls in a ``value_and_grad``; five for a
-  half-precision ``hidden``, whose gradient gets a pass of its own rather than a float32
-  accumulator of its full size). For ``reduction="none"``, the ``shard_map`` form, where the
+- :func:`token_stats` returns the statistics per token; the engine's recomputing backward pass
+  recomputes each logit block (four ``N·D·V`` matmuls in a ``value_and_grad``; five for a
+  half-precision ``hidden``). For ``reduction="none"``, the ``shard_map`` form, where the
   per-token cotangents are only known in the backward pass, and for every reduction on GPUs
   and TPUs, where nothing larger than a few blocks may be held.
 - :func:`fused_total` returns the summed loss; when differentiated, its forward rule already
@@ -22,15 +22,6 @@ Two differentiable forms share those block rules:
   vocabulary, their logsumexp, then ``softmax − onehot`` contracted into the gradients): three
   matmuls, and the backward pass only scales. Its primal (forward-only calls) is the cheap
   blocked pass.
-
-Blocks that do not divide evenly are handled without padding (which would copy the kernel): the
-last chunk is slid back to end at the array's edge and the rows or columns it shares with the
-previous chunk are masked out.
-
-Small helpers other blockwise losses may reuse: :class:`ChunkConfig`, :func:`chunk`,
-:func:`num_chunks`, :func:`put_fresh`, :func:`sum_over_columns`, :func:`dot` (a matmul with
-float32 accumulation), :func:`vary`, :func:`finite_or_zero`, :func:`zero_rows`,
-:class:`Normaliser`, :func:`combine_shards`.
 """
 
 from __future__ import annotations
@@ -42,9 +33,27 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxloss import _dtypes
+from jaxloss._blockwise import passes, vjp
+from jaxloss._blockwise.blocks import (
+    Chunk,
+    Span,
+    chunk,
+    dot,
+    finite_or_zero,
+    live_columns,
+    maybe_take,
+    num_chunks,
+    positive_int,
+    put,
+    put_fresh,
+    take,
+    vary,
+    whole,
+    zero_rows,
+)
+from jaxloss._blockwise.online import Normaliser, online_step
 
 # Tuned on a 2-core x86 CPU at N=2048, D=512, V=32768: every block matmul already runs at the
 # speed of one big matmul there, and the temporaries stay ~44 MiB at N=8192, D=2048, V=131072
@@ -63,14 +72,6 @@ GPU_CHUNK = 2048
 # V=32768, where on a 2-core x86 CPU it measured 0.65x the materialised path's time (128 rows:
 # 0.97x; the kernel gradient is read and written once per block of rows).
 DEFAULT_FUSED_BLOCK = 2**24
-
-
-def _positive_int(fn: str, name: str, value: Any) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-        raise TypeError(f"{fn}: `{name}` must be a positive int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{fn}: `{name}` must be a positive int, got {value}")
-    return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +96,7 @@ class ChunkConfig:
         for field in ("token_chunk", "vocab_chunk", "grad_token_chunk"):
             value = getattr(self, field)
             if value is not None:
-                object.__setattr__(self, field, _positive_int(fn, field, value))
+                object.__setattr__(self, field, positive_int(fn, field, value))
 
     def clipped(self, tokens: int, classes: int, gpu: bool = False) -> tuple[int, int, int]:
         """``(token_chunk, vocab_chunk, grad_token_chunk)`` no larger than the array they cut,
@@ -105,141 +106,6 @@ class ChunkConfig:
         cols = self.vocab_chunk or (GPU_CHUNK if gpu else DEFAULT_VOCAB_CHUNK)
         fused = self.grad_token_chunk or max(1, DEFAULT_FUSED_BLOCK // classes)
         return min(rows, tokens), min(cols, classes), min(fused, tokens)
-
-
-class Chunk(NamedTuple):
-    """One chunk along an axis of static length ``size``, cut into chunks of static ``width``.
-
-    ``start`` is where the chunk is read from: ``index * width``, except for a short last chunk,
-    which is slid back to ``size - width`` so that every read has the static width. ``fresh``
-    (``None`` when ``width`` divides ``size``) marks the entries not already covered by the
-    previous chunk; the others must be masked out.
-    """
-
-    start: jax.Array
-    ids: jax.Array
-    fresh: jax.Array | None
-
-
-def chunk(index: jax.Array | int, width: int, size: int) -> Chunk:
-    # An int index where loops run unrolled (jax.disable_jit).
-    nominal = index * width
-    start = jnp.minimum(nominal, size - width)
-    ids = start + jax.lax.iota(jnp.int32, width)
-    return Chunk(start, ids, None if size % width == 0 else ids >= nominal)
-
-
-def num_chunks(size: int, width: int) -> int:
-    return -(-size // width)
-
-
-def _vma(x: Any) -> frozenset:
-    """The manual mesh axes ``x`` varies over inside ``shard_map`` (empty elsewhere)."""
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)
-    if manual is None:  # jax < 0.10 names them ``vma``
-        return frozenset(getattr(aval, "vma", None) or ())
-    return frozenset(getattr(manual, "varying", None) or ())
-
-
-def vary(x: jax.Array, *like: Any) -> jax.Array:
-    """``x`` marked as varying over every manual axis any of ``like`` varies over.
-
-    Loop carries start as constants; under ``shard_map`` they must already carry the per-device
-    type their loop body gives them. Outside ``shard_map`` this is the identity.
-    """
-    missing = frozenset().union(*(_vma(a) for a in like if a is not None)) - _vma(x)
-    return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
-
-
-def dot(a: jax.Array, b: jax.Array, contract: tuple[int, int], out_dtype: Any) -> jax.Array:
-    """A 2-D matmul contracting ``a``'s axis ``contract[0]`` with ``b``'s ``contract[1]``.
-
-    Operands keep their (possibly half-precision) dtype and accumulate in ``out_dtype``; the
-    transposed forms used by the backward pass are expressed as contractions, not copies. (On
-    CPU, XLA widens half-precision operands to float32 and hoists that conversion of the whole
-    kernel out of the loops: one float32 copy of the kernel. GPUs and TPUs slice half precision
-    natively.)
-
-    One exception, on CPU only: contracting ``a``'s leading axis (``hidden^T · ∂ℓ/∂z``), the
-    operands are widened here first. Under ``jax.vmap`` with ``a`` unbatched, XLA:CPU can get
-    that dot on its own (an eager ``jax.grad``, ``jax.disable_jit``), which its runtime has no
-    half-precision kernel for ("Unsupported element type for DotThunk::Execute: BF16 x BF16 =
-    F32"). The compiled programs' temporaries are the same either way.
-    """
-    dims = (((contract[0],), (contract[1],)), ((), ()))
-
-    def native(a, b):
-        return jax.lax.dot_general(a, b, dims, preferred_element_type=out_dtype)
-
-    if jnp.result_type(a, b) == jnp.dtype(out_dtype) or contract[0] != 0:
-        return native(a, b)
-    widened = lambda a, b: native(a.astype(out_dtype), b.astype(out_dtype))
-    return jax.lax.platform_dependent(a, b, cpu=widened, default=native)
-
-
-def finite_or_zero(m: jax.Array) -> jax.Array:
-    # A row whose logits are all -inf (or that has a +inf) keeps a finite shift, so the result is
-    # the NaN/inf cross_entropy gives rather than an inf - inf produced here.
-    return jnp.where(jnp.isfinite(m), m, 0)
-
-
-def zero_rows(x: jax.Array, keep: jax.Array) -> jax.Array:
-    """``x`` (``[rows, D]``) with the rows where ``keep`` (``(rows,)`` or ``(rows, 1)``) is
-    False set to 0, by a select (a multiply would keep ``0 · NaN = NaN``).
-
-    The gradient passes apply it to the hidden rows of tokens without a cotangent — ignored
-    targets, masked tokens — before their matmuls: a NaN or inf there (a padded position)
-    would otherwise reach every kernel-gradient entry as ``0 · NaN``. Only the block in hand
-    is selected: no copy of ``hidden``.
-    """
-    return jnp.where(keep.reshape(-1, 1), x, 0)
-
-
-def _slice(x: jax.Array, start, width: int, axis: int = 0) -> jax.Array:
-    return jax.lax.dynamic_slice_in_dim(x, start, width, axis=axis)
-
-
-def _maybe_slice(x: jax.Array | None, start, width: int, axis: int = 0) -> jax.Array | None:
-    return None if x is None else _slice(x, start, width, axis)
-
-
-def _put(x: jax.Array, update: jax.Array, start, axis: int = 0) -> jax.Array:
-    return jax.lax.dynamic_update_slice_in_dim(x, update, start, axis)
-
-
-def put_fresh(full: jax.Array, part: jax.Array, at: Chunk, axis: int = 0) -> jax.Array:
-    """``full`` with ``part`` (cast to ``full``'s dtype) written at chunk ``at`` along ``axis``;
-    where a slid-back last chunk overlaps the previous one, ``full`` keeps what it has."""
-    part = part.astype(full.dtype)
-    if at.fresh is not None:
-        fresh = jnp.expand_dims(at.fresh, [d for d in range(part.ndim) if d != axis])
-        part = jnp.where(fresh, part, _slice(full, at.start, part.shape[axis], axis))
-    return _put(full, part, at.start, axis)
-
-
-def sum_over_columns(like: jax.Array, chunks, num_cols: int, block, acc_dtype, *varying):
-    """An array like ``like`` (``[N, D]``) whose rows ``i`` are ``Σ_j block(rows_i, cols_j)``.
-
-    Token chunks outside, vocabulary chunks inside: each row block is accumulated in
-    ``acc_dtype`` (a ``[token_chunk, D]`` buffer) and written once in ``like``'s dtype, so no
-    accumulator of the full size exists. ``block(rows, cols)`` returns the ``[token_chunk, D]``
-    contribution of one block; ``varying``: what the loop carries vary like (``shard_map``).
-    """
-    n, d = like.shape
-    nc, vc = chunks
-
-    def token_step(i, out):
-        rows = chunk(i, nc, n)
-        acc = vary(jnp.zeros((nc, d), acc_dtype), *varying)
-
-        def vocab_step(j, acc):
-            return acc + block(rows, chunk(j, vc, num_cols))
-
-        return put_fresh(out, jax.lax.fori_loop(0, num_chunks(num_cols, vc), vocab_step, acc), rows)
-
-    init = vary(jnp.zeros_like(like), *varying)
-    return jax.lax.fori_loop(0, num_chunks(n, nc), token_step, init)
 
 
 def _absorbing(u: jax.Array, z: jax.Array) -> jax.Array:
@@ -271,6 +137,16 @@ class Problem(NamedTuple):
     soft_cap: Any  # None when absent
     weighted_sum: bool
     with_stats: bool
+    # The columns this device covers (uneven vocabulary shards): from ``col_start`` (``None``:
+    # 0), ``width`` of them (``None``: every column), those before ``owned_from`` stale.
+    col_start: Any = None
+    width: int | None = None
+    owned_from: Any = None
+
+    @property
+    def columns(self) -> Span:
+        width = self.kernel.shape[1] if self.width is None else self.width
+        return Span(0 if self.col_start is None else self.col_start, width, self.owned_from)
 
     @property
     def cdt(self) -> Any:
@@ -317,10 +193,10 @@ class Block(NamedTuple):
 def _block(p: Problem, rows: Chunk, cols: Chunk, nc: int, vc: int) -> Block:
     probs = None
     if p.probs is not None:
-        probs = _slice(_slice(p.probs, rows.start, nc), cols.start, vc, 1).astype(p.cdt)
+        probs = take(take(p.probs, rows.start, nc), cols.start, vc, 1).astype(p.cdt)
     return Block(
-        rows, cols, _maybe_slice(p.labels, rows.start, nc), probs,
-        _maybe_slice(p.class_weight, cols.start, vc),
+        rows, cols, maybe_take(p.labels, rows.start, nc), probs,
+        maybe_take(p.class_weight, cols.start, vc),
     )  # fmt: skip
 
 
@@ -349,14 +225,9 @@ def _moved(gap, mass, block_sum, step):
 def _absorb(acc: dict, z: jax.Array, blk: Block) -> dict:
     """The accumulators after one more block of logits ``z`` (rows × cols) of the same rows."""
     cols = blk.cols
-    block_max = jnp.max(z, 1)
-    m = jnp.maximum(acc["m"], block_max)
-    old_shift, shift = finite_or_zero(acc["m"]), finite_or_zero(m)
-    step = shift - old_shift
-    rescale = jnp.exp(acc["m"] - shift)
-    gap = shift[:, None] - z  # ≥ 0 at every live column of a finite row
-    e = jnp.exp(-gap)
-    new = {"m": m, "s": acc["s"] * rescale + jnp.sum(e, 1)}
+    online = online_step(acc["m"], z)
+    step, rescale, gap, e = online.step, online.rescale, online.gap, online.exp
+    new = {"m": online.max, "s": acc["s"] * rescale + jnp.sum(e, 1)}
     if "tgt" in acc:
         local = blk.labels - cols.start
         hit = (local >= 0) & (local < z.shape[1])
@@ -375,17 +246,11 @@ def _absorb(acc: dict, z: jax.Array, blk: Block) -> dict:
         new["wmass"] = acc["wmass"] + jnp.sum(_live(w, cols), 1)
     if "arg" in acc:
         # Strictly greater: a tie keeps the earlier (lower) class index, as jnp.argmax.
-        better = block_max > acc["m"]
+        better = jnp.max(z, 1) > acc["m"]
         new["arg"] = jnp.where(better, cols.start + jnp.argmax(z, 1).astype(jnp.int32), acc["arg"])
         moved = rescale * (acc["ent"] + acc["s"] * step)
         new["ent"] = moved + jnp.sum(_absorbing(e, gap), 1)
     return new
-
-
-def _keep_fresh_rows(new: dict, old: dict, rows: Chunk) -> dict:
-    if rows.fresh is None:
-        return new
-    return {k: jnp.where(rows.fresh, new[k], old[k]) for k in new}
 
 
 class Stats(NamedTuple):
@@ -428,25 +293,21 @@ def _finish(acc: dict) -> Stats:
 # ----------------------------------------------------------------------------------------------
 
 
-def blocked_stats(p: Problem, chunks: tuple[int, int]) -> Stats:
+def blocked_stats(p: Problem, chunks: tuple[int, ...]) -> Stats:
     """Per-token statistics, one ``token_chunk × vocab_chunk`` block of logits at a time."""
-    n, v = p.hidden.shape[0], p.kernel.shape[1]
     nc, vc = chunks
 
-    def vocab_step(j, acc):
-        cols = chunk(j, vc, v)
-        k_j, b_j = _slice(p.kernel, cols.start, vc, 1), _maybe_slice(p.bias, cols.start, vc)
+    def columns(cols: Chunk):
+        return take(p.kernel, cols.start, vc, 1), maybe_take(p.bias, cols.start, vc)
 
-        def token_step(i, acc):
-            rows = chunk(i, nc, n)
-            old = {k: _slice(a, rows.start, nc) for k, a in acc.items()}
-            z = _capped_logits(p, _slice(p.hidden, rows.start, nc), k_j, b_j, cols)
-            new = _keep_fresh_rows(_absorb(old, z, _block(p, rows, cols, nc, vc)), old, rows)
-            return {k: _put(acc[k], new[k], rows.start) for k in acc}
+    def absorb(rows: Chunk, cols: Chunk, column_data, old):
+        k_j, b_j = column_data
+        z = _capped_logits(p, take(p.hidden, rows.start, nc), k_j, b_j, cols)
+        return _absorb(old, z, _block(p, rows, cols, nc, vc))
 
-        return jax.lax.fori_loop(0, num_chunks(n, nc), token_step, acc)
-
-    return _finish(jax.lax.fori_loop(0, num_chunks(v, vc), vocab_step, _init(p, n)))
+    spans = (Span.whole(p.hidden.shape[0]), p.columns)
+    init = _init(p, p.hidden.shape[0])
+    return _finish(passes.sweep(spans, chunks, init, columns, absorb, ()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,65 +324,11 @@ class Cotangents(NamedTuple):
     wgap: Any  # None when absent
 
     def rows(self, start, width: int) -> Cotangents:
-        return Cotangents(*(None if g is None else _slice(g, start, width)[:, None] for g in self))
+        return Cotangents(*(None if g is None else take(g, start, width)[:, None] for g in self))
 
     def counted(self) -> jax.Array:
         """Whether each row has any nonzero (or NaN) cotangent; the others contribute nothing."""
         return functools.reduce(jnp.logical_or, (g != 0 for g in self if g is not None))
-
-
-class Normaliser(NamedTuple):
-    """Per-token ``shift`` (the finite max) and ``log_sum = log Σ_c e^(z_c - shift)``."""
-
-    shift: jax.Array
-    log_sum: jax.Array
-
-    def rows(self, start, width: int) -> Normaliser:
-        return Normaliser(*(_slice(a, start, width)[:, None] for a in self))
-
-    def log_softmax(self, z: jax.Array) -> jax.Array:
-        # (z - shift) first: at large logits shift + log_sum rounds to the max.
-        return (z - self.shift) - self.log_sum
-
-    def softmax(self, z: jax.Array) -> jax.Array:
-        return jnp.exp(self.log_softmax(z))
-
-
-def combine_shards(top: jax.Array, log_sum: jax.Array, axis) -> tuple[jax.Array, ...]:
-    """``(max, log_sum, step)`` over every shard of ``axis`` from each shard's own ``max`` and
-    ``log_sum`` (relative to its own finite max); ``step`` ≥ 0 is how far each shard's shift
-    moves to the global one. A shard whose logits of a row are all ``-inf`` (``log_sum = -inf``)
-    adds exactly nothing, with a zero cotangent."""
-    top_all = jax.lax.pmax(jax.lax.stop_gradient(top), axis)
-    step = finite_or_zero(top_all) - jax.lax.stop_gradient(finite_or_zero(top))
-    return top_all, _log_sum_over(log_sum - step, axis), step
-
-
-# Custom VJP for a convention: the gradient of the unsharded log-sum at a row holding +inf
-# (softmax with a finite shift: NaN at the +inf logits, 0 elsewhere). Autodiff would give every
-# shard the share inf/inf = NaN, a NaN at every logit of the row.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _log_sum_over(local: jax.Array, axis) -> jax.Array:
-    """``log Σ_shards e^local``: the log-sum of the whole vocabulary from the shards' own, each
-    relative to the global shift."""
-    return jnp.log(jax.lax.psum(jnp.exp(local), axis))
-
-
-def _log_sum_over_fwd(local, axis):
-    total = _log_sum_over(local, axis)
-    return total, (local, total)
-
-
-def _log_sum_over_bwd(axis, residuals, g):
-    local, total = residuals
-    # Each shard's share of the probability; at +inf, the shards holding +inf take it all.
-    share = jnp.where(
-        jnp.isposinf(total), jnp.isposinf(local).astype(local.dtype), jnp.exp(local - total)
-    )
-    return (g * share,)
-
-
-_log_sum_over.defvjp(_log_sum_over_fwd, _log_sum_over_bwd)
 
 
 def _block_grads(p: Problem, z, norm: Normaliser, g: Cotangents, blk: Block):
@@ -550,176 +357,103 @@ def _block_grads(p: Problem, z, norm: Normaliser, g: Cotangents, blk: Block):
         dw = jnp.sum(_absorbing(jnp.broadcast_to(mass, z.shape), gap), 0)
     if p.soft_cap is not None:
         dz = dz * (1 - jnp.square(z / p.soft_cap.astype(z.dtype)))
-    if blk.cols.fresh is not None:
-        dz = jnp.where(blk.cols.fresh[None, :], dz, 0)
-    live = g.counted()
-    if blk.rows.fresh is not None:
-        live = live & blk.rows.fresh[:, None]
-    return jnp.where(live, dz, 0), dw
-
-
-def _grad_zeros(p: Problem):
-    n, d = p.hidden.shape
-    v = p.kernel.shape[1]
-    cdt = p.cdt
-    zeros = (jnp.zeros((n, d), cdt), jnp.zeros((d, v), cdt), jnp.zeros((v,), cdt))
-    return tuple(vary(a, *p.arrays) for a in (*zeros, jnp.zeros((v,), cdt)))
-
-
-def _cast_grads(p: Problem, dh, dk, db, dw):
-    return (
-        dh.astype(p.hidden.dtype),
-        dk.astype(p.kernel.dtype),
-        None if p.bias is None else db.astype(p.bias.dtype),
-        None if p.class_weight is None else dw.astype(p.class_weight.dtype),
-    )
+    return passes.quiet(dz, g.counted(), blk.rows, blk.cols), dw
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-token statistics, with a recomputing backward pass
+# Per-token statistics, with the engine's recomputing backward pass
 # ----------------------------------------------------------------------------------------------
 
 
-def _counted(g_i: Cotangents, rows: Chunk) -> jax.Array:
-    """``(rows, 1)``: the rows of a block whose logit gradients may be nonzero (a cotangent,
-    and not already covered by the previous chunk)."""
-    live = g_i.counted()
-    return live if rows.fresh is None else live & rows.fresh[:, None]
+class _Differentiated(NamedTuple):
+    hidden: Any  # an array; None as a cotangent that is zero
+    kernel: Any
+    bias: Any
+    class_weight: Any
 
 
-def _counted_rows(p: Problem, g: Cotangents, rows: Chunk, nc: int):
-    """A row block's cotangents and its hidden rows, zeroed where the logit gradients are 0
-    (those rows enter no matmul of the gradient passes: 0 · NaN would be NaN)."""
-    g_i = g.rows(rows.start, nc)
-    return g_i, zero_rows(_slice(p.hidden, rows.start, nc), _counted(g_i, rows))
+class _Data(NamedTuple):
+    labels: Any
+    probs: Any
+    soft_cap: Any
+    col_start: Any
+    owned_from: Any
 
 
-def _live_columns(k_j: jax.Array, cols: Chunk) -> jax.Array:
-    """``k_j`` with the columns a slid-back chunk shares with the previous one at 0: their logit
-    gradients are 0 here, and 0 · inf (an infinite kernel entry) would be NaN."""
-    return k_j if cols.fresh is None else jnp.where(cols.fresh[None, :], k_j, 0)
+def _split(p: Problem) -> tuple[_Differentiated, _Data]:
+    diff = _Differentiated(p.hidden, p.kernel, p.bias, p.class_weight)
+    return diff, _Data(p.labels, p.probs, p.soft_cap, p.col_start, p.owned_from)
 
 
-def _recomputed_block(
-    p: Problem, chunks, norm: Normaliser, g_i: Cotangents, rows: Chunk, cols: Chunk, h_i, k_j
-):
-    """``(∂ℓ/∂(hK + b) as the matmul dtype, ∂ℓ/∂w)`` of one recomputed block of logits."""
-    nc, vc = chunks
-    z = _capped_logits(p, h_i, k_j, _maybe_slice(p.bias, cols.start, vc), cols)
-    blk = _block(p, rows, cols, nc, vc)
-    dz, dw = _block_grads(p, z, norm.rows(rows.start, nc), g_i, blk)
-    return dz.astype(jnp.result_type(p.hidden.dtype, p.kernel.dtype)), dw
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    chunks: tuple[int, ...]
+    weighted_sum: bool
+    with_stats: bool
+    width: int | None
+
+    def problem(self, diff: _Differentiated, data: _Data) -> Problem:
+        return Problem(
+            diff.hidden, diff.kernel, diff.bias, data.labels, data.probs, diff.class_weight,
+            data.soft_cap, self.weighted_sum, self.with_stats, data.col_start, self.width,
+            data.owned_from,
+        )  # fmt: skip
 
 
-def _kernel_pass(p: Problem, chunks, norm: Normaliser, g: Cotangents, dh):
-    """Gradients for kernel, bias and weight (and, if ``dh`` is an array, hidden), recomputing
-    each logit block: vocabulary chunks outside, so each column block of the kernel's gradient
-    is finished in float32 and written once in its own dtype; ``dh`` accumulates in place."""
-    n, v = p.hidden.shape[0], p.kernel.shape[1]
-    nc, vc = chunks
-    cdt = p.cdt
+@dataclasses.dataclass(frozen=True)
+class _BlockGradient:
+    """The recomputing pass's rule for one block (:class:`passes.BlockGradient`)."""
 
-    def vocab_step(j, carry):
-        dh, dk, db, dw = carry
-        cols = chunk(j, vc, v)
-        k_j = _live_columns(_slice(p.kernel, cols.start, vc, 1), cols)
+    p: Problem
+    chunks: tuple[int, ...]
+    norm: Normaliser
+    g: Cotangents
 
-        def token_step(i, inner):
-            dh, dk_j, db_j, dw_j = inner
-            rows = chunk(i, nc, n)
-            g_i, h_i = _counted_rows(p, g, rows, nc)
-            dz, dw_i = _recomputed_block(p, chunks, norm, g_i, rows, cols, h_i, k_j)
-            if dh is not None:
-                dh_i = _slice(dh, rows.start, nc) + dot(dz, k_j.astype(dz.dtype), (1, 1), cdt)
-                dh = _put(dh, dh_i, rows.start)
-            dk_j = dk_j + dot(h_i.astype(dz.dtype), dz, (0, 0), cdt)
-            dw_j = dw_j if dw_i is None else dw_j + dw_i
-            return dh, dk_j, db_j + jnp.sum(dz.astype(cdt), 0), dw_j
+    def live(self, rows: Chunk) -> jax.Array:
+        return self.g.rows(rows.start, self.chunks[0]).counted()
 
-        zeros = tuple(
-            vary(jnp.zeros(s, cdt), *p.arrays, *g) for s in ((dk.shape[0], vc), (vc,), (vc,))
+    def __call__(self, rows: Chunk, cols: Chunk, h_i, k_j):
+        p, (nc, vc) = self.p, self.chunks
+        z = _capped_logits(p, h_i, k_j, maybe_take(p.bias, cols.start, vc), cols)
+        g_i = self.g.rows(rows.start, nc)
+        dz, dw = _block_grads(
+            p, z, self.norm.rows(rows.start, nc), g_i, _block(p, rows, cols, nc, vc)
         )
-        dh, dk_j, db_j, dw_j = jax.lax.fori_loop(0, num_chunks(n, nc), token_step, (dh, *zeros))
-        dk, db, dw = (
-            put_fresh(f, part, cols, a)
-            for f, part, a in ((dk, dk_j, 1), (db, db_j, 0), (dw, dw_j, 0))
+        return dz, (dw,)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TokenStats(_Static):
+    """:func:`token_stats` as an engine op: statistics forward, recomputing backward."""
+
+    def forward(self, diff, data):
+        stats = blocked_stats(self.problem(diff, data), self.chunks[:2])
+        return stats, Normaliser(stats.shift, stats.log_sum)
+
+    def backward(self, diff, data, norm, cotangents: Stats):
+        p = self.problem(diff, data)
+        # The max's cotangent is dropped: the statistics are relative to it, the loss is not.
+        g = Cotangents(cotangents.log_sum, cotangents.tgt, cotangents.tgap, cotangents.wgap)
+        block = _BlockGradient(p, self.chunks[:2], norm, g)
+        spans = (Span.whole(p.hidden.shape[0]), p.columns)
+        dtypes = (_dtype(p.bias, p.cdt), _dtype(p.class_weight, p.cdt))
+        varying = (*p.arrays, *g)
+        dh, dk, (db, dw) = passes.head_gradients(
+            p.hidden, p.kernel, spans, self.chunks[:2], block, p.cdt, dtypes, varying
         )
-        return dh, dk, db, dw
-
-    d = p.hidden.shape[1]
-    dtypes = (p.kernel.dtype, _dtype(p.bias, cdt), _dtype(p.class_weight, cdt))
-    init = [
-        vary(jnp.zeros(s, t), *p.arrays, *g)
-        for s, t in zip(((d, v), (v,), (v,)), dtypes, strict=True)
-    ]
-    return jax.lax.fori_loop(0, num_chunks(v, vc), vocab_step, (dh, *init))
-
-
-def _hidden_pass(p: Problem, chunks, norm: Normaliser, g: Cotangents):
-    """The gradient for hidden, recomputing each logit block, one row block at a time."""
-    nc, vc = chunks
-
-    def block(rows: Chunk, cols: Chunk) -> jax.Array:
-        g_i, h_i = _counted_rows(p, g, rows, nc)
-        k_j = _live_columns(_slice(p.kernel, cols.start, vc, 1), cols)
-        dz, _ = _recomputed_block(p, chunks, norm, g_i, rows, cols, h_i, k_j)
-        return dot(dz, k_j.astype(dz.dtype), (1, 1), p.cdt)
-
-    v = p.kernel.shape[1]
-    return sum_over_columns(p.hidden, chunks, v, block, p.cdt, *p.arrays, *g)
+        return _Differentiated(*_cast_grads(p, dh, dk, db, dw))
 
 
 def _dtype(x, default):
     return default if x is None else x.dtype
 
 
-def _recomputed_grads(p: Problem, chunks, norm: Normaliser, g: Cotangents):
-    """Gradients for hidden, kernel, bias and weight, recomputing each logit block.
-
-    A float32 ``hidden``'s gradient accumulates in place over the kernel pass (four ``N·D·V``
-    matmuls in all). A half-precision one would need a float32 copy of it as accumulator
-    (128 MiB at N=8192, D=4096), so it gets a pass of its own instead: five matmuls, and no
-    temporary larger than a few blocks.
-    """
-    one_pass = jnp.dtype(p.hidden.dtype) == jnp.dtype(p.cdt)
-    dh = vary(jnp.zeros(p.hidden.shape, p.cdt), *p.arrays, *g) if one_pass else None
-    dh, dk, db, dw = _kernel_pass(p, chunks, norm, g, dh)
-    if not one_pass:
-        dh = _hidden_pass(p, chunks, norm, g)
-    return _cast_grads(p, dh, dk, db, dw)
-
-
-# What the custom_vjp buys: the backward pass recomputes each logit block instead of storing
-# the [N, V] logits (O(blocks) memory instead of O(N·V)).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _token_stats(hidden, kernel, bias, labels, probs, class_weight, soft_cap, chunks, ws, st):
-    p = Problem(hidden, kernel, bias, labels, probs, class_weight, soft_cap, ws, st)
-    return blocked_stats(p, chunks)
-
-
-def _token_stats_fwd(hidden, kernel, bias, labels, probs, class_weight, soft_cap, chunks, ws, st):
-    p = Problem(hidden, kernel, bias, labels, probs, class_weight, soft_cap, ws, st)
-    stats = blocked_stats(p, chunks)
-    return stats, (p.arrays, soft_cap, Normaliser(stats.shift, stats.log_sum))
-
-
-def _token_stats_bwd(chunks, ws, st, residuals, cotangents: Stats):
-    arrays, soft_cap, norm = residuals
-    p = Problem(*arrays, soft_cap, ws, st)  # pyright: ignore[reportCallIssue]
-    # The max's cotangent is dropped: the statistics are relative to it, the loss is not.
-    g = Cotangents(cotangents.log_sum, cotangents.tgt, cotangents.tgap, cotangents.wgap)
-    dh, dk, db, dw = _recomputed_grads(p, chunks, norm, g)
-    return dh, dk, db, None, None, dw, None
-
-
-_token_stats.defvjp(_token_stats_fwd, _token_stats_bwd)
-
-
 def token_stats(p: Problem, chunks: tuple[int, int]) -> Stats:
     """Per-token :class:`Stats` of ``p``, differentiable (reverse mode) in ``hidden``,
     ``kernel``, ``bias`` and ``class_weight`` through ``log_sum``, ``tgt``, ``tgap`` and
     ``wgap`` (``max`` is a constant to them: its cotangent is ignored)."""
-    return _token_stats(*p.arrays, p.soft_cap, chunks, p.weighted_sum, p.with_stats)
+    op = _TokenStats(tuple(chunks), p.weighted_sum, p.with_stats, p.width)
+    return vjp.apply(op, *_split(p))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -727,10 +461,6 @@ def token_stats(p: Problem, chunks: tuple[int, int]) -> Stats:
 # ----------------------------------------------------------------------------------------------
 
 RowLoss = Callable[..., jax.Array]
-
-
-def _whole_vocabulary(v: int) -> Chunk:
-    return Chunk(jnp.zeros((), jnp.int32), jax.lax.iota(jnp.int32, v), None)
 
 
 def _stats_out(p: Problem, stats: Stats) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
@@ -748,8 +478,8 @@ def _fused_chunk(p: Problem, hyper, row_loss: RowLoss, rows: Chunk, chunks, grad
     nc, vc = chunks
     v = p.kernel.shape[1]
     mm = jnp.result_type(p.hidden.dtype, p.kernel.dtype)
-    h_i = _slice(p.hidden, rows.start, nc)
-    blk = _block(p, rows, _whole_vocabulary(v), nc, v)
+    h_i = take(p.hidden, rows.start, nc)
+    blk = _block(p, rows, whole(v), nc, v)
     z = _capped_logits(p, h_i, p.kernel, p.bias, blk.cols)
     stats = _finish(_absorb(_init(p, nc), z, blk))
 
@@ -758,32 +488,33 @@ def _fused_chunk(p: Problem, hyper, row_loss: RowLoss, rows: Chunk, chunks, grad
         return row_loss(moved, blk, class_weight, hyper)
 
     differentiated = (stats.log_sum, stats.tgt, stats.tgap, stats.wgap, p.class_weight)
-    losses, vjp = jax.vjp(chunk_loss, *differentiated)
+    losses, vjp_fn = jax.vjp(chunk_loss, *differentiated)
     fresh = jnp.ones((nc,), losses.dtype)
     if rows.fresh is not None:
         fresh = rows.fresh.astype(losses.dtype)
-    *g, dw_outer = vjp(fresh)
+    *g, dw_outer = vjp_fn(fresh)
     g = Cotangents(*(None if a is None else a[:, None] for a in g))
     norm = Normaliser(stats.shift[:, None], stats.log_sum[:, None])
     # The logits above are the statistics' (defined at every token); the gradient's matmuls
     # read no hidden row of a token without a cotangent.
-    h_live = zero_rows(h_i, _counted(g, rows)).astype(mm)
+    live = g.counted() if rows.fresh is None else g.counted() & rows.fresh[:, None]
+    h_live = zero_rows(h_i, live).astype(mm)
 
     def vocab_step(j, carry):
         dh_i, dk, db, dw = carry
         cols = chunk(j, vc, v)
-        k_j = _live_columns(_slice(p.kernel, cols.start, vc, 1), cols)
+        k_j = live_columns(take(p.kernel, cols.start, vc, 1), cols)
         # Stale columns and rows get a zero logit gradient and zeroed operands (no 0 · inf).
         dz, dw_j = _block_grads(
-            p, _slice(z, cols.start, vc, 1), norm, g, _block(p, rows, cols, nc, vc)
+            p, take(z, cols.start, vc, 1), norm, g, _block(p, rows, cols, nc, vc)
         )
         dz = dz.astype(mm)
         dh_i = dh_i + dot(dz, k_j.astype(mm), (1, 1), p.cdt)
-        dk_j = _slice(dk, cols.start, vc, 1) + dot(h_live, dz, (0, 0), p.cdt)
+        dk_j = take(dk, cols.start, vc, 1) + dot(h_live, dz, (0, 0), p.cdt)
         dk = put_fresh(dk, dk_j, cols, 1)
-        db = _put(db, _slice(db, cols.start, vc) + jnp.sum(dz.astype(p.cdt), 0), cols.start)
+        db = put(db, take(db, cols.start, vc) + jnp.sum(dz.astype(p.cdt), 0), cols.start)
         if dw_j is not None:
-            dw = _put(dw, _slice(dw, cols.start, vc) + dw_j, cols.start)
+            dw = put(dw, take(dw, cols.start, vc) + dw_j, cols.start)
         return dh_i, dk, db, dw
 
     dh, dk, db, dw = grads
@@ -793,6 +524,23 @@ def _fused_chunk(p: Problem, hyper, row_loss: RowLoss, rows: Chunk, chunks, grad
         dw = dw + dw_outer.astype(p.cdt)
     grads = (put_fresh(dh, dh_i, rows), dk, db, dw)
     return jnp.sum(losses * fresh), _stats_out(p, stats), grads
+
+
+def _grad_zeros(p: Problem):
+    n, d = p.hidden.shape
+    v = p.kernel.shape[1]
+    cdt = p.cdt
+    zeros = (jnp.zeros((n, d), cdt), jnp.zeros((d, v), cdt), jnp.zeros((v,), cdt))
+    return tuple(vary(a, *p.arrays) for a in (*zeros, jnp.zeros((v,), cdt)))
+
+
+def _cast_grads(p: Problem, dh, dk, db, dw):
+    return (
+        dh.astype(p.hidden.dtype),
+        dk.astype(p.kernel.dtype),
+        None if p.bias is None else db.astype(p.bias.dtype),
+        None if p.class_weight is None else dw.astype(p.class_weight.dtype),
+    )
 
 
 def fused_forward_and_grads(p: Problem, hyper, row_loss: RowLoss, chunks: tuple[int, int]):
@@ -829,38 +577,34 @@ def whole_block(p: Problem) -> Block:
     """All rows and columns of ``p`` as one block (what the assembly reads)."""
     n, v = p.hidden.shape[0], p.kernel.shape[1]
     probs = None if p.probs is None else p.probs.astype(p.cdt)
-    return Block(_whole_vocabulary(n), _whole_vocabulary(v), p.labels, probs, p.class_weight)
+    return Block(whole(n), whole(v), p.labels, probs, p.class_weight)
 
 
-# What the custom_vjp buys: when differentiated, the gradient is formed in the forward pass from
-# logits already in hand (three N·D·V matmuls instead of four); forward-only calls keep the
-# cheap blocked pass. Measured: see docs/linear.md.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
-def _fused_total(
-    hidden, kernel, bias, labels, probs, class_weight, soft_cap, hyper, chunks, ws, st, row_loss
-):
-    p = Problem(hidden, kernel, bias, labels, probs, class_weight, soft_cap, ws, st)
-    stats = blocked_stats(p, chunks[:2])
-    losses = row_loss(stats, whole_block(p), class_weight, hyper)
-    return jnp.sum(losses), _stats_out(p, stats)
+@dataclasses.dataclass(frozen=True)
+class _FusedTotal(_Static):
+    """:func:`fused_total` as an engine op: the gradient formed in the forward rule from
+    logits already in hand (three ``N·D·V`` matmuls instead of four); forward-only calls keep
+    the cheap blocked pass (the primal). Measured: see docs/linear.md."""
 
+    row_loss: RowLoss = dataclasses.field(default=None)  # pyright: ignore[reportAssignmentType]
 
-def _fused_total_fwd(
-    hidden, kernel, bias, labels, probs, class_weight, soft_cap, hyper, chunks, ws, st, row_loss
-):
-    p = Problem(hidden, kernel, bias, labels, probs, class_weight, soft_cap, ws, st)
-    total, stats, grads = fused_forward_and_grads(p, hyper, row_loss, (chunks[2], chunks[1]))
-    return (total, stats), (grads, jax.tree.map(jnp.zeros_like, hyper))
+    def primal(self, diff, data_and_hyper):
+        data, hyper = data_and_hyper
+        p = self.problem(diff, data)
+        stats = blocked_stats(p, self.chunks[:2])
+        losses = self.row_loss(stats, whole_block(p), p.class_weight, hyper)
+        return jnp.sum(losses), _stats_out(p, stats)
 
+    def forward(self, diff, data_and_hyper):
+        data, hyper = data_and_hyper
+        p = self.problem(diff, data)
+        chunks = (self.chunks[2], self.chunks[1])
+        total, stats, grads = fused_forward_and_grads(p, hyper, self.row_loss, chunks)
+        return (total, stats), grads
 
-def _fused_total_bwd(chunks, ws, st, row_loss, residuals, cotangents):
-    (dh, dk, db, dw), hyper_zeros = residuals
-    g = cotangents[0]
-    scale = lambda x: None if x is None else (g * x).astype(x.dtype)
-    return scale(dh), scale(dk), scale(db), None, None, scale(dw), None, hyper_zeros
-
-
-_fused_total.defvjp(_fused_total_fwd, _fused_total_bwd)
+    def backward(self, diff, data, grads, cotangents):
+        g = cotangents[0]
+        return _Differentiated(*(None if x is None else (g * x).astype(x.dtype) for x in grads))
 
 
 def fused_total(
@@ -872,18 +616,6 @@ def fused_total(
     ``row_loss(stats, block, class_weight, hyper)`` maps a :class:`Stats` of some rows (and the
     :class:`Block` holding their targets) to their losses; it must be a hashable callable.
     """
-    return _fused_total(
-        *p.arrays, p.soft_cap, hyper, chunks, p.weighted_sum, p.with_stats, row_loss
-    )
-
-
-def rows_with_a_feature(hidden: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``hidden`` as ``(N, D)`` rows, and with no features (``D = 0``) one zero feature instead.
-
-    Every logit is then its bias (or 0), computed by the same blocks; the empty inputs'
-    gradients are empty either way. (``reshape(-1, 0)`` cannot infer ``N``.)
-    """
-    n, d = int(np.prod(hidden.shape[:-1])), hidden.shape[-1]
-    if d:
-        return hidden.reshape(n, d), kernel
-    return jnp.zeros((n, 1), hidden.dtype), jnp.zeros((1, kernel.shape[1]), kernel.dtype)
+    op = _FusedTotal(tuple(chunks), p.weighted_sum, p.with_stats, p.width, row_loss)
+    diff, data = _split(p)
+    return vjp.apply(op, diff, (data, hyper))

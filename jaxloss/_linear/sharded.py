@@ -10,81 +10,17 @@ vocabulary-parallel cross-entropy). Nothing switches to this form by itself.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from jaxloss import _targets
+from jaxloss._blockwise import sharding
+from jaxloss._blockwise.blocks import finite_or_zero, vary
+from jaxloss._blockwise.online import combine_shards
 from jaxloss._linear import assembly, chunked
-
-_FN = "linear_cross_entropy"
-
-
-def axis_size(mesh, axes) -> int:
-    names = axes if isinstance(axes, tuple) else (axes,)
-    return int(np.prod([mesh.shape[a] for a in names]))
-
-
-def _names(axes) -> tuple[str, ...]:
-    return axes if isinstance(axes, tuple) else (axes,)
-
-
-def reject_explicit_sharding(fn: str, **arrays) -> None:
-    """Explicitly sharded inputs need named axes: the blocked loops cannot slice them.
-
-    No silent switch to the ``shard_map`` form from the inputs' types: the error names the fix.
-    """
-    for name, x in arrays.items():
-        sharding = getattr(jax.typeof(x), "sharding", None) if x is not None else None
-        spec = tuple(getattr(sharding, "spec", None) or ())
-        if any(axis is not None for axis in spec):
-            raise ValueError(
-                f"{fn}: `{name}` is sharded with explicit axis types (spec {spec}); pass "
-                "`batch_axis` (the axes of the tokens) and/or `vocab_axis` (the axes of the "
-                "classes) for the shard_map form, or reshard the inputs to replicated"
-            )
-
-
-def check_mesh_axes(mesh, batch_axis, vocab_axis, n: int, v: int, fn: str = _FN):
-    """The mesh to run on (``None``: no axes named), after checking the axes against it.
-
-    ``fn`` names the calling function in the errors (the fused heads share this check).
-    """
-    if batch_axis is None and vocab_axis is None:
-        return None
-    if mesh is None:
-        mesh = jax.sharding.get_abstract_mesh()
-        if mesh.empty:
-            raise ValueError(
-                f"{fn}: `batch_axis`/`vocab_axis` need a `mesh` (or a context mesh set with "
-                "jax.set_mesh)"
-            )
-    elif not isinstance(mesh, (Mesh, jax.sharding.AbstractMesh)):
-        raise TypeError(f"{fn}: `mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-    for name, axes, size, what in (
-        ("batch_axis", batch_axis, n, "tokens"), ("vocab_axis", vocab_axis, v, "classes")
-    ):  # fmt: skip
-        if axes is None:
-            continue
-        missing = [a for a in _names(axes) if a not in mesh.shape]
-        if missing:
-            raise ValueError(
-                f"{fn}: `{name}`={axes!r} names axes {missing} that are not in the mesh's axes "
-                f"{tuple(mesh.shape)}"
-            )
-        parts = axis_size(mesh, axes)
-        if size % parts:
-            raise ValueError(
-                f"{fn}: the {size} {what} do not split evenly over `{name}`={axes!r} of size "
-                f"{parts}"
-            )
-    both = batch_axis is not None and vocab_axis is not None
-    if both and set(_names(batch_axis)) & set(_names(vocab_axis)):
-        raise ValueError(f"{fn}: `batch_axis` and `vocab_axis` must name different mesh axes")
-    return mesh
 
 
 def _combine_over_vocabulary(s: chunked.Stats, vocab_axis, wmass, tmass) -> chunked.Stats:
@@ -94,7 +30,7 @@ def _combine_over_vocabulary(s: chunked.Stats, vocab_axis, wmass, tmass) -> chun
     further), a gap ``Σ_c u_c (shift - z_c)`` grows by ``step`` times its mass ``Σ_c u_c``
     (``wmass``, ``tmass``: the shard's).
     """
-    top, log_sum, step = chunked.combine_shards(s.max, s.log_sum, vocab_axis)
+    top, log_sum, step = combine_shards(s.max, s.log_sum, vocab_axis)
     psum = lambda x: None if x is None else jax.lax.psum(x, vocab_axis)
     moved = lambda gap, mass: None if gap is None else psum(gap + mass * step)
     return chunked.Stats(
@@ -106,14 +42,14 @@ def _combined_diagnostics(s: chunked.Stats, offset, vocab_axis):
     """``(lse, argmax, entropy)`` of the whole vocabulary from one device's (not differentiated:
     pmax has no derivative either)."""
     s = jax.tree.map(jax.lax.stop_gradient, s)
-    top, log_sum, step = chunked.combine_shards(s.max, s.log_sum, vocab_axis)
+    top, log_sum, step = combine_shards(s.max, s.log_sum, vocab_axis)
     mine = jnp.where(s.max == top, s.arg + offset, jnp.iinfo(jnp.int32).max)
     arg = jax.lax.pmin(mine, vocab_axis)  # ties: the lowest class index of all shards
     # H = Σ_k π_k (H_k - log π_k), π_k the shard's share of the probability.
     log_share = (s.log_sum - step) - log_sum
     share = jnp.exp(log_share)
     entropy = jax.lax.psum(jnp.where(share > 0, share * (s.entropy - log_share), 0), vocab_axis)
-    return chunked.finite_or_zero(top) + log_sum, arg, entropy
+    return finite_or_zero(top) + log_sum, arg, entropy
 
 
 def _without_ignored(s: chunked.Stats, valid) -> chunked.Stats:
@@ -125,45 +61,82 @@ def _without_ignored(s: chunked.Stats, valid) -> chunked.Stats:
                       wgap=quiet(s.wgap))  # fmt: skip
 
 
+class _DeviceColumns(NamedTuple):
+    """This device's classes ``[lo, hi)`` in the coordinates of the kernel it holds; ``offset``
+    of that kernel's first column among all classes; ``owned`` a mask over the kernel's columns
+    where it holds every class (uneven vocabulary shards), else ``None``."""
+
+    lo: Any
+    hi: Any
+    offset: Any
+    owned: Any
+
+
+def _device_columns(p: chunked.Problem, vocab_axis) -> tuple[chunked.Problem, _DeviceColumns]:
+    """The problem with labels in the kernel's coordinates, and this device's classes."""
+    width = p.columns.size
+    if vocab_axis is None:
+        return p, _DeviceColumns(0, width, 0, None)
+    if p.owned_from is None:
+        offset = jax.lax.axis_index(vocab_axis) * width
+        labels = None if p.labels is None else (p.labels - offset).astype(p.labels.dtype)
+        return p._replace(labels=labels), _DeviceColumns(0, width, offset, None)
+    v = p.kernel.shape[1]
+    lo, hi = p.owned_from, jnp.minimum(p.owned_from + width, v)
+    ids = jax.lax.iota(jnp.int32, v)
+    return p, _DeviceColumns(lo, hi, 0, (ids >= lo) & (ids < hi))
+
+
+def _owned_weight_sum(local: chunked.Problem, cols: _DeviceColumns):
+    """``Σ_c w_c`` over this device's classes (their count without class weights)."""
+    w = local.class_weight
+    if cols.owned is None:
+        return local.columns.size if w is None else jnp.sum(w)
+    if w is None:
+        return jnp.maximum(cols.hi - cols.lo, 0)
+    return jnp.sum(jnp.where(cols.owned, w, 0))
+
+
 def _local_loss(p: chunked.Problem, options: assembly.Options, hyper, chunks, axes):
     """One device's share: blocked statistics, combined over the vocabulary shards."""
     batch_axis, vocab_axis = axes
-    v_local = p.kernel.shape[1]
-    offset = 0 if vocab_axis is None else jax.lax.axis_index(vocab_axis) * v_local
-    labels: Any = None if p.labels is None else (p.labels - offset).astype(p.labels.dtype)
+    targets = p.labels  # among all classes
+    p, cols = _device_columns(p, vocab_axis)
     # Every array marked as varying over all the axes any of them varies over (see sharded_loss).
     names = ("hidden", "kernel", "bias", "labels", "probs", "class_weight")
-    arrays = dict(zip(names, (*p.arrays[:3], labels, *p.arrays[4:]), strict=True))
-    everywhere = [a for a in arrays.values() if a is not None]
+    arrays = dict(zip(names, p.arrays, strict=True))
+    # (With uneven vocabulary shards the column range too: it varies over the vocabulary axis.)
+    everywhere = [a for a in (*arrays.values(), p.col_start) if a is not None]
     local = p._replace(
-        **{k: None if a is None else chunked.vary(a, *everywhere) for k, a in arrays.items()}
+        **{k: None if a is None else vary(a, *everywhere) for k, a in arrays.items()}
     )
     s = chunked.token_stats(local, chunks)
     diagnostics = (s.lse, s.arg, s.entropy)
-    w = local.class_weight
-    sum_weight = v_local if w is None else jnp.sum(w)
+    w, labels = local.class_weight, local.labels
+    sum_weight = _owned_weight_sum(local, cols)
     mass = None
-    if p.labels is not None:
-        valid = ~_targets.ignored(p.labels, options.ignore_index)
-        bad = valid & ((p.labels < 0) | (p.labels >= options.num_classes))
-        owned = (labels >= 0) & (labels < v_local)
+    if labels is not None:
+        valid = ~_targets.ignored(targets, options.ignore_index)
+        bad = valid & ((targets < 0) | (targets >= options.num_classes))
+        owned = (labels >= cols.lo) & (labels < cols.hi)
         pos_weight = valid.astype(s.log_sum.dtype)
         if w is not None:
-            pos_weight = jnp.where(valid & owned, w[jnp.clip(labels, 0, v_local - 1)], 0)
+            pos_weight = jnp.where(valid & owned, w[jnp.clip(labels, 0, w.shape[0] - 1)], 0)
     else:
-        mass = assembly.target_mass(local.probs, w)
+        probs = local.probs if cols.owned is None else jnp.where(cols.owned, local.probs, 0)
+        mass = assembly.target_mass(probs, w)
     if vocab_axis is not None:
         if p.with_stats:
-            diagnostics = _combined_diagnostics(s, offset, vocab_axis)
-        quiet = s if p.labels is None else _without_ignored(s, valid)
+            diagnostics = _combined_diagnostics(s, cols.offset, vocab_axis)
+        quiet = s if labels is None else _without_ignored(s, valid)
         s = _combine_over_vocabulary(quiet, vocab_axis, sum_weight, mass)
         diagnostics = diagnostics if p.with_stats else (s.lse, None, None)
         sum_weight = jax.lax.psum(sum_weight, vocab_axis)
-        if p.labels is not None and w is not None:
+        if labels is not None and w is not None:
             pos_weight = jax.lax.psum(pos_weight, vocab_axis)
-        if p.labels is None:
+        if labels is None:
             mass = jax.lax.psum(mass, vocab_axis)
-    if p.labels is not None:
+    if labels is not None:
         loss = assembly.index_losses(options, s, valid, bad, pos_weight, sum_weight, hyper)
     else:
         loss = assembly.prob_losses(options, s, mass, sum_weight, hyper)
@@ -180,35 +153,27 @@ def sharded_loss(p: chunked.Problem, options, hyper, config, *, mesh, batch_axis
     ``kernel``, ``bias`` and ``weight`` over the batch axis).
     """
     n, v = p.hidden.shape[0], p.kernel.shape[1]
-    n_local = n // (1 if batch_axis is None else axis_size(mesh, batch_axis))
-    v_local = v // (1 if vocab_axis is None else axis_size(mesh, vocab_axis))
-    chunks = config.clipped(n_local, v_local)[:2]
-    rows, cols = PartitionSpec(batch_axis), PartitionSpec(vocab_axis)
+    n_local = n // sharding.axis_size(mesh, batch_axis)
+    split = sharding.VocabularySplit.of(mesh, vocab_axis, v)
+    chunks = config.clipped(n_local, split.width)[:2]
+    vocab = split.axis(vocab_axis)
+    rows, cols = PartitionSpec(batch_axis), PartitionSpec(vocab)
     specs = dict(
-        hidden=PartitionSpec(batch_axis, None), kernel=PartitionSpec(None, vocab_axis),
-        bias=cols, labels=rows, probs=PartitionSpec(batch_axis, vocab_axis), class_weight=cols,
-        soft_cap=PartitionSpec(),
+        hidden=PartitionSpec(batch_axis, None), kernel=PartitionSpec(None, vocab),
+        bias=cols, labels=rows, probs=PartitionSpec(batch_axis, vocab), class_weight=cols,
+        soft_cap=PartitionSpec(), smoothing=PartitionSpec(), z_loss=PartitionSpec(),
     )  # fmt: skip
-    present = [k for k, a in p._asdict().items() if isinstance(a, jax.Array)]
-    args = tuple(getattr(p, k) for k in present)
-    in_specs = tuple(specs[k] for k in present)
+    arrays = dict(p._asdict(), smoothing=hyper[0], z_loss=hyper[1])
+    arguments = {k: (arrays[k], spec) for k, spec in specs.items()}
 
-    def local(hyper, *arrays):
-        given = dict(zip(present, arrays, strict=True))
-        local_p = p._replace(**{k: given.get(k) for k in present})
-        return _local_loss(local_p, options, hyper, chunks, (batch_axis, vocab_axis))
+    def local(smoothing, z_loss, **given):
+        local_p = p._replace(**given)
+        if split.uneven:
+            start, owned_from = sharding.device_columns(vocab_axis, v, split.width)
+            local_p = local_p._replace(col_start=start, width=split.width, owned_from=owned_from)
+        return _local_loss(local_p, options, (smoothing, z_loss), chunks, (batch_axis, vocab_axis))
 
     out_specs = (rows if options.reduction == "none" else PartitionSpec(), (rows,) * 3)
     if not p.with_stats:
         out_specs = (out_specs[0], (rows, None, None))
-    if any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
-        # With explicit sharding (jax.make_mesh's default) shard_map takes inputs only in the
-        # layout of its in_specs; with automatic sharding XLA reshards them itself.
-        target = in_specs
-        if isinstance(mesh, Mesh):
-            target = tuple(jax.sharding.NamedSharding(mesh, spec) for spec in in_specs)
-        args = jax.reshard(args, target)
-    shard_fn = jax.shard_map(
-        local, mesh=mesh, in_specs=(PartitionSpec(), *in_specs), out_specs=out_specs
-    )
-    return shard_fn(hyper, *args)
+    return sharding.run(local, mesh, arguments, out_specs)

@@ -12,13 +12,13 @@ for ``K ≥ 1`` every output position ``(d_1, …, d_K)`` is its own ``(D, C)`` 
 from __future__ import annotations
 
 import math
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Integer
 
-from jaxloss import _reductions, _validation
+from jaxloss import _implementations, _reductions, _validation
 from jaxloss._linear import assembly
 from jaxloss._linear.api import linear_cross_entropy
 
@@ -62,6 +62,7 @@ def torch_linear_cross_entropy(
     reduction: str = "mean",
     ignore_index: int | None = None,
     label_smoothing: float = 0.0,
+    implementation: Literal["xla", "pallas"] | None = None,
 ) -> Float[Array, "*loss_shape"]:
     r"""``torch.nn.functional.linear_cross_entropy`` (PyTorch 2.13) in JAX, fused.
 
@@ -86,6 +87,8 @@ def torch_linear_cross_entropy(
       ignore_index: ignored class index for index targets (``None``: -100); must stay ``None``
         for probability targets, as in PyTorch.
       label_smoothing: ε in ``[0, 1]``.
+      implementation: as for :func:`jaxloss.linear_cross_entropy` (``None``, ``"xla"``;
+        ``"pallas"`` has no kernel yet: a ``ValueError``).
 
     Returns:
       The loss: ``target``'s index shape for ``"none"``, else a scalar. Differentiable in
@@ -101,6 +104,7 @@ def torch_linear_cross_entropy(
       >>> bool(jnp.allclose(loss, jaxloss.cross_entropy(logits, y, axis=1), rtol=1e-5))
       True
     """
+    _implementations.check_linear(_FN, implementation)
     x = _validation.check_floating(_FN, "input", input)
     w = _validation.check_floating(_FN, "linear_weight", linear_weight)
     bias = (
@@ -113,7 +117,11 @@ def torch_linear_cross_entropy(
         raise ValueError(f"{_FN}: `ignore_index` cannot be given when `target` holds probabilities")
     index = -100 if ignore_index is None else ignore_index
     options: dict[str, Any] = dict(
-        weight=weight, ignore_index=index, reduction=reduction, label_smoothing=label_smoothing
+        weight=weight,
+        ignore_index=index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        implementation=implementation,
     )
     unbatched = x.ndim == 1
     if unbatched:
