@@ -263,3 +263,104 @@ def test_forward_alone_is_one_kernel_of_one_matmul():
     assert cost.fetches[2] == (n // bn) * (v // kernels.FORWARD_BLOCKS[0][1])
     assert cost.read_bytes[2] == (n // bn) * d * v * 2  # K once per token block
     assert cost.read_bytes[1] == n * d * 2  # h once
+
+
+# ----------------------------------------------------------------------------------------------
+# Through the public API: linear_cross_entropy(..., implementation="pallas")
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def kernel_on_cpu(monkeypatch):
+    """The TPU kernels registered for the CPU backend, in the interpret mode, for this test."""
+    from jaxloss import _implementations
+    from jaxloss._linear import api
+
+    monkeypatch.setitem(
+        _implementations.LINEAR_KERNELS["linear_cross_entropy"], "cpu", api._pallas_tpu
+    )
+    monkeypatch.setattr(kernels, "INTERPRET", INTERPRET)
+    calls = []
+    per_token_loss = kernels.per_token_loss
+    monkeypatch.setattr(
+        kernels, "per_token_loss", lambda *a, **k: calls.append(1) or per_token_loss(*a, **k)
+    )
+    jax.clear_caches()
+    yield calls
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
+API_OPTIONS = [
+    pytest.param({"reduction": "mean"}, jnp.float32, id="mean-f32"),
+    pytest.param(
+        {
+            "reduction": "sum",
+            "weight": True,
+            "label_smoothing": 0.1,
+            "z_loss": 1e-3,
+            "soft_cap": 5.0,
+            "ignore_index": 3,
+        },
+        jnp.bfloat16,
+        id="sum-everything-bf16",
+    ),
+    pytest.param({"reduction": "none", "weight": True}, jnp.float32, id="none-weight-f32"),
+]
+
+
+@pytest.mark.parametrize(("options", "dtype"), API_OPTIONS)
+def test_implementation_pallas_matches_the_xla_form(kernel_on_cpu, options, dtype):
+    """``implementation="pallas"`` runs the kernels (here in the interpret mode) with the XLA
+    form's reduction and options: values and both gradients match ``"xla"``."""
+    import jaxloss
+
+    h, k, y, w, _ = _data(24, 16, 200, dtype)
+    y = jnp.where(y == -100, options.get("ignore_index", -100), y)
+    o = dict(options, weight=w if options.get("weight") else None)
+
+    def loss(impl):
+        def total(h, k):
+            out = jaxloss.linear_cross_entropy(h, k, y, implementation=impl, **o)
+            return jnp.sum(out.astype(jnp.float32))
+
+        return jax.jit(jax.value_and_grad(total, argnums=(0, 1)))(h, k)
+
+    ref = loss("xla")
+    assert not kernel_on_cpu
+    got = loss("pallas")
+    assert kernel_on_cpu, "implementation='pallas' did not run the kernels"
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        _close(a, b, dtype, f"pallas vs xla {options}")
+
+
+def test_implementation_pallas_refuses_what_the_kernel_does_not_take():
+    import jaxloss
+
+    h, k, y, _, _ = _data(8, 4, 16, jnp.float32)
+    with pytest.raises(ValueError, match=r"linear_cross_entropy: implementation='pallas'.*bias"):
+        jaxloss.linear_cross_entropy(h, k, y, bias=jnp.zeros(16), implementation="pallas")
+    with pytest.raises(ValueError, match=r"implementation='pallas'.*return_stats=True"):
+        jaxloss.linear_cross_entropy(h, k, y, return_stats=True, implementation="pallas")
+    with pytest.raises(ValueError, match=r"no kernel for the cpu backend.*tpu"):
+        jaxloss.linear_cross_entropy(h, k, y, implementation="pallas")
+
+
+@pytest.mark.accel
+@pytest.mark.slow
+def test_public_api_compiles_the_kernels_for_tpu_with_implementation_pallas():
+    """``linear_cross_entropy(..., implementation="pallas")`` on a v5p: the two kernels, the
+    same modelled time as the kernels alone; ``None`` keeps the XLA form (no custom call)."""
+    import jaxloss
+
+    def mean(impl):
+        return lambda h, k, y: jaxloss.linear_cross_entropy(h, k, y, implementation=impl)
+
+    specs = _specs(jnp.bfloat16)
+    program = _compile("tpu-v5p", jax.value_and_grad(mean("pallas"), (0, 1)), specs)
+    assert program.text.count("tpu_custom_call") == 2
+    assert program.compiled.memory_analysis().temp_size_in_bytes <= 512 * 2**20
+    model = _modelled("tpu-v5p", program)
+    assert not model.unpriced and model.seconds * 1e3 <= MODELLED_MS["tpu-v5p", "bf16"]
+    default = _compile("tpu-v5p", jax.value_and_grad(mean(None), (0, 1)), specs)
+    assert "tpu_custom_call" not in default.text

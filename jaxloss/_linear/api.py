@@ -20,7 +20,7 @@ from jaxtyping import Array, ArrayLike, Float, Integer
 from jaxloss import _dtypes, _implementations, _reductions, _targets, _validation
 from jaxloss._blockwise import blocks
 from jaxloss._blockwise import sharding as mesh_axes
-from jaxloss._linear import assembly, chunked, sharded
+from jaxloss._linear import assembly, chunked, pallas_tpu, sharded
 from jaxloss._stats import LogitStats
 
 _FN = "linear_cross_entropy"
@@ -293,6 +293,14 @@ def _linear_cross_entropy(
             _FN, hidden=h, kernel=kernel, targets=targets, bias=bias, weight=weight
         )
         chunks = {"cpu": config.clipped(n, v), "cuda": config.clipped(n, v, gpu=True)}
+        if implementation == "pallas" and not _kernel_takes(problem):
+            raise ValueError(
+                f"{_FN}: implementation='pallas': the Pallas TPU kernel takes index targets, no "
+                "bias, no return_stats, hidden and kernel both float32 or both bfloat16; got "
+                f"hidden {hidden.dtype}, kernel {kernel.dtype}, bias={bias is not None}, "
+                f"probability targets={probabilities}, return_stats={return_stats}. Use "
+                "implementation=None or 'xla' (the XLA form)"
+            )
         loss, stats = _implementations.linear_head(
             _FN, implementation, _single_device, problem, options, hyper, chunks
         )
@@ -320,6 +328,38 @@ def _single_device(p: chunked.Problem, options: assembly.Options, hyper, chunks)
     n = p.hidden.shape[0]
     den = assembly.denominator(options, p.labels, p.class_weight, n, total.dtype)
     return _reductions.safe_divide(total, den), stats
+
+
+def _kernel_takes(p: chunked.Problem) -> bool:
+    """Whether the Pallas TPU kernels (``pallas_tpu``) take this single-device problem."""
+    return pallas_tpu.supported(
+        p.hidden.shape, p.kernel.shape, p.hidden.dtype, p.kernel.dtype, bias=p.bias is not None,
+        probabilities=p.labels is None, return_stats=p.with_stats,
+    )  # fmt: skip
+
+
+def _pallas_tpu(p: chunked.Problem, options: assembly.Options, hyper, chunks):
+    """:func:`_single_device` through the Pallas TPU kernels (four N·D·V matmuls, accumulators
+    in VMEM); the XLA form where they do not take the problem. The kernels compute no argmax
+    or entropy (``return_stats`` takes the XLA form): zeros stand in for them."""
+    xla = functools.partial(_single_device, p, options, hyper, chunks)
+    if not _kernel_takes(p):
+        return xla()
+    present = (options.smoothing, options.z_loss)
+    smoothing, z_loss = (x if on else None for x, on in zip(hyper, present, strict=True))
+    losses = pallas_tpu.per_token_loss(
+        p.hidden, p.kernel, p.labels, class_weight=p.class_weight,
+        ignore_index=options.ignore_index, label_smoothing=smoothing, z_loss=z_loss,
+        soft_cap=p.soft_cap, interpret=pallas_tpu.INTERPRET,
+    )  # fmt: skip
+    n = p.hidden.shape[0]
+    den = assembly.denominator(options, p.labels, p.class_weight, n, losses.dtype)
+    stats_shape = jax.eval_shape(xla)[1]
+    stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape)
+    return assembly.reduce(losses, den, options.reduction).astype(stats[0].dtype), stats
+
+
+_implementations.LINEAR_KERNELS["linear_cross_entropy"]["tpu"] = _pallas_tpu
 
 
 def _per_token(p: chunked.Problem, options: assembly.Options, hyper, chunks):

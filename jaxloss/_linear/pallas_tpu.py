@@ -51,6 +51,9 @@ from jaxloss import _targets
 
 # Scoped VMEM asked of Mosaic: within v5e's and v6e's 128 MiB and v5p's 95 MiB; the blocks are
 # sized to VMEM_BLOCK_BUDGET by :func:`vmem_bytes`' estimate.
+# Tests set this to True (or a ``pltpu.InterpretParams``) to run the kernels on CPU through the
+# public API (``linear_cross_entropy(..., implementation="pallas")``); clear JAX's caches around.
+INTERPRET: bool | object = False
 VMEM_LIMIT = 96 * 2**20 * 2 // 3
 VMEM_BLOCK_BUDGET = 48 * 2**20
 # Token × vocabulary blocks, the largest first. The forward re-fetches the kernel once per token
