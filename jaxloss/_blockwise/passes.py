@@ -163,6 +163,15 @@ def _row_pass(hidden, kernel, spans, chunks, block: BlockGradient, cdt, varying)
     return jax.lax.fori_loop(0, row_span.count(nc), token_step, init)
 
 
+# Platforms whose recomputing pass carries a half-precision ``hidden``'s gradient in float32
+# through the kernel pass (one backward sweep, four N·D·V matmuls with the forward's) instead of
+# giving it a pass of its own (five). The carry is ``N·D`` float32 (128 MiB at N=8192, D=4096),
+# read and written once per vocabulary chunk. Modelled value_and_grad (mean, bf16) on an H100 at
+# N=8192, D=4096, V=131072 (benchmarks/roofline.py): see docs/linear.md. Elsewhere (CPU, TPU)
+# the separate pass keeps the temporaries at a few blocks.
+CARRY_PLATFORMS: tuple[str, ...] = ("cuda",)
+
+
 def head_gradients(
     hidden, kernel, spans: tuple[Span, Span], chunks, block: BlockGradient, cdt, sum_dtypes, varying
 ) -> tuple[jax.Array, jax.Array, tuple[Any, ...]]:
@@ -171,15 +180,30 @@ def head_gradients(
     ``db`` is ``Σ_rows ∂ℓ/∂z``, the other sums ``block``'s own; ``sum_dtypes`` their dtypes;
     every accumulator is in the compute dtype ``cdt``. A ``hidden`` in ``cdt`` gets its
     gradient accumulated in place over the kernel pass (four ``N·D·V`` matmuls with the
-    forward's); a half-precision one would need a float32 copy of its size as accumulator
-    (128 MiB at N=8192, D=4096), so it gets a pass of its own instead: five matmuls, no
-    temporary larger than a few blocks.
+    forward's). A half-precision one needs a ``cdt`` carry of its size for that (128 MiB at
+    N=8192, D=4096): on :data:`CARRY_PLATFORMS` it gets one (four matmuls, each block's logit
+    gradient feeding both gradients); elsewhere its own pass instead (five matmuls, no
+    temporary larger than a few blocks).
     """
-    v = kernel.shape[1]
-    one_pass = jnp.dtype(hidden.dtype) == jnp.dtype(cdt)
-    dh = vary(jnp.zeros(hidden.shape, cdt), *varying) if one_pass else None
-    sums_like = tuple(jnp.zeros((v,), t) for t in sum_dtypes)
-    dh, dk, sums = _column_pass(hidden, kernel, spans, chunks, block, dh, sums_like, cdt, varying)
-    if not one_pass:
+    sums_like = tuple(jnp.zeros((kernel.shape[1],), t) for t in sum_dtypes)
+
+    def one_pass():
+        dh = vary(jnp.zeros(hidden.shape, cdt), *varying)
+        dh, dk, sums = _column_pass(
+            hidden, kernel, spans, chunks, block, dh, sums_like, cdt, varying
+        )
+        return dh.astype(hidden.dtype), dk, sums
+
+    def two_passes():
+        _, dk, sums = _column_pass(
+            hidden, kernel, spans, chunks, block, None, sums_like, cdt, varying
+        )
         dh = _row_pass(hidden, kernel, spans, chunks, block, cdt, varying)
-    return dh.astype(hidden.dtype), dk, sums
+        return dh.astype(hidden.dtype), dk, sums
+
+    if jnp.dtype(hidden.dtype) == jnp.dtype(cdt):
+        return one_pass()
+    if not CARRY_PLATFORMS:
+        return two_passes()
+    carried = dict.fromkeys(CARRY_PLATFORMS, one_pass)
+    return jax.lax.platform_dependent(**carried, default=two_passes)
