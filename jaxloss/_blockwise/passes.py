@@ -181,8 +181,10 @@ def _row_pass(hidden, kernel, spans, chunks, block: BlockGradient, cdt, varying)
 # giving it a pass of its own (five). The carry is ``N·D`` float32 (128 MiB at N=8192, D=4096),
 # read and written once per vocabulary chunk. Modelled value_and_grad (mean, bf16) on an H100 at
 # N=8192, D=4096, V=131072 (benchmarks/roofline.py): see docs/linear.md. Elsewhere (CPU, TPU)
-# the separate pass keeps the temporaries at a few blocks.
+# the separate pass keeps the temporaries at a few blocks. A carry over CARRY_MAX_BYTES (N·D
+# beyond 16384×4096) is not taken anywhere: the pass of its own keeps memory bounded.
 CARRY_PLATFORMS: tuple[str, ...] = ("cuda",)
+CARRY_MAX_BYTES = 2**28
 
 
 def head_gradients(
@@ -194,9 +196,9 @@ def head_gradients(
     every accumulator is in the compute dtype ``cdt``. A ``hidden`` in ``cdt`` gets its
     gradient accumulated in place over the kernel pass (four ``N·D·V`` matmuls with the
     forward's). A half-precision one needs a ``cdt`` carry of its size for that (128 MiB at
-    N=8192, D=4096): on :data:`CARRY_PLATFORMS` it gets one (four matmuls, each block's logit
-    gradient feeding both gradients); elsewhere its own pass instead (five matmuls, no
-    temporary larger than a few blocks).
+    N=8192, D=4096): on :data:`CARRY_PLATFORMS` it gets one up to :data:`CARRY_MAX_BYTES`
+    (four matmuls, each block's logit gradient feeding both gradients); otherwise its own
+    pass (five matmuls, no temporary larger than a few blocks).
     """
     sums_like = tuple(jnp.zeros((kernel.shape[1],), t) for t in sum_dtypes)
 
@@ -216,7 +218,7 @@ def head_gradients(
 
     if jnp.dtype(hidden.dtype) == jnp.dtype(cdt):
         return one_pass()
-    if not CARRY_PLATFORMS:
+    if not CARRY_PLATFORMS or hidden.size * jnp.dtype(cdt).itemsize > CARRY_MAX_BYTES:
         return two_passes()
     carried = dict.fromkeys(CARRY_PLATFORMS, one_pass)
     return jax.lax.platform_dependent(**carried, default=two_passes)
