@@ -14,9 +14,10 @@ Two differentiable forms share those block rules:
 
 - :func:`token_stats` returns the statistics per token; the engine's recomputing backward pass
   recomputes each logit block (four ``N·D·V`` matmuls in a ``value_and_grad``; on CPU five
-  for a half-precision ``hidden``, see ``jaxloss._blockwise.passes.CARRY_PLATFORMS``). For ``reduction="none"``, the ``shard_map`` form, where the
-  per-token cotangents are only known in the backward pass, and for every reduction on GPUs
-  and TPUs, where nothing larger than a few blocks may be held.
+  for a half-precision ``hidden``, see ``jaxloss._blockwise.passes.CARRY_PLATFORMS``). For
+  ``reduction="none"``, the ``shard_map`` form, where the per-token cotangents are only known
+  in the backward pass, and for every reduction on GPUs and TPUs, where no float32 gradient
+  of the whole kernel may be held.
 - :func:`fused_total` returns the summed loss; when differentiated, its forward rule already
   computes the gradient (Liger Kernel's method: per token chunk, the logits over the whole
   vocabulary, their logsumexp, then ``softmax − onehot`` contracted into the gradients): three
