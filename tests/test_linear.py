@@ -454,17 +454,17 @@ def carried(monkeypatch):
 
     monkeypatch.setattr(api, "FUSED_PLATFORMS", ())
     monkeypatch.setattr(passes, "CARRY_PLATFORMS", ("cpu",))
-    api._linear_cross_entropy.clear_cache()  # pyright: ignore[reportFunctionMemberAccess]
+    api._linear_cross_entropy.clear_cache()  # pyright: ignore[reportAttributeAccessIssue]
     yield
-    api._linear_cross_entropy.clear_cache()  # pyright: ignore[reportFunctionMemberAccess]
+    api._linear_cross_entropy.clear_cache()  # pyright: ignore[reportAttributeAccessIssue]
 
 
-def _reference_value_and_grads(hidden, kernel, bias, weight, targets, reduction, soft_cap):
+def _reference_value_and_grads(arrays, targets, reduction, soft_cap):
     """``reference.py``'s loss and its gradients in hidden, kernel and bias, in float32 from the
-    same (half-precision) numbers."""
+    same (half-precision) ``arrays``: hidden, kernel, bias, class weight."""
     from jaxloss._linear import assembly, chunked, reference
 
-    up = [a.astype(jnp.float32) for a in (hidden, kernel, bias, weight)]
+    up = [a.astype(jnp.float32) for a in arrays]
     probabilities = jnp.issubdtype(targets.dtype, jnp.floating)
     options = assembly.Options(V, reduction=reduction, smoothing=True, z_loss=True)
 
@@ -501,7 +501,7 @@ def test_gpu_hidden_gradient_carry_matches_the_reference(carried, chunks, reduct
 
     (value, _), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(*low[:3])
     assert [g.dtype for g in grads] == [jnp.dtype(dtype)] * 3
-    want, want_grads = _reference_value_and_grads(*low, targets, reduction, 4.0)
+    want, want_grads = _reference_value_and_grads(low, targets, reduction, 4.0)
     np.testing.assert_allclose(value, want, rtol=2**-7)
     for name, g, w in zip(("hidden", "kernel", "bias"), grads, want_grads, strict=True):
         scale = float(jnp.max(jnp.abs(w)))
@@ -516,15 +516,16 @@ def test_gpu_hidden_gradient_carry_with_probability_targets(carried, chunks):
     token_chunk, vocab_chunk = CARRY_CHUNKS[chunks]
 
     def f(h, k, b):
-        return jaxloss.linear_cross_entropy(
+        loss, _ = jaxloss.linear_cross_entropy(
             h, k, probs.astype(jnp.bfloat16), bias=b, weight=low[3], label_smoothing=0.1,
             z_loss=1e-3, soft_cap=4.0, reduction="sum", token_chunk=token_chunk,
-            vocab_chunk=vocab_chunk,
-        ).astype(jnp.float32)  # fmt: skip
+            vocab_chunk=vocab_chunk, return_stats=True,
+        )  # fmt: skip
+        return loss.astype(jnp.float32)
 
     value, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(*low[:3])
     bf16_probs = probs.astype(jnp.bfloat16).astype(jnp.float32)
-    want, want_grads = _reference_value_and_grads(*low, bf16_probs, "sum", 4.0)
+    want, want_grads = _reference_value_and_grads(low, bf16_probs, "sum", 4.0)
     np.testing.assert_allclose(value, want, rtol=2**-7)
     for name, g, w in zip(("hidden", "kernel", "bias"), grads, want_grads, strict=True):
         scale = float(jnp.max(jnp.abs(w)))
