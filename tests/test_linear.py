@@ -438,3 +438,128 @@ def test_reference_form_matches_blocked(smoothing, z_loss, reduction):
     options = assembly.Options(V, reduction=reduction, smoothing=True, z_loss=True)
     want = reference.reference_loss(problem, options, (jnp.float32(smoothing), jnp.float32(z_loss)))
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The GPUs' recomputing pass: a half-precision hidden's gradient carried in float32 through the
+# kernel pass (jaxloss._blockwise.passes.CARRY_PLATFORMS), forced here on CPU
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def carried(monkeypatch):
+    """The recomputing pass with the hidden gradient carried (four matmuls), on this CPU."""
+    from jaxloss._blockwise import passes
+    from jaxloss._linear import api
+
+    monkeypatch.setattr(api, "FUSED_PLATFORMS", ())
+    monkeypatch.setattr(passes, "CARRY_PLATFORMS", ("cpu",))
+    api._linear_cross_entropy.clear_cache()  # pyright: ignore[reportAttributeAccessIssue]
+    yield
+    api._linear_cross_entropy.clear_cache()  # pyright: ignore[reportAttributeAccessIssue]
+
+
+def _reference_value_and_grads(arrays, targets, reduction, soft_cap):
+    """``reference.py``'s loss and its gradients in hidden, kernel and bias, in float32 from the
+    same (half-precision) ``arrays``: hidden, kernel, bias, class weight."""
+    from jaxloss._linear import assembly, chunked, reference
+
+    up = [a.astype(jnp.float32) for a in arrays]
+    probabilities = jnp.issubdtype(targets.dtype, jnp.floating)
+    options = assembly.Options(V, reduction=reduction, smoothing=True, z_loss=True)
+
+    def loss(h, k, b):
+        labels, probs = (None, targets) if probabilities else (targets, None)
+        p = chunked.Problem(h, k, b, labels, probs, up[3], jnp.float32(soft_cap), True, False)
+        losses = reference.reference_loss(p, options, (jnp.float32(0.1), jnp.float32(1e-3)))
+        return jnp.sum(losses)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*up[:3])
+
+
+CARRY_CHUNKS = {"uneven": (4, 6), "one token chunk": (N, 7), "whole": (N, V)}
+
+
+@pytest.mark.parametrize("chunks", CARRY_CHUNKS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gpu_hidden_gradient_carry_matches_the_reference(carried, chunks, reduction, dtype):
+    """Every option through the carried pass (class weights, ignored targets, smoothing,
+    z-loss, soft-cap, bias, return_stats), blocks that do not divide the sizes and a single
+    token chunk (its hidden rows selected once), against the materialised reference."""
+    hidden, kernel, bias, weight, targets = _problem(dtype=dtype)
+    low = [a.astype(dtype) for a in (hidden, kernel, bias, weight)]
+    token_chunk, vocab_chunk = CARRY_CHUNKS[chunks]
+
+    def f(h, k, b):
+        loss, stats = jaxloss.linear_cross_entropy(
+            h, k, targets, bias=b, weight=low[3], label_smoothing=0.1, z_loss=1e-3,
+            soft_cap=4.0, reduction=reduction, token_chunk=token_chunk, vocab_chunk=vocab_chunk,
+            return_stats=True,
+        )  # fmt: skip
+        return jnp.sum(loss.astype(jnp.float32)), stats
+
+    (value, _), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(*low[:3])
+    assert [g.dtype for g in grads] == [jnp.dtype(dtype)] * 3
+    want, want_grads = _reference_value_and_grads(low, targets, reduction, 4.0)
+    np.testing.assert_allclose(value, want, rtol=2**-7)
+    for name, g, w in zip(("hidden", "kernel", "bias"), grads, want_grads, strict=True):
+        scale = float(jnp.max(jnp.abs(w)))
+        np.testing.assert_allclose(np.float32(g), w, rtol=2**-6, atol=2**-7 * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("chunks", ["uneven", "one token chunk"])
+def test_gpu_hidden_gradient_carry_with_probability_targets(carried, chunks):
+    hidden, kernel, bias, weight, _ = _problem()
+    probs = jnp.asarray(np.random.default_rng(3).dirichlet(np.ones(V), N), jnp.float32)
+    low = [a.astype(jnp.bfloat16) for a in (hidden, kernel, bias, weight)]
+    token_chunk, vocab_chunk = CARRY_CHUNKS[chunks]
+
+    def f(h, k, b):
+        loss, _ = jaxloss.linear_cross_entropy(
+            h, k, probs.astype(jnp.bfloat16), bias=b, weight=low[3], label_smoothing=0.1,
+            z_loss=1e-3, soft_cap=4.0, reduction="sum", token_chunk=token_chunk,
+            vocab_chunk=vocab_chunk, return_stats=True,
+        )  # fmt: skip
+        return loss.astype(jnp.float32)
+
+    value, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(*low[:3])
+    bf16_probs = probs.astype(jnp.bfloat16).astype(jnp.float32)
+    want, want_grads = _reference_value_and_grads(low, bf16_probs, "sum", 4.0)
+    np.testing.assert_allclose(value, want, rtol=2**-7)
+    for name, g, w in zip(("hidden", "kernel", "bias"), grads, want_grads, strict=True):
+        scale = float(jnp.max(jnp.abs(w)))
+        np.testing.assert_allclose(np.float32(g), w, rtol=2**-6, atol=2**-7 * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("chunks", ["uneven", "one token chunk"])
+def test_gpu_hidden_gradient_carry_ignores_non_finite_hidden_at_ignored_tokens(carried, chunks):
+    """A NaN/inf hidden row at an ignored token (a padded position) reaches no gradient: the
+    carried pass selects it away before its matmuls, once for a single token chunk."""
+    hidden, kernel, _, _, targets = _problem()
+    low = [a.astype(jnp.bfloat16) for a in (hidden, kernel)]
+    token_chunk, vocab_chunk = CARRY_CHUNKS[chunks]
+    f = lambda h, k: jaxloss.linear_cross_entropy(
+        h, k, targets, token_chunk=token_chunk, vocab_chunk=vocab_chunk
+    )
+    value_and_grad = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+    want = value_and_grad(*low)
+    for bad in (jnp.nan, jnp.inf):
+        got = value_and_grad(low[0].at[IGNORE_ROWS[0]].set(bad), low[1])
+        chex.assert_trees_all_equal(got, want)
+
+
+def test_gpu_hidden_gradient_carry_takes_four_matmuls(carried, monkeypatch):
+    """value_and_grad of a bf16 head through the carried pass: four N·D·V matmuls (the
+    forward's and three in the backward: logits, kernel and hidden gradients from the same
+    logit gradient), not five; and none beyond CARRY_MAX_BYTES."""
+    from jaxloss._blockwise import passes
+
+    hidden, kernel, _, _, targets = _problem()
+    low = (hidden.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+    f = lambda h, k: jaxloss.linear_cross_entropy(h, k, targets, token_chunk=4, vocab_chunk=6)
+    lowered = lambda: jax.jit(jax.value_and_grad(f, (0, 1))).lower(*low).as_text()
+    assert lowered().count("stablehlo.dot_general") == 4
+    monkeypatch.setattr(passes, "CARRY_MAX_BYTES", N * D * 4 - 1)
+    jax.clear_caches()
+    assert lowered().count("stablehlo.dot_general") == 5

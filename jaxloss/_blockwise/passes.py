@@ -97,10 +97,12 @@ def operands(hidden, kernel, rows: Chunk, cols: Chunk, live: jax.Array, chunks):
     return h_i, live_columns(take(kernel, cols.start, vc, 1), cols)
 
 
-def _block(hidden, kernel, block: BlockGradient, rows: Chunk, cols: Chunk, chunks):
-    """``(h_i, k_j, ∂ℓ/∂z in the matmul dtype, ∂ℓ/∂z in the compute dtype, sums)``."""
+def _block(hidden, kernel, block: BlockGradient, rows: Chunk, cols: Chunk, chunks, h_i=None):
+    """``(h_i, k_j, ∂ℓ/∂z in the matmul dtype, ∂ℓ/∂z in the compute dtype, sums)``;
+    ``h_i``: the block's hidden rows as :func:`operands` gives them, where already in hand."""
     live = block.live(rows)
-    h_i, k_j = operands(hidden, kernel, rows, cols, live, chunks)
+    h_rows, k_j = operands(hidden, kernel, rows, cols, live, chunks)
+    h_i = h_rows if h_i is None else h_i
     dz, sums = block(rows, cols, h_i, k_j)
     dz = quiet(dz, live, rows, cols)
     mm = jnp.result_type(hidden.dtype, kernel.dtype)
@@ -112,6 +114,15 @@ def _column_pass(hidden, kernel, spans, chunks, block: BlockGradient, dh, sums_l
     the sums finished and written once; ``dh`` (``None``: not computed here) in place."""
     row_span, col_span = spans
     nc, vc = chunks
+    whole_rows = None
+    if row_span.count(nc) == 1:
+        # One token chunk: its hidden rows, zeroed where there is no cotangent, are the same
+        # for every vocabulary chunk; selected once here, not once per chunk (a read and a
+        # write of hidden's size each: 2.6 ms of an H100's 45 at N=8192, D=4096, V=131072).
+        rows = row_span.chunk(0, nc)
+        whole_rows = operands(
+            hidden, kernel, rows, col_span.chunk(0, vc), block.live(rows), chunks
+        )[0]
 
     def vocab_step(j, carry):
         dh, dk, sums = carry
@@ -120,7 +131,9 @@ def _column_pass(hidden, kernel, spans, chunks, block: BlockGradient, dh, sums_l
         def token_step(i, inner):
             dh, dk_j, sums_j = inner
             rows = row_span.chunk(i, nc)
-            h_i, k_j, dz_mm, dz, block_sums = _block(hidden, kernel, block, rows, cols, chunks)
+            h_i, k_j, dz_mm, dz, block_sums = _block(
+                hidden, kernel, block, rows, cols, chunks, whole_rows
+            )
             if dh is not None:
                 # Stale rows were finished by the previous chunk: 0 · inf (an infinite kernel
                 # entry times their quieted logit gradient) must not reach them.
@@ -163,6 +176,18 @@ def _row_pass(hidden, kernel, spans, chunks, block: BlockGradient, cdt, varying)
     return jax.lax.fori_loop(0, row_span.count(nc), token_step, init)
 
 
+# Platforms whose recomputing pass carries a half-precision ``hidden``'s gradient in float32
+# through the kernel pass (one backward sweep, four N·D·V matmuls with the forward's) instead of
+# giving it a pass of its own (five). The carry is ``N·D`` float32 (128 MiB at N=8192, D=4096),
+# read and written once per vocabulary chunk. Modelled value_and_grad (mean, bf16;
+# benchmarks/roofline.py): H100 at N=8192, D=4096, V=131072 66.4 -> 42.5 ms (with its blocks,
+# see jaxloss._linear.chunked.GPU_BLOCK), TPU v5p at D=2048 51.6 -> 48.2 ms at 1024² blocks.
+# On CPU the separate pass keeps the temporaries at a few blocks. A carry over CARRY_MAX_BYTES
+# (N·D beyond 16384×4096) is not taken anywhere: the pass of its own keeps memory bounded.
+CARRY_PLATFORMS: tuple[str, ...] = ("cuda", "tpu")
+CARRY_MAX_BYTES = 2**28
+
+
 def head_gradients(
     hidden, kernel, spans: tuple[Span, Span], chunks, block: BlockGradient, cdt, sum_dtypes, varying
 ) -> tuple[jax.Array, jax.Array, tuple[Any, ...]]:
@@ -171,15 +196,30 @@ def head_gradients(
     ``db`` is ``Σ_rows ∂ℓ/∂z``, the other sums ``block``'s own; ``sum_dtypes`` their dtypes;
     every accumulator is in the compute dtype ``cdt``. A ``hidden`` in ``cdt`` gets its
     gradient accumulated in place over the kernel pass (four ``N·D·V`` matmuls with the
-    forward's); a half-precision one would need a float32 copy of its size as accumulator
-    (128 MiB at N=8192, D=4096), so it gets a pass of its own instead: five matmuls, no
-    temporary larger than a few blocks.
+    forward's). A half-precision one needs a ``cdt`` carry of its size for that (128 MiB at
+    N=8192, D=4096): on :data:`CARRY_PLATFORMS` it gets one up to :data:`CARRY_MAX_BYTES`
+    (four matmuls, each block's logit gradient feeding both gradients); otherwise its own
+    pass (five matmuls, no temporary larger than a few blocks).
     """
-    v = kernel.shape[1]
-    one_pass = jnp.dtype(hidden.dtype) == jnp.dtype(cdt)
-    dh = vary(jnp.zeros(hidden.shape, cdt), *varying) if one_pass else None
-    sums_like = tuple(jnp.zeros((v,), t) for t in sum_dtypes)
-    dh, dk, sums = _column_pass(hidden, kernel, spans, chunks, block, dh, sums_like, cdt, varying)
-    if not one_pass:
+    sums_like = tuple(jnp.zeros((kernel.shape[1],), t) for t in sum_dtypes)
+
+    def one_pass():
+        dh = vary(jnp.zeros(hidden.shape, cdt), *varying)
+        dh, dk, sums = _column_pass(
+            hidden, kernel, spans, chunks, block, dh, sums_like, cdt, varying
+        )
+        return dh.astype(hidden.dtype), dk, sums
+
+    def two_passes():
+        _, dk, sums = _column_pass(
+            hidden, kernel, spans, chunks, block, None, sums_like, cdt, varying
+        )
         dh = _row_pass(hidden, kernel, spans, chunks, block, cdt, varying)
-    return dh.astype(hidden.dtype), dk, sums
+        return dh.astype(hidden.dtype), dk, sums
+
+    if jnp.dtype(hidden.dtype) == jnp.dtype(cdt):
+        return one_pass()
+    if not CARRY_PLATFORMS or hidden.size * jnp.dtype(cdt).itemsize > CARRY_MAX_BYTES:
+        return two_passes()
+    carried = dict.fromkeys(CARRY_PLATFORMS, one_pass)
+    return jax.lax.platform_dependent(**carried, default=two_passes)

@@ -13,10 +13,11 @@ in float32).
 Two differentiable forms share those block rules:
 
 - :func:`token_stats` returns the statistics per token; the engine's recomputing backward pass
-  recomputes each logit block (four ``N·D·V`` matmuls in a ``value_and_grad``; five for a
-  half-precision ``hidden``). For ``reduction="none"``, the ``shard_map`` form, where the
-  per-token cotangents are only known in the backward pass, and for every reduction on GPUs
-  and TPUs, where nothing larger than a few blocks may be held.
+  recomputes each logit block (four ``N·D·V`` matmuls in a ``value_and_grad``; on CPU five
+  for a half-precision ``hidden``, see ``jaxloss._blockwise.passes.CARRY_PLATFORMS``). For
+  ``reduction="none"``, the ``shard_map`` form, where the per-token cotangents are only known
+  in the backward pass, and for every reduction on GPUs and TPUs, where no float32 gradient
+  of the whole kernel may be held.
 - :func:`fused_total` returns the summed loss; when differentiated, its forward rule already
   computes the gradient (Liger Kernel's method: per token chunk, the logits over the whole
   vocabulary, their logsumexp, then ``softmax − onehot`` contracted into the gradients): three
@@ -60,12 +61,22 @@ from jaxloss._blockwise.online import Normaliser, online_step
 # (f32); larger blocks only cost memory. GPUs and TPUs may prefer larger chunks.
 DEFAULT_TOKEN_CHUNK = 1024
 DEFAULT_VOCAB_CHUNK = 1024
-# XLA:GPU pays per block: each block's gemm reads and writes float32 gradient accumulators and
-# copies its slices of h and K. Modelled value_and_grad (mean, bf16) on an H100 at N=8192,
-# D=4096, V=131072 (benchmarks/roofline.py): 91.5 ms with 40 MiB of temporaries at 1024²
-# blocks, 64.5 ms / 80 MiB at 2048², 59.3 ms / 192 MiB at 4096². 2048² keeps the head within
-# 128 MiB (its memory is what it is for) for 1.4x of the 1.5x that larger blocks give. A TPU v5p
-# (D=2048) models 51.6 ms at each size (its five matmuls bound it): TPUs keep the CPU's blocks.
+# XLA:GPU pays per block: float32 gradient accumulators read and written around each block's
+# gemm, copies of the block's slices of K. On GPUs the recomputing pass carries the hidden
+# gradient in float32 (jaxloss._blockwise.passes.CARRY_PLATFORMS: four N·D·V matmuls), so
+# every token is one block row — up to GPU_TOKEN_CHUNK of them — and each vocabulary chunk's
+# kernel gradient is finished by one gemm; vocabulary chunks hold GPU_BLOCK logits (64 MiB in
+# float32), as the hidden gradient's carry is read and written once per vocabulary chunk.
+# Modelled value_and_grad (mean, bf16) on an H100 at N=8192, D=4096, V=131072
+# (benchmarks/roofline.py, temporaries from memory_analysis): 8192×2048 blocks 42.5 ms /
+# 240 MiB (four 8.9 ms matmuls and 6.9 ms of traffic); 8192×4096 the same 42.5 ms at 352 MiB;
+# 4096² 50.4 ms / 288 MiB; 2048² 58.1 ms / 184 MiB (five matmuls at 2048² before the carry:
+# 66.4 ms / 80 MiB; the materialised path 28.6 ms / 2 GiB). Beyond GPU_TOKEN_CHUNK tokens
+# (where a carry of N·D may pass jaxloss._blockwise.passes.CARRY_MAX_BYTES) GPUs keep 2048²
+# blocks: at N=32768 they model 257.9 ms against 267.1 (16384×1024, carried) and 279.4 (same
+# blocks, five matmuls). TPUs keep the CPU's blocks.
+GPU_TOKEN_CHUNK = 16384
+GPU_BLOCK = 2**24
 GPU_CHUNK = 2048
 # The fused gradient pass holds [rows, V] logits: 2^24 of them (64 MiB in float32) per block
 # keeps value_and_grad at N=8192, D=2048, V=131072 at ~84 MiB of temporaries, with 512 rows at
@@ -80,9 +91,11 @@ class ChunkConfig:
 
     Attributes:
       token_chunk: rows of ``hidden`` per block (clipped to the number of tokens); ``None``:
-        the backend's default (:data:`GPU_CHUNK` on GPUs, :data:`DEFAULT_TOKEN_CHUNK` elsewhere).
-      vocab_chunk: columns of ``kernel`` per block (clipped to the number of classes); ``None``
-        as for ``token_chunk``.
+        the backend's default (on GPUs every token up to :data:`GPU_TOKEN_CHUNK`, beyond that
+        :data:`GPU_CHUNK`; :data:`DEFAULT_TOKEN_CHUNK` elsewhere).
+      vocab_chunk: columns of ``kernel`` per block (clipped to the number of classes); ``None``:
+        the backend's default (on GPUs :data:`GPU_BLOCK` logits per block, or :data:`GPU_CHUNK`
+        beyond :data:`GPU_TOKEN_CHUNK` tokens; :data:`DEFAULT_VOCAB_CHUNK` elsewhere).
       grad_token_chunk: rows per block of the fused gradient pass, which holds
         ``[grad_token_chunk, V]`` logits; ``None``: ``2**24 // V`` (at least 1).
     """
@@ -101,11 +114,16 @@ class ChunkConfig:
     def clipped(self, tokens: int, classes: int, gpu: bool = False) -> tuple[int, int, int]:
         """``(token_chunk, vocab_chunk, grad_token_chunk)`` no larger than the array they cut,
         the defaults of a GPU where ``gpu``."""
-        default = GPU_CHUNK if gpu else DEFAULT_TOKEN_CHUNK
-        rows = self.token_chunk or default
-        cols = self.vocab_chunk or (GPU_CHUNK if gpu else DEFAULT_VOCAB_CHUNK)
+        rows, cols = DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK
+        if gpu and tokens <= GPU_TOKEN_CHUNK:
+            rows = tokens
+            cols = max(1, GPU_BLOCK // min(self.token_chunk or tokens, tokens))
+        elif gpu:
+            rows, cols = GPU_CHUNK, GPU_CHUNK
+        rows = min(self.token_chunk or rows, tokens)
+        cols = self.vocab_chunk or cols
         fused = self.grad_token_chunk or max(1, DEFAULT_FUSED_BLOCK // classes)
-        return min(rows, tokens), min(cols, classes), min(fused, tokens)
+        return rows, min(cols, classes), min(fused, tokens)
 
 
 def _absorbing(u: jax.Array, z: jax.Array) -> jax.Array:
