@@ -239,6 +239,7 @@ def _masked_vocabulary(seed=0):
     return (h, k, b, th, tk, tb), mask, (both, teacher_only, student_only)
 
 
+@pytest.mark.slow  # ~20 s here
 def test_neg_inf_logits_where_both_or_teacher_only():
     """kl and jsd ignore classes the teacher rules out; every divergence ignores shared -inf."""
     (h, k, b, th, tk, tb), mask, (both, teacher_only, student_only) = _masked_vocabulary()
@@ -793,7 +794,14 @@ def _nonfinite_heads(value):
     }
 
 
-@pytest.mark.parametrize("chunks", [(4, 6), (1, 2), (5, 8)])
+@pytest.mark.parametrize(
+    "chunks",  # the default run: (1, 2), the stale-column case; --full all three
+    [
+        pytest.param((4, 6), marks=pytest.mark.slow),
+        (1, 2),
+        pytest.param((5, 8), marks=pytest.mark.slow),
+    ],
+)
 def test_non_finite_inputs_give_the_materialised_non_finite_gradients(chunks):
     """NaN or ±inf in a head's kernel, hidden or bias at counted tokens: the value and every
     entry of the student's gradients (NaN, ±inf and finite alike) are autodiff's of the

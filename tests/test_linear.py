@@ -480,9 +480,16 @@ def _reference_value_and_grads(arrays, targets, reduction, soft_cap):
 CARRY_CHUNKS = {"uneven": (4, 6), "one token chunk": (N, 7), "whole": (N, V)}
 
 
-@pytest.mark.parametrize("chunks", CARRY_CHUNKS)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+# The default run: each reduction, chunking and dtype once; --full all 18.
+CARRY_DEFAULT = {("uneven", "mean", jnp.bfloat16), ("one token chunk", "none", jnp.float16),
+                 ("whole", "sum", jnp.bfloat16)}  # fmt: skip
+CARRY_CASES = [
+    pytest.param(c, r, d, marks=() if (c, r, d) in CARRY_DEFAULT else pytest.mark.slow)
+    for c in CARRY_CHUNKS for r in ("mean", "sum", "none") for d in (jnp.bfloat16, jnp.float16)
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("chunks", "reduction", "dtype"), CARRY_CASES)
 def test_gpu_hidden_gradient_carry_matches_the_reference(carried, chunks, reduction, dtype):
     """Every option through the carried pass (class weights, ignored targets, smoothing,
     z-loss, soft-cap, bias, return_stats), blocks that do not divide the sizes and a single

@@ -247,8 +247,14 @@ def _every_case(loss, cases):
 NONFINITE_CHUNKINGS = {"single rows": (1, 2, 1), "overlapping rows": (3, 4, 2)}
 
 
-@pytest.mark.parametrize("chunking", NONFINITE_CHUNKINGS)
-@pytest.mark.parametrize("form", FORMS, indirect=True)
+# The default run: each form once, the chunkings alternating; --full both for every form.
+NONFINITE_CASES = [
+    pytest.param(form, chunking, marks=() if (i + j) % 2 == 0 else pytest.mark.slow)
+    for i, form in enumerate(FORMS) for j, chunking in enumerate(NONFINITE_CHUNKINGS)
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("form", "chunking"), NONFINITE_CASES, indirect=["form"])
 def test_non_finite_inputs_give_the_materialised_non_finite_gradients(form, chunking):
     """``finite_or_zero(lse)`` turned a NaN log-sum-exp into 0 in the backward pass: gradients
     held finite values (up to 4.6e9 in the fuzz records) where the materialised formula's, and
@@ -288,6 +294,7 @@ def _bf16_heads():
     return hidden, kernels, jnp.array([0, 3, 1, 4, 2])
 
 
+@pytest.mark.slow  # op by op: ~25 s here
 def test_eager_bf16_gradient_through_vmap():
     """The issue's reproducer: eagerly (and op by op, ``jax.disable_jit``) XLA:CPU got the
     vmapped ``hidden^T · ∂ℓ/∂z`` of bf16 operands with float32 accumulation as a dot of its
@@ -308,6 +315,7 @@ def test_eager_bf16_gradient_through_vmap():
     _assert_close(got, want, "bfloat16", "kernel gradient, op by op")
 
 
+@pytest.mark.slow  # op by op: ~20 s here
 def test_eager_bf16_gradient_of_a_k_dimensional_torch_weight():
     """``torch_linear_cross_entropy`` maps the head over a K-dimensional weight (``jax.vmap``):
     the same crash."""
