@@ -165,30 +165,26 @@ def plan(args: argparse.Namespace, backend: str, cases: Sequence[Case] | None = 
     return sorted(tasks, key=key)
 
 
-def expected_seconds(tasks: Sequence[Task]) -> float:
-    """A quiet 2-core machine: 0.3 s per timed implementation, 1.2 s per 32 MiB of logits
-    timed, 0.6 s per compile-only benchmark, 30 s of goal checks and start-up."""
+def announce(tasks: Sequence[Task], args: argparse.Namespace) -> str:
+    """The expected duration on a quiet 2-core machine: 0.3 s per timed implementation, 1.2 s per
+    32 MiB of logits timed, 0.6 s per compile-only benchmark, 30 s of goal checks and start-up."""
     timed = [t for t in tasks if not t.memory_only]
     work = sum(len(t.case.impls) * (0.3 + 1.2 * t.logits_bytes / 2**25) for t in timed)
-    return 30 + work + 0.6 * (len(tasks) - len(timed))
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 100 else f"{seconds / 60:.0f} min"
-
-
-def announce(tasks: Sequence[Task], args: argparse.Namespace) -> str:
-    timed, seconds = sum(not t.memory_only for t in tasks), expected_seconds(tasks)
-    line = (f"{timed} benchmarks to time and {len(tasks) - timed} to compile only: expected "
-            f"{_duration(seconds)} to {_duration(1.6 * seconds)} on a 2-core CPU (quiet to "
-            "busy).")  # fmt: skip
+    seconds = 30 + work + 0.6 * (len(tasks) - len(timed))
+    took = lambda s: f"{s:.0f} s" if s < 100 else f"{s / 60:.0f} min"
+    line = (
+        f"{len(timed)} benchmarks to time and {len(tasks) - len(timed)} to compile only: "
+        f"expected {took(seconds)} to {took(1.6 * seconds)} on a 2-core CPU (quiet to busy)."
+    )
     load, threads = _load_average(), _cpu_threads()
     if load is not None and load > threads:
-        line += (f" The machine is busy now (1-min load {load:.1f} on {threads} cores): more "
-                 f"like {_duration(seconds * load / threads)}.")  # fmt: skip
+        line += (
+            f" The machine is busy now (1-min load {load:.1f} on {threads} cores): more "
+            f"like {took(seconds * load / threads)}."
+        )
     if not args.quick and not args.memory_only:
         line += f" For a first look, --quick took {QUICK_MEASURED}."
-    return line
+    return line  # fmt: skip
 
 
 def time_grid(tasks: list[Task], args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
@@ -227,9 +223,7 @@ def memory_record(task: Task) -> dict[str, Any]:
     return record
 
 
-# ----------------------------------------------------------------------------------------------
 # Goal checks: a paired measurement, sampled until its verdict is clear
-# ----------------------------------------------------------------------------------------------
 
 
 def median_interval(
@@ -333,9 +327,7 @@ def quick_goals(cases: Sequence[Case], backend: str) -> set[str]:
     return {g.id for g in report.speed_goals() if set(sides(g)) <= timed}
 
 
-# ----------------------------------------------------------------------------------------------
 # What ran where, and the files
-# ----------------------------------------------------------------------------------------------
 
 
 def _load_average() -> float | None:
@@ -463,12 +455,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     meta["pytest_exit_code"] = saved["exit_code"] if saved else None
     meta["wall_s"] = time.perf_counter() - started
     print(text(meta, records, goals, wide=args.wide))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "table.txt").write_text(text(meta, records, goals, wide=True))
-    if not args.no_plots:
-        meta["plots"] = [p.name for p in report.write_plots(args.out, records, plot_title(meta))]
-    payload = {"meta": meta, "results": records, "goals": goals}
-    report.write_json(args.out / "results.json", payload)
+    table = text(meta, records, goals, wide=True)
+    payload = report.write(args, table, meta, records, goals, plot_title(meta))
     written = f"{len(meta.get('plots', []))} PNG plots, " if meta.get("plots") else ""
     print(f"wrote results.json, table.txt (every column), {written}pytest-benchmark.json to "
           f"{args.out}/ (--out DIR to change)", file=sys.stderr)  # fmt: skip
