@@ -300,6 +300,10 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.write_text(json.dumps(finite(payload), indent=1) + "\n")
 
 
+COLORS = {"jaxloss": "tab:blue", "optax": "tab:orange", "torch": "tab:green"}
+
+
+# fmt: off
 def write_plots(out: Path, records: Sequence[dict], title: str) -> list[Path]:
     """Per function, throughput by size (a panel per dtype); per function at the size with most
     series, compiled temporaries / logits bytes and time / optax's."""
@@ -308,10 +312,15 @@ def write_plots(out: Path, records: Sequence[dict], title: str) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def save(fig: Any, name: str, heading: str) -> Path:
+        fig.suptitle(f"{heading}\n{title}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        return out / name
+
     timed = [r for r in records if not r["memory_only"]]
-    cases = {
-        c: [r for r in timed if r["case"] == c] for c in dict.fromkeys(r["case"] for r in timed)
-    }
+    cases = {c: [r for r in timed if r["case"] == c] for c in {r["case"]: 0 for r in timed}}
     paths = []
     for case, rows in cases.items():
         dtypes = sorted({r["dtype"] for r in rows}, key=["f32", "bf16"].index)
@@ -319,18 +328,18 @@ def write_plots(out: Path, records: Sequence[dict], title: str) -> list[Path]:
         for ax, dtype in zip(axes[0], dtypes, strict=True):
             for mode, style in (("fwd", "o-"), ("vag", "s--")):
                 mine = sorted((r for r in rows if (r["mode"], r["dtype"]) == (mode, dtype)),
-                              key=lambda r: r["elements"])  # fmt: skip
+                              key=lambda r: r["elements"])
                 for name in dict.fromkeys(k for r in mine for k in r["impls"]):
                     if points := [(r["elements"], v) for r in mine if (v := throughput(r, name))]:
-                        ax.plot(
-                            *zip(*points, strict=True), style, label=f"{name} {MODE_LABELS[mode]}"
-                        )
+                        ax.plot(*zip(*points, strict=True), style, color=COLORS.get(name, "gray"),
+                                label=f"{name} {MODE_LABELS[mode]}")
+            sizes = sorted({(r["elements"], size(r["shape"])) for r in rows})
             ax.set(xscale="log", yscale="log", title=dtype, ylabel=f"{throughput_unit(case)}/s",
-                   xlabel=" x ".join(rows[0]["shape_names"]))  # fmt: skip
+                   xlabel=" x ".join(rows[0]["shape_names"]))
+            ax.set_xticks([e for e, _ in sizes], [s for _, s in sizes], fontsize=7, minor=False)
+            ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
-        paths.append(
-            _save(plt, fig, out / f"throughput_{case}.png", f"{case}: throughput by size\n{title}")
-        )
+        paths.append(save(fig, f"throughput_{case}.png", f"{case}: throughput by size"))
     largest = []  # per function, its records at the size with the most (mode, dtype) series
     for rows in cases.values():
         best = max(rows, key=lambda r: (sum(s["shape"] == r["shape"] for s in rows), r["elements"]))
@@ -343,21 +352,14 @@ def write_plots(out: Path, records: Sequence[dict], title: str) -> list[Path]:
         fig, axes = plt.subplots(1, 2, figsize=(13, 1.6 + 0.25 * len(largest)), sharey=True)
         for ax, name in zip(axes, names, strict=True):
             values = [r["impls"].get(name, {}).get("temp_ratio") if kind == "temp_memory"
-                      else r.get("ratio_to_optax", {}).get(name) for r in largest]  # fmt: skip
-            ax.barh(labels, [math.nan if v is None else v for v in values])
+                      else r.get("ratio_to_optax", {}).get(name) for r in largest]
+            base = 0.0 if kind == "temp_memory" else 1.0  # time ratios are drawn from 1
+            ax.barh(range(len(values)), [math.nan if v is None else v - base for v in values],
+                    left=base, color=COLORS[name])
             ax.axvline(1.0, color="k", lw=0.8, ls=":")
             ax.set(title=f"{name}: {what}", xscale="linear" if kind == "temp_memory" else "log")
-            ax.tick_params(axis="y", labelsize=6)
+            ax.set_yticks(range(len(labels)), labels, fontsize=6)
         axes[0].invert_yaxis()
-        paths.append(
-            _save(plt, fig, out / f"{kind}.png", f"{what}, each function at one size\n{title}")
-        )
+        paths.append(save(fig, f"{kind}.png", f"{what}, each function at one size"))
     return paths
-
-
-def _save(plt: Any, fig: Any, path: Path, heading: str) -> Path:
-    fig.suptitle(heading, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+# fmt: on
