@@ -128,41 +128,33 @@ def selected(name: str, text: str) -> bool:
     return not filters or any(re.search(f, name) for f in filters)
 
 
+# fmt: off
 def plan(args: argparse.Namespace, backend: str, cases: Sequence[Case] | None = None) -> list[Task]:
     """Every (case, mode, dtype, shape) to run, grouped by input set, small before big."""
     cases = list(all_cases(not args.no_torch)) if cases is None else cases
     dtypes, modes = args.dtypes, args.modes
-    sizes = args.sizes or (
-        QUICK_SIZES if args.quick else CPU_SIZES if backend == "cpu" else GPU_SIZES
-    )
-    grid_points = [
-        (s, d) for s in sizes for d in (["f32"] if args.quick and not args.sizes else dtypes)
-    ]
+    sizes = args.sizes or (QUICK_SIZES if args.quick else
+                           CPU_SIZES if backend == "cpu" else GPU_SIZES)
+    grid_dtypes = ["f32"] if args.quick and not args.sizes else dtypes
+    grid_points = [(s, d) for s in sizes for d in grid_dtypes]
     tasks: list[Task] = []
     for case in (c for c in cases if selected(c.name, args.filter)):
         points = case.points(backend, args.quick) if case.points else grid_points
-        tasks += [
-            Task(case, m, d, tuple(s), args.memory_only)
-            for s, d in points
-            for m in modes
-            if d in dtypes and m in case.modes
-        ]
+        tasks += [Task(case, m, d, tuple(s), args.memory_only) for s, d in points for m in modes
+                  if d in dtypes and m in case.modes]
         if case.memory_only and "vag" in modes:
-            tasks += [
-                Task(case, "vag", d, s, True) for s, d in case.memory_only(backend) if d in dtypes
-            ]
+            tasks += [Task(case, "vag", d, s, True) for s, d in case.memory_only(backend)
+                      if d in dtypes]
         if case.name == "cross_entropy" and not args.memory_only:  # the goal points
             timed = args.quick and not args.sizes and "vag" in modes  # else compiled only
             have = {(t.shape, t.dtype) for t in tasks if t.mode == "vag"}
-            tasks += [
-                Task(case, "vag", d, GOAL_SHAPE, not timed)
-                for d in ("f32", "bf16")
-                if (GOAL_SHAPE, d) not in have
-            ]
+            tasks += [Task(case, "vag", d, GOAL_SHAPE, not timed) for d in ("f32", "bf16")
+                      if (GOAL_SHAPE, d) not in have]
     order = {c.name: i for i, c in enumerate(cases)}
     key = lambda t: (t.memory_only, len(t.shape), math.prod(t.shape),
-                     list(DTYPES).index(t.dtype), order[t.case.name], t.mode)  # fmt: skip
+                     list(DTYPES).index(t.dtype), order[t.case.name], t.mode)
     return sorted(tasks, key=key)
+# fmt: on
 
 
 def announce(tasks: Sequence[Task], args: argparse.Namespace) -> str:
