@@ -1,10 +1,9 @@
 """What is benchmarked: one :class:`Case` per function, with its optax and PyTorch peers.
 
 A case names the arrays it reads (built once per shape and dtype by :class:`Inputs`) and gives
-one function per implementation; every implementation gets the same arrays in the same order
-and must compute the same number (checked before timing). To add a benchmark, add a row to
-:func:`all_cases`. A size is ``(N, C)``, or ``(N, D, V)`` for the linear heads (whose logits,
-``hidden @ kernel``, are ``N x V``).
+one function per implementation of them, all computing the same number (checked before timing).
+To add a benchmark, add a row to :func:`all_cases`. A size is ``(N, C)``, or ``(N, D, V)`` for
+the linear heads (logits ``hidden @ kernel``, ``N x V``).
 """
 
 from __future__ import annotations
@@ -130,9 +129,7 @@ def abstract_args(case: Case, mode: str, dtype: str, shape: Shape) -> tuple[Any,
     return jax.eval_shape(lambda: tuple(inputs[n] for n in arg_names(case, mode)))
 
 
-# ----------------------------------------------------------------------------------------------
 # Peers, written with explicit broadcasts (the tests run with rank promotion = "raise").
-# ----------------------------------------------------------------------------------------------
 
 
 def _optax_smoothed_weighted(x, y, w):
@@ -184,13 +181,6 @@ def _distillation_materialised(h, k, th, tk):
     teacher = jax.lax.stop_gradient(jax.nn.log_softmax(th @ tk, axis=-1))
     student = jax.nn.log_softmax(h @ k, axis=-1)
     return jaxloss.kl_div(student, teacher, reduction="batchmean", log_target=True)
-
-
-def _plain(f: Callable) -> Callable:
-    """``f`` without the attributes of jaxloss's jit wrapper (``lower``, ``trace``): copied onto
-    ``jax.value_and_grad(f)`` by ``functools.wraps``, they made ``jax.jit(...).lower`` lower the
-    forward pass alone."""
-    return lambda *args: f(*args)
 
 
 def all_cases(include_torch: bool = True) -> list[Case]:
@@ -248,7 +238,7 @@ def all_cases(include_torch: bool = True) -> list[Case]:
     ]  # fmt: skip
     materialised = {"jaxloss_materialised": lambda h, k, y: jaxloss.cross_entropy(h @ k, y)}
     return [
-        Case(name, desc, note, arrays, {"jaxloss": _plain(ours), "optax": peer}
+        Case(name, desc, note, arrays, {"jaxloss": ours, "optax": peer}
              | (materialised if name == "linear_cross_entropy" else {})
              | ({"torch": tp[name]} if name in tp else {}), **extra)
         for name, desc, note, arrays, ours, peer, extra in rows
@@ -263,7 +253,7 @@ def distillation_case() -> Case:
         "fused linear_distillation(h, k, h_t, k_t) vs kl_div of the materialised log-softmaxes",
         "materialised: kl_div(log_softmax(h @ k), log_softmax(h_t @ k_t), batchmean)",
         ("hidden", "kernel", "teacher_hidden", "teacher_kernel"),
-        {"jaxloss": _plain(jaxloss.linear_distillation),
+        {"jaxloss": jaxloss.linear_distillation,
          "materialised": _distillation_materialised},
         argnums=(0, 1), modes=("vag",), memory_bound=False,
     )  # fmt: skip

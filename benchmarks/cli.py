@@ -128,67 +128,55 @@ def selected(name: str, text: str) -> bool:
     return not filters or any(re.search(f, name) for f in filters)
 
 
+# fmt: off
 def plan(args: argparse.Namespace, backend: str, cases: Sequence[Case] | None = None) -> list[Task]:
     """Every (case, mode, dtype, shape) to run, grouped by input set, small before big."""
     cases = list(all_cases(not args.no_torch)) if cases is None else cases
     dtypes, modes = args.dtypes, args.modes
-    sizes = args.sizes or (
-        QUICK_SIZES if args.quick else CPU_SIZES if backend == "cpu" else GPU_SIZES
-    )
-    grid_points = [
-        (s, d) for s in sizes for d in (["f32"] if args.quick and not args.sizes else dtypes)
-    ]
+    sizes = args.sizes or (QUICK_SIZES if args.quick else
+                           CPU_SIZES if backend == "cpu" else GPU_SIZES)
+    grid_dtypes = ["f32"] if args.quick and not args.sizes else dtypes
+    grid_points = [(s, d) for s in sizes for d in grid_dtypes]
     tasks: list[Task] = []
     for case in (c for c in cases if selected(c.name, args.filter)):
         points = case.points(backend, args.quick) if case.points else grid_points
-        tasks += [
-            Task(case, m, d, tuple(s), args.memory_only)
-            for s, d in points
-            for m in modes
-            if d in dtypes and m in case.modes
-        ]
+        tasks += [Task(case, m, d, tuple(s), args.memory_only) for s, d in points for m in modes
+                  if d in dtypes and m in case.modes]
         if case.memory_only and "vag" in modes:
-            tasks += [
-                Task(case, "vag", d, s, True) for s, d in case.memory_only(backend) if d in dtypes
-            ]
+            tasks += [Task(case, "vag", d, s, True) for s, d in case.memory_only(backend)
+                      if d in dtypes]
         if case.name == "cross_entropy" and not args.memory_only:  # the goal points
             timed = args.quick and not args.sizes and "vag" in modes  # else compiled only
             have = {(t.shape, t.dtype) for t in tasks if t.mode == "vag"}
-            tasks += [
-                Task(case, "vag", d, GOAL_SHAPE, not timed)
-                for d in ("f32", "bf16")
-                if (GOAL_SHAPE, d) not in have
-            ]
+            tasks += [Task(case, "vag", d, GOAL_SHAPE, not timed) for d in ("f32", "bf16")
+                      if (GOAL_SHAPE, d) not in have]
     order = {c.name: i for i, c in enumerate(cases)}
     key = lambda t: (t.memory_only, len(t.shape), math.prod(t.shape),
-                     list(DTYPES).index(t.dtype), order[t.case.name], t.mode)  # fmt: skip
+                     list(DTYPES).index(t.dtype), order[t.case.name], t.mode)
     return sorted(tasks, key=key)
-
-
-def expected_seconds(tasks: Sequence[Task]) -> float:
-    """A quiet 2-core machine: 0.3 s per timed implementation, 1.2 s per 32 MiB of logits
-    timed, 0.6 s per compile-only benchmark, 30 s of goal checks and start-up."""
-    timed = [t for t in tasks if not t.memory_only]
-    work = sum(len(t.case.impls) * (0.3 + 1.2 * t.logits_bytes / 2**25) for t in timed)
-    return 30 + work + 0.6 * (len(tasks) - len(timed))
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 100 else f"{seconds / 60:.0f} min"
+# fmt: on
 
 
 def announce(tasks: Sequence[Task], args: argparse.Namespace) -> str:
-    timed, seconds = sum(not t.memory_only for t in tasks), expected_seconds(tasks)
-    line = (f"{timed} benchmarks to time and {len(tasks) - timed} to compile only: expected "
-            f"{_duration(seconds)} to {_duration(1.6 * seconds)} on a 2-core CPU (quiet to "
-            "busy).")  # fmt: skip
+    """The expected duration on a quiet 2-core machine: 0.3 s per timed implementation, 1.2 s per
+    32 MiB of logits timed, 0.6 s per compile-only benchmark, 30 s of goal checks and start-up."""
+    timed = [t for t in tasks if not t.memory_only]
+    work = sum(len(t.case.impls) * (0.3 + 1.2 * t.logits_bytes / 2**25) for t in timed)
+    seconds = 30 + work + 0.6 * (len(tasks) - len(timed))
+    took = lambda s: f"{s:.0f} s" if s < 100 else f"{s / 60:.0f} min"
+    line = (
+        f"{len(timed)} benchmarks to time and {len(tasks) - len(timed)} to compile only: "
+        f"expected {took(seconds)} to {took(1.6 * seconds)} on a 2-core CPU (quiet to busy)."
+    )
     load, threads = _load_average(), _cpu_threads()
     if load is not None and load > threads:
-        line += (f" The machine is busy now (1-min load {load:.1f} on {threads} cores): more "
-                 f"like {_duration(seconds * load / threads)}.")  # fmt: skip
+        line += (
+            f" The machine is busy now (1-min load {load:.1f} on {threads} cores): more "
+            f"like {took(seconds * load / threads)}."
+        )
     if not args.quick and not args.memory_only:
         line += f" For a first look, --quick took {QUICK_MEASURED}."
-    return line
+    return line  # fmt: skip
 
 
 def time_grid(tasks: list[Task], args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
@@ -227,9 +215,7 @@ def memory_record(task: Task) -> dict[str, Any]:
     return record
 
 
-# ----------------------------------------------------------------------------------------------
 # Goal checks: a paired measurement, sampled until its verdict is clear
-# ----------------------------------------------------------------------------------------------
 
 
 def median_interval(
@@ -333,9 +319,7 @@ def quick_goals(cases: Sequence[Case], backend: str) -> set[str]:
     return {g.id for g in report.speed_goals() if set(sides(g)) <= timed}
 
 
-# ----------------------------------------------------------------------------------------------
 # What ran where, and the files
-# ----------------------------------------------------------------------------------------------
 
 
 def _load_average() -> float | None:
@@ -463,12 +447,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     meta["pytest_exit_code"] = saved["exit_code"] if saved else None
     meta["wall_s"] = time.perf_counter() - started
     print(text(meta, records, goals, wide=args.wide))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "table.txt").write_text(text(meta, records, goals, wide=True))
-    if not args.no_plots:
-        meta["plots"] = [p.name for p in report.write_plots(args.out, records, plot_title(meta))]
-    payload = {"meta": meta, "results": records, "goals": goals}
-    report.write_json(args.out / "results.json", payload)
+    table = text(meta, records, goals, wide=True)
+    payload = report.write(args, table, meta, records, goals, plot_title(meta))
     written = f"{len(meta.get('plots', []))} PNG plots, " if meta.get("plots") else ""
     print(f"wrote results.json, table.txt (every column), {written}pytest-benchmark.json to "
           f"{args.out}/ (--out DIR to change)", file=sys.stderr)  # fmt: skip

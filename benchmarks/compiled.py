@@ -1,50 +1,25 @@
-"""Compile-only accelerator figures: kernels, modelled time and HBM bytes, temporaries.
-
-``python -m benchmarks --target h100`` (or ``b200``, ``tpu-v5e``, ``tpu-v5p``, ``tpu-v6e``; see
-:mod:`benchmarks.targets`) compiles every case of the accelerator grid for a device this machine
-does not have, and reads the optimised program. **These are compiler figures, not
-measurements**: nothing runs on an accelerator. Modelled time: :mod:`benchmarks.roofline`;
-bytes: :mod:`benchmarks.hlo`. The fused linear heads are also compared with their materialised
-formulas, and their N·D·V matmuls counted.
-"""
+"""``python -m benchmarks --target NAME``: compile-only accelerator figures (kernels, modelled
+time and HBM bytes, temporaries). **Compiler figures, not measurements**: each case is compiled
+for a device this machine lacks (:mod:`benchmarks.targets`) and its optimised program read
+(:mod:`benchmarks.hlo`) and priced (:mod:`benchmarks.roofline`); the fused linear heads are
+compared with their materialised formulas and their N·D·V matmuls counted."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import glob
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
-
-# libtpu takes a machine-wide lock file unless told that other processes may load it too;
-# compile-only programs need no exclusive access to a chip (there is none).
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-# Without a GPU the CUDA plugin's check for CUDA libraries fails and the plugin (with it the
-# compile-only H100) is not registered; compiling needs none of those libraries.
-os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 import jax
 
 from benchmarks import hlo, report, roofline
 from benchmarks.report import fmt_bytes, fmt_time, goal
-from benchmarks.targets import TARGETS, Target
-
-
-@functools.cache
-def devices(target_name: str, multi: bool = False) -> tuple[Any, ...]:
-    """The compile-only devices of a target (one, or eight with ``multi``)."""
-    from jax.experimental import topologies
-
-    target = TARGETS[target_name]
-    topology = target.multi_topology if multi else target.topology
-    if target.platform == "cuda":
-        config = target.target_config()
-        desc = topologies.get_topology_desc("", "cuda", target_config=config, topology=topology)
-    else:
-        desc = topologies.get_topology_desc(topology, target.platform)
-    return tuple(desc.devices)
+from benchmarks.targets import TARGETS, Target, devices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,22 +32,6 @@ class Program:
     pallas: dict[str, Any]
 
 
-def optimised_text(lowered: Any, compiled: Any) -> str:
-    """``compiled.as_text()``; where libtpu cannot print its program (0.0.52 fails a RET_CHECK
-    on some SparseCore ``async-update`` instructions), the same program as XLA dumps it."""
-    try:
-        return compiled.as_text()
-    except Exception:
-        import glob
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as folder:
-            lowered.compile(compiler_options={"xla_dump_to": folder, "xla_dump_hlo_as_text": True})
-            (path,) = glob.glob(os.path.join(folder, "*after_optimizations.txt"))
-            with open(path) as dumped:
-                return dumped.read()
-
-
 def compile_program(target: Target, fn: Callable, specs: Sequence[Any]) -> Program:
     """``jax.jit(fn)`` compiled for one device of ``target`` on abstract arguments."""
     sharding = jax.sharding.SingleDeviceSharding(devices(target.name)[0])
@@ -80,9 +39,17 @@ def compile_program(target: Target, fn: Callable, specs: Sequence[Any]) -> Progr
     traced = jax.jit(fn).trace(*placed)
     lowered = traced.lower()
     compiled = lowered.compile()
+    try:
+        text = str(compiled.as_text())
+    except Exception:  # libtpu 0.0.52 cannot print some SparseCore async-updates: XLA's dump
+        with tempfile.TemporaryDirectory() as folder:
+            lowered.compile(compiler_options={"xla_dump_to": folder, "xla_dump_hlo_as_text": True})
+            (path,) = glob.glob(os.path.join(folder, "*after_optimizations.txt"))
+            with open(path) as dumped:
+                text = dumped.read()
     # A TPU grid skips the fetch of an unchanged block; a GPU program instance loads its own.
     pallas = roofline.pallas_costs(traced.jaxpr, skip_unchanged=target.platform == "tpu")
-    return Program(compiled, optimised_text(lowered, compiled), pallas)
+    return Program(compiled, text, pallas)
 
 
 def analyse(program: Program, target: Target, unit_flops: float | None = None) -> dict[str, Any]:
@@ -193,11 +160,8 @@ def measure(target: Target, task: Any) -> dict[str, Any]:
         entry["copy_ratio"] = entry["hbm_bytes"] / record["min_bytes"]
         entry["elements_per_s"] = record["elements"] / entry["roofline_s"]  # modelled
     times = {k: e.get("roofline_s") for k, e in record["impls"].items()}
-    jl, ox, reference = (
-        times.get("jaxloss"),
-        times.get("optax"),
-        times.get(MATERIALISED.get(task.case.name, "")),
-    )
+    jl, ox = times.get("jaxloss"), times.get("optax")
+    reference = times.get(MATERIALISED.get(task.case.name, ""))
     record["ratio_to_optax"] = {"jaxloss": jl / ox} if jl and ox else {}  # modelled time
     if jl and reference:
         record["ratio_to_materialised"] = jl / reference
@@ -393,12 +357,8 @@ def run(args: Any, argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"wall time {meta['wall_s']:.1f} s",
     ])  # fmt: skip
     print(text)
-    payload = {"meta": meta, "results": records, "goals": goals}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "table.txt").write_text(text + "\n")
-    if not args.no_plots:
-        plots = report.write_plots(args.out, records, f"{title}: MODELLED, not measured")
-        meta["plots"] = [p.name for p in plots]
-    report.write_json(args.out / "results.json", payload)
+    payload = report.write(
+        args, text + "\n", meta, records, goals, f"{title}: MODELLED, not measured"
+    )
     print(f"wrote {args.out / 'results.json'}, table.txt and the plots", file=sys.stderr)
     return payload

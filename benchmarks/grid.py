@@ -1,23 +1,13 @@
-"""The timed grid as pytest-benchmark tests: one test per (benchmark, implementation).
+"""The timed grid as pytest-benchmark tests, one per (benchmark, implementation).
 
 ``python -m benchmarks`` sets :data:`PLAN` and runs this module through pytest: pytest-benchmark
-calibrates the calls per round, takes the rounds, computes the statistics and writes them to
-``bench_out/pytest-benchmark.json``; after ``--`` its options (``--benchmark-save``,
-``--benchmark-compare``, ``--benchmark-compare-fail=median:5%``) compare with a saved run.
-``python -m pytest benchmarks/grid.py -o addopts=`` runs the ``--quick`` grid under plain pytest
-(the repository's ``addopts`` would spread it over xdist workers and check jaxloss's
-annotations at run time). Before timing, every implementation is compiled (its temporaries and
-kernels read from the executable) and its output compared with jaxloss's.
-
-Timer (this module's ``benchmark`` mark): :func:`wait_then_time` waits for the work dispatched
-so far, then reads the clock, so that a round of ``n`` calls is ``n`` asynchronous dispatches and
-one wait, as a training loop runs them.
-
-Byte model (the "copy floor"): the least traffic of a function is reading every input once and
-writing every output once. The bandwidth is that of a jitted ``x * s`` of the logits (``s`` a
-runtime scalar, so XLA can neither elide nor fold it), donated so that it runs in place; a
-function returning a fresh logits-sized array also pays what ``x * s`` into a fresh buffer costs
-over the in-place one (page faults on CPU). Both copies are timed once per size and dtype.
+calibrates, takes the rounds, computes the statistics and writes ``pytest-benchmark.json``; its
+options after ``--`` (``--benchmark-save``, ``--benchmark-compare``) compare with a saved run.
+``python -m pytest benchmarks/grid.py -o addopts=`` runs the ``--quick`` grid. Each
+implementation is compiled first (temporaries and kernels read) and checked against jaxloss.
+The timer (:func:`wait_then_time`) waits for the work dispatched so far, then reads the clock:
+a round of ``n`` calls is ``n`` asynchronous dispatches and one wait, as in a training loop.
+The copy floor: :data:`BYTE_MODEL`.
 """
 
 from __future__ import annotations
@@ -251,8 +241,7 @@ def base_record(task: Task) -> dict[str, Any]:
 
 
 def records(plan: list[Task], saved: dict[str, Any]) -> list[dict[str, Any]]:
-    """results.json's records of the timed tasks, from pytest-benchmark's JSON and
-    :data:`ERRORS`: medians per call, ratios of medians, copy floors, agreement."""
+    """results.json's records of the timed tasks from pytest-benchmark's JSON and :data:`ERRORS`."""
     stats = {(b["extra_info"]["benchmark"], b["extra_info"]["impl"]): b
              for b in saved["benchmarks"]}  # fmt: skip
     found = []
@@ -277,11 +266,13 @@ def records(plan: list[Task], saved: dict[str, Any]) -> list[dict[str, Any]]:
                   for c in COPIES]  # fmt: skip
         record["floor_s"] = None
         if task.floored and None not in copies:
-            t_in, t_fresh = copies
+            (t_in, t_fresh), bandwidth = copies, 2 * task.logits_bytes / copies[0]
             price = max(t_fresh - t_in, 0.0) / task.logits_bytes  # per fresh output byte
-            record["copy"] = {"in_place_s": t_in, "fresh_output_s": t_fresh,
-                              "bytes_per_s": 2 * task.logits_bytes / t_in}  # fmt: skip
-            bandwidth = 2 * task.logits_bytes / t_in
+            record["copy"] = {
+                "in_place_s": t_in,
+                "fresh_output_s": t_fresh,
+                "bytes_per_s": bandwidth,
+            }
             record["floor_s"] = (
                 record["min_bytes"] / bandwidth + record["fresh_output_bytes"] * price
             )

@@ -1,11 +1,6 @@
-"""The one reader of optimised HLO text, for the benchmarks and the tests alike.
-
-``compiled.as_text()`` is the only view of the optimised program that every backend gives (the
-CUDA plugin has no ``cost_analysis`` of its own here). :class:`Module` parses it into
-computations of :class:`Instruction`; :func:`launches` finds the kernels the program runs and how
-often (while loops times their trip counts); :func:`kernel_bytes` is what a kernel moves.
-:mod:`benchmarks.roofline` prices whole programs from the same reader.
-"""
+"""The one reader of optimised HLO text (``compiled.as_text()``, the view every backend gives),
+for the benchmarks and the tests: :class:`Module` parses it, :func:`launches` finds the kernels
+the program runs and how often (loops × trip counts), :func:`kernel_bytes` what a kernel moves."""
 
 from __future__ import annotations
 
@@ -25,16 +20,15 @@ ITEMSIZE = {
 _ARRAY_TYPE = re.compile(r"\b([a-z][a-z0-9]*)\[([\d,]*)\]")
 _NAME = re.compile(r"%([\w.\-]+)")
 _HEADER = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
-# Instructions that name or regroup buffers without touching their contents, and the async
-# copies between memory spaces on TPU (the data they move is counted at its consumer).
+# Instructions that name or regroup buffers without touching their contents, and TPU's async
+# copies between memory spaces (what they move is counted at its consumer).
 NO_WORK = frozenset({
     "parameter", "constant", "tuple", "get-tuple-element", "bitcast", "after-all", "copy-start",
     "copy-done", "partition-id", "replica-id", "opt-barrier",
 })  # fmt: skip
 SLICING = frozenset({"gather", "dynamic-slice", "slice"})
 NO_WORK_TARGETS = frozenset({"AllocateBuffer"})  # XLA:TPU's loop-carried accumulators
-# Custom calls that are kernels of their own: Pallas (Mosaic TPU, Triton, Mosaic GPU). Any other
-# custom call that names computations but is no GEMM stands for them.
+# Custom calls that are kernels of their own (Pallas: Mosaic TPU, Triton, Mosaic GPU).
 PALLAS_TARGETS = frozenset(
     {"tpu_custom_call", "__gpu$xla.gpu.triton", "mosaic_gpu", "mosaic_gpu_v2"}
 )
@@ -42,14 +36,11 @@ PALLAS_TARGETS = frozenset(
 
 def arrays(hlo_type: str) -> list[tuple[str, tuple[int, ...]]]:
     """``(element type, dims)`` of every array in an HLO type (a tuple is flattened)."""
-    return [
-        (t, tuple(int(d) for d in dims.split(",") if d))
-        for t, dims in _ARRAY_TYPE.findall(hlo_type)
-    ]
+    return [(t, tuple(int(d) for d in dims.split(",") if d))
+            for t, dims in _ARRAY_TYPE.findall(hlo_type)]  # fmt: skip
 
 
 def type_bytes(hlo_type: str) -> int:
-    """Bytes of an HLO type (an array or a tuple of arrays); layouts are ignored."""
     return sum(ITEMSIZE.get(dtype, 0) * math.prod(dims) for dtype, dims in arrays(hlo_type))
 
 
@@ -83,15 +74,13 @@ class Instruction:
 
     @property
     def called(self) -> str | None:
-        """The computation a fusion or call runs (``calls=``)."""
         return self.attr("calls")
 
     @property
     def backend_config(self) -> dict[str, Any]:
-        start = self.attributes.find("backend_config={")
-        if start < 0:
+        start = self.attributes.find("backend_config={") + len("backend_config=")
+        if start < len("backend_config="):
             return {}
-        start += len("backend_config=")
         try:
             return json.loads(self.attributes[start : _closing(self.attributes, start, "{}")])
         except ValueError:
@@ -99,7 +88,6 @@ class Instruction:
 
     @property
     def op_name(self) -> str:
-        """The JAX name stack of the instruction (``metadata={op_name=...}``), or ``""``."""
         match = re.search(r'op_name="([^"]*)"', self.attributes)
         return match.group(1) if match else ""
 
@@ -115,8 +103,7 @@ def parse_instruction(line: str) -> Instruction | None:
         return None
     end = _closing(rest, 0) if rest.startswith("(") else rest.find(" ")
     hlo_type, rest = rest[:end], rest[end:].lstrip()
-    paren = rest.find("(")
-    if paren < 0:
+    if (paren := rest.find("(")) < 0:
         return None
     close = _closing(rest, paren)
     inside = rest[paren + 1 : close - 1]
@@ -155,69 +142,47 @@ class Module:
         body = self.body(computation)
         return body[-1] if body else None  # XLA prints the ROOT last
 
-    def parameter(self, computation: str, index: int) -> Instruction | None:
-        found = (
-            i
-            for i in self.body(computation)
-            if i.opcode == "parameter" and i.arguments == str(index)
-        )
-        return next(found, None)
-
-    def users(self, computation: str, name: str) -> list[Instruction]:
-        return [i for i in self.body(computation) if name in i.operands]
-
     def instructions(self) -> Iterator[tuple[str, Instruction]]:
-        """Every ``(computation, instruction)`` of the module."""
         return ((c, inst) for c, body in self.computations.items() for inst in body)
 
     def trip_count(self, computation: str, loop: Instruction) -> int | None:
-        """How often ``loop`` (a ``while`` in ``computation``) runs its body, or None.
-
-        XLA:GPU writes the count it proved into ``backend_config`` (``known_trip_count``);
-        XLA:TPU does not, and the loop's induction pattern is read instead: a condition
-        ``i < limit`` on one element of the loop state, that element's initial value a constant,
-        and the body adding a constant step to it (``fori_loop`` and ``scan`` have that form).
-        """
+        """How often a ``while`` of ``computation`` runs its body: the count XLA:GPU proved
+        (``known_trip_count``), else the induction pattern of ``fori_loop`` and ``scan`` (XLA:TPU
+        says nothing): a condition ``state[i] < limit``, ``state[i]`` initially a constant, the
+        body adding a constant step to it. None when neither is found."""
         known = loop.backend_config.get("known_trip_count", {}).get("n")
         if known is not None:
             return int(known)
-        induction = self._induction(loop.attr("condition") or "")
-        if induction is None:
-            return None
-        index, limit = induction
-        init = self.get(computation, loop.operands[0])
-        start = None
-        if init is not None and init.opcode == "tuple" and index < len(init.operands):
-            start = self._constant(computation, self.get(computation, init.operands[index]))
-        step = self._step(loop.attr("body") or "", index)
-        return None if start is None or not step else max(0, -(-(limit - start) // step))
-
-    def _fused_root(
-        self, computation: str, inst: Instruction | None
-    ) -> tuple[str, Instruction | None]:
-        """Through a fusion (XLA:GPU fuses the loop's comparison and increment) to its root."""
-        if inst is not None and inst.opcode == "fusion":
-            return inst.called or "", self.root(inst.called or "")
-        return computation, inst
-
-    def _induction(self, condition: str) -> tuple[int, int] | None:
-        """``(tuple index, limit)`` of a ``state[index] < limit`` condition."""
+        condition, body = loop.attr("condition") or "", loop.attr("body") or ""
         root = self.root(condition)
         scope, compare = self._fused_root(condition, root)
-        if (
-            root is None
-            or compare is None
-            or compare.opcode != "compare"
-            or compare.attr("direction") != "LT"
-        ):
+        if root is None or compare is None or compare.opcode != "compare":
             return None
         lhs, rhs = (self.get(scope, o) for o in compare.operands)
         limit = self._constant(scope, rhs)
         if lhs is not None and lhs.opcode == "parameter" and scope != condition:
             lhs = self.get(condition, root.operands[int(lhs.arguments)])
-        if lhs is None or limit is None or lhs.opcode != "get-tuple-element":
+        if compare.attr("direction") != "LT" or lhs is None or limit is None:
             return None
-        return int(lhs.attr("index") or -1), limit
+        if lhs.opcode != "get-tuple-element":  # the induction variable: state[index]
+            return None
+        index, start = int(lhs.attr("index") or -1), None
+        init = self.get(computation, loop.operands[0])
+        if init is not None and init.opcode == "tuple" and index < len(init.operands):
+            start = self._constant(computation, self.get(computation, init.operands[index]))
+        step, last = None, self.root(body)
+        if last is not None and last.opcode == "tuple" and index < len(last.operands):
+            scope, update = self._fused_root(body, self.get(body, last.operands[index]))
+            if update is not None and update.opcode == "add":
+                steps = [self._constant(scope, self.get(scope, o)) for o in update.operands]
+                step = next((s for s in steps if s is not None), None)
+        return None if start is None or not step else max(0, -(-(limit - start) // step))
+
+    def _fused_root(self, computation: str, inst: Instruction | None):
+        """Through a fusion (XLA:GPU fuses the loop's comparison and increment) to its root."""
+        if inst is not None and inst.opcode == "fusion":
+            return inst.called or "", self.root(inst.called or "")
+        return computation, inst
 
     def _constant(self, computation: str, inst: Instruction | None) -> int | None:
         """The integer value of a scalar constant, seen through copies."""
@@ -230,34 +195,12 @@ class Module:
         except ValueError:
             return None
 
-    def _step(self, body: str, index: int) -> int | None:
-        """The constant the body adds to ``state[index]``, or None."""
-        root = self.root(body)
-        if root is None or root.opcode != "tuple" or index >= len(root.operands):
-            return None
-        scope, update = self._fused_root(body, self.get(body, root.operands[index]))
-        if update is None or update.opcode != "add":
-            return None
-        steps = [self._constant(scope, self.get(scope, o)) for o in update.operands]
-        return next((s for s in steps if s is not None), None)
 
-
-# ----------------------------------------------------------------------------------------------
-# What a kernel reads and writes
-# ----------------------------------------------------------------------------------------------
-
-
-def operand_read_bytes(module: Module, fused: str, index: int, full: int) -> int:
-    """Bytes a fused computation reads of its parameter ``index`` (``full`` bytes in all): an
-    operand only sliced or gathered from is read for what is taken; the buffer an in-place
-    ``dynamic-update-slice`` writes into is not read; through a bitcast or a nested fusion, as
-    that one reads it. A kernel reads no byte twice: at most ``full``."""
-    param = module.parameter(fused, index)
-    return full if param is None else min(full, _reads(module, fused, param.name, full))
-
-
-def _reads(module: Module, computation: str, name: str, full: int) -> int:
-    users, total = module.users(computation, name), 0
+def _reads(module: Module, fused: str, name: str, full: int) -> int:
+    """Bytes a fused computation reads of its buffer ``name`` (``full`` bytes in all): what is
+    sliced or gathered from it; nothing where an in-place ``dynamic-update-slice`` writes into
+    it; through a bitcast or a nested fusion, what that reads. At most ``full``."""
+    users, total = [i for i in module.body(fused) if name in i.operands], 0
     for user in users:
         positions = [k for k, o in enumerate(user.operands) if o == name]
         if user.opcode in SLICING and positions == [0]:
@@ -265,12 +208,21 @@ def _reads(module: Module, computation: str, name: str, full: int) -> int:
         elif user.opcode == "dynamic-update-slice" and positions == [0]:
             continue
         elif user.opcode == "bitcast":
-            total += _reads(module, computation, user.name, full)
+            total += _reads(module, fused, user.name, full)
         elif user.opcode == "fusion" and user.called:
             total += sum(operand_read_bytes(module, user.called, k, full) for k in positions)
         else:
             return full
     return total if users else full
+
+
+def operand_read_bytes(module: Module, fused: str, index: int, full: int) -> int:
+    """Bytes a fused computation reads of its parameter ``index`` (see :func:`_reads`)."""
+    params = (
+        i for i in module.body(fused) if i.opcode == "parameter" and i.arguments == str(index)
+    )
+    param = next(params, None)
+    return full if param is None else min(full, _reads(module, fused, param.name, full))
 
 
 def _update_bytes(module: Module, computation: str, inst: Instruction, default: int) -> int:
@@ -281,22 +233,18 @@ def _update_bytes(module: Module, computation: str, inst: Instruction, default: 
     return update.nbytes if update is not None else default
 
 
-def result_write_bytes(module: Module, computation: str, inst: Instruction) -> int:
-    """Bytes an instruction writes: its result, but only the update of an in-place
-    ``dynamic-update-slice`` (alone, at the root of a fusion, or in its root tuple)."""
-    if inst.opcode != "fusion" or (root := module.root(inst.called or "")) is None:
-        return _update_bytes(module, computation, inst, inst.nbytes)
-    fused = inst.called or ""
-    if root.opcode == "tuple":
-        parts = [p for o in root.operands if (p := module.get(fused, o)) is not None]
-        return sum(_update_bytes(module, fused, p, p.nbytes) for p in parts)
-    return _update_bytes(module, fused, root, inst.nbytes)
-
-
 def kernel_bytes(module: Module, computation: str, inst: Instruction) -> int:
     """Modelled HBM bytes of one instruction that launches work: operands read + result
-    written, refined for slicing reads and in-place updates (see the two functions above)."""
-    total = result_write_bytes(module, computation, inst)
+    written; a sliced operand counts what is taken, an in-place update (alone, at a fusion's
+    root or in its root tuple) its update."""
+    fused = inst.called or ""
+    if inst.opcode != "fusion" or (root := module.root(fused)) is None:
+        total = _update_bytes(module, computation, inst, inst.nbytes)
+    elif root.opcode == "tuple":
+        parts = [p for o in root.operands if (p := module.get(fused, o)) is not None]
+        total = sum(_update_bytes(module, fused, p, p.nbytes) for p in parts)
+    else:
+        total = _update_bytes(module, fused, root, inst.nbytes)
     for k, operand in enumerate(inst.operands):
         if (source := module.get(computation, operand)) is None:
             continue
@@ -309,11 +257,6 @@ def kernel_bytes(module: Module, computation: str, inst: Instruction) -> int:
         else:
             total += source.nbytes
     return total
-
-
-# ----------------------------------------------------------------------------------------------
-# Which kernels run, and how often
-# ----------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,8 +287,8 @@ class Launches:
     def walk(self, computation: str, calls: int) -> None:
         for inst in self.module.body(computation):
             target = kernel_label(inst).split(":", 1)[-1]
-            # A custom call that names computations, other than a GEMM or a Pallas kernel,
-            # stands for them (XLA:TPU's SparseCore gather offload, for one).
+            # A custom call naming computations, other than a GEMM or a Pallas kernel, stands
+            # for them (XLA:TPU's SparseCore gather offload, for one).
             plain = target in PALLAS_TARGETS or "gemm_backend_config" in inst.backend_config
             wrapped = [] if inst.opcode != "custom-call" or plain else (
                 inst.computations("called_computations"))  # fmt: skip
@@ -376,9 +319,8 @@ class Launches:
         for name in filter(None, names):
             sub = Launches(self.module)
             sub.walk(name, calls)
-            moved = sum(
-                x.calls * kernel_bytes(self.module, x.computation, x.inst) for x in sub.launches
-            )
+            moved = sum(x.calls * kernel_bytes(self.module, x.computation, x.inst)
+                        for x in sub.launches)  # fmt: skip
             branches.append((moved, sub))
         if branches:
             best = max(branches, key=lambda b: b[0])[1]
@@ -387,9 +329,9 @@ class Launches:
 
 
 def launches(module: Module) -> Launches:
-    """The kernels the ENTRY computation launches, with their counts: a while loop's body and
-    condition run once per trip (:meth:`Module.trip_count`; once when no count is found, listed
-    in ``unknown_loops``), calls and async ops run what they wrap."""
+    """The kernels the ENTRY computation launches with their counts: a while loop's body and
+    condition once per trip (once when no count is found, listed in ``unknown_loops``), calls
+    and async ops what they wrap."""
     found = Launches(module)
     found.walk(module.entry, 1)
     return found
@@ -403,12 +345,9 @@ class Traffic:
 
 
 def entry_traffic(hlo_text: str) -> Traffic:
-    """Modelled HBM traffic: every launch reads its operands and writes its result
-    (:func:`kernel_bytes`), as often as it runs (:func:`launches`)."""
     module = Module(hlo_text)
-    total = sum(
-        x.calls * kernel_bytes(module, x.computation, x.inst) for x in launches(module).launches
-    )
+    total = sum(x.calls * kernel_bytes(module, x.computation, x.inst)
+                for x in launches(module).launches)  # fmt: skip
     ops: dict[str, int] = {}
     for inst in module.body(module.entry):
         if inst.opcode not in NO_WORK:
@@ -419,7 +358,6 @@ def entry_traffic(hlo_text: str) -> Traffic:
 
 def all_gather_shapes(hlo_text: str) -> list[tuple[int, ...]]:
     """The result dims of every all-gather (tuple results flattened)."""
-    module = Module(hlo_text)
-    gathers = ("all-gather", "all-gather-start")
-    return [dims for _, inst in module.instructions() if inst.opcode in gathers
+    return [dims for _, inst in Module(hlo_text).instructions()
+            if inst.opcode in ("all-gather", "all-gather-start")
             for _, dims in arrays(inst.type)]  # fmt: skip

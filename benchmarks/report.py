@@ -140,9 +140,7 @@ def format_table(records: Sequence[dict], wide: bool = False) -> str:
     return "\n".join([*table(records, WIDE if wide else COMPACT), "", *textwrap.wrap(LEGEND, 100)])
 
 
-# ----------------------------------------------------------------------------------------------
 # Goals
-# ----------------------------------------------------------------------------------------------
 
 
 def find(records: Sequence[dict], case: str, mode: str, dtype: str, shape, memory_only=None):
@@ -273,9 +271,19 @@ def format_goals(goals: Sequence[dict], legend: bool = True) -> str:
     return "\n".join([*lines, *(["", VERDICT_LEGEND] if legend else [])])
 
 
-# ----------------------------------------------------------------------------------------------
 # Files
-# ----------------------------------------------------------------------------------------------
+
+
+def write(args: Any, table: str, meta: dict, records: list[dict], goals: list[dict],
+          plot_title: str) -> dict[str, Any]:  # fmt: skip
+    """``table.txt``, the PNGs (unless ``--no-plots``) and ``results.json`` in ``--out``."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "table.txt").write_text(table)
+    if not args.no_plots:
+        meta["plots"] = [p.name for p in write_plots(args.out, records, plot_title)]
+    payload = {"meta": meta, "results": records, "goals": goals}
+    write_json(args.out / "results.json", payload)
+    return payload
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -297,16 +305,22 @@ COLORS = {"jaxloss": "tab:blue", "optax": "tab:orange", "torch": "tab:green"}
 
 # fmt: off
 def write_plots(out: Path, records: Sequence[dict], title: str) -> list[Path]:
-    """Per function, throughput by size (one panel per dtype); per function at one size (the
-    one with most series), compiled temporaries / logits bytes and time / optax's."""
+    """Per function, throughput by size (a panel per dtype); per function at the size with most
+    series, compiled temporaries / logits bytes and time / optax's."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def save(fig: Any, name: str, heading: str) -> Path:
+        fig.suptitle(f"{heading}\n{title}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        return out / name
+
     timed = [r for r in records if not r["memory_only"]]
-    cases = {c: [r for r in timed if r["case"] == c]
-             for c in dict.fromkeys(r["case"] for r in timed)}  # fmt: skip
+    cases = {c: [r for r in timed if r["case"] == c] for c in {r["case"]: 0 for r in timed}}
     paths = []
     for case, rows in cases.items():
         dtypes = sorted({r["dtype"] for r in rows}, key=["f32", "bf16"].index)
@@ -314,50 +328,38 @@ def write_plots(out: Path, records: Sequence[dict], title: str) -> list[Path]:
         for ax, dtype in zip(axes[0], dtypes, strict=True):
             for mode, style in (("fwd", "o-"), ("vag", "s--")):
                 mine = sorted((r for r in rows if (r["mode"], r["dtype"]) == (mode, dtype)),
-                              key=lambda r: r["elements"])  # fmt: skip
+                              key=lambda r: r["elements"])
                 for name in dict.fromkeys(k for r in mine for k in r["impls"]):
-                    if pts := [(r["elements"], v) for r in mine if (v := throughput(r, name))]:
-                        ax.plot(*zip(*pts, strict=True), style, color=COLORS.get(name, "tab:gray"),
-                                label=f"{name} {MODE_LABELS[mode]}")  # fmt: skip
+                    if points := [(r["elements"], v) for r in mine if (v := throughput(r, name))]:
+                        ax.plot(*zip(*points, strict=True), style, color=COLORS.get(name, "gray"),
+                                label=f"{name} {MODE_LABELS[mode]}")
             sizes = sorted({(r["elements"], size(r["shape"])) for r in rows})
-            ax.set(xscale="log", yscale="log", title=dtype,
-                   xlabel=" x ".join(rows[0]["shape_names"]),
-                   ylabel=f"{throughput_unit(case)} per second (higher is better)")  # fmt: skip
+            ax.set(xscale="log", yscale="log", title=dtype, ylabel=f"{throughput_unit(case)}/s",
+                   xlabel=" x ".join(rows[0]["shape_names"]))
             ax.set_xticks([e for e, _ in sizes], [s for _, s in sizes], fontsize=7, minor=False)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
-        heading = f"{case}: throughput by size\n{title}"
-        paths.append(_save(plt, fig, out / f"throughput_{case}.png", heading))
+        paths.append(save(fig, f"throughput_{case}.png", f"{case}: throughput by size"))
     largest = []  # per function, its records at the size with the most (mode, dtype) series
     for rows in cases.values():
         best = max(rows, key=lambda r: (sum(s["shape"] == r["shape"] for s in rows), r["elements"]))
         largest += [r for r in rows if r["shape"] == best["shape"]]
     labels = [f"{r['case']} {size(r['shape'])} {r['mode']} {r['dtype']}" for r in largest]
-    for kind, names in (("temp_memory", ("jaxloss", "optax")),
-                        ("ratio_to_optax", ("jaxloss", "torch"))):
+    for kind, names, what in (
+        ("temp_memory", ("jaxloss", "optax"), "compiled temporaries / logits bytes"),
+        ("ratio_to_optax", ("jaxloss", "torch"), "time / optax time (< 1: faster than optax)"),
+    ):
         fig, axes = plt.subplots(1, 2, figsize=(13, 1.6 + 0.25 * len(largest)), sharey=True)
         for ax, name in zip(axes, names, strict=True):
-            values = [(r["impls"].get(name, {}).get("temp_ratio") if kind == "temp_memory"
-                       else r.get("ratio_to_optax", {}).get(name)) for r in largest]
-            values = [math.nan if v is None else v for v in values]
-            base = 0.0 if kind == "temp_memory" else 1.0  # time ratios are drawn from 1, log axis
-            ax.barh(range(len(values)), [v - base for v in values], left=base, color=COLORS[name])
+            values = [r["impls"].get(name, {}).get("temp_ratio") if kind == "temp_memory"
+                      else r.get("ratio_to_optax", {}).get(name) for r in largest]
+            base = 0.0 if kind == "temp_memory" else 1.0  # time ratios are drawn from 1
+            ax.barh(range(len(values)), [math.nan if v is None else v - base for v in values],
+                    left=base, color=COLORS[name])
             ax.axvline(1.0, color="k", lw=0.8, ls=":")
-            ax.set(xscale="linear" if kind == "temp_memory" else "log", title=name + (
-                ": temporaries / logits bytes (lower is better)" if kind == "temp_memory"
-                else ": time / optax time (< 1: faster)"))
+            ax.set(title=f"{name}: {what}", xscale="linear" if kind == "temp_memory" else "log")
             ax.set_yticks(range(len(labels)), labels, fontsize=6)
         axes[0].invert_yaxis()
-        what = "compiled temporary memory" if kind == "temp_memory" else "time relative to optax"
-        heading = f"{what}, each function at one size\n{title}"
-        paths.append(_save(plt, fig, out / f"{kind}.png", heading))
+        paths.append(save(fig, f"{kind}.png", f"{what}, each function at one size"))
     return paths
 # fmt: on
-
-
-def _save(plt: Any, fig: Any, path: Path, title: str) -> Path:
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

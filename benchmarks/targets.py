@@ -1,34 +1,37 @@
 """Named compile-only accelerator targets for ``python -m benchmarks --target NAME``.
 
 A target is a device JAX can compile for on a CPU-only machine (``jax.experimental.topologies``):
-an H100 or a B200 through the CUDA PJRT plugin and a ``GpuTargetConfigProto`` description
-shipped beside this file, TPUs through ``libtpu``. Nothing runs on the device; the figures are
-the compiler's, and the modelled time (:mod:`benchmarks.roofline`) prices them with each
-target's peak FLOP/s and HBM bandwidth below. To add one, append a :class:`Target` to
-:data:`TARGETS` (a GPU needs its description file in ``benchmarks/targets/``, e.g. from
-openxla/xla ``xla/backends/gpu/target_config/specs``, formerly ``xla/tools/hlo_opt/gpu_specs``).
+an H100 or a B200 through the CUDA PJRT plugin and a ``GpuTargetConfigProto`` description beside
+this file (from openxla/xla ``xla/backends/gpu/target_config/specs``), TPUs through ``libtpu``.
+Nothing runs on the device: the figures are the compiler's, and :mod:`benchmarks.roofline`
+prices them with each target's peaks below. To add one, append a :class:`Target`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+# libtpu takes a machine-wide lock unless told that other processes may load it too, and
+# without a GPU the CUDA plugin (with it the compile-only H100) is not registered unless its
+# check for CUDA libraries is skipped; compiling needs neither a chip nor those libraries.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 TARGET_DIR = Path(__file__).resolve().parent / "targets"
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """One compile-only device: its ``--target`` name; ``platform`` (``"cuda"`` or ``"tpu"``,
-    the PJRT plugin that compiles for it); ``topology`` of one device and ``multi_topology`` of
-    eight, as ``get_topology_desc`` spells them; HBM ``bandwidth`` (bytes/s); dense matmul
-    ``peak_flops`` by operand kind (``"bf16"``, ``"f32"`` at DEFAULT precision, ``"f32_high"``,
-    ``"f32_highest"``: :func:`benchmarks.roofline.dot_peak` picks one per dot); the ``(N, C)``
-    ``sizes`` (the last is where the cross_entropy goals are judged: a TPU v5e's 16 GiB hold
-    8192×131072 float32 logits and their gradient, not 16384×131072); ``linear_points``,
-    ``((N, D, V), dtype)`` of the linear heads; a GPU's ``config_file``
-    (``GpuTargetConfigProto`` text beside this file)."""
+    """One compile-only device: its ``--target`` name; ``platform`` (``"cuda"`` or ``"tpu"``);
+    ``topology`` of one device and ``multi_topology`` of eight (``get_topology_desc``'s
+    spelling); HBM ``bandwidth`` (bytes/s); dense matmul ``peak_flops`` by operand kind
+    (``"bf16"``, ``"f32"`` at DEFAULT precision, ``"f32_high"``, ``"f32_highest"``); the
+    ``(N, C)`` ``sizes`` (the cross_entropy goals are judged at the last); ``linear_points``,
+    ``((N, D, V), dtype)`` of the linear heads; a GPU's ``config_file``."""
 
     name: str
     platform: str
@@ -43,6 +46,21 @@ class Target:
 
     def target_config(self) -> str | None:
         return None if self.config_file is None else (TARGET_DIR / self.config_file).read_text()
+
+
+@functools.cache
+def devices(target_name: str, multi: bool = False) -> tuple[Any, ...]:
+    """The compile-only devices of a target (one, or eight with ``multi``)."""
+    from jax.experimental import topologies
+
+    target = TARGETS[target_name]
+    topology = target.multi_topology if multi else target.topology
+    if target.platform == "cuda":
+        config = target.target_config()
+        desc = topologies.get_topology_desc("", "cuda", target_config=config, topology=topology)
+    else:
+        desc = topologies.get_topology_desc(topology, target.platform)
+    return tuple(desc.devices)
 
 
 _GRID = ((4096, 32768),)

@@ -16,27 +16,19 @@ writes its result there; an operand a fusion only gathers from counts the bytes 
 from __future__ import annotations
 
 import contextlib
-import functools
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxloss
 from benchmarks import hlo
+from benchmarks.targets import devices
 
-H100_SPEC = Path(__file__).resolve().parents[1] / "benchmarks" / "targets" / "h100_sxm.txtpb"
-TOPOLOGIES = {
-    "h100": ("cuda", "1x1x1", "1x1x8"),
-    "tpu-v5e": ("tpu", "v5e:1x1", "v5e:2x4"),
-    "tpu-v5p": ("tpu", "v5p:1x1x1", "v5p:2x2x2"),
-}
 SHAPE = (8192, 131072)  # a 128 Ki vocabulary; v5e's 16 GiB hold its f32 logits and gradient
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 
@@ -44,19 +36,6 @@ DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 def compile_only(test):
     """A test that compiles for a target: it needs the plugins, and each compile takes seconds."""
     return pytest.mark.accel(pytest.mark.slow(test))
-
-
-@functools.cache
-def devices(target: str, multi: bool = False) -> tuple:
-    platform, one, eight = TOPOLOGIES[target]
-    topology = eight if multi else one
-    if platform == "cuda":
-        desc = topologies.get_topology_desc(
-            "", "cuda", target_config=H100_SPEC.read_text(), topology=topology
-        )
-    else:
-        desc = topologies.get_topology_desc(topology, platform)
-    return tuple(desc.devices)
 
 
 def compile_for(target: str, fn, *shapes_dtypes):

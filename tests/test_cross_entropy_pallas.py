@@ -17,14 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_accelerators import SHAPE, TOPOLOGIES, compile_for, compile_only, hbm_bytes
+from test_accelerators import SHAPE, compile_for, compile_only, hbm_bytes
 
 import jaxloss
 from benchmarks import roofline
 from jaxloss import _cross_entropy_pallas
 from jaxloss._cross_entropy_pallas import pallas_tpu
-
-TOPOLOGIES.setdefault("tpu-v6e", ("tpu", "v6e:1x1", "v6e:2x4"))
 
 
 @pytest.fixture
