@@ -94,8 +94,10 @@ TRAFFIC_MODEL = (
 LINEAR, DISTILL = "linear_cross_entropy", "linear_distillation"
 HEADS = (LINEAR, DISTILL)
 MATERIALISED = {LINEAR: "jaxloss_materialised", DISTILL: "materialised"}
-# linear_cross_entropy value_and_grad temporaries (issue 8): (shape, dtype, MiB) per target.
-LINEAR_GOALS = {"h100": ((8192, 4096, 131072), "bf16", 128),
+# linear_cross_entropy value_and_grad temporaries (issue 8; on the H100 256 MiB since the carried
+# float32 hidden gradient, N·D·4 = 128 MiB, removed a fifth N·D·V matmul: 66.4 -> 42.5 ms
+# modelled, within issue 17's 512 MiB): (shape, dtype, MiB) per target.
+LINEAR_GOALS = {"h100": ((8192, 4096, 131072), "bf16", 256),
                 "tpu-v5p": ((8192, 2048, 131072), "f32", 256)}  # fmt: skip
 # Issue 17, item 4: modelled time <= 1.0x the materialised formula, temporaries <= 512 MiB.
 HEAD_GOALS = {

@@ -267,8 +267,9 @@ def test_one_reader_sees_all_gathers():
 
 
 def test_linear_head_takes_larger_blocks_on_gpus():
-    """GPUs default to 2048² blocks (chunked.GPU_CHUNK): modelled value_and_grad at an 8B-class
-    head, bf16 on an H100, 64.5 ms against 91.5 ms with the CPU's 1024² blocks, within 128 MiB."""
+    """GPUs default to whole-batch blocks with the hidden gradient carried (four N·D·V matmuls):
+    modelled value_and_grad at an 8B-class head, bf16 on an H100, 42.5 ms, within 256 MiB (the
+    float32 carry is 128 MiB of it); 1024² blocks are far slower."""
     n, d, v = 8192, 4096, 131072
     specs = (((n, d), jnp.bfloat16), ((d, v), jnp.bfloat16), ((n,), jnp.int32))
 
@@ -287,4 +288,4 @@ def test_linear_head_takes_larger_blocks_on_gpus():
     small = head(token_chunk=1024, vocab_chunk=1024)
     cpu_blocks = compiled.analyse(compiled.compile_program(target, small, shapes), target)
     assert default["roofline_s"] <= 0.75 * cpu_blocks["roofline_s"], (default, cpu_blocks)
-    assert default["temp_bytes"] <= 128 * 2**20
+    assert default["temp_bytes"] <= 256 * 2**20
