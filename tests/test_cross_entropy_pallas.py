@@ -75,13 +75,11 @@ def _close(a, b, dtype, what):
 
 
 def _grid():
-    """Every (size, option, reduction, dtype); the default run takes two cases an option that
-    together cover each size, reduction and dtype (12 of 144), the full run all of them."""
+    """Every (size, option, reduction, dtype); the default run takes one case an option, which
+    together cover each size, reduction and dtype (6 of 144), the full run all of them."""
     dtypes, reductions = [jnp.float32, jnp.bfloat16], ["mean", "sum", "none"]
     default = {
-        (SIZES[(j + 2 * t) % 4], option, reductions[(j + t) % 3], dtypes[t])
-        for j, option in enumerate(OPTIONS)
-        for t in (0, 1)
+        (SIZES[j % 4], option, reductions[j % 3], dtypes[j % 2]) for j, option in enumerate(OPTIONS)
     }
     for case in itertools.product(SIZES, OPTIONS, reductions, dtypes):
         size, option, reduction, dtype = case
@@ -105,7 +103,14 @@ def test_kernel_matches_the_xla_form(size, option, reduction, dtype):
 
 
 @pytest.mark.usefixtures("interpret")
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(
+    "reduction",
+    [
+        "mean",
+        pytest.param("sum", marks=pytest.mark.slow),
+        pytest.param("none", marks=pytest.mark.slow),
+    ],
+)
 def test_all_ignored_and_bad_targets(reduction):
     """Every target ignored: the mean is NaN with zero gradients (PyTorch); an out-of-range
     target makes its position NaN and its row's gradient NaN, as in the XLA form."""

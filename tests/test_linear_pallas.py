@@ -295,7 +295,7 @@ def kernel_on_cpu(monkeypatch):
 
 
 API_OPTIONS = [
-    pytest.param({"reduction": "mean"}, jnp.float32, id="mean-f32"),
+    pytest.param({"reduction": "mean"}, jnp.float32, id="mean-f32", marks=pytest.mark.slow),
     pytest.param(
         {
             "reduction": "sum",
@@ -308,7 +308,12 @@ API_OPTIONS = [
         jnp.bfloat16,
         id="sum-everything-bf16",
     ),
-    pytest.param({"reduction": "none", "weight": True}, jnp.float32, id="none-weight-f32"),
+    pytest.param(
+        {"reduction": "none", "weight": True},
+        jnp.float32,
+        id="none-weight-f32",
+        marks=pytest.mark.slow,
+    ),
 ]
 
 

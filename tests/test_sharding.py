@@ -34,6 +34,7 @@ REPEATS = {
     "explicit/nll/both",
     "linear_distillation/shard_map/reverse_kl/both/no_mask",
     "linear_distillation/auto/kl/both",
+    "linear_distillation/shard_map/reverse_kl/both",  # kl's and jsd's code paths
     # the engine's uneven-vocabulary glue, shared with linear_cross_entropy's default check
     "linear_distillation/shard_map/kl/both/uneven_classes",
     "linear_distillation/shard_map/jsd/both/uneven_classes",
