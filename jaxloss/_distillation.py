@@ -38,6 +38,7 @@ from jaxloss._blockwise import passes, sharding, vjp
 from jaxloss._blockwise.blocks import (
     Chunk,
     Span,
+    default_chunks,
     dot,
     finite_or_zero,
     maybe_take,
@@ -60,9 +61,6 @@ _ARRAY_NAMES = (
     "teacher_bias",
     "mask",
 )
-# The same blocks as linear_cross_entropy's defaults (tuned there on a 2-core CPU).
-DEFAULT_TOKEN_CHUNK = 1024
-DEFAULT_VOCAB_CHUNK = 1024
 
 
 class _Config(NamedTuple):
@@ -354,6 +352,19 @@ def _compute_dtype(*arrays) -> jnp.dtype:
 # ----------------------------------------------------------------------------------------------
 
 
+def _per_backend(implementation, student, teacher, mask, cfg, gpu_cfg, reduction):
+    """The single-device loss with each backend's blocks (GPUs: whole-batch block rows)."""
+
+    def run(c: _Config):
+        return lambda: _implementations.linear_head(
+            _FN, implementation, _loss, student, teacher, mask, c, reduction
+        )
+
+    if gpu_cfg.chunks == cfg.chunks:
+        return run(cfg)()
+    return jax.lax.platform_dependent(default=run(cfg), cuda=run(gpu_cfg))
+
+
 def _loss(student, teacher, mask, cfg: _Config, reduction: str, batch_axis=None):
     """τ²-scaled per-token divergences, masked and reduced (summed over ``batch_axis``)."""
     teacher = tuple(None if x is None else jax.lax.stop_gradient(x) for x in teacher)
@@ -506,8 +517,8 @@ def linear_distillation(
     reduction: str = "mean",
     bias: Float[ArrayLike, " classes"] | None = None,
     teacher_bias: Float[ArrayLike, " classes"] | None = None,
-    token_chunk: int = DEFAULT_TOKEN_CHUNK,
-    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+    token_chunk: int | None = None,
+    vocab_chunk: int | None = None,
     mesh: Mesh | None = None,
     batch_axis: str | tuple[str, ...] | None = None,
     vocab_axis: str | tuple[str, ...] | None = None,
@@ -581,8 +592,11 @@ def linear_distillation(
         ``"mean"`` (over the tokens where ``mask`` is True; over all tokens without a mask).
       bias: the student's optional bias ``(V,)``.
       teacher_bias: the teacher's optional bias ``(V,)``.
-      token_chunk: rows per block (clipped to ``N``; need not divide it).
-      vocab_chunk: columns per block (clipped to ``V``; need not divide it).
+      token_chunk: rows per block (clipped to ``N``; need not divide it); ``None``: the
+        backend's default, as ``linear_cross_entropy``'s (1024; on GPUs every token up to
+        16384 in one block row, the hidden gradient carried).
+      vocab_chunk: columns per block (clipped to ``V``; need not divide it); ``None``: 1024, on
+        GPUs ``2**24`` logits per block.
       mesh: the ``jax.sharding.Mesh`` for ``batch_axis``/``vocab_axis`` (default: the context
         mesh).
       batch_axis: mesh axis name(s) the tokens are split over (evenly), or ``None``.
@@ -619,8 +633,10 @@ def linear_distillation(
     """
     _check_options(divergence, beta, temperature, reduction)
     _implementations.check_linear(_FN, implementation)
-    token_chunk = positive_int(_FN, "token_chunk", token_chunk)
-    vocab_chunk = positive_int(_FN, "vocab_chunk", vocab_chunk)
+    if token_chunk is not None:
+        token_chunk = positive_int(_FN, "token_chunk", token_chunk)
+    if vocab_chunk is not None:
+        vocab_chunk = positive_int(_FN, "vocab_chunk", vocab_chunk)
     student = _check_head("", hidden, kernel, bias, None)
     batch_shape = tuple(student[0].shape[:-1])
     teacher = _check_head("teacher_", teacher_hidden, teacher_kernel, teacher_bias, batch_shape)
@@ -642,18 +658,22 @@ def linear_distillation(
     else:
         n_local = n // sharding.axis_size(resolved_mesh, batch_axis)
         split = sharding.VocabularySplit.of(resolved_mesh, vocab_axis, v)
-        chunks = (min(token_chunk, n_local), min(vocab_chunk, split.width))
         cdt = _dtypes.compute_dtype(out_dtype)
         beta, temperature = (
             jax.lax.stop_gradient(jnp.asarray(x, cdt)) for x in (beta, temperature)
         )
         width = split.width if split.uneven else None
-        cfg = _Config(divergence, beta, temperature, chunks, vocab_axis, width)
+
+        def config(gpu: bool) -> _Config:
+            chunks = default_chunks(n_local, split.width, token_chunk, vocab_chunk, gpu)
+            return _Config(divergence, beta, temperature, chunks, vocab_axis, width)
+
+        cfg = config(gpu=False)
         if resolved_mesh is None:
             arrays = zip(_ARRAY_NAMES, (*student, *teacher, mask), strict=True)
             sharding.reject_explicit_sharding(_FN, **dict(arrays))
-            loss = _implementations.linear_head(
-                _FN, implementation, _loss, student, teacher, mask, cfg, reduction
+            loss = _per_backend(
+                implementation, student, teacher, mask, cfg, config(True), reduction
             )
         else:
             loss = _sharded(student, teacher, mask, cfg, reduction, resolved_mesh, batch_axis)

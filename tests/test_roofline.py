@@ -289,3 +289,25 @@ def test_linear_head_takes_larger_blocks_on_gpus():
     cpu_blocks = compiled.analyse(compiled.compile_program(target, small, shapes), target)
     assert default["roofline_s"] <= 0.75 * cpu_blocks["roofline_s"], (default, cpu_blocks)
     assert default["temp_bytes"] <= 256 * 2**20
+
+
+def test_distillation_takes_the_gpu_blocks_too():
+    """linear_distillation's default blocks are linear_cross_entropy's (whole-batch block rows
+    on GPUs): modelled value_and_grad at an 8B-class head and teacher, bf16 on an H100, 69.2 ms
+    against 126.0 ms with the CPU's 1024² blocks, within 512 MiB."""
+    n, d, v = 8192, 4096, 131072
+    h, k = jax.ShapeDtypeStruct((n, d), jnp.bfloat16), jax.ShapeDtypeStruct((d, v), jnp.bfloat16)
+
+    def head(**chunks):
+        def loss(h, k, th, tk):
+            out = jaxloss.linear_distillation(h, k, th, tk, **chunks)
+            return out.astype(jnp.float32)
+
+        return jax.value_and_grad(loss, argnums=(0, 1))
+
+    target = TARGETS["h100"]
+    default = compiled.analyse(compiled.compile_program(target, head(), [h, k, h, k]), target)
+    small = head(token_chunk=1024, vocab_chunk=1024)
+    cpu_blocks = compiled.analyse(compiled.compile_program(target, small, [h, k, h, k]), target)
+    assert default["roofline_s"] <= 0.6 * cpu_blocks["roofline_s"], (default, cpu_blocks)
+    assert default["temp_bytes"] <= 512 * 2**20

@@ -15,6 +15,44 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Default blocks of both fused heads (linear_cross_entropy and linear_distillation).
+# Tuned on a 2-core x86 CPU at N=2048, D=512, V=32768: every block matmul already runs at the
+# speed of one big matmul there, and the temporaries stay ~44 MiB at N=8192, D=2048, V=131072
+# (f32); larger blocks only cost memory. GPUs and TPUs may prefer larger chunks.
+DEFAULT_TOKEN_CHUNK = 1024
+DEFAULT_VOCAB_CHUNK = 1024
+# XLA:GPU pays per block: float32 gradient accumulators read and written around each block's
+# gemm, copies of the block's slices of K. On GPUs the recomputing pass carries the hidden
+# gradient in float32 (jaxloss._blockwise.passes.CARRY_PLATFORMS: four N·D·V matmuls), so
+# every token is one block row — up to GPU_TOKEN_CHUNK of them — and each vocabulary chunk's
+# kernel gradient is finished by one gemm; vocabulary chunks hold GPU_BLOCK logits (64 MiB in
+# float32), as the hidden gradient's carry is read and written once per vocabulary chunk.
+# Modelled value_and_grad (mean, bf16) on an H100 at N=8192, D=4096, V=131072
+# (benchmarks/roofline.py, temporaries from memory_analysis): 8192×2048 blocks 42.5 ms /
+# 240 MiB (four 8.9 ms matmuls and 6.9 ms of traffic); 8192×4096 the same 42.5 ms at 352 MiB;
+# 4096² 50.4 ms / 288 MiB; 2048² 58.1 ms / 184 MiB (five matmuls at 2048² before the carry:
+# 66.4 ms / 80 MiB; the materialised path 28.6 ms / 2 GiB). Beyond GPU_TOKEN_CHUNK tokens
+# (where a carry of N·D may pass jaxloss._blockwise.passes.CARRY_MAX_BYTES) GPUs keep 2048²
+# blocks: at N=32768 they model 257.9 ms against 267.1 (16384×1024, carried) and 279.4 (same
+# blocks, five matmuls). TPUs keep the CPU's blocks.
+GPU_TOKEN_CHUNK = 16384
+GPU_BLOCK = 2**24
+GPU_CHUNK = 2048
+
+
+def default_chunks(
+    tokens: int, classes: int, token_chunk: int | None, vocab_chunk: int | None, gpu: bool
+) -> tuple[int, int]:
+    """``(token_chunk, vocab_chunk)``: the ones given, else the backend's defaults above (a
+    GPU's where ``gpu``), no larger than the array they cut."""
+    rows, cols = DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK
+    if gpu and tokens <= GPU_TOKEN_CHUNK:
+        rows = tokens
+        cols = max(1, GPU_BLOCK // min(token_chunk or tokens, tokens))
+    elif gpu:
+        rows, cols = GPU_CHUNK, GPU_CHUNK
+    return min(token_chunk or rows, tokens), min(vocab_chunk or cols, classes)
+
 
 def positive_int(fn: str, name: str, value: Any) -> int:
     """``value`` as an ``int`` ≥ 1, or the ``TypeError``/``ValueError`` naming ``fn`` and
