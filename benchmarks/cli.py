@@ -194,6 +194,10 @@ def time_grid(tasks: list[Task], args: argparse.Namespace, extra: list[str]) -> 
     argv = [grid.__file__, "-o", "addopts=", "-p", "no:cacheprovider", "-p", "no:randomly",
             "-q" if args.no_progress else "-v", f"--benchmark-json={path}",
             "--benchmark-sort=name", *rounds, *extra]  # fmt: skip
+    # Started from a pytest-xdist worker (tests/test_benchmarks.py under -n), the inherited
+    # PYTEST_XDIST_WORKER makes pytest-benchmark disable every benchmark: this is its own run.
+    for name in [k for k in os.environ if k.startswith("PYTEST_XDIST_")]:
+        del os.environ[name]
     with contextlib.redirect_stdout(sys.stderr):  # stdout is the table's
         code = int(pytest.main(argv))
     saved = json.loads(path.read_text()) if path.exists() else {"benchmarks": []}

@@ -159,7 +159,7 @@ _V5P_DEFAULT_PRECISION = pytest.mark.xfail(
 @pytest.mark.parametrize(
     ("target", "shape", "dtype", "precision", "limit_mib"),
     [
-        ("h100", (8192, 4096, 131072), "bf16", None, 128),
+        ("h100", (8192, 4096, 131072), "bf16", None, 256),
         ("tpu-v5p", (8192, 2048, 131072), "f32", "float32", 256),
         pytest.param(
             "tpu-v5p", (8192, 2048, 131072), "f32", None, 256, marks=_V5P_DEFAULT_PRECISION
@@ -180,14 +180,16 @@ def test_linear_cross_entropy_temporaries(target, shape, dtype, precision, limit
 
 @compile_only
 def test_linear_distillation_temporaries_on_h100():
-    """The student's half-precision hidden gradient gets a pass of its own (no float32 copy of
-    it): within the linear head's 128 MiB at an 8B-class shape, bf16 (176 MiB before)."""
+    """On GPUs the student's half-precision hidden gradient is carried in float32 through the
+    kernel pass (128 MiB at this 8B-class shape, bf16), with the linear head's whole-batch
+    blocks: 288 MiB, within issue 17's 512 MiB, for two N·D·V matmuls fewer (159.2 -> 69.2 ms
+    modelled)."""
     n, d, v = 8192, 4096, 131072
     bf16 = jnp.bfloat16
     fn = jax.value_and_grad(jaxloss.linear_distillation, argnums=(0, 1))
     shapes = (((n, d), bf16), ((d, v), bf16)) * 2
     temp = compile_for("h100", fn, *shapes).memory_analysis().temp_size_in_bytes
-    assert temp <= 128 * 2**20, f"{temp / 2**20:.0f} MiB of temporaries"
+    assert temp <= 320 * 2**20, f"{temp / 2**20:.0f} MiB of temporaries"
 
 
 # ----------------------------------------------------------------------------------------------
