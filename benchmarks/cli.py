@@ -42,7 +42,7 @@ from benchmarks.targets import TARGETS
 
 DEFAULT_OUT = Path("bench_out")  # ignored by git in this repository
 # Measured wall times (README.md, Benchmarks; RESULTS.md).
-QUICK_MEASURED = "4-6 min on a shared 2-core CPU"
+QUICK_MEASURED = "2-5 min on a shared 2-core CPU"
 FULL_MEASURED = "16 min idle, 24 shared, and about 7 GB of RAM"
 
 

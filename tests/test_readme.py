@@ -126,5 +126,5 @@ def test_readme_benchmark_flags_exist_and_its_times_are_the_measured_ones() -> N
     assert "about a minute" not in text and "0.6× optax" not in README
     help_text, quick_start = " ".join(proc.stdout.split()), " ".join(section("Quick start").split())
     assert "7 GB of RAM" in quick_start and "7 GB of RAM" in help_text
-    assert "4-6 min on a shared 2-core CPU" in help_text
-    assert "4 to 6 minutes on a shared 2-core CPU" in " ".join(section("Benchmarks").split())
+    assert "2-5 min on a shared 2-core CPU" in help_text
+    assert "2 to 5 minutes on a shared 2-core CPU" in " ".join(section("Benchmarks").split())
