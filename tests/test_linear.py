@@ -477,6 +477,15 @@ def _reference_value_and_grads(arrays, targets, reduction, soft_cap):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*up[:3])
 
 
+def _assert_half_precision_close(value, grads, want, want_grads):
+    """A half-precision head's value and (hidden, kernel, bias) gradients against the reference:
+    bf16/f16 rounding of the inputs, float32 accumulation."""
+    np.testing.assert_allclose(value, want, rtol=2**-7)
+    for name, g, w in zip(("hidden", "kernel", "bias"), grads, want_grads, strict=True):
+        scale = float(jnp.max(jnp.abs(w)))
+        np.testing.assert_allclose(np.float32(g), w, rtol=2**-6, atol=2**-7 * scale, err_msg=name)
+
+
 CARRY_CHUNKS = {"uneven": (4, 6), "one token chunk": (N, 7), "whole": (N, V)}
 
 
@@ -509,10 +518,7 @@ def test_gpu_hidden_gradient_carry_matches_the_reference(carried, chunks, reduct
     (value, _), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(*low[:3])
     assert [g.dtype for g in grads] == [jnp.dtype(dtype)] * 3
     want, want_grads = _reference_value_and_grads(low, targets, reduction, 4.0)
-    np.testing.assert_allclose(value, want, rtol=2**-7)
-    for name, g, w in zip(("hidden", "kernel", "bias"), grads, want_grads, strict=True):
-        scale = float(jnp.max(jnp.abs(w)))
-        np.testing.assert_allclose(np.float32(g), w, rtol=2**-6, atol=2**-7 * scale, err_msg=name)
+    _assert_half_precision_close(value, grads, want, want_grads)
 
 
 @pytest.mark.parametrize("chunks", ["uneven", "one token chunk"])
@@ -533,10 +539,7 @@ def test_gpu_hidden_gradient_carry_with_probability_targets(carried, chunks):
     value, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(*low[:3])
     bf16_probs = probs.astype(jnp.bfloat16).astype(jnp.float32)
     want, want_grads = _reference_value_and_grads(low, bf16_probs, "sum", 4.0)
-    np.testing.assert_allclose(value, want, rtol=2**-7)
-    for name, g, w in zip(("hidden", "kernel", "bias"), grads, want_grads, strict=True):
-        scale = float(jnp.max(jnp.abs(w)))
-        np.testing.assert_allclose(np.float32(g), w, rtol=2**-6, atol=2**-7 * scale, err_msg=name)
+    _assert_half_precision_close(value, grads, want, want_grads)
 
 
 @pytest.mark.parametrize("chunks", ["uneven", "one token chunk"])
