@@ -42,6 +42,7 @@ from jaxloss._blockwise.blocks import (
     dot,
     finite_or_zero,
     maybe_take,
+    on_backend_blocks,
     positive_int,
     rows_with_a_feature,
     take,
@@ -352,17 +353,16 @@ def _compute_dtype(*arrays) -> jnp.dtype:
 # ----------------------------------------------------------------------------------------------
 
 
-def _per_backend(implementation, student, teacher, mask, cfg, gpu_cfg, reduction):
+def _per_backend(implementation, student, teacher, mask, cfg, gpu_chunks, reduction):
     """The single-device loss with each backend's blocks (GPUs: whole-batch block rows)."""
 
-    def run(c: _Config):
+    def run(chunks):
+        c = cfg._replace(chunks=chunks)
         return lambda: _implementations.linear_head(
             _FN, implementation, _loss, student, teacher, mask, c, reduction
         )
 
-    if gpu_cfg.chunks == cfg.chunks:
-        return run(cfg)()
-    return jax.lax.platform_dependent(default=run(cfg), cuda=run(gpu_cfg))
+    return on_backend_blocks(run, cfg.chunks, gpu_chunks)
 
 
 def _loss(student, teacher, mask, cfg: _Config, reduction: str, batch_axis=None):
@@ -664,17 +664,15 @@ def linear_distillation(
         )
         width = split.width if split.uneven else None
 
-        def config(gpu: bool) -> _Config:
-            chunks = default_chunks(n_local, split.width, token_chunk, vocab_chunk, gpu)
-            return _Config(divergence, beta, temperature, chunks, vocab_axis, width)
-
-        cfg = config(gpu=False)
+        chunks, gpu_chunks = (
+            default_chunks(n_local, split.width, token_chunk, vocab_chunk, gpu)
+            for gpu in (False, True)
+        )
+        cfg = _Config(divergence, beta, temperature, chunks, vocab_axis, width)
         if resolved_mesh is None:
             arrays = zip(_ARRAY_NAMES, (*student, *teacher, mask), strict=True)
             sharding.reject_explicit_sharding(_FN, **dict(arrays))
-            loss = _per_backend(
-                implementation, student, teacher, mask, cfg, config(True), reduction
-            )
+            loss = _per_backend(implementation, student, teacher, mask, cfg, gpu_chunks, reduction)
         else:
             loss = _sharded(student, teacher, mask, cfg, reduction, resolved_mesh, batch_axis)
     if reduction == "none":

@@ -54,6 +54,14 @@ def default_chunks(
     return min(token_chunk or rows, tokens), min(vocab_chunk or cols, classes)
 
 
+def on_backend_blocks(run: Any, cpu: tuple[int, ...], gpu: tuple[int, ...]) -> Any:
+    """``run(blocks)()`` with each backend's blocks: GPUs' chosen when the program is lowered,
+    one program where the two agree."""
+    if cpu == gpu:
+        return run(cpu)()
+    return jax.lax.platform_dependent(default=run(cpu), cuda=run(gpu))
+
+
 def positive_int(fn: str, name: str, value: Any) -> int:
     """``value`` as an ``int`` ≥ 1, or the ``TypeError``/``ValueError`` naming ``fn`` and
     ``name``."""

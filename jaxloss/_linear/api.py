@@ -374,9 +374,7 @@ def _per_token(p: chunked.Problem, options: assembly.Options, hyper, chunks):
 
         return per_token
 
-    if chunks["cuda"] == chunks["cpu"]:
-        return on(chunks["cpu"])()
-    return jax.lax.platform_dependent(default=on(chunks["cpu"]), cuda=on(chunks["cuda"]))
+    return blocks.on_backend_blocks(on, chunks["cpu"], chunks["cuda"])
 
 
 def _summed(p: chunked.Problem, options: assembly.Options, hyper, chunks):
