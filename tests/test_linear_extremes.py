@@ -66,6 +66,17 @@ def _value_and_grads(loss_fn):
     return jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))
 
 
+def _each_once(first, second) -> list:
+    """The pairs of ``first`` × ``second``: by default one diagonal of the grid (every value of
+    each axis at least once), the rest slow. The code paths differ by form and by dtype, not by
+    the pair; ``--full`` runs them all."""
+    period = min(len(first), len(second))
+    return [
+        pytest.param(a, b, marks=() if (i + j) % period == 0 else pytest.mark.slow)
+        for i, a in enumerate(first) for j, b in enumerate(second)
+    ]  # fmt: skip
+
+
 def _assert_close(got, want, dtype: str, what: str):
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     rtol = RTOL[dtype]
@@ -77,8 +88,7 @@ def _assert_close(got, want, dtype: str, what: str):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("form", FORMS, indirect=True)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("dtype", "form"), _each_once(DTYPES, FORMS), indirect=["form"])
 def test_huge_logits_are_exact(form, dtype):
     """The issue's reproducer: ``[[1e4, 1e4, 0]]`` gave 0.6933594 and ``[[1e8, 1e8, 0]]`` 0.0
     with kernel gradient ``[0, 1, 0]`` (exact: log 2 and ``[-0.5, 0.5, 0]``)."""
@@ -114,8 +124,10 @@ def _near_tie_cases(dtype):
     }
 
 
-@pytest.mark.parametrize("form", FORMS[:3], indirect=True)  # shard_map: sharding_checks.py
-@pytest.mark.parametrize("dtype", NEAR_TIES)
+# shard_map: sharding_checks.py
+@pytest.mark.parametrize(
+    ("dtype", "form"), _each_once(list(NEAR_TIES), FORMS[:3]), indirect=["form"]
+)
 def test_huge_logits_smoothing_and_probabilities_are_exact(form, dtype):
     """``lse·Σw − Σw·z`` cancelled: the sums are now ``Σ w (max − z)`` (moved with the max
     from one vocabulary chunk to the next: the logits grow along the row)."""
@@ -168,8 +180,9 @@ def _all_grads(loss_fn, targets):
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))
 
 
-@pytest.mark.parametrize("form", FORMS, indirect=True)
-@pytest.mark.parametrize("chunking", CHUNKINGS)
+@pytest.mark.parametrize(
+    ("chunking", "form"), _each_once(list(CHUNKINGS), FORMS), indirect=["form"]
+)
 def test_non_finite_hidden_at_ignored_tokens_contributes_nothing(form, chunking):
     """Padded positions may hold NaN/inf hidden states (fully masked attention rows): the loss
     and every gradient (kernel, bias, weight) are those of any finite hidden row there, and
@@ -247,14 +260,9 @@ def _every_case(loss, cases):
 NONFINITE_CHUNKINGS = {"single rows": (1, 2, 1), "overlapping rows": (3, 4, 2)}
 
 
-# The default run: each form once, the chunkings alternating; --full both for every form.
-NONFINITE_CASES = [
-    pytest.param(form, chunking, marks=() if (i + j) % 2 == 0 else pytest.mark.slow)
-    for i, form in enumerate(FORMS) for j, chunking in enumerate(NONFINITE_CHUNKINGS)
-]  # fmt: skip
-
-
-@pytest.mark.parametrize(("form", "chunking"), NONFINITE_CASES, indirect=["form"])
+@pytest.mark.parametrize(
+    ("form", "chunking"), _each_once(FORMS, list(NONFINITE_CHUNKINGS)), indirect=["form"]
+)
 def test_non_finite_inputs_give_the_materialised_non_finite_gradients(form, chunking):
     """``finite_or_zero(lse)`` turned a NaN log-sum-exp into 0 in the backward pass: gradients
     held finite values (up to 4.6e9 in the fuzz records) where the materialised formula's, and
