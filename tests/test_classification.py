@@ -57,9 +57,9 @@ LAYOUTS = {"axis1": 1, "classes_last": -1}
 RTOL = {"float32": 1e-5, "float64": 1e-11}
 
 # Property tests compile a fresh program for most examples; keep them few and unhurried.
-PROPERTY = settings(max_examples=8, deadline=None, database=None)
+PROPERTY = settings(max_examples=6, deadline=None, database=None)
 # For the properties whose examples cost most (eager op-by-op runs, torch plus a compile).
-PROPERTY_FEW = settings(PROPERTY, max_examples=5)
+PROPERTY_FEW = settings(PROPERTY, max_examples=4)
 
 
 # ----------------------------------------------------------------------------------------------

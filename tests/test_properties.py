@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 import jaxloss
 
 # No example database: the working tree is shared and .hypothesis/ is not ignored.
-PROPERTY_SETTINGS = settings(max_examples=25, deadline=None, database=None)
+# 12 examples reach every (shape, reduction) program several times; each new one is a compile.
+PROPERTY_SETTINGS = settings(max_examples=12, deadline=None, database=None)
 SHAPES = [(4, 3), (2, 3, 5)]
 REDUCTIONS = ("none", "sum", "mean")
 
