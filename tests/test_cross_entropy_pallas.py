@@ -75,17 +75,25 @@ def _close(a, b, dtype, what):
 
 
 def _grid():
-    """Every (size, option, reduction, dtype); the default run takes one case an option, which
-    together cover each size, reduction and dtype (6 of 144), the full run all of them."""
+    """Pairwise: every pair of values of any two of size, option, reduction and dtype in some
+    case (24 of the 144 combinations; the kernel's code paths are chosen by one option, size or
+    dtype at a time, so no case needs three of them together). The default run takes one case an
+    option, which together hold each size, reduction and dtype; the full run all 24."""
     dtypes, reductions = [jnp.float32, jnp.bfloat16], ["mean", "sum", "none"]
-    default = {
-        (SIZES[j % 4], option, reductions[j % 3], dtypes[j % 2]) for j, option in enumerate(OPTIONS)
-    }
-    for case in itertools.product(SIZES, OPTIONS, reductions, dtypes):
-        size, option, reduction, dtype = case
+    for (i, size), (j, option) in itertools.product(enumerate(SIZES), enumerate(OPTIONS)):
+        reduction, dtype = reductions[(i + j) % 3], dtypes[(i + j // 3) % 2]
         ids = f"{size}-{option}-{reduction}-{'f32' if dtype == jnp.float32 else 'bf16'}"
-        marks = () if case in default else (pytest.mark.slow,)
-        yield pytest.param(*case, id=ids, marks=marks)
+        marks = () if i == j % len(SIZES) else (pytest.mark.slow,)
+        yield pytest.param(size, option, reduction, dtype, id=ids, marks=marks)
+
+
+def test_the_grid_holds_every_pair():
+    cases = [p.values for p in _grid()]
+    for a, b in itertools.combinations(range(4), 2):
+        pairs = {(case[a], case[b]) for case in cases}
+        assert len(pairs) == len({c[a] for c in cases}) * len({c[b] for c in cases}), (a, b)
+    default = [p.values for p in _grid() if not p.marks]
+    assert all(len({c[k] for c in default}) == len({c[k] for c in cases}) for k in range(4))
 
 
 @pytest.mark.usefixtures("interpret")
