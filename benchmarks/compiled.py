@@ -1,83 +1,23 @@
 """``python -m benchmarks --target NAME``: compile-only accelerator figures (kernels, modelled
 time and HBM bytes, temporaries). **Compiler figures, not measurements**: each case is compiled
 for a device this machine lacks (:mod:`benchmarks.targets`) and its optimised program read
-(:mod:`benchmarks.hlo`) and priced (:mod:`benchmarks.roofline`); the fused linear heads are
+and priced (:mod:`benchmarks.hlo`); the fused linear heads are
 compared with their materialised formulas and their N·D·V matmuls counted."""
 
 from __future__ import annotations
 
 import dataclasses
-import glob
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 
-from benchmarks import hlo, report, roofline
+from benchmarks import report
+from benchmarks.hlo import analyse, compile_program
 from benchmarks.report import fmt_bytes, fmt_time, goal
 from benchmarks.targets import TARGETS, Target, devices
-
-
-@dataclasses.dataclass(frozen=True)
-class Program:
-    """A program compiled for a target: the executable, its optimised HLO text, and the grid
-    price of each of its Pallas kernels (:func:`roofline.pallas_costs`)."""
-
-    compiled: Any
-    text: str
-    pallas: dict[str, Any]
-
-
-def compile_program(target: Target, fn: Callable, specs: Sequence[Any]) -> Program:
-    """``jax.jit(fn)`` compiled for one device of ``target`` on abstract arguments."""
-    sharding = jax.sharding.SingleDeviceSharding(devices(target.name)[0])
-    placed = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding) for s in specs]
-    traced = jax.jit(fn).trace(*placed)
-    lowered = traced.lower()
-    compiled = lowered.compile()
-    try:
-        text = str(compiled.as_text())
-    except Exception:  # libtpu 0.0.52 cannot print some SparseCore async-updates: XLA's dump
-        with tempfile.TemporaryDirectory() as folder:
-            lowered.compile(compiler_options={"xla_dump_to": folder, "xla_dump_hlo_as_text": True})
-            (path,) = glob.glob(os.path.join(folder, "*after_optimizations.txt"))
-            with open(path) as dumped:
-                text = dumped.read()
-    # A TPU grid skips the fetch of an unchanged block; a GPU program instance loads its own.
-    pallas = roofline.pallas_costs(traced.jaxpr, skip_unchanged=target.platform == "tpu")
-    return Program(compiled, text, pallas)
-
-
-def analyse(program: Program, target: Target, unit_flops: float | None = None) -> dict[str, Any]:
-    """Modelled time and bytes, kernels and temporaries of a compiled program; with
-    ``unit_flops`` (2·N·D·V of a linear head), how many such matmuls it runs."""
-    model = roofline.roofline(program.text, target, program.pallas)
-    traffic = hlo.entry_traffic(program.text)
-    entry: dict[str, Any] = {
-        "kernels": traffic.kernels, "hbm_bytes": model.bytes, "ops": traffic.ops,
-        "temp_bytes": int(program.compiled.memory_analysis().temp_size_in_bytes),
-        "roofline_s": model.seconds, "flops": model.flops, "compute_bound_s": model.compute_bound_s,
-        "launches": sum(k.calls for k in model.kernels),
-        "top_kernels": [{"name": k.name, "label": k.label, "calls": k.calls, "seconds": k.seconds,
-                         "bytes_per_call": k.bytes, "flops_per_call": k.flops,
-                         "bound": "compute" if k.compute_s >= k.memory_s else "memory"}
-                        for k in model.top(6)],
-        "unknown_loops": list(model.unknown_loops), "unpriced_pallas": list(model.unpriced),
-    }  # fmt: skip
-    if unit_flops:
-        entry["matmuls"] = model.matmuls(unit_flops)
-    try:  # XLA's own figure where the backend has one (not the GPU plugin here)
-        cost = program.compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        entry["xla_bytes_accessed"] = float(cost["bytes accessed"]) if cost else None
-    except Exception:
-        entry["xla_bytes_accessed"] = None
-    return entry
-
 
 NOT_MEASURED = (
     "COMPILER FIGURES, NOT MEASUREMENTS: each program is compiled for a device this machine "
