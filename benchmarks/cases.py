@@ -29,6 +29,8 @@ GOAL_SHAPE: Shape = (4096, 32768)
 GOAL_SMALL_SHAPE: Shape = (128, 10)
 LINEAR_GOAL_SHAPE: Shape = (2048, 512, 32768)
 LABEL_SMOOTHING = 0.1
+LINEAR, HEADS = "linear_cross_entropy", ("linear_cross_entropy", "linear_distillation")
+MATERIALISED = dict(zip(HEADS, ("jaxloss_materialised", "materialised"), strict=True))
 
 
 def logits_shape(shape: Shape) -> Shape:
@@ -88,7 +90,7 @@ class Case:
     ``"torch"``, which gets ``torch.Tensor`` views). Array-valued functions (``scalar=False``)
     are differentiated through ``sum(f(x) * cotangent)``. ``points(backend, quick)``: the case's
     own ``(shape, dtype)`` points instead of the global grid; ``memory_only(backend)``: points
-    only compiled. ``memory_bound``: whether a copy of the logits is a meaningful floor.
+    only compiled.
     """
 
     name: str
@@ -101,7 +103,6 @@ class Case:
     modes: tuple[str, ...] = ("fwd", "vag")
     points: Callable[[str, bool], Sequence[tuple[Shape, str]]] | None = None
     memory_only: Callable[[str], Sequence[tuple[Shape, str]]] | None = None
-    memory_bound: bool = True
     tolerance: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"f32": 2e-3, "bf16": 6e-2}
     )
@@ -206,7 +207,7 @@ def all_cases(include_torch: bool = True) -> list[Case]:
         ("nll", "nll on log-probabilities, index targets, mean",
          "hand-written -take_along_axis(lp, y).mean(); F.nll_loss", (*lp, "index_targets"),
          jaxloss.nll, lambda lp, y: -jnp.take_along_axis(lp, y[:, None], axis=-1).mean(),
-         {"memory_bound": False}),
+         {}),
         ("bce_with_logits", "bce_with_logits, soft targets, mean",
          "optax.sigmoid_binary_cross_entropy(x, t).mean(); F.binary_cross_entropy_with_logits",
          ("logits", "binary_targets"), jaxloss.bce_with_logits,
@@ -232,7 +233,7 @@ def all_cases(include_torch: bool = True) -> list[Case]:
          "materialised: cross_entropy(h @ k, y) in jaxloss, optax and torch",
          ("hidden", "kernel", "index_targets"), jaxloss.linear_cross_entropy,
          lambda h, k, y: ce_int(h @ k, y).mean(),
-         {"argnums": (0, 1), "memory_bound": False, "points": _linear_points,
+         {"argnums": (0, 1), "points": _linear_points,
           "memory_only": lambda backend: [((8192, 2048, 131072), "f32")],
           "tolerance": {"f32": 2e-3, "bf16": 1e-1}}),
     ]  # fmt: skip
@@ -255,5 +256,5 @@ def distillation_case() -> Case:
         ("hidden", "kernel", "teacher_hidden", "teacher_kernel"),
         {"jaxloss": jaxloss.linear_distillation,
          "materialised": _distillation_materialised},
-        argnums=(0, 1), modes=("vag",), memory_bound=False,
+        argnums=(0, 1), modes=("vag",),
     )  # fmt: skip
