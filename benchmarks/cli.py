@@ -135,8 +135,8 @@ def plan(args: argparse.Namespace, backend: str, cases: Sequence[Case] | None = 
         points = case.points(backend, args.quick) if case.points else grid_points
         tasks += [Task(case, m, d, tuple(s)) for s, d in points for m in args.modes
                   if d in args.dtypes and m in case.modes]
-        if case.memory_only and "vag" in args.modes:
-            tasks += [Task(case, "vag", d, s, True) for s, d in case.memory_only(backend)
+        if "vag" in args.modes:
+            tasks += [Task(case, "vag", d, s, True) for s, d in case.memory_only
                       if d in args.dtypes]
         if case.name == "cross_entropy":  # the goal points
             timed = args.quick and not args.sizes and "vag" in args.modes  # else compiled only
@@ -254,31 +254,39 @@ def compiled_record(task: Task, target: Target | None = None) -> dict[str, Any]:
     return record
 
 
-def versions(*packages: str) -> dict[str, str | None]:
-    """Installed versions (read from the metadata: importing torch only for it is seconds)."""
-
-    def version(package: str) -> str | None:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    names = ("jax", "jaxlib", "optax", "numpy", "jaxloss", "torch", "pytest-benchmark", *packages)
-    return {"python": platform.python_version(), **{p: version(p) for p in names}}
-
-
 def _threads() -> int:
     """XLA's CPU thread pool has one thread per schedulable core."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _meta(args: argparse.Namespace, argv: Sequence[str] | None, tasks: Sequence[Task]) -> dict:
+def _meta(args: argparse.Namespace, argv: Sequence[str] | None, tasks: Sequence[Task],
+          *packages: str) -> dict[str, Any]:  # fmt: skip
+    """What ran where: date, commit, argv, points, installed versions (read from the metadata:
+    importing torch only for it is seconds)."""
+    names = ("jax", "jaxlib", "optax", "numpy", "jaxloss", "torch", "pytest-benchmark", *packages)
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in names:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[name] = None
+            versions[name] = importlib.metadata.version(name)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent).stdout.strip()  # fmt: skip
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "git_commit": commit or None, "argv": list(sys.argv[1:] if argv is None else argv),
             "quick": args.quick, "shapes": sorted({tuple(t.shape) for t in tasks}, key=math.prod),
-            "dtypes": sorted({t.dtype for t in tasks})}  # fmt: skip
+            "dtypes": sorted({t.dtype for t in tasks}), "versions": versions}  # fmt: skip
+
+
+def _finish(args, parts: list[str], meta: dict, records: list, found: list, title: str) -> dict:
+    """Prints the text, writes table.txt, the PNGs and results.json to ``--out``."""
+    text = "\n\n".join([*parts, f"wall time {meta['wall_s']:.1f} s\n"])
+    print(text, end="")
+    payload = report.write(args, text, meta, records, found, title)
+    plots = f"{len(meta.get('plots', []))} PNG plots, " if meta.get("plots") else ""
+    json_ = "" if args.target else "pytest-benchmark.json "
+    print(f"wrote results.json, table.txt, {plots}{json_}to {args.out}/ (--out DIR to change)",
+          file=sys.stderr)  # fmt: skip
+    return payload
 
 
 def run_target(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
@@ -290,34 +298,28 @@ def run_target(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str
     target = TARGETS[args.target]
     tasks = target_plan(target, args)
     devices(target.name)  # the plugin loads once, before the compile threads start
+    records = []
     with ThreadPoolExecutor(max(1, min(_threads(), 4))) as pool:
-        records = []
         for record in pool.map(lambda t: compiled_record(t, target), tasks):
             records.append(record)
             if not args.no_progress:
                 print(f"[{len(records)}/{len(tasks)}] {record['name']}", file=sys.stderr)
     found = goals.target_goals(target, records)
-    meta = {**_meta(args, argv, tasks), "target": dataclasses.asdict(target), "compile_only": True,
+    meta = {**_meta(args, argv, tasks, "jax-cuda12-pjrt", "jax-cuda12-plugin", "libtpu"),
+            "target": dataclasses.asdict(target), "compile_only": True,
             "device": f"{target.platform}: {devices(target.name)[0].device_kind}",
             "not_measured": report.NOT_MEASURED, "traffic_model": report.TRAFFIC_MODEL,
-            "versions": versions("jax-cuda12-pjrt", "jax-cuda12-plugin", "libtpu"),
             "points": [t.name for t in tasks], "wall_s": time.perf_counter() - started}  # fmt: skip
     title, peaks = f"{target.description}, compile-only, jax {jax.__version__}", target.peak_flops
-    text = "\n\n".join([
+    return _finish(args, [
         f"jaxloss on {title}{', quick' if args.quick else ''}, {meta['date']}", report.NOT_MEASURED,
         report.format_target_tables(records),
         f"peaks: bf16 {peaks['bf16'] / 1e12:.4g} TFLOP/s, f32 at DEFAULT precision "
         f"{peaks['f32'] / 1e12:.4g} ({'one bf16 pass' if target.platform == 'tpu' else 'TF32'}), "
         f"HIGHEST {peaks['f32_highest'] / 1e12:.4g}; HBM {target.bandwidth / 1e12:.4g} TB/s "
         "(benchmarks/targets.py says where each comes from)",
-        report.format_goals(found, legend=False), f"wall time {meta['wall_s']:.1f} s",
-    ])  # fmt: skip
-    print(text)
-    payload = report.write(
-        args, text + "\n", meta, records, found, f"{title}: MODELLED, not measured"
-    )
-    print(f"wrote {args.out / 'results.json'}, table.txt and the plots", file=sys.stderr)
-    return payload
+        report.format_goals(found, legend=False),
+    ], meta, records, found, f"{title}: MODELLED, not measured")  # fmt: skip
 
 
 def _torch_note(backend: str) -> str | None:
@@ -332,6 +334,16 @@ def _torch_note(backend: str) -> str | None:
     return None if torch.cuda.is_available() else f"torch cannot run on the {backend} backend here"
 
 
+def _device_name(device: Any) -> str:
+    """The processor model on CPU (XLA says only "cpu"), the device kind elsewhere."""
+    if device.platform == "cpu" and os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            models = [line.split(":", 1)[1].strip() for line in cpuinfo
+                      if line.startswith("model name")]  # fmt: skip
+        return models[0] if models else platform.machine() or "cpu"
+    return device.device_kind if device.platform != "cpu" else platform.machine() or "cpu"
+
+
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the suite and returns the results payload (also printed and written)."""
     args, extra = parse(argv)
@@ -344,8 +356,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     tasks = plan(args, backend, cases)
     print(announce(tasks, args), file=sys.stderr, flush=True)
     if args.dry_run:
-        for task in tasks:
-            print(f"{task.name}  {','.join(task.case.impls)}")
+        print("".join(f"{t.name}  {','.join(t.case.impls)}\n" for t in tasks), end="")
         return {"tasks": [task.name for task in tasks]}
     saved = time_grid(tasks, args, extra) if any(not t.memory_only for t in tasks) else None
     records = grid.records(tasks, saved) if saved else []
@@ -353,16 +364,15 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     checks = goals.check_goals(records, cases, args.quick)
     found = goals.evaluate_goals(records, backend, checks, quick_goals(cases, backend))
     device, threads, omp = jax.devices()[0], _threads(), os.environ.get("OMP_WAIT_POLICY")
-    meta = {**_meta(args, argv, tasks), "backend": backend, "versions": versions(),
-            "device": f"{device.platform}: {_device_name(device)}", "threads": threads,
+    meta = {**_meta(args, argv, tasks), "backend": backend, "threads": threads,
+            "device": f"{device.platform}: {_device_name(device)}",
             "torch": {"used": torch_note is None, "note": torch_note, "omp_wait_policy": omp},
             "xla_flags": os.environ.get("XLA_FLAGS"), "byte_model": grid.BYTE_MODEL,
             "settings": {"min_repeats": args.repeats or 3, "max_repeats": args.repeats,
                          "check": not args.no_peer_check,
                          "timer": "benchmarks.grid.wait_then_time"},
             "pytest_exit_code": saved["exit_code"] if saved else None,
-            "cases": {c.name: {"description": c.description, "peers": c.peer_note,
-                               "impls": list(c.impls)}
+            "cases": {c.name: {"description": c.description, "impls": list(c.impls)}
                       for c in cases if selected(c.name, args.filter)},
             "wall_s": time.perf_counter() - started}  # fmt: skip
     v, cpu = meta["versions"], f", {threads} threads" if backend == "cpu" else ""
@@ -374,25 +384,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                *textwrap.wrap(title, 100, break_on_hyphens=False),
                f"torch threads {threads}, OMP_WAIT_POLICY={omp}" if torch_note is None
                else f"no torch peers ({torch_note})"]  # fmt: skip
-    text = "\n\n".join(["\n".join(heading), report.format_table(records),
-                         "byte model: " + grid.BYTE_MODEL, report.format_goals(found),
-                         f"wall time {meta['wall_s']:.1f} s\n"])  # fmt: skip
-    print(text)
-    payload = report.write(args, text, meta, records, found, title)
-    written = f"{len(meta.get('plots', []))} PNG plots, " if meta.get("plots") else ""
-    print(f"wrote results.json, table.txt, {written}pytest-benchmark.json to "
-          f"{args.out}/ (--out DIR to change)", file=sys.stderr)  # fmt: skip
-    return payload
-
-
-def _device_name(device: Any) -> str:
-    """The processor model on CPU (XLA says only "cpu"), the device kind elsewhere."""
-    if device.platform == "cpu" and os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return device.device_kind if device.platform != "cpu" else platform.machine() or "cpu"
+    return _finish(args, ["\n".join(heading), report.format_table(records),
+                          "byte model: " + grid.BYTE_MODEL, report.format_goals(found)],
+                   meta, records, found, title)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

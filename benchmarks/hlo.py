@@ -3,13 +3,13 @@
 The one reader of optimised HLO text (``compiled.as_text()``), for the benchmarks and the tests.
 :func:`compile_program` compiles for a device of a target (:mod:`benchmarks.targets`);
 :class:`Module` parses the program; :func:`launches` finds the kernels it runs and how often
-(while loops × trip counts); :func:`kernel_bytes` what a kernel moves; :func:`roofline` prices
-each kernel at ``max(FLOPs / peak, bytes / bandwidth)`` times its calls and sums them (nothing
-overlaps across kernels; caches and launch latency are not modelled). FLOPs are those of dots
-and convolutions (``2·M·N·K``) at the peak of their operands' dtype and precision; elementwise
-work is priced by its bytes. A Pallas kernel's custom call says nothing of how often its grid
-fetches each block: :func:`pallas_costs` prices every ``pallas_call`` from its grid
-(:func:`price_grid`), matched by its ``name=``; one without a price is listed in
+(while loops × trip counts); :func:`kernel_bytes` what each moves (operands read, result
+written); :func:`roofline` prices each at ``max(FLOPs / peak, bytes / bandwidth)`` × its calls
+and sums them (nothing overlaps across kernels; caches and launch latency are not modelled).
+FLOPs are those of dots and convolutions (``2·M·N·K``) at the peak of their operands' dtype and
+precision; elementwise work is priced by its bytes. A Pallas kernel's custom call says nothing of
+how often its grid fetches each block: :func:`pallas_costs` prices every ``pallas_call`` from its
+grid (:func:`price_grid`), matched by its ``name=``; one without a price is listed in
 ``Roofline.unpriced``, never guessed (nor taken from its ``CostEstimate``).
 **Compiler figures, not measurements.**
 """
@@ -69,6 +69,10 @@ def _closing(text: str, start: int, pair: str = "()") -> int:
     return len(text)
 
 
+def _search(pattern: str, text: str) -> str:
+    return match.group(1) if (match := re.search(pattern, text)) else ""
+
+
 @dataclasses.dataclass(frozen=True)
 class Instruction:
     name: str
@@ -103,8 +107,7 @@ class Instruction:
 
     def computations(self, key: str) -> list[str]:
         """The computations named by ``key={%a, %b}``."""
-        match = re.search(rf"{key}=\{{([^}}]*)\}}", self.attributes)
-        return _NAME.findall(match.group(1)) if match else []
+        return _NAME.findall(_search(rf"{key}=\{{([^}}]*)\}}", self.attributes))
 
     @property
     def label(self) -> str:
@@ -125,9 +128,8 @@ def parse_instruction(line: str) -> Instruction | None:
         return None
     close = _closing(rest, paren)
     inside = rest[paren + 1 : close - 1]
-    return Instruction(
-        name[1:], hlo_type, rest[:paren], tuple(_NAME.findall(inside)), rest[close:], inside
-    )
+    return Instruction(name[1:], hlo_type, rest[:paren], tuple(_NAME.findall(inside)),
+                       rest[close:], inside)  # fmt: skip
 
 
 class Module:
@@ -154,19 +156,17 @@ class Module:
         return self._by_name.get(computation, {}).get(name)
 
     def root(self, computation: str) -> Instruction | None:
-        body = self.body(computation)
-        return body[-1] if body else None  # XLA prints the ROOT last
+        return (self.body(computation) or [None])[-1]  # XLA prints the ROOT last
 
     def instructions(self) -> Iterator[tuple[str, Instruction]]:
         return ((c, inst) for c, body in self.computations.items() for inst in body)
 
     def trip_count(self, computation: str, loop: Instruction) -> int | None:
-        """How often a ``while`` of ``computation`` runs its body: the count XLA:GPU proved
-        (``known_trip_count``), else the induction pattern of ``fori_loop`` and ``scan`` (XLA:TPU
-        says nothing): a condition ``state[i] < limit``, ``state[i]`` initially a constant, the
-        body adding a constant step to it. None when neither is found."""
-        known = loop.backend_config.get("known_trip_count", {}).get("n")
-        if known is not None:
+        """How often a ``while`` runs its body: the count XLA:GPU proved (``known_trip_count``),
+        else the induction pattern of ``fori_loop`` and ``scan`` (XLA:TPU says nothing): a
+        condition ``state[i] < limit``, ``state[i]`` starting at a constant, the body adding a
+        constant step to it. None when neither is found."""
+        if (known := loop.backend_config.get("known_trip_count", {}).get("n")) is not None:
             return int(known)
         condition, body = loop.attr("condition") or "", loop.attr("body") or ""
         root = self.root(condition)
@@ -177,9 +177,9 @@ class Module:
         limit = self._constant(scope, rhs)
         if lhs is not None and lhs.opcode == "parameter" and scope != condition:
             lhs = self.get(condition, root.operands[int(lhs.arguments)])
-        if compare.attr("direction") != "LT" or limit is None:
+        if compare.attr("direction") != "LT" or limit is None or lhs is None:
             return None
-        if lhs is None or lhs.opcode != "get-tuple-element":  # the induction variable
+        if lhs.opcode != "get-tuple-element":  # the induction variable: state[index]
             return None
         index, start, step = int(lhs.attr("index") or -1), None, None
         init = self.get(computation, loop.operands[0])
@@ -228,13 +228,13 @@ def _reads(module: Module, fused: str, name: str, full: int) -> int:
         elif user.opcode == "bitcast":
             total += _reads(module, fused, user.name, full)
         elif user.opcode == "fusion" and user.called:
-            total += sum(_operand_reads(module, user.called, k, full) for k in positions)
+            total += sum(_param_reads(module, user.called, k, full) for k in positions)
         else:
             return full
     return total if users else full
 
 
-def _operand_reads(module: Module, fused: str, index: int, full: int) -> int:
+def _param_reads(module: Module, fused: str, index: int, full: int) -> int:
     """Bytes a fused computation reads of its parameter ``index`` (see :func:`_reads`)."""
     param = next((i for i in module.body(fused)
                   if i.opcode == "parameter" and i.arguments == str(index)), None)  # fmt: skip
@@ -249,9 +249,9 @@ def _written(module: Module, computation: str, inst: Instruction, default: int) 
 
 
 def kernel_bytes(module: Module, computation: str, inst: Instruction) -> int:
-    """Modelled HBM bytes of one instruction that launches work: operands read + result
-    written; a sliced operand counts what is taken, an in-place update (alone, at a fusion's
-    root or in its root tuple) its update."""
+    """Modelled HBM bytes of one kernel: operands read + result written; a sliced operand counts
+    what is taken, an in-place update (alone, at a fusion's root or in its root tuple) its
+    update."""
     fused = inst.called or ""
     if inst.opcode != "fusion" or (root := module.root(fused)) is None:
         total = _written(module, computation, inst, inst.nbytes)
@@ -268,7 +268,7 @@ def kernel_bytes(module: Module, computation: str, inst: Instruction) -> int:
         elif inst.opcode == "dynamic-update-slice" and k == 0:
             continue  # written in place: the update is counted with the result
         elif inst.opcode == "fusion" and inst.called:
-            total += _operand_reads(module, inst.called, k, source.nbytes)
+            total += _param_reads(module, inst.called, k, source.nbytes)
         else:
             total += source.nbytes
     return total
@@ -276,30 +276,32 @@ def kernel_bytes(module: Module, computation: str, inst: Instruction) -> int:
 
 # Launches: the kernels a program runs, loops unrolled into counts
 
-
-# An instruction that launches work, and how often it runs per call of the program.
-Launch = collections.namedtuple("Launch", "computation inst calls")
+Launch = collections.namedtuple("Launch", "computation inst calls")  # calls per program call
 
 
 @dataclasses.dataclass
 class Launches:
     module: Module
     launches: list[Launch] = dataclasses.field(default_factory=list)
-    unknown_loops: list[str] = dataclasses.field(default_factory=list)
+    unknown_loops: list[str] = dataclasses.field(default_factory=list)  # priced once
+
+    @property
+    def bytes(self) -> int:
+        return sum(x.calls * kernel_bytes(self.module, x.computation, x.inst)
+                   for x in self.launches)  # fmt: skip
 
     def walk(self, computation: str, calls: int) -> Launches:
         for inst in self.module.body(computation):
             target = inst.label.split(":", 1)[-1]
+            if inst.opcode in (*NO_WORK, "async-update", "async-done") or target in NO_WORK_TARGETS:
+                continue  # an async op's work is its wrapped computation's (at its start)
             # A custom call naming computations, other than a GEMM or a Pallas kernel, stands
             # for them (XLA:TPU's SparseCore gather offload, for one).
             plain = target in PALLAS_TARGETS or "gemm_backend_config" in inst.backend_config
             wrapped = [] if inst.opcode != "custom-call" or plain else (
                 inst.computations("called_computations"))  # fmt: skip
-            if inst.opcode in (*NO_WORK, "async-update", "async-done") or target in NO_WORK_TARGETS:
-                continue  # an async op's work is its wrapped computation's (at its start)
             if inst.opcode == "while":
-                trips = self.module.trip_count(computation, inst)
-                if trips is None:
+                if (trips := self.module.trip_count(computation, inst)) is None:
                     self.unknown_loops.append(f"{computation}/{inst.name}")
                     trips = 1
                 self.walk(inst.attr("body") or "", calls * trips)
@@ -309,8 +311,7 @@ class Launches:
             elif inst.opcode == "conditional":  # one branch runs (data): the one moving most
                 names = inst.computations("branch_computations")
                 names += [inst.attr(k) or "" for k in ("true_computation", "false_computation")]
-                branches = [Launches(self.module).walk(n, calls) for n in filter(None, names)]
-                if branches:
+                if branches := [Launches(self.module).walk(n, calls) for n in names if n]:
                     best = max(branches, key=lambda b: b.bytes)
                     self.launches += best.launches
                     self.unknown_loops += best.unknown_loops
@@ -321,31 +322,24 @@ class Launches:
                 self.launches.append(Launch(computation, inst, calls))
         return self
 
-    @property
-    def bytes(self) -> int:
-        return sum(x.calls * kernel_bytes(self.module, x.computation, x.inst)
-                   for x in self.launches)  # fmt: skip
-
 
 def launches(module: Module) -> Launches:
-    """The kernels the ENTRY computation launches with their counts: a while loop's body and
-    condition once per trip (once when no count is found, listed in ``unknown_loops``), calls
-    and async ops what they wrap."""
+    """The kernels ENTRY launches, with their counts: a while loop's body and condition once per
+    trip (once when no count is found, listed in ``unknown_loops``), calls and async ops what
+    they wrap."""
     return Launches(module).walk(module.entry, 1)
 
 
-# ENTRY instructions that launch work; modelled HBM bytes of every launch (loops times their
-# trip counts); the ENTRY kernels' opcodes (fusion kinds spelt out) and counts.
+# ENTRY's kernels; modelled HBM bytes of every launch; ENTRY's opcodes (fusion kinds spelt out).
 Traffic = collections.namedtuple("Traffic", "kernels bytes ops")
 
 
 def entry_traffic(hlo_text: str) -> Traffic:
-    module, ops = Module(hlo_text), {}
+    module, ops = Module(hlo_text), collections.Counter()
     for inst in module.body(module.entry):
         if inst.opcode not in NO_WORK:
-            label = inst.opcode + (f":{inst.attr('kind')}" if inst.attr("kind") else "")
-            ops[label] = ops.get(label, 0) + 1
-    return Traffic(sum(ops.values()), launches(module).bytes, ops)
+            ops[inst.opcode + (f":{inst.attr('kind')}" if inst.attr("kind") else "")] += 1
+    return Traffic(sum(ops.values()), launches(module).bytes, dict(ops))
 
 
 def all_gather_shapes(hlo_text: str) -> list[tuple[int, ...]]:
@@ -382,11 +376,7 @@ def dot_peak(target: Target, dtypes: Sequence[str], precision: str = "",
     return target.peak_flops[key]
 
 
-Dot = collections.namedtuple("Dot", "computation name flops peak")  # per call; FLOP/s
-
-
-def _search(pattern: str, text: str) -> str:
-    return match.group(1) if (match := re.search(pattern, text)) else ""
+Dot = collections.namedtuple("Dot", "computation name flops peak")  # one site: per call, FLOP/s
 
 
 def _dot(module: Module, computation: str, inst: Instruction, target: Target) -> Dot | None:
@@ -444,21 +434,12 @@ class Roofline:
     unknown_loops: tuple[str, ...]  # while loops with no trip count found (priced once)
     unpriced: tuple[str, ...]  # Pallas calls with no grid price (operands + result only)
 
-    @property
-    def seconds(self) -> float:
-        return sum(k.seconds for k in self.kernels)
-
-    @property
-    def bytes(self) -> int:
-        return sum(k.calls * k.bytes for k in self.kernels)
-
-    @property
-    def flops(self) -> float:
-        return sum(k.calls * k.flops for k in self.kernels)
-
-    @property
-    def compute_bound_s(self) -> float:
-        return sum(k.seconds for k in self.kernels if k.compute_s >= k.memory_s)
+    seconds = property(lambda self: sum(k.seconds for k in self.kernels))
+    bytes = property(lambda self: sum(k.calls * k.bytes for k in self.kernels))
+    flops = property(lambda self: sum(k.calls * k.flops for k in self.kernels))
+    compute_bound_s = property(
+        lambda self: sum(k.seconds for k in self.kernels if k.compute_s >= k.memory_s)
+    )
 
     def matmuls(self, flops: float, at_least: float = 0.5) -> float:
         """How many matmuls of ``flops`` the program runs: each dot site's FLOPs × calls in units
@@ -481,36 +462,31 @@ def roofline(hlo_text: str, target: Target,
     module = Module(hlo_text)
     found = launches(module)
     kernels, dots, unpriced = [], [], []
-    for launch in found.launches:
-        inst, where = launch.inst, launch.computation
+    for where, inst, calls in found.launches:
         nbytes = kernel_bytes(module, where, inst)
         kernel_dots = [d] if (d := _dot(module, where, inst, target)) else []
         if not kernel_dots and inst.opcode == "fusion" and inst.called:
             kernel_dots = dots_in(module, inst.called, target)
         if inst.label.split(":", 1)[-1] in PALLAS_TARGETS:
-            cost = (pallas or {}).get(pallas_name(inst))
-            if isinstance(cost, GridCost):
+            if isinstance(cost := (pallas or {}).get(pallas_name(inst)), GridCost):
                 peak = dot_peak(target, cost.dot_dtypes or ("f32",))
                 nbytes, kernel_dots = cost.bytes, [Dot(where, inst.name, cost.flops, peak)]
             else:
                 why = cost or "no grid price given (a pallas_call is matched by its name=)"
                 unpriced.append(f"{pallas_name(inst)}: {why}")
-        dots += [(d, launch.calls) for d in kernel_dots]
-        flops, compute = (
-            sum(d.flops for d in kernel_dots),
-            sum(d.flops / d.peak for d in kernel_dots),
-        )
-        kernels.append(Kernel(where, inst.name, inst.label, launch.calls, nbytes, flops, compute,
+        dots += [(d, calls) for d in kernel_dots]
+        compute = sum(d.flops / d.peak for d in kernel_dots)
+        kernels.append(Kernel(where, inst.name, inst.label, calls, nbytes,
+                              sum(d.flops for d in kernel_dots), compute,
                               nbytes / target.bandwidth))  # fmt: skip
     return Roofline(tuple(kernels), tuple(dots), tuple(found.unknown_loops), tuple(unpriced))
 
 
 # Pallas kernels, priced from their grids
 
-
-# One operand of a pallas_call as its grid moves it: block_shape (None for a squeezed
-# dimension), index_map (called once with one integer array per grid dimension, every step at
-# once), the whole array's shape and itemsize.
+# One operand of a pallas_call as its grid moves it: block_shape (None: a squeezed dimension),
+# index_map (called once with one integer array per grid dimension, every step at once), the
+# whole array's shape and itemsize.
 Block = collections.namedtuple("Block", "block_shape index_map shape itemsize")
 
 
@@ -558,9 +534,6 @@ def price_grid(grid: Sequence[int], inputs: Sequence[Block], outputs: Sequence[B
                     tuple(reads), tuple(wrote), tuple(dot_dtypes))  # fmt: skip
 
 
-_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32", "float64": "f64"}
-
-
 def _subjaxprs(eqn: Any) -> list[Any]:
     values = [v for value in eqn.params.values()
               for v in (value if isinstance(value, (tuple, list)) else (value,))]  # fmt: skip
@@ -575,7 +548,8 @@ def _jaxpr_dots(jaxpr: Any) -> tuple[float, list[str]]:
             (lhs_contract, _), _ = eqn.params["dimension_numbers"]
             lhs, out = eqn.invars[0].aval, eqn.outvars[0].aval
             flops += 2.0 * math.prod(out.shape) * math.prod(lhs.shape[d] for d in lhs_contract)
-            dtypes.append(_DTYPE_NAMES.get(lhs.dtype.name, lhs.dtype.name))
+            names = {"bfloat16": "bf16", "float16": "f16", "float32": "f32", "float64": "f64"}
+            dtypes.append(names.get(lhs.dtype.name, lhs.dtype.name))
         for sub in _subjaxprs(eqn):
             f, d = _jaxpr_dots(sub)
             flops, dtypes = flops + f, dtypes + d
@@ -610,12 +584,13 @@ def price_pallas_call(eqn: Any, *, skip_unchanged: bool = True) -> GridCost | st
         return "scalar-prefetch index maps depend on data"
     if not all(isinstance(g, int) for g in mapping.grid):
         return "a dynamic grid"
-    blocks = [_block(m) for m in mapping.block_mappings]
-    if why := next((b for b in blocks if isinstance(b, str)), None):
+    found = [_block(m) for m in mapping.block_mappings]
+    if why := next((b for b in found if isinstance(b, str)), None):
         return why
+    blocks = [b for b in found if not isinstance(b, str)]
     flops, dtypes = _jaxpr_dots(eqn.params["jaxpr"])
     n_in, n_out = mapping.num_inputs, mapping.num_outputs
-    return price_grid(mapping.grid, blocks[:n_in], blocks[n_in : n_in + n_out], flops,  # type: ignore[arg-type]
+    return price_grid(mapping.grid, blocks[:n_in], blocks[n_in : n_in + n_out], flops,
                       skip_unchanged=skip_unchanged, dot_dtypes=sorted(set(dtypes)))  # fmt: skip
 
 
@@ -639,9 +614,7 @@ def pallas_costs(closed_jaxpr: Any, *, skip_unchanged: bool = True) -> dict[str,
 
 # A program compiled for a target, and its figures
 
-
-# A program compiled for a target: the executable, its optimised HLO text, the grid price of
-# each of its Pallas kernels (pallas_costs).
+# The executable, its optimised HLO text, the grid price of each of its Pallas kernels.
 Program = collections.namedtuple("Program", "compiled text pallas")
 
 
