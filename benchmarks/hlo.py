@@ -1,17 +1,14 @@
 """Compile-only figures: compile for a target, read the optimised HLO once, price its kernels.
 
-The one reader of optimised HLO text (``compiled.as_text()``), for the benchmarks and the tests.
-:func:`compile_program` compiles for a device of a target (:mod:`benchmarks.targets`);
-:class:`Module` parses the program; :func:`launches` finds the kernels it runs and how often
-(while loops × trip counts); :func:`kernel_bytes` what each moves (operands read, result
-written); :func:`roofline` prices each at ``max(FLOPs / peak, bytes / bandwidth)`` × its calls
-and sums them (nothing overlaps across kernels; caches and launch latency are not modelled).
-FLOPs are those of dots and convolutions (``2·M·N·K``) at the peak of their operands' dtype and
-precision; elementwise work is priced by its bytes. A Pallas kernel's custom call says nothing of
-how often its grid fetches each block: :func:`pallas_costs` prices every ``pallas_call`` from its
-grid (:func:`price_grid`), matched by its ``name=``; one without a price is listed in
-``Roofline.unpriced``, never guessed (nor taken from its ``CostEstimate``).
-**Compiler figures, not measurements.**
+The one reader of optimised HLO text, for the benchmarks and the tests. :func:`compile_program`
+compiles for a target's device; :class:`Module` parses the program; :func:`launches` finds the
+kernels it runs and how often (while loops × trip counts); :func:`kernel_bytes` what each moves;
+:func:`roofline` prices each at ``max(FLOPs / peak, bytes / bandwidth)`` × its calls and sums
+them (no overlap, caches or launch latency modelled). FLOPs are those of dots and convolutions
+at the peak of their dtype and precision. A Pallas custom call says nothing of how often its grid
+fetches each block: :func:`pallas_costs` prices each ``pallas_call`` from its grid, matched by
+its ``name=``; one without a price is listed in ``Roofline.unpriced``, never guessed (nor taken
+from its ``CostEstimate``). **Compiler figures, not measurements.**
 """
 
 from __future__ import annotations
@@ -577,34 +574,33 @@ def _block(mapping: Any) -> Block | str:
     return Block(tuple(shape), index_map, tuple(aval.shape), np.dtype(aval.dtype).itemsize)
 
 
-def price_pallas_call(eqn: Any, *, skip_unchanged: bool = True) -> GridCost | str:
-    """:func:`price_grid` of one ``pallas_call`` equation, or why it cannot be priced."""
-    mapping = eqn.params["grid_mapping"]
-    if mapping.num_index_operands:
-        return "scalar-prefetch index maps depend on data"
-    if not all(isinstance(g, int) for g in mapping.grid):
-        return "a dynamic grid"
-    found = [_block(m) for m in mapping.block_mappings]
-    if why := next((b for b in found if isinstance(b, str)), None):
-        return why
-    blocks = [b for b in found if not isinstance(b, str)]
-    flops, dtypes = _jaxpr_dots(eqn.params["jaxpr"])
-    n_in, n_out = mapping.num_inputs, mapping.num_outputs
-    return price_grid(mapping.grid, blocks[:n_in], blocks[n_in : n_in + n_out], flops,
-                      skip_unchanged=skip_unchanged, dot_dtypes=sorted(set(dtypes)))  # fmt: skip
-
-
 def pallas_costs(closed_jaxpr: Any, *, skip_unchanged: bool = True) -> dict[str, GridCost | str]:
-    """The grid price (or why there is none) of every ``pallas_call`` in a traced program, by
-    the name its custom call carries (``name=``, else the kernel function's name)."""
+    """The grid price (:func:`price_grid`), or why there is none, of every ``pallas_call`` in a
+    traced program, by the name its custom call carries (``name=``, else the kernel's name)."""
     costs: dict[str, GridCost | str] = {}
+
+    def price(eqn: Any) -> GridCost | str:
+        mapping = eqn.params["grid_mapping"]
+        if mapping.num_index_operands:
+            return "scalar-prefetch index maps depend on data"
+        if not all(isinstance(g, int) for g in mapping.grid):
+            return "a dynamic grid"
+        found = [_block(m) for m in mapping.block_mappings]
+        if why := next((b for b in found if isinstance(b, str)), None):
+            return why
+        blocks = [b for b in found if not isinstance(b, str)]
+        flops, dtypes = _jaxpr_dots(eqn.params["jaxpr"])
+        n_in, n_out = mapping.num_inputs, mapping.num_outputs
+        return price_grid(mapping.grid, blocks[:n_in], blocks[n_in : n_in + n_out], flops,
+                          skip_unchanged=skip_unchanged,
+                          dot_dtypes=sorted(set(dtypes)))  # fmt: skip
 
     def visit(jaxpr: Any) -> None:
         for eqn in jaxpr.eqns:
             if eqn.primitive.name == "pallas_call":
                 debug = getattr(eqn.params["jaxpr"], "debug_info", None)
                 name = eqn.params.get("name") or getattr(debug, "func_name", "pallas_call")
-                costs[name] = price_pallas_call(eqn, skip_unchanged=skip_unchanged)
+                costs[name] = price(eqn)
             for sub in _subjaxprs(eqn):
                 visit(sub)
 
