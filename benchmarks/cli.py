@@ -24,22 +24,8 @@ from typing import Any
 
 import jax
 
-from benchmarks import goals, grid, hlo, report
-from benchmarks.cases import (
-    CPU_SIZES,
-    DTYPES,
-    GOAL_SHAPE,
-    GPU_SIZES,
-    HEADS,
-    LINEAR,
-    MATERIALISED,
-    QUICK_SIZES,
-    Case,
-    abstract_args,
-    all_cases,
-    distillation_case,
-    jax_function,
-)
+from benchmarks import cases, goals, grid, hlo, report
+from benchmarks.cases import DTYPES, GOAL_SHAPE, HEADS, LINEAR, MATERIALISED, Case, all_cases
 from benchmarks.grid import Task
 from benchmarks.targets import TARGETS, Target, devices
 
@@ -122,16 +108,16 @@ def selected(name: str, text: str) -> bool:
 
 
 # fmt: off
-def plan(args: argparse.Namespace, backend: str, cases: Sequence[Case] | None = None) -> list[Task]:
+def plan(args: argparse.Namespace, backend: str, chosen: Sequence[Case] | None = None) -> list:
     """Every (case, mode, dtype, shape) to time, grouped by input set, small before big; the
     goal points not timed are compiled for their temporaries."""
-    cases = list(all_cases(not args.no_torch)) if cases is None else cases
-    sizes = args.sizes or (QUICK_SIZES if args.quick else
-                           CPU_SIZES if backend == "cpu" else GPU_SIZES)
+    chosen = list(all_cases(not args.no_torch)) if chosen is None else chosen
+    sizes = args.sizes or (cases.QUICK_SIZES if args.quick else
+                           cases.CPU_SIZES if backend == "cpu" else cases.GPU_SIZES)
     dtypes = ["f32"] if args.quick and not args.sizes else args.dtypes
     grid_points = [(s, d) for s in sizes for d in dtypes]
     tasks: list[Task] = []
-    for case in (c for c in cases if selected(c.name, args.filter)):
+    for case in (c for c in chosen if selected(c.name, args.filter)):
         points = case.points(backend, args.quick) if case.points else grid_points
         tasks += [Task(case, m, d, tuple(s)) for s, d in points for m in args.modes
                   if d in args.dtypes and m in case.modes]
@@ -143,7 +129,7 @@ def plan(args: argparse.Namespace, backend: str, cases: Sequence[Case] | None = 
             have = {(t.shape, t.dtype) for t in tasks if t.mode == "vag"}
             tasks += [Task(case, "vag", d, GOAL_SHAPE, not timed) for d in ("f32", "bf16")
                       if (GOAL_SHAPE, d) not in have]
-    order = {c.name: i for i, c in enumerate(cases)}
+    order = {c.name: i for i, c in enumerate(chosen)}
     key = lambda t: (t.memory_only, len(t.shape), math.prod(t.shape), list(DTYPES).index(t.dtype),
                      order[t.case.name], t.mode)
     return sorted(tasks, key=key)
@@ -153,9 +139,9 @@ def target_plan(target: Target, args: argparse.Namespace) -> list[Task]:
     """Every case at the target's sizes (``--quick``: the goal cases at the last); the linear
     heads at the target's ``linear_points`` (distillation: the bf16 ones)."""
     sizes, tasks = args.sizes or (target.sizes[-1:] if args.quick else target.sizes), []
-    cases = [c for c in [*all_cases(False), distillation_case()] if selected(c.name, args.filter)]
-    for case in cases:
-        if args.quick and not args.sizes and case.name not in QUICK_TARGET_CASES:
+    for case in [*all_cases(False), cases.distillation_case()]:
+        if not selected(case.name, args.filter) or (
+                args.quick and not args.sizes and case.name not in QUICK_TARGET_CASES):
             continue
         points = [(s, d) for s in sizes for d in args.dtypes]
         if case.name in HEADS:
@@ -167,10 +153,10 @@ def target_plan(target: Target, args: argparse.Namespace) -> list[Task]:
 # fmt: on
 
 
-def quick_goals(cases: Sequence[Case], backend: str) -> set[str]:
+def quick_goals(chosen: Sequence[Case], backend: str) -> set[str]:
     """The speed goals whose both sides a plain ``--quick`` run times."""
-    timed = {(t.case.name, t.mode, t.dtype, t.shape)
-             for t in plan(parse(["--quick"])[0], backend, cases) if not t.memory_only}  # fmt: skip
+    tasks = plan(parse(["--quick"])[0], backend, chosen)
+    timed = {(t.case.name, t.mode, t.dtype, t.shape) for t in tasks if not t.memory_only}
     sides = lambda g: {(g.case, g.mode, d, g.shape) for _, d in (g.numerator, g.denominator)}
     return {g.id for g in goals.speed_goals() if sides(g) <= timed}
 
@@ -217,11 +203,11 @@ def compiled_record(task: Task, target: Target | None = None) -> dict[str, Any]:
     this backend its temporaries and kernels; for a ``target``, modelled time and bytes too."""
     record = grid.base_record(task)
     record["impls"].pop("torch", None)
-    specs = abstract_args(task.case, task.mode, task.dtype, task.shape)
+    specs = cases.abstract_args(task.case, task.mode, task.dtype, task.shape)
     shape = task.shape
     unit = 2.0 * shape[0] * shape[1] * shape[2] if task.case.name in HEADS else None
     for name, entry in record["impls"].items():
-        function = jax_function(task.case, task.case.impls[name], task.mode)
+        function = cases.jax_function(task.case, task.case.impls[name], task.mode)
         try:
             if target is None:
                 entry.update(grid.compile_info(jax.jit(function).lower(*specs).compile()))
@@ -352,8 +338,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     started, backend = time.perf_counter(), jax.default_backend()
     torch_note = "--no-torch" if args.no_torch else _torch_note(backend)
     args.no_torch = torch_note is not None
-    cases = all_cases(include_torch=not args.no_torch)
-    tasks = plan(args, backend, cases)
+    chosen = all_cases(include_torch=not args.no_torch)
+    tasks = plan(args, backend, chosen)
     print(announce(tasks, args), file=sys.stderr, flush=True)
     if args.dry_run:
         print("".join(f"{t.name}  {','.join(t.case.impls)}\n" for t in tasks), end="")
@@ -361,8 +347,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     saved = time_grid(tasks, args, extra) if any(not t.memory_only for t in tasks) else None
     records = grid.records(tasks, saved) if saved else []
     records += [compiled_record(t) for t in tasks if t.memory_only]
-    checks = goals.check_goals(records, cases, args.quick)
-    found = goals.evaluate_goals(records, backend, checks, quick_goals(cases, backend))
+    checks = goals.check_goals(records, chosen, args.quick)
+    found = goals.evaluate_goals(records, backend, checks, quick_goals(chosen, backend))
     device, threads, omp = jax.devices()[0], _threads(), os.environ.get("OMP_WAIT_POLICY")
     meta = {**_meta(args, argv, tasks), "backend": backend, "threads": threads,
             "device": f"{device.platform}: {_device_name(device)}",
@@ -373,7 +359,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          "timer": "benchmarks.grid.wait_then_time"},
             "pytest_exit_code": saved["exit_code"] if saved else None,
             "cases": {c.name: {"description": c.description, "impls": list(c.impls)}
-                      for c in cases if selected(c.name, args.filter)},
+                      for c in chosen if selected(c.name, args.filter)},
             "wall_s": time.perf_counter() - started}  # fmt: skip
     v, cpu = meta["versions"], f", {threads} threads" if backend == "cpu" else ""
     peers = f"jax {v['jax']}, optax {v['optax']}"

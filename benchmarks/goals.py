@@ -16,19 +16,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from benchmarks.cases import (
-    DTYPES,
-    GOAL_SHAPE,
-    GOAL_SMALL_SHAPE,
-    HEADS,
-    LINEAR,
-    LINEAR_GOAL_SHAPE,
-    MATERIALISED,
-    Case,
-    Inputs,
-    arg_names,
-    jax_function,
-)
+from benchmarks import cases
+from benchmarks.cases import GOAL_SHAPE, HEADS, LINEAR, MATERIALISED, Case, Inputs
 from benchmarks.report import count, find, fmt_bytes, size
 from benchmarks.targets import Target
 
@@ -64,7 +53,7 @@ class SpeedGoal(NamedTuple):
 
 
 def speed_goals() -> list[SpeedGoal]:
-    big, small, at = tuple(GOAL_SHAPE), tuple(GOAL_SMALL_SHAPE), f"at {size(GOAL_SHAPE)}"
+    big, small, at = tuple(GOAL_SHAPE), tuple(cases.GOAL_SMALL_SHAPE), f"at {size(GOAL_SHAPE)}"
     jl32, jl16, ox32 = ("jaxloss", "f32"), ("jaxloss", "bf16"), ("optax", "f32")
     ce = "cross_entropy value_and_grad"
     return [
@@ -75,8 +64,8 @@ def speed_goals() -> list[SpeedGoal]:
         SpeedGoal("ce_vag_bf16_vs_f32", f"bf16 {ce} {at}: jaxloss bf16 <= jaxloss f32", "vag",
                   big, jl16, jl32, 1.0),
         SpeedGoal("linear_vag_vs_materialised", "f32 linear_cross_entropy value_and_grad at "
-                  f"{size(LINEAR_GOAL_SHAPE)}: <= 1.0x materialised", "vag",
-                  tuple(LINEAR_GOAL_SHAPE), jl32, ("jaxloss_materialised", "f32"), 1.0,
+                  f"{size(cases.LINEAR_GOAL_SHAPE)}: <= 1.0x materialised", "vag",
+                  tuple(cases.LINEAR_GOAL_SHAPE), jl32, ("jaxloss_materialised", "f32"), 1.0,
                   "linear_cross_entropy"),
         *[SpeedGoal(f"ce_{m}_small_vs_optax", f"f32 cross_entropy {MODE_LABELS[m]} at "
                     f"{size(small)}: jaxloss <= 1.1x optax", m, small, jl32, ox32, 1.1)
@@ -107,9 +96,9 @@ def median_interval(values: Sequence[float],
 
 def _sampler(case: Case, impl: str, dtype: str, g: SpeedGoal) -> Callable[[int], float]:
     """Seconds per call over ``n`` back-to-back calls of one side of a goal, warmed up."""
-    inputs = Inputs(g.shape, DTYPES[dtype])
-    args = jax.block_until_ready(tuple(inputs[n] for n in arg_names(case, g.mode)))
-    compiled = jax.jit(jax_function(case, case.impls[impl], g.mode)).lower(*args).compile()
+    inputs = Inputs(g.shape, cases.DTYPES[dtype])
+    args = jax.block_until_ready(tuple(inputs[n] for n in cases.arg_names(case, g.mode)))
+    compiled = jax.jit(cases.jax_function(case, case.impls[impl], g.mode)).lower(*args).compile()
     jax.block_until_ready(compiled(*args))
 
     def sample(n: int) -> float:
@@ -161,9 +150,9 @@ def compare_until_clear(numerator: Callable[[int], float], denominator: Callable
     }  # fmt: skip
 
 
-def check_goals(records: Sequence[dict], cases: Sequence[Case], quick: bool) -> dict[str, dict]:
+def check_goals(records: Sequence[dict], chosen: Sequence[Case], quick: bool) -> dict[str, dict]:
     """The paired check of every speed goal whose both sides the grid timed."""
-    by_name, checks = {c.name: c for c in cases}, {}
+    by_name, checks = {c.name: c for c in chosen}, {}
     for g in speed_goals():
         if g.case in by_name and timed(records, g):
             print(f"goal check: {g.description}", file=sys.stderr, flush=True)

@@ -21,27 +21,17 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import hlo
-from benchmarks.cases import (
-    DTYPES,
-    Case,
-    Inputs,
-    Shape,
-    abstract_args,
-    arg_names,
-    jax_function,
-    objective,
-)
+from benchmarks import cases, hlo
 
 BYTE_MODEL = "min_bytes = bytes of every input read once + every output written once."
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    case: Case
+    case: cases.Case
     mode: str
     dtype: str
-    shape: Shape
+    shape: cases.Shape
     memory_only: bool = False  # compiled for its temporaries and kernels, not timed
 
     @property
@@ -51,7 +41,7 @@ class Task:
 
     @property
     def logits_bytes(self) -> int:
-        return self.shape[0] * self.shape[-1] * jnp.dtype(DTYPES[self.dtype]).itemsize
+        return self.shape[0] * self.shape[-1] * jnp.dtype(cases.DTYPES[self.dtype]).itemsize
 
 
 PLAN: list[Task] = []  # set by benchmarks.cli; empty: the --quick grid
@@ -79,13 +69,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize(("task", "impl"), found, ids=[f"{t.name}/{i}" for t, i in found])
 
 
-def _inputs(task: Task) -> Inputs:
+def _inputs(task: Task) -> cases.Inputs:
     """The current size's arrays, less those no later benchmark of that size reads."""
     if _state.get("group") != (task.shape, task.dtype):
         _state.clear()
-        _state.update(group=(task.shape, task.dtype), inputs=Inputs(task.shape, DTYPES[task.dtype]))
+        inputs = cases.Inputs(task.shape, cases.DTYPES[task.dtype])
+        _state.update(group=(task.shape, task.dtype), inputs=inputs)
     later = [t for t in PLAN[PLAN.index(task) :] if (t.shape, t.dtype) == _state["group"]]
-    _state["inputs"].keep(set().union(*(arg_names(t.case, t.mode) for t in later)))
+    _state["inputs"].keep(set().union(*(cases.arg_names(t.case, t.mode) for t in later)))
     return _state["inputs"]
 
 
@@ -93,7 +84,7 @@ def _torch_call(task: Task, fn: Callable, args: tuple) -> Callable[[], Any]:
     """PyTorch eager on zero-copy DLPack views of the JAX arrays."""
     import torch
 
-    tensors, f = [torch.from_dlpack(a) for a in args], objective(task.case, fn, task.mode)
+    tensors, f = [torch.from_dlpack(a) for a in args], cases.objective(task.case, fn, task.mode)
     if task.mode == "fwd":
         return lambda: f(*tensors)
     wrt = (task.case.argnums,) if isinstance(task.case.argnums, int) else task.case.argnums
@@ -134,14 +125,14 @@ def relative_error(out: Any, reference: Any) -> float:
 def test_time(benchmark: Any, task: Task, impl: str) -> None:
     """Compiles (compile time, temporaries, kernels), checks against jaxloss, then times."""
     try:
-        names = arg_names(task.case, task.mode)
+        names = cases.arg_names(task.case, task.mode)
         args = jax.block_until_ready(tuple(_inputs(task)[n] for n in names))
         fn, info = task.case.impls[impl], {}
         if impl == "torch":
             call = _torch_call(task, fn, args)
         else:
             started = time.perf_counter()
-            compiled = jax.jit(jax_function(task.case, fn, task.mode)).lower(*args).compile()
+            compiled = jax.jit(cases.jax_function(task.case, fn, task.mode)).lower(*args).compile()
             info = {"compile_s": time.perf_counter() - started, **compile_info(compiled)}
             call = lambda: compiled(*args)
         out = jax.block_until_ready(call())  # the first call also pays page faults: not timed
@@ -168,8 +159,8 @@ def _nbytes(tree: Any) -> int:
 
 def base_record(task: Task) -> dict[str, Any]:
     case, shape = task.case, task.shape
-    specs = abstract_args(case, task.mode, task.dtype, shape)
-    outputs = jax.eval_shape(jax_function(case, case.impls["jaxloss"], task.mode), *specs)
+    specs = cases.abstract_args(case, task.mode, task.dtype, shape)
+    outputs = jax.eval_shape(cases.jax_function(case, case.impls["jaxloss"], task.mode), *specs)
     return {
         "name": task.name.replace("-mem", ""), "case": case.name, "mode": task.mode,
         "dtype": task.dtype, "shape": list(shape),
