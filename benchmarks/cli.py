@@ -252,8 +252,8 @@ def _meta(args: argparse.Namespace, argv: Sequence[str] | None, tasks: Sequence[
     names = ("jax", "jaxlib", "optax", "numpy", "jaxloss", "torch", "pytest-benchmark", *packages)
     versions: dict[str, str | None] = {"python": platform.python_version()}
     for name in names:
+        versions[name] = None  # not installed
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[name] = None
             versions[name] = importlib.metadata.version(name)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent).stdout.strip()  # fmt: skip
@@ -268,10 +268,14 @@ def _finish(args, parts: list[str], meta: dict, records: list, found: list, titl
     text = "\n\n".join([*parts, f"wall time {meta['wall_s']:.1f} s\n"])
     print(text, end="")
     payload = report.write(args, text, meta, records, found, title)
-    plots = f"{len(meta.get('plots', []))} PNG plots, " if meta.get("plots") else ""
-    json_ = "" if args.target else "pytest-benchmark.json "
-    print(f"wrote results.json, table.txt, {plots}{json_}to {args.out}/ (--out DIR to change)",
-          file=sys.stderr)  # fmt: skip
+    plots = [f"{len(meta['plots'])} PNG plots"] if meta.get("plots") else []
+    written = [
+        "results.json",
+        "table.txt",
+        *plots,
+        *([] if args.target else ["pytest-benchmark.json"]),
+    ]
+    print(f"wrote {', '.join(written)} to {args.out}/ (--out DIR to change)", file=sys.stderr)
     return payload
 
 
