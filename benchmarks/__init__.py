@@ -1,8 +1,7 @@
-"""Benchmark suite: jaxloss against optax and torch.nn.functional.
+"""Benchmark suite: jaxloss against optax and torch.nn.functional (``python -m benchmarks --help``).
 
-Run ``python -m benchmarks --help``. Modules: :mod:`benchmarks.cases` (what is timed and its
-peers), :mod:`benchmarks.grid` (the pytest-benchmark tests that time it), :mod:`benchmarks.cli`
-(the command line, goal checks), :mod:`benchmarks.report` (table, goals, JSON, plots),
-:mod:`benchmarks.compiled` (``--target``: compile-only accelerators), :mod:`benchmarks.hlo` and
-:mod:`benchmarks.roofline` (reading and pricing optimised programs).
+:mod:`benchmarks.cases` (what is timed, its peers), :mod:`benchmarks.grid` (the pytest-benchmark
+tests), :mod:`benchmarks.cli` (the command line), :mod:`benchmarks.goals` (goals and verdicts),
+:mod:`benchmarks.report` (tables, JSON, plots), :mod:`benchmarks.targets` and
+:mod:`benchmarks.hlo` (``--target``: compile-only accelerators, their optimised programs priced).
 """

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -29,6 +29,8 @@ GOAL_SHAPE: Shape = (4096, 32768)
 GOAL_SMALL_SHAPE: Shape = (128, 10)
 LINEAR_GOAL_SHAPE: Shape = (2048, 512, 32768)
 LABEL_SMOOTHING = 0.1
+LINEAR, HEADS = "linear_cross_entropy", ("linear_cross_entropy", "linear_distillation")
+MATERIALISED = dict(zip(HEADS, ("jaxloss_materialised", "materialised"), strict=True))
 
 
 def logits_shape(shape: Shape) -> Shape:
@@ -47,9 +49,9 @@ ARRAYS: dict[str, Callable[[Inputs, jax.Array], jax.Array]] = {
     "index_targets": lambda i, k: jax.random.randint(k, i.shape[:1], 0, i.shape[-1], jnp.int32),
     "prob_targets": lambda i, k: jax.nn.softmax(2 * jax.random.normal(k, i.logits)).astype(i.dtype),
     "log_probs": lambda i, k: jax.nn.log_softmax(i["logits"].astype(jnp.float32)).astype(i.dtype),
-    "probs": lambda i, k: jnp.clip(
-        jax.nn.sigmoid(i["logits"].astype(jnp.float32)), 1e-3, 1 - 1e-3
-    ).astype(i.dtype),
+    "probs": lambda i, k: (
+        jax.nn.sigmoid(i["logits"].astype(jnp.float32)).clip(1e-3, 1 - 1e-3).astype(i.dtype)
+    ),
     "binary_targets": lambda i, k: jax.random.uniform(k, i.logits).astype(i.dtype),
     "class_weight": lambda i, k: jax.random.uniform(k, i.logits[-1:], jnp.float32, 0.5, 1.5),
     "hidden": _normal(1.0, lambda s: s[:2]),
@@ -82,29 +84,23 @@ class Inputs:
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One benchmarked function and its peers.
-
-    ``impls``: implementation name -> function of the arrays named by ``arrays`` (JAX, except
-    ``"torch"``, which gets ``torch.Tensor`` views). Array-valued functions (``scalar=False``)
-    are differentiated through ``sum(f(x) * cotangent)``. ``points(backend, quick)``: the case's
-    own ``(shape, dtype)`` points instead of the global grid; ``memory_only(backend)``: points
-    only compiled. ``memory_bound``: whether a copy of the logits is a meaningful floor.
-    """
+    """One benchmarked function: ``impls`` maps an implementation to a function of the arrays
+    named by ``arrays`` (JAX, but ``"torch"``: ``torch.Tensor`` views); an array-valued one
+    (``scalar=False``) is differentiated through ``sum(f(x) * cotangent)``; ``points(backend,
+    quick)``: its own ``(shape, dtype)`` points instead of the grid; ``memory_only``: points
+    only compiled."""
 
     name: str
     description: str
-    peer_note: str
     arrays: tuple[str, ...]
     impls: dict[str, Callable[..., Any]]
     scalar: bool = True
     argnums: int | tuple[int, ...] = 0
     modes: tuple[str, ...] = ("fwd", "vag")
     points: Callable[[str, bool], Sequence[tuple[Shape, str]]] | None = None
-    memory_only: Callable[[str], Sequence[tuple[Shape, str]]] | None = None
-    memory_bound: bool = True
-    tolerance: dict[str, float] = dataclasses.field(
-        default_factory=lambda: {"f32": 2e-3, "bf16": 6e-2}
-    )
+    memory_only: tuple[tuple[Shape, str], ...] = ()
+    tolerance: Mapping[str, float] = dataclasses.field(
+        default_factory=lambda: {"f32": 2e-3, "bf16": 6e-2})  # fmt: skip
 
 
 def objective(case: Case, fn: Callable, mode: str) -> Callable:
@@ -184,76 +180,57 @@ def _distillation_materialised(h, k, th, tk):
 
 
 def all_cases(include_torch: bool = True) -> list[Case]:
-    """Every benchmark, in table order (``linear_distillation`` is compiled for --target only)."""
+    """Every benchmark, in table order, with its optax (or jax.nn) peer and PyTorch's."""
     tp = _torch_peers() if include_torch else {}
     xy, xt, lp = ("logits", "index_targets"), ("logits", "prob_targets"), ("log_probs",)
     ce_int, ce = optax.softmax_cross_entropy_with_integer_labels, optax.softmax_cross_entropy
     smooth = f"label_smoothing={LABEL_SMOOTHING}"
-    # name, description, peers, arrays, jaxloss, optax-or-jax peer, other Case fields
-    rows: list[tuple[str, str, str, tuple[str, ...], Callable, Callable, dict[str, Any]]] = [
-        ("cross_entropy", "cross_entropy, int32 index targets, mean",
-         "optax.softmax_cross_entropy_with_integer_labels(x, y).mean(); F.cross_entropy", xy,
-         jaxloss.cross_entropy, lambda x, y: ce_int(x, y).mean(), {}),
-        ("cross_entropy_probs", "cross_entropy, probability targets, mean",
-         "optax.softmax_cross_entropy(x, t).mean(); F.cross_entropy", xt,
+    # name, description (and what the peer is, where not the same name), arrays, jaxloss, peer
+    rows: list[tuple[str, str, tuple[str, ...], Callable, Callable, dict[str, Any]]] = [
+        ("cross_entropy", "cross_entropy, int32 index targets, mean", xy, jaxloss.cross_entropy,
+         lambda x, y: ce_int(x, y).mean(), {}),
+        ("cross_entropy_probs", "cross_entropy, probability targets, mean", xt,
          jaxloss.cross_entropy, lambda x, t: ce(x, t).mean(), {}),
         ("cross_entropy_smooth_weight", f"cross_entropy, index targets, {smooth}, class weights",
-         "optax.softmax_cross_entropy(x, optax.smooth_labels(one_hot(y), eps) * w).sum() / "
-         "w[y].sum() (PyTorch's weighted mean); F.cross_entropy(weight, label_smoothing)",
          (*xy, "class_weight"),
          lambda x, y, w: jaxloss.cross_entropy(x, y, weight=w, label_smoothing=LABEL_SMOOTHING),
          _optax_smoothed_weighted, {}),
-        ("nll", "nll on log-probabilities, index targets, mean",
-         "hand-written -take_along_axis(lp, y).mean(); F.nll_loss", (*lp, "index_targets"),
-         jaxloss.nll, lambda lp, y: -jnp.take_along_axis(lp, y[:, None], axis=-1).mean(),
-         {"memory_bound": False}),
-        ("bce_with_logits", "bce_with_logits, soft targets, mean",
-         "optax.sigmoid_binary_cross_entropy(x, t).mean(); F.binary_cross_entropy_with_logits",
-         ("logits", "binary_targets"), jaxloss.bce_with_logits,
-         lambda x, t: optax.sigmoid_binary_cross_entropy(x, t).mean(), {}),
-        ("bce", "bce on probabilities, soft targets, mean",
-         "hand-written jnp -(t max(log p, -100) + (1-t) max(log1p(-p), -100)).mean(); "
-         "F.binary_cross_entropy", ("probs", "binary_targets"), jaxloss.bce, _bce_peer, {}),
-        ("kl_div", "kl_div(log_q, t), reduction=batchmean",
-         "optax.kl_divergence(log_q, t).mean(); F.kl_div(reduction='batchmean')",
-         (*lp, "prob_targets"), lambda lq, t: jaxloss.kl_div(lq, t, reduction="batchmean"),
+        ("nll", "nll on log-probabilities, index targets, mean (peer: -take_along_axis)",
+         (*lp, "index_targets"), jaxloss.nll,
+         lambda lp, y: -jnp.take_along_axis(lp, y[:, None], axis=-1).mean(), {}),
+        ("bce_with_logits", "bce_with_logits, soft targets, mean", ("logits", "binary_targets"),
+         jaxloss.bce_with_logits, lambda x, t: optax.sigmoid_binary_cross_entropy(x, t).mean(), {}),
+        ("bce", "bce on probabilities, soft targets, mean (peer: hand-written jnp)",
+         ("probs", "binary_targets"), jaxloss.bce, _bce_peer, {}),
+        ("kl_div", "kl_div(log_q, t), reduction=batchmean", (*lp, "prob_targets"),
+         lambda lq, t: jaxloss.kl_div(lq, t, reduction="batchmean"),
          lambda lq, t: optax.kl_divergence(lq, t).mean(), {}),
-        ("softmax", "softmax over the last axis (array output)", "jax.nn.softmax; torch.softmax",
-         ("logits",), jaxloss.softmax, jax.nn.softmax, {"scalar": False}),
-        ("log_softmax", "log_softmax over the last axis (array output)",
-         "jax.nn.log_softmax; torch.log_softmax", ("logits",), jaxloss.log_softmax,
-         jax.nn.log_softmax, {"scalar": False}),
-        ("entropy", "entropy of probability rows, mean over rows",
-         "jax.scipy.special.entr(p).sum(-1).mean(); torch.special.entr", ("prob_targets",),
-         lambda p: jaxloss.entropy(p).mean(), lambda p: jax.scipy.special.entr(p).sum(-1).mean(),
-         {}),
-        ("linear_cross_entropy",
-         "fused linear_cross_entropy(hidden, kernel, y) vs cross_entropy(hidden @ kernel, y)",
-         "materialised: cross_entropy(h @ k, y) in jaxloss, optax and torch",
+        ("softmax", "softmax over the last axis (array output)", ("logits",), jaxloss.softmax,
+         jax.nn.softmax, {"scalar": False}),
+        ("log_softmax", "log_softmax over the last axis (array output)", ("logits",),
+         jaxloss.log_softmax, jax.nn.log_softmax, {"scalar": False}),
+        ("entropy", "entropy of probability rows, mean over rows (peer: jax.scipy entr)",
+         ("prob_targets",), lambda p: jaxloss.entropy(p).mean(),
+         lambda p: jax.scipy.special.entr(p).sum(-1).mean(), {}),
+        (LINEAR, "fused linear_cross_entropy(hidden, kernel, y) vs materialised "
+         "cross_entropy(hidden @ kernel, y) in jaxloss, optax and torch",
          ("hidden", "kernel", "index_targets"), jaxloss.linear_cross_entropy,
          lambda h, k, y: ce_int(h @ k, y).mean(),
-         {"argnums": (0, 1), "memory_bound": False, "points": _linear_points,
-          "memory_only": lambda backend: [((8192, 2048, 131072), "f32")],
-          "tolerance": {"f32": 2e-3, "bf16": 1e-1}}),
+         {"argnums": (0, 1), "points": _linear_points, "tolerance": {"f32": 2e-3, "bf16": 1e-1},
+          "memory_only": (((8192, 2048, 131072), "f32"),)}),
     ]  # fmt: skip
     materialised = {"jaxloss_materialised": lambda h, k, y: jaxloss.cross_entropy(h @ k, y)}
-    return [
-        Case(name, desc, note, arrays, {"jaxloss": ours, "optax": peer}
-             | (materialised if name == "linear_cross_entropy" else {})
-             | ({"torch": tp[name]} if name in tp else {}), **extra)
-        for name, desc, note, arrays, ours, peer, extra in rows
-    ]  # fmt: skip
+    return [Case(name, desc, arrays, {"jaxloss": ours, "optax": peer}
+                 | (materialised if name == LINEAR else {})
+                 | ({"torch": tp[name]} if name in tp else {}), **extra)
+            for name, desc, arrays, ours, peer, extra in rows]  # fmt: skip
 
 
 def distillation_case() -> Case:
     """``linear_distillation`` (KL, mean, a teacher of the student's size) against the
     ``kl_div`` of both materialised ``log_softmax``es: compiled for the targets only."""
-    return Case(
-        "linear_distillation",
-        "fused linear_distillation(h, k, h_t, k_t) vs kl_div of the materialised log-softmaxes",
-        "materialised: kl_div(log_softmax(h @ k), log_softmax(h_t @ k_t), batchmean)",
-        ("hidden", "kernel", "teacher_hidden", "teacher_kernel"),
-        {"jaxloss": jaxloss.linear_distillation,
-         "materialised": _distillation_materialised},
-        argnums=(0, 1), modes=("vag",), memory_bound=False,
-    )  # fmt: skip
+    return Case(HEADS[1], "fused linear_distillation(h, k, h_t, k_t) vs kl_div of the "
+                "materialised log-softmaxes", ("hidden", "kernel", "teacher_hidden",
+                "teacher_kernel"), {"jaxloss": jaxloss.linear_distillation,
+                "materialised": _distillation_materialised},
+                argnums=(0, 1), modes=("vag",))  # fmt: skip

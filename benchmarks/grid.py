@@ -7,7 +7,6 @@ options after ``--`` (``--benchmark-save``, ``--benchmark-compare``) compare wit
 implementation is compiled first (temporaries and kernels read) and checked against jaxloss.
 The timer (:func:`wait_then_time`) waits for the work dispatched so far, then reads the clock:
 a round of ``n`` calls is ``n`` asynchronous dispatches and one wait, as in a training loop.
-The copy floor: :data:`BYTE_MODEL`.
 """
 
 from __future__ import annotations
@@ -22,37 +21,18 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import hlo
-from benchmarks.cases import (
-    DTYPES,
-    Case,
-    Inputs,
-    Shape,
-    abstract_args,
-    arg_names,
-    jax_function,
-    objective,
-)  # fmt: skip
+from benchmarks import cases, hlo
 
-BYTE_MODEL = (
-    "min_bytes = bytes of every input read once + every output written once. Bandwidth = 2 x "
-    "logits_bytes / t(x * s in place, donated; s a runtime scalar). A fresh array output (the "
-    "gradient, softmax's output) also pays t(x * s into a new buffer) - t(in place) per "
-    "logits_bytes: page faults on CPU. floor_s = min_bytes / bandwidth + fresh_output_bytes x "
-    "that price; copy_fraction = floor_s / t (1 = speed of light); both copies timed once per "
-    "size and dtype, only for logits >= 8 MiB."
-)
-COPY_FLOOR_MIN_BYTES = 8 * 2**20  # below this a copy times dispatch and caches, not memory
-COPIES = ("copy_in_place", "copy_fresh")
+BYTE_MODEL = "min_bytes = bytes of every input read once + every output written once."
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    case: Case
+    case: cases.Case
     mode: str
     dtype: str
-    shape: Shape
-    memory_only: bool = False
+    shape: cases.Shape
+    memory_only: bool = False  # compiled for its temporaries and kernels, not timed
 
     @property
     def name(self) -> str:
@@ -61,12 +41,7 @@ class Task:
 
     @property
     def logits_bytes(self) -> int:
-        shape = (self.shape[0], self.shape[-1])
-        return math.prod(shape) * jnp.dtype(DTYPES[self.dtype]).itemsize
-
-    @property
-    def floored(self) -> bool:
-        return self.case.memory_bound and self.logits_bytes >= COPY_FLOOR_MIN_BYTES
+        return self.shape[0] * self.shape[-1] * jnp.dtype(cases.DTYPES[self.dtype]).itemsize
 
 
 PLAN: list[Task] = []  # set by benchmarks.cli; empty: the --quick grid
@@ -85,39 +60,23 @@ def wait_then_time() -> float:
 pytestmark = pytest.mark.benchmark(timer=wait_then_time)
 
 
-def copy_name(task: Task) -> str:
-    return f"copy/{task.dtype}/{'x'.join(map(str, task.shape))}"
-
-
-def items(plan: list[Task]) -> list[tuple[Task, str]]:
-    """``(task, implementation)`` in timing order; a size's two copies before its first
-    floored benchmark."""
-    found, copied = [], set()
-    for task in (t for t in plan if not t.memory_only):
-        if task.floored and copy_name(task) not in copied:
-            copied.add(copy_name(task))
-            found += [(task, copy) for copy in COPIES]
-        found += [(task, impl) for impl in task.case.impls]
-    return found
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if not PLAN:
         from benchmarks import cli
 
-        PLAN[:] = cli.plan(cli.build_parser().parse_args(["--quick"]), jax.default_backend())
-    found = items(PLAN)
-    ids = [copy_name(t) + f"/{i}" if i in COPIES else f"{t.name}/{i}" for t, i in found]
-    metafunc.parametrize(("task", "impl"), found, ids=ids)
+        PLAN[:] = cli.plan(cli.parse(["--quick"])[0], jax.default_backend())
+    found = [(t, impl) for t in PLAN if not t.memory_only for impl in t.case.impls]
+    metafunc.parametrize(("task", "impl"), found, ids=[f"{t.name}/{i}" for t, i in found])
 
 
-def _inputs(task: Task) -> Inputs:
+def _inputs(task: Task) -> cases.Inputs:
     """The current size's arrays, less those no later benchmark of that size reads."""
     if _state.get("group") != (task.shape, task.dtype):
         _state.clear()
-        _state.update(group=(task.shape, task.dtype), inputs=Inputs(task.shape, DTYPES[task.dtype]))
+        inputs = cases.Inputs(task.shape, cases.DTYPES[task.dtype])
+        _state.update(group=(task.shape, task.dtype), inputs=inputs)
     later = [t for t in PLAN[PLAN.index(task) :] if (t.shape, t.dtype) == _state["group"]]
-    _state["inputs"].keep(set().union(*(arg_names(t.case, t.mode) for t in later)))
+    _state["inputs"].keep(set().union(*(cases.arg_names(t.case, t.mode) for t in later)))
     return _state["inputs"]
 
 
@@ -125,8 +84,7 @@ def _torch_call(task: Task, fn: Callable, args: tuple) -> Callable[[], Any]:
     """PyTorch eager on zero-copy DLPack views of the JAX arrays."""
     import torch
 
-    tensors = [torch.from_dlpack(a) for a in args]
-    f = objective(task.case, fn, task.mode)
+    tensors, f = [torch.from_dlpack(a) for a in args], cases.objective(task.case, fn, task.mode)
     if task.mode == "fwd":
         return lambda: f(*tensors)
     wrt = (task.case.argnums,) if isinstance(task.case.argnums, int) else task.case.argnums
@@ -140,23 +98,6 @@ def _torch_call(task: Task, fn: Callable, args: tuple) -> Callable[[], Any]:
     return call
 
 
-_SCALE_IN_PLACE = jax.jit(lambda x, s: x * s, donate_argnums=0)
-_SCALE = jax.jit(lambda x, s: x * s)
-
-
-def _copy_call(impl: str, like: jax.Array) -> Callable[[], Any]:
-    s = jnp.asarray(1, like.dtype)
-    if impl == "copy_fresh":
-        return lambda: _SCALE(like, s)
-    state = [jnp.ones(like.shape, like.dtype)]
-
-    def in_place() -> jax.Array:
-        state[0] = _SCALE_IN_PLACE(state[0], s)
-        return state[0]
-
-    return in_place
-
-
 def compile_info(compiled: Any) -> dict[str, Any]:
     """Temporary bytes (``memory_analysis()``) and entry kernels of an executable."""
     try:
@@ -164,28 +105,6 @@ def compile_info(compiled: Any) -> dict[str, Any]:
     except Exception:  # a backend without the analysis
         temp = None
     return {"temp_bytes": temp, "hlo_ops": hlo.entry_traffic(compiled.as_text()).ops}
-
-
-def prepare(task: Task, impl: str) -> tuple[Callable[[], Any], dict[str, Any]]:
-    """The call to time and what is known of it before timing: compile time, temporaries,
-    kernels, agreement with jaxloss's output."""
-    args = jax.block_until_ready(tuple(_inputs(task)[n] for n in arg_names(task.case, task.mode)))
-    if impl in COPIES:
-        return _copy_call(impl, args[0]), {}
-    fn = task.case.impls[impl]
-    if impl == "torch":
-        call, info = _torch_call(task, fn, args), {}
-    else:
-        started = time.perf_counter()
-        compiled = jax.jit(jax_function(task.case, fn, task.mode)).lower(*args).compile()
-        info = {"compile_s": time.perf_counter() - started, **compile_info(compiled)}
-        call = lambda: compiled(*args)
-    out = jax.block_until_ready(call())  # the first call also pays page faults: not timed
-    if impl == "jaxloss":
-        _state["reference"] = out
-    elif CHECK and "reference" in _state:
-        info["agreement"] = relative_error(out, _state["reference"])
-    return call, info
 
 
 @jax.jit
@@ -204,18 +123,32 @@ def relative_error(out: Any, reference: Any) -> float:
 
 
 def test_time(benchmark: Any, task: Task, impl: str) -> None:
-    name = copy_name(task) if impl in COPIES else task.name
+    """Compiles (compile time, temporaries, kernels), checks against jaxloss, then times."""
     try:
-        call, info = prepare(task, impl)
+        names = cases.arg_names(task.case, task.mode)
+        args = jax.block_until_ready(tuple(_inputs(task)[n] for n in names))
+        fn, info = task.case.impls[impl], {}
+        if impl == "torch":
+            call = _torch_call(task, fn, args)
+        else:
+            started = time.perf_counter()
+            compiled = jax.jit(cases.jax_function(task.case, fn, task.mode)).lower(*args).compile()
+            info = {"compile_s": time.perf_counter() - started, **compile_info(compiled)}
+            call = lambda: compiled(*args)
+        out = jax.block_until_ready(call())  # the first call also pays page faults: not timed
     except Exception as err:
-        ERRORS[name, impl] = f"{type(err).__name__}: {err}"[:300]
+        ERRORS[task.name, impl] = f"{type(err).__name__}: {err}"[:300]
         raise
+    if impl == "jaxloss":
+        _state["reference"] = out
+    elif CHECK and "reference" in _state:
+        info["agreement"] = relative_error(out, _state["reference"])
+    benchmark.group = task.name
+    benchmark.extra_info.update(benchmark=task.name, impl=impl, **info)
 
     def timed() -> None:
         _pending[0] = call()
 
-    benchmark.group = name
-    benchmark.extra_info.update(benchmark=name, impl=impl, **info)
     benchmark(timed)
     _pending[0] = None
 
@@ -226,16 +159,14 @@ def _nbytes(tree: Any) -> int:
 
 def base_record(task: Task) -> dict[str, Any]:
     case, shape = task.case, task.shape
-    specs = abstract_args(case, task.mode, task.dtype, shape)
-    outputs = jax.eval_shape(jax_function(case, case.impls["jaxloss"], task.mode), *specs)
-    elements = shape[0] * shape[-1]
+    specs = cases.abstract_args(case, task.mode, task.dtype, shape)
+    outputs = jax.eval_shape(cases.jax_function(case, case.impls["jaxloss"], task.mode), *specs)
     return {
         "name": task.name.replace("-mem", ""), "case": case.name, "mode": task.mode,
         "dtype": task.dtype, "shape": list(shape),
         "shape_names": ["N", "D", "V"] if len(shape) == 3 else ["N", "C"],
-        "elements": elements, "logits_bytes": task.logits_bytes, "memory_only": task.memory_only,
-        "min_bytes": _nbytes(specs) + _nbytes(outputs),
-        "fresh_output_bytes": _nbytes([x for x in jax.tree.leaves(outputs) if x.ndim]),
+        "elements": shape[0] * shape[-1], "logits_bytes": task.logits_bytes,
+        "memory_only": task.memory_only, "min_bytes": _nbytes(specs) + _nbytes(outputs),
         "impls": {name: {} for name in case.impls}, "agreement": {},
     }  # fmt: skip
 
@@ -250,32 +181,17 @@ def records(plan: list[Task], saved: dict[str, Any]) -> list[dict[str, Any]]:
         for impl, entry in record["impls"].items():
             if (task.name, impl) in ERRORS:
                 entry["error"] = ERRORS[task.name, impl]
-            if (task.name, impl) in stats:
-                b = stats[task.name, impl]
+            if (b := stats.get((task.name, impl))) is not None:
                 info = {k: v for k, v in b["extra_info"].items() if k not in ("benchmark", "impl")}
                 if "agreement" in info:
                     record["agreement"][impl] = info.pop("agreement")
-                median, st = b["stats"]["median"], b["stats"]
-                entry.update(info, median_s=median, min_s=st["min"], iqr_s=st["iqr"],
+                st = b["stats"]
+                entry.update(info, median_s=st["median"], min_s=st["min"], iqr_s=st["iqr"],
                              rounds=st["rounds"], calls_per_round=st["iterations"],
-                             elements_per_s=record["elements"] / median,
-                             bytes_per_s=record["min_bytes"] / median)  # fmt: skip
+                             elements_per_s=record["elements"] / st["median"],
+                             bytes_per_s=record["min_bytes"] / st["median"])  # fmt: skip
         record["tolerance"] = task.case.tolerance.get(task.dtype, 1e-2)
         record["agrees"] = all(e <= record["tolerance"] for e in record["agreement"].values())
-        copies = [stats.get((copy_name(task), c), {}).get("stats", {}).get("median")
-                  for c in COPIES]  # fmt: skip
-        record["floor_s"] = None
-        if task.floored and None not in copies:
-            (t_in, t_fresh), bandwidth = copies, 2 * task.logits_bytes / copies[0]
-            price = max(t_fresh - t_in, 0.0) / task.logits_bytes  # per fresh output byte
-            record["copy"] = {
-                "in_place_s": t_in,
-                "fresh_output_s": t_fresh,
-                "bytes_per_s": bandwidth,
-            }
-            record["floor_s"] = (
-                record["min_bytes"] / bandwidth + record["fresh_output_bytes"] * price
-            )
         finish_record(record)
         found.append(record)
     return found
@@ -283,12 +199,11 @@ def records(plan: list[Task], saved: dict[str, Any]) -> list[dict[str, Any]]:
 
 def finish_record(record: dict[str, Any]) -> None:
     """Temporaries over logits bytes; time ratios (of medians) to optax and of jaxloss to the
-    other implementations; the copy fraction."""
-    impls, floor = record["impls"], record.get("floor_s")
+    other implementations."""
+    impls = record["impls"]
     for entry in impls.values():
-        temp, median = entry.get("temp_bytes"), entry.get("median_s")
+        temp = entry.get("temp_bytes")
         entry["temp_ratio"] = None if temp is None else temp / record["logits_bytes"]
-        entry["copy_fraction"] = floor / median if floor and median else None
     medians = {k: e["median_s"] for k, e in impls.items() if e.get("median_s")}
     jl, ox = medians.get("jaxloss"), medians.get("optax")
     record["ratio_to_optax"] = {k: t / ox for k, t in medians.items() if ox and k != "optax"}

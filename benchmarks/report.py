@@ -1,8 +1,7 @@
-"""What comes out: the tables, the goals, ``results.json`` and the PNG plots."""
+"""What comes out: the tables, the goal lines, ``results.json`` and the PNG plots."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import textwrap
@@ -10,10 +9,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.cases import GOAL_SHAPE, GOAL_SMALL_SHAPE, LINEAR_GOAL_SHAPE
+from benchmarks.cases import HEADS, MATERIALISED
 
 IMPL_COLUMNS = ("jaxloss", "optax", "torch")
-MODE_LABELS = {"fwd": "forward", "vag": "value_and_grad"}
 # nll's forward gathers one element per row: its throughput counts rows, not logits elements
 # (per element it would "run" at ~1e12 elements/s on a CPU).
 PER_ROW_THROUGHPUT = frozenset({"nll"})
@@ -50,8 +48,18 @@ def fmt_ratio(r: float | None, digits: int = 2) -> str:
     return "-" if r is None or not math.isfinite(r) else f"{r:.{digits}f}"
 
 
+def count(value: float) -> str:
+    return f"{value:.0f}" if abs(value - round(value)) < 0.05 else f"{value:.2f}"
+
+
 def size(shape: Sequence[int]) -> str:
     return "x".join(map(str, shape))
+
+
+def find(records: Sequence[dict], case: str, mode: str, dtype: str, shape, memory_only=None):
+    key = (case, mode, dtype, tuple(shape))
+    return next((r for r in records if (r["case"], r["mode"], r["dtype"], tuple(r["shape"])) == key
+                 and memory_only in (None, r["memory_only"])), None)  # fmt: skip
 
 
 # A column: header, width (negative: left-aligned) and the cell of a record.
@@ -67,45 +75,67 @@ def pair(key: str, fmt: Callable[[Any], str], a: str = "jaxloss", b: str = "opta
     return lambda r: f"{impl(a, key, fmt)(r)}/{impl(b, key, fmt)(r)}"
 
 
-def _pct(r: float) -> str:
-    return f"{100 * r:.0f}%"
+def _mat(key: str, fmt: Callable[[Any], str]) -> Callable[[dict], str]:
+    return lambda r: impl(MATERIALISED[r["case"]], key, fmt)(r)
 
 
-def _ratio(name: str) -> Callable[[dict], str]:
-    return lambda r: fmt_ratio(r.get("ratio_to_optax", {}).get(name))
-
-
-def _gel(r: dict) -> str:
-    return fmt_ratio(None if (t := throughput(r, "jaxloss")) is None else t / 1e9, 3)
-
-
+# fmt: off
 FIRST: list[Column] = [("function", -27, lambda r: r["case"]), ("mode", -4, lambda r: r["mode"])]
-WHERE: list[Column] = [("dtype", -5, lambda r: r["dtype"]),
-                       ("shape", -13, lambda r: size(r["shape"]))]  # fmt: skip
-TIMES: list[Column] = [*[(k, 7, impl(k, "median_s", fmt_time)) for k in IMPL_COLUMNS],
-                       ("jl/ox", 5, _ratio("jaxloss")), ("to/ox", 5, _ratio("torch")),
-                       ("%copy", 5, impl("jaxloss", "copy_fraction", _pct))]  # fmt: skip
-TEMPS: list[Column] = [("temp jl", 8, impl("jaxloss", "temp_bytes", fmt_bytes)),
-                       ("temp ox", 8, impl("optax", "temp_bytes", fmt_bytes))]  # fmt: skip
-COMPACT = [*FIRST, *TIMES, *TEMPS]
-WIDE = [*FIRST, *WHERE, *TIMES, ("ox%cpy", 6, impl("optax", "copy_fraction", _pct)),
-        ("jl Gel/s", 8, _gel), *TEMPS, ("jl/lgt", 6, impl("jaxloss", "temp_ratio", fmt_ratio)),
-        ("ox/lgt", 6, impl("optax", "temp_ratio", fmt_ratio)),
-        ("ops", 7, pair("hlo_ops", lambda ops: str(sum(ops.values()))))]  # fmt: skip
+CPU_COLUMNS: list[Column] = [
+    *FIRST, *[(k, 7, impl(k, "median_s", fmt_time)) for k in IMPL_COLUMNS],
+    *[(h, 5, lambda r, k=k: fmt_ratio(r.get("ratio_to_optax", {}).get(k)))
+      for h, k in (("jl/ox", "jaxloss"), ("to/ox", "torch"))],
+    ("temp jl", 8, impl("jaxloss", "temp_bytes", fmt_bytes)),
+    ("temp ox", 8, impl("optax", "temp_bytes", fmt_bytes)),
+]
+TARGET_COLUMNS: list[Column] = [
+    *FIRST, ("dtype", -5, lambda r: r["dtype"]), ("shape", -13, lambda r: size(r["shape"])),
+    ("kernels", 7, pair("kernels", str)), ("x copy", 11, pair("copy_ratio", lambda v: f"{v:.3f}")),
+    ("temporaries", 17, pair("temp_bytes", fmt_bytes)),
+    ("roofline", 15, pair("roofline_s", fmt_time)),
+]
+HEAD_COLUMNS: list[Column] = [
+    ("function", -21, lambda r: r["case"]), ("dtype", -5, lambda r: r["dtype"]),
+    ("N x D x V", -17, lambda r: size(r["shape"])),
+    ("fused", 7, impl("jaxloss", "roofline_s", fmt_time)),
+    ("materia.", 8, _mat("roofline_s", fmt_time)),
+    ("ratio", 6, lambda r: "-" if (v := r.get("ratio_to_materialised")) is None else f"{v:.2f}x"),
+    ("NDV matmuls", 11, lambda r: f"{impl('jaxloss', 'matmuls', count)(r)} / "
+                                  f"{_mat('matmuls', count)(r)}"),
+    ("temporaries", 17, lambda r: f"{impl('jaxloss', 'temp_bytes', fmt_bytes)(r)} / "
+                                  f"{_mat('temp_bytes', fmt_bytes)(r)}"),
+    ("launches", 8, impl("jaxloss", "launches")),
+]
+# fmt: on
 LEGEND = (
     "Times: median per call over pytest-benchmark's rounds (fwd: forward, vag: "
     "jax.value_and_grad; compiled only: not run). jl/ox, to/ox: jaxloss's and torch's median "
     "over optax's (< 1: faster than optax). Another implementation (linear_cross_entropy's "
     "jaxloss_materialised, cross_entropy(h @ k)) gets a line of its own: its median, temporaries "
-    "and jaxloss/this, jaxloss's median over its median (< 1: jaxloss faster). %copy: jaxloss's "
-    "speed as a fraction of a copy of the same bytes (byte model in table.txt; logits >= 8 MiB). "
-    "temp: compiled temporary memory (memory_analysis). Wide table: Gel/s = 1e9 logits elements "
-    "per second (nll: rows), /lgt = temp / logits bytes, ops = kernels of the compiled entry "
-    "computation (jaxloss/optax)."
+    "and jaxloss/this, jaxloss's median over its median (< 1: jaxloss faster). temp: compiled "
+    "temporary memory (memory_analysis); results.json has every figure."
+)
+NOT_MEASURED = (
+    "COMPILER FIGURES, NOT MEASUREMENTS: each program is compiled for a device this machine "
+    "does not have; kernels, bytes, FLOPs, loop trip counts and temporaries are read from the "
+    "optimised program, and the time is modelled from them and the target's peaks."
+)
+TRAFFIC_MODEL = (
+    "roofline = modelled time: every kernel of the optimised program (fusion, custom call, "
+    "top-level op) costs max(dot/convolution FLOPs / peak, bytes / HBM bandwidth), loop bodies "
+    "x their trip counts; hbm = the kernels' operands + results (a sliced or gathered operand "
+    "counts what is taken, an in-place update its update); copy = every input read once and "
+    "every output written once; x copy = hbm / copy."
+)
+HEADS_LEGEND = (
+    "value_and_grad of the mean loss in (hidden, kernel), default options; fused: jaxloss; "
+    "materialised: cross_entropy(h @ k, y) (linear_cross_entropy) or kl_div of the two "
+    "log_softmaxes (linear_distillation); NDV matmuls: dots of ~2·N·D·V FLOPs (block dots "
+    "x their loop trips), fused / materialised; launches: kernel launches of the fused "
+    "program (loops unrolled)."
 )
 
 
-# fmt: off
 def table(records: Sequence[dict], columns: Sequence[Column], group: bool = True) -> list[str]:
     """A header and one line per record (a heading per dtype and size with ``group``), each
     followed by its notes: disagreeing peers, errors, other implementations."""
@@ -128,114 +158,32 @@ def table(records: Sequence[dict], columns: Sequence[Column], group: bool = True
                 lines.append(f"{'':29}error {k}: {e['error'][:60]}")
             elif k not in IMPL_COLUMNS and group and "median_s" in e:
                 ratio = r.get("jaxloss_ratio_to", {}).get(k)
+                versus = "" if ratio is None else f", jaxloss/this {ratio:.2f}"
                 lines.append(f"{'':29}{k}: {fmt_time(e['median_s'])}, temp "
-                             f"{fmt_bytes(e.get('temp_bytes'))}"
-                             + ("" if ratio is None else f", jaxloss/this {ratio:.2f}"))
+                             f"{fmt_bytes(e.get('temp_bytes'))}{versus}")  # fmt: skip
     return lines
-# fmt: on
 
 
-def format_table(records: Sequence[dict], wide: bool = False) -> str:
-    """The CPU table: within 100 columns, or ``wide`` with every column (``table.txt``)."""
-    return "\n".join([*table(records, WIDE if wide else COMPACT), "", *textwrap.wrap(LEGEND, 100)])
+def format_table(records: Sequence[dict]) -> str:
+    """The CPU table, within 100 columns."""
+    return "\n".join([*table(records, CPU_COLUMNS), "", *textwrap.wrap(LEGEND, 100)])
 
 
-# Goals
-
-
-def find(records: Sequence[dict], case: str, mode: str, dtype: str, shape, memory_only=None):
-    key = (case, mode, dtype, tuple(shape))
-    return next((r for r in records if (r["case"], r["mode"], r["dtype"], tuple(r["shape"])) == key
-                 and memory_only in (None, r["memory_only"])), None)  # fmt: skip
-
-
-@dataclasses.dataclass(frozen=True)
-class SpeedGoal:
-    """``time(numerator) / time(denominator) <= threshold``, each side ``(impl, dtype)``,
-    judged by its own paired measurement (:func:`benchmarks.cli.compare_until_clear`)."""
-
-    id: str
-    description: str
-    mode: str
-    shape: tuple[int, ...]
-    numerator: tuple[str, str]
-    denominator: tuple[str, str]
-    threshold: float
-    case: str = "cross_entropy"
-
-
-def speed_goals() -> list[SpeedGoal]:
-    big, small, at = tuple(GOAL_SHAPE), tuple(GOAL_SMALL_SHAPE), f"at {size(GOAL_SHAPE)}"
-    jl32, jl16, ox32, vag = ("jaxloss", "f32"), ("jaxloss", "bf16"), ("optax", "f32"), "vag"
-    ce = "cross_entropy value_and_grad"
-    return [
-        SpeedGoal("ce_vag_f32_vs_optax", f"f32 {ce} {at}: jaxloss <= 1.05x optax", vag, big,
-                  jl32, ox32, 1.05),
-        SpeedGoal("ce_vag_bf16_vs_optax", f"bf16 {ce} {at}: jaxloss <= 0.5x optax bf16", vag,
-                  big, jl16, ("optax", "bf16"), 0.5),
-        SpeedGoal("ce_vag_bf16_vs_f32", f"bf16 {ce} {at}: jaxloss bf16 <= jaxloss f32", vag, big,
-                  jl16, jl32, 1.0),
-        SpeedGoal("linear_vag_vs_materialised", "f32 linear_cross_entropy value_and_grad at "
-                  f"{size(LINEAR_GOAL_SHAPE)}: <= 1.0x materialised", vag, tuple(LINEAR_GOAL_SHAPE),
-                  jl32, ("jaxloss_materialised", "f32"), 1.0, "linear_cross_entropy"),
-        *[SpeedGoal(f"ce_{m}_small_vs_optax", f"f32 cross_entropy {MODE_LABELS[m]} at "
-                    f"{size(small)}: jaxloss <= 1.1x optax", m, small, jl32, ox32, 1.1)
-          for m in ("fwd", "vag")],
-    ]  # fmt: skip
-
-
-def timed(records: Sequence[dict], goal: SpeedGoal) -> bool:
-    """Whether the grid timed both sides of ``goal`` (then it gets its own paired check)."""
-    found = [(find(records, goal.case, goal.mode, d, goal.shape, False), i)
-             for i, d in (goal.numerator, goal.denominator)]  # fmt: skip
-    return all(r is not None and r["impls"].get(i, {}).get("median_s") for r, i in found)
-
-
-def goal(goal_id: str, description: str, kind: str, lhs, rhs, threshold: float, lhs_label: str,
-         rhs_label: str, note: str = "", slack: float = 0.0) -> dict:  # fmt: skip
-    """``lhs <= threshold * rhs + slack``: a compiler figure (bytes, modelled time), exact."""
-    result = {"id": goal_id, "description": description, "kind": kind, "lhs_label": lhs_label,
-              "lhs": lhs, "rhs_label": rhs_label, "rhs": rhs, "threshold": threshold,
-              "interval": None, "rounds": 0, "note": note}  # fmt: skip
-    if lhs is None or not rhs:
-        return {**result, "status": "N/A", "ratio": None, "note": note or "not compiled"}
-    status = "PASS" if lhs <= threshold * rhs + slack else "FAIL"
-    return {**result, "status": status, "ratio": lhs / rhs}
-
-
-def evaluate_goals(records: Sequence[dict], backend: str, checks: dict[str, dict] | None = None,
-                   quick_times: set[str] | None = None) -> list[dict]:  # fmt: skip
-    """PASS, FAIL, INCONCLUSIVE (timing too noisy to tell) or N/A. ``checks``: the paired check
-    of each speed goal by id; ``quick_times``: the speed goals ``--quick`` times (default all)."""
-    found = []
-    for g in speed_goals():
-        check = (checks or {}).get(g.id)
-        result = {"id": g.id, "description": g.description, "kind": "time",
-                  "threshold": g.threshold, "lhs_label": " ".join(g.numerator) + " s",
-                  "rhs_label": " ".join(g.denominator) + " s", "interval": None, "rounds": 0,
-                  "status": "N/A", "lhs": None, "rhs": None, "ratio": None,
-                  "note": "" if backend == "cpu" else f"goal is defined for CPU; measured on "
-                  f"{backend}"}  # fmt: skip
-        if check is not None:
-            result.update(status=check["verdict"], lhs=check["numerator_s"], ratio=check["ratio"],
-                          rhs=check["denominator_s"], interval=check["interval"],
-                          rounds=check["rounds"], check=check)  # fmt: skip
-        elif quick_times is None or g.id in quick_times:
-            result["note"] = "not timed in this run (the full grid and --quick time it)"
-        else:
-            result["note"] = (f"not timed in this run: --quick leaves out {size(g.shape)}; the "
-                              f"full grid times it (this goal's function alone: python -m "
-                              f"benchmarks --filter '^{g.case}$')")  # fmt: skip
-        found.append(result)
-    for dtype in ("f32", "bf16"):
-        r = find(records, "cross_entropy", "vag", dtype, GOAL_SHAPE) or {"impls": {}}
-        mine, theirs = (r["impls"].get(k, {}).get("temp_bytes") for k in ("jaxloss", "optax"))
-        why = "no memory analysis from XLA" if r.get("logits_bytes") else "not compiled in this run"
-        found.append(goal(f"ce_vag_temp_{dtype}", f"{dtype} cross_entropy value_and_grad "
-                          f"temporaries at {size(GOAL_SHAPE)} <= 1x logits bytes", "bytes", mine,
-                          r.get("logits_bytes"), 1.0, "jaxloss temp bytes", "logits bytes",
-                          why if mine is None else f"optax: {fmt_bytes(theirs)}"))  # fmt: skip
-    return found
+def format_target_tables(records: Sequence[dict]) -> str:
+    """Every case but the heads (jaxloss/optax), then the linear heads against their
+    materialised formulas and where the fused time goes."""
+    heads = [r for r in records if r["case"] in HEADS]
+    lines = table([r for r in records if r["case"] not in HEADS], TARGET_COLUMNS, group=False)
+    lines += ["", "kernels, x copy, temporaries, roofline: jaxloss/optax (jax.nn for softmax and "
+              "log_softmax). " + TRAFFIC_MODEL, "", *table(heads, HEAD_COLUMNS, False), "",
+              "where the fused time goes (its costliest kernels: calls x bytes per call):"
+              ]  # fmt: skip
+    for r in heads:
+        top = r["impls"].get("jaxloss", {}).get("top_kernels", [])[:4]
+        parts = [f"{k['name']} {k['calls']}x {fmt_bytes(k['bytes_per_call'])} {k['bound']}-bound "
+                 f"{fmt_time(k['seconds'])}" for k in top]  # fmt: skip
+        lines.append(f"  {r['case']} {r['dtype']} {size(r['shape'])}: " + "; ".join(parts))
+    return "\n".join([*lines, "", HEADS_LEGEND])
 
 
 VERDICT_LEGEND = (
@@ -250,8 +198,9 @@ VERDICT_LEGEND = (
 
 def format_goals(goals: Sequence[dict], legend: bool = True) -> str:
     """Two or three lines per goal: verdict and goal, measured value, note; within 100 columns."""
-    lines, wrap = ["goals:"], lambda text, i: textwrap.wrap(text, 100, initial_indent=" " * 16,
-                                                            subsequent_indent=" " * i)  # fmt: skip
+    wrap = lambda text, i: textwrap.wrap(text, 100, initial_indent=" " * 16,
+                                         subsequent_indent=" " * i)  # fmt: skip
+    lines = ["goals:"]
     for g in goals:
         lines.append(f"  {g['status']:<12}  {g['description']}")
         if g["ratio"] is None:
@@ -263,31 +212,24 @@ def format_goals(goals: Sequence[dict], legend: bool = True) -> str:
                          f"{g['rounds']} rounds; {fmt_time(g['lhs'])} vs "
                          f"{fmt_time(g['rhs'])})")  # fmt: skip
         else:  # bytes, or a compile-only target's modelled time (a roofline, not a timing)
-            modelled = g["kind"] == "modelled"
-            what, fmt = ("modelled", fmt_time) if modelled else ("measured", fmt_bytes)
+            what, fmt = (
+                ("modelled", fmt_time) if g["kind"] == "modelled" else ("measured", fmt_bytes)
+            )
             lines.append(f"{'':16}{what} {fmt(g['lhs'])} = {g['ratio']:.3f}x of {fmt(g['rhs'])} "
                          f"(goal <= {g['threshold']:g}x)")  # fmt: skip
         lines += wrap(f"note: {g['note']}", 22) if g["note"] else []
     return "\n".join([*lines, *(["", VERDICT_LEGEND] if legend else [])])
 
 
-# Files
-
-
 def write(args: Any, table: str, meta: dict, records: list[dict], goals: list[dict],
           plot_title: str) -> dict[str, Any]:  # fmt: skip
-    """``table.txt``, the PNGs (unless ``--no-plots``) and ``results.json`` in ``--out``."""
+    """``table.txt``, the PNGs (unless ``--no-plots``) and ``results.json`` (JSON has no inf
+    or NaN: they are written as null) in ``--out``."""
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.txt").write_text(table)
     if not args.no_plots:
         meta["plots"] = [p.name for p in write_plots(args.out, records, plot_title)]
     payload = {"meta": meta, "results": records, "goals": goals}
-    write_json(args.out / "results.json", payload)
-    return payload
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """JSON has no inf or NaN: they are written as null."""
 
     def finite(o: Any) -> Any:
         if isinstance(o, dict):
@@ -297,7 +239,8 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
         o = o.item() if hasattr(o, "item") else o
         return None if isinstance(o, float) and not math.isfinite(o) else o
 
-    path.write_text(json.dumps(finite(payload), indent=1) + "\n")
+    (args.out / "results.json").write_text(json.dumps(finite(payload), indent=1) + "\n")
+    return payload
 
 
 COLORS = {"jaxloss": "tab:blue", "optax": "tab:orange", "torch": "tab:green"}
@@ -332,7 +275,7 @@ def write_plots(out: Path, records: Sequence[dict], title: str) -> list[Path]:
                 for name in dict.fromkeys(k for r in mine for k in r["impls"]):
                     if points := [(r["elements"], v) for r in mine if (v := throughput(r, name))]:
                         ax.plot(*zip(*points, strict=True), style, color=COLORS.get(name, "gray"),
-                                label=f"{name} {MODE_LABELS[mode]}")
+                                label=f"{name} {'forward' if mode == 'fwd' else 'value_and_grad'}")
             sizes = sorted({(r["elements"], size(r["shape"])) for r in rows})
             ax.set(xscale="log", yscale="log", title=dtype, ylabel=f"{throughput_unit(case)}/s",
                    xlabel=" x ".join(rows[0]["shape_names"]))

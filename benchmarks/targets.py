@@ -1,10 +1,9 @@
-"""Named compile-only accelerator targets for ``python -m benchmarks --target NAME``.
+"""Named compile-only accelerators for ``python -m benchmarks --target NAME``.
 
 A target is a device JAX can compile for on a CPU-only machine (``jax.experimental.topologies``):
-an H100 or a B200 through the CUDA PJRT plugin and a ``GpuTargetConfigProto`` description beside
-this file (from openxla/xla ``xla/backends/gpu/target_config/specs``), TPUs through ``libtpu``.
-Nothing runs on the device: the figures are the compiler's, and :mod:`benchmarks.roofline`
-prices them with each target's peaks below. To add one, append a :class:`Target`.
+an H100 or a B200 through the CUDA PJRT plugin and a ``GpuTargetConfigProto`` beside this file
+(from openxla/xla ``xla/backends/gpu/target_config/specs``), TPUs through ``libtpu``. Nothing
+runs: :mod:`benchmarks.hlo` prices the compiler's program with the peaks below.
 """
 
 from __future__ import annotations
@@ -21,20 +20,18 @@ from typing import Any
 # check for CUDA libraries is skipped; compiling needs neither a chip nor those libraries.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
-TARGET_DIR = Path(__file__).resolve().parent / "targets"
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """One compile-only device: its ``--target`` name; ``platform`` (``"cuda"`` or ``"tpu"``);
-    ``topology`` of one device and ``multi_topology`` of eight (``get_topology_desc``'s
+    """``topology`` of one device and ``multi_topology`` of eight (``get_topology_desc``'s
     spelling); HBM ``bandwidth`` (bytes/s); dense matmul ``peak_flops`` by operand kind
     (``"bf16"``, ``"f32"`` at DEFAULT precision, ``"f32_high"``, ``"f32_highest"``); the
-    ``(N, C)`` ``sizes`` (the cross_entropy goals are judged at the last); ``linear_points``,
+    ``(N, C)`` ``sizes`` (the cross_entropy goals at the last); ``linear_points``,
     ``((N, D, V), dtype)`` of the linear heads; a GPU's ``config_file``."""
 
     name: str
-    platform: str
+    platform: str  # "cuda" or "tpu"
     topology: str
     multi_topology: str
     bandwidth: float
@@ -44,22 +41,18 @@ class Target:
     linear_points: tuple[tuple[tuple[int, int, int], str], ...]
     config_file: str | None = None
 
-    def target_config(self) -> str | None:
-        return None if self.config_file is None else (TARGET_DIR / self.config_file).read_text()
-
 
 @functools.cache
 def devices(target_name: str, multi: bool = False) -> tuple[Any, ...]:
     """The compile-only devices of a target (one, or eight with ``multi``)."""
     from jax.experimental import topologies
 
-    target = TARGETS[target_name]
-    topology = target.multi_topology if multi else target.topology
-    if target.platform == "cuda":
-        config = target.target_config()
-        desc = topologies.get_topology_desc("", "cuda", target_config=config, topology=topology)
-    else:
-        desc = topologies.get_topology_desc(topology, target.platform)
+    t = TARGETS[target_name]
+    topology = t.multi_topology if multi else t.topology
+    if t.platform != "cuda":
+        return tuple(topologies.get_topology_desc(topology, t.platform).devices)
+    config = (Path(__file__).resolve().parent / "targets" / str(t.config_file)).read_text()
+    desc = topologies.get_topology_desc("", "cuda", target_config=config, topology=topology)
     return tuple(desc.devices)
 
 

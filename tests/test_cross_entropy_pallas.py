@@ -20,7 +20,7 @@ import pytest
 from test_accelerators import SHAPE, compile_for, compile_only, hbm_bytes
 
 import jaxloss
-from benchmarks import roofline
+from benchmarks import hlo
 from jaxloss import _cross_entropy_pallas
 from jaxloss._cross_entropy_pallas import pallas_tpu
 
@@ -198,10 +198,10 @@ def test_rows_too_wide_for_vmem_fall_back():
 
 def grid_bytes(jaxpr) -> int:
     """HBM bytes of every pallas_call in ``jaxpr``, priced from its grid by the benchmarks'
-    pricer (``benchmarks.roofline.price_grid``: a block is fetched, or written back, whenever
+    pricer (``benchmarks.hlo.price_grid``: a block is fetched, or written back, whenever
     its block index changes; an unchanged block is not re-fetched)."""
-    costs = roofline.pallas_costs(jaxpr).values()
-    assert all(isinstance(c, roofline.GridCost) for c in costs), costs
+    costs = hlo.pallas_costs(jaxpr).values()
+    assert all(isinstance(c, hlo.GridCost) for c in costs), costs
     return sum(c.bytes for c in costs)
 
 

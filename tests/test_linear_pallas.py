@@ -186,7 +186,7 @@ NAMES = ("jaxloss_linear_forward", "jaxloss_linear_backward")
 
 
 def _compile(target: str, fn, specs):
-    from benchmarks import compiled
+    from benchmarks import hlo as compiled
     from benchmarks.targets import TARGETS
 
     return compiled.compile_program(TARGETS[target], fn, specs)
@@ -196,7 +196,8 @@ def _modelled(target: str, program):
     """The roofline of a compiled program, each Pallas kernel priced from its grid. Its custom
     call carries the name under the transformations it was traced in (``jvp(...)``,
     ``transpose(jvp(...))``): each is matched to the kernel named inside."""
-    from benchmarks import hlo, roofline
+    from benchmarks import hlo
+    from benchmarks import hlo as roofline
     from benchmarks.targets import TARGETS
 
     launches = hlo.launches(hlo.Module(program.text)).launches

@@ -1,4 +1,4 @@
-"""The modelled time of ``python -m benchmarks --target`` (benchmarks/roofline.py, hlo.py).
+"""The modelled time of ``python -m benchmarks --target`` (benchmarks/hlo.py).
 
 Compiler figures are deterministic, so they are asserted exactly: a Pallas grid priced by hand,
 a matmul and an elementwise kernel priced by hand on a compile-only H100 and TPU v5e, a
@@ -17,7 +17,7 @@ import pytest
 from jax.experimental import pallas as pl
 
 import jaxloss
-from benchmarks import compiled, hlo, roofline
+from benchmarks import hlo
 from benchmarks.targets import TARGETS
 
 # Compile-only GPU/TPU programs: the accel extra's plugins, seconds a compile.
@@ -28,7 +28,7 @@ BF16, F32 = jnp.bfloat16, jnp.float32
 
 
 def program(target: str, fn, *specs):
-    return compiled.compile_program(TARGETS[target], fn, specs)
+    return hlo.compile_program(TARGETS[target], fn, specs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -46,9 +46,9 @@ def _matmul_blocks(k_in_grid: bool):
     a_map = (lambda i, j, k: (i, k)) if k_in_grid else (lambda i, j: (i, 0))
     b_map = (lambda i, j, k: (k, j)) if k_in_grid else (lambda i, j: (0, j))
     o_map = (lambda i, j, k: (i, j)) if k_in_grid else (lambda i, j: (i, j))
-    a = roofline.Block((BM, bk), a_map, (M, K), 2)
-    b = roofline.Block((bk, BN), b_map, (K, N), 2)
-    out = roofline.Block((BM, BN), o_map, (M, N), 4)
+    a = hlo.Block((BM, bk), a_map, (M, K), 2)
+    b = hlo.Block((bk, BN), b_map, (K, N), 2)
+    out = hlo.Block((BM, BN), o_map, (M, N), 4)
     return a, b, out
 
 
@@ -57,7 +57,7 @@ def test_matmul_grid_rereads_a_once_per_column_block_and_b_once_per_row_block():
     so A is read N/bn = 3 times over and B M/bm = 2 times; the output block (i, j) stays put
     while k runs and is written once per (i, j)."""
     a, b, out = _matmul_blocks(k_in_grid=True)
-    cost = roofline.price_grid((M // BM, N // BN, K // BK), [a, b], [out], 2 * BM * BN * BK)
+    cost = hlo.price_grid((M // BM, N // BN, K // BK), [a, b], [out], 2 * BM * BN * BK)
     steps = (M // BM) * (N // BN) * (K // BK)
     assert cost.steps == steps == 24
     assert cost.fetches == (24, 24) and cost.writes == (6,)
@@ -71,14 +71,14 @@ def test_whole_k_blocks_keep_a_resident_across_a_row_of_the_grid():
     """Grid (M/bm, N/bn), j fastest: A's block (i, 0) is unchanged along a row (fetched M/bm = 2
     times: A read once); B's (0, j) changes every step (B read M/bm = 2 times)."""
     a, b, out = _matmul_blocks(k_in_grid=False)
-    cost = roofline.price_grid((M // BM, N // BN), [a, b], [out], 2 * BM * BN * K)
+    cost = hlo.price_grid((M // BM, N // BN), [a, b], [out], 2 * BM * BN * K)
     assert cost.fetches == (2, 6) and cost.writes == (6,)
     assert cost.read_bytes == (M * K * 2, 2 * K * N * 2)
 
 
 def test_gpu_programs_load_their_blocks_at_every_step():
     a, b, out = _matmul_blocks(k_in_grid=False)
-    cost = roofline.price_grid((2, 3), [a, b], [out], 0, skip_unchanged=False)
+    cost = hlo.price_grid((2, 3), [a, b], [out], 0, skip_unchanged=False)
     assert cost.fetches == (6, 6) and cost.writes == (6,)
     assert cost.read_bytes == (3 * M * K * 2, 2 * K * N * 2)
 
@@ -86,9 +86,9 @@ def test_gpu_programs_load_their_blocks_at_every_step():
 def test_blocks_are_clipped_at_the_array_edge_and_squeezed_dims_count_one_row():
     """300 rows in blocks of 256: the second block moves 44 rows; a squeezed (None) dimension
     moves one row per step."""
-    rows = roofline.Block((256, 128), lambda i: (i, 0), (300, 128), 4)
-    one = roofline.Block((None, 128), lambda i: (i, 0), (300, 128), 4)
-    cost = roofline.price_grid((2,), [rows], [one], 0)
+    rows = hlo.Block((256, 128), lambda i: (i, 0), (300, 128), 4)
+    one = hlo.Block((None, 128), lambda i: (i, 0), (300, 128), 4)
+    cost = hlo.price_grid((2,), [rows], [one], 0)
     assert cost.read_bytes == (300 * 128 * 4,)
     assert cost.write_bytes == (2 * 128 * 4,)
 
@@ -117,10 +117,10 @@ def _pallas_matmul(a, b):
 def test_pallas_call_is_priced_from_its_grid_in_the_traced_program():
     """The jaxpr's BlockSpecs give the hand-computed price; FLOPs from the kernel's dot."""
     jaxpr = jax.make_jaxpr(_pallas_matmul)(S((M, K), BF16), S((K, N), BF16))
-    cost = roofline.pallas_costs(jaxpr)["grid_matmul"]
+    cost = hlo.pallas_costs(jaxpr)["grid_matmul"]
     a, b, out = _matmul_blocks(k_in_grid=True)
-    by_hand = roofline.price_grid((2, 3, 4), [a, b], [out], 2 * BM * BN * BK)
-    assert isinstance(cost, roofline.GridCost)
+    by_hand = hlo.price_grid((2, 3, 4), [a, b], [out], 2 * BM * BN * BK)
+    assert isinstance(cost, hlo.GridCost)
     assert (cost.fetches, cost.writes, cost.bytes) == (
         by_hand.fetches,
         by_hand.writes,
@@ -140,13 +140,13 @@ def test_tpu_custom_call_takes_its_grid_price_times_the_loop_trips():
 
     prog = program("tpu-v5e", looped, S((M, K), BF16), S((K, N), BF16))
     target = TARGETS["tpu-v5e"]
-    model = roofline.roofline(prog.text, target, prog.pallas)
+    model = hlo.roofline(prog.text, target, prog.pallas)
     (kernel,) = [k for k in model.kernels if k.label == "custom-call:tpu_custom_call"]
     cost = prog.pallas["grid_matmul"]
     assert (kernel.calls, kernel.bytes, kernel.flops) == (3, cost.bytes, 2 * M * N * K)
     assert kernel.bytes > M * K * 2 + K * N * 2 + M * N * 4  # the operands undercount
     assert not model.unpriced and not model.unknown_loops
-    (unpriced,) = roofline.roofline(prog.text, target).unpriced
+    (unpriced,) = hlo.roofline(prog.text, target).unpriced
     assert unpriced.startswith("grid_matmul: no grid price given")
 
 
@@ -169,7 +169,7 @@ def test_matmul_and_elementwise_kernels_priced_by_hand(target):
         S((KK, NN), BF16),
         S((MM, NN), F32),
     )
-    model = roofline.roofline(prog.text, t)
+    model = hlo.roofline(prog.text, t)
     gemm = (MM * KK + KK * NN + MM * NN) * 2
     elementwise = 2 * MM * NN * 4
     flops = 2.0 * MM * NN * KK
@@ -195,7 +195,7 @@ def test_fori_loop_body_counts_once_per_trip(target):
     assert [module.trip_count(c, i) for c, i in loops] == [13]
     known = "known_trip_count" in loops[0][1].backend_config
     assert known == (target == "h100")
-    model = roofline.roofline(prog.text, t)
+    model = hlo.roofline(prog.text, t)
     assert model.flops == 13 * 2.0 * MM * NN * KK and not model.unknown_loops
 
 
@@ -212,7 +212,7 @@ def test_in_place_update_in_a_loop_moves_the_row_not_the_buffer(target):
     prog = program(target, fill, S((rows, width), F32))
     row = width * 4
     traffic = hlo.entry_traffic(prog.text).bytes
-    assert roofline.roofline(prog.text, TARGETS[target]).bytes == traffic
+    assert hlo.roofline(prog.text, TARGETS[target]).bytes == traffic
     buffer = rows * width * 4
     # Per trip the row is read and written by one kernel (H100) or two (TPU: the slice, then
     # the update), plus one zero fill of the buffer; 64 copies of it would be 64 MiB.
@@ -221,12 +221,12 @@ def test_in_place_update_in_a_loop_moves_the_row_not_the_buffer(target):
 
 def test_dot_peaks_follow_dtype_precision_and_algorithm():
     h100, v5p = TARGETS["h100"], TARGETS["tpu-v5p"]
-    assert roofline.dot_peak(h100, ["bf16", "bf16"]) == 989e12
-    assert roofline.dot_peak(h100, ["f32", "f32"]) == 495e12  # TF32 at DEFAULT
-    assert roofline.dot_peak(h100, ["f32", "f32"], "HIGHEST") == 67e12
-    assert roofline.dot_peak(v5p, ["f32", "f32"]) == 459e12  # one bf16 pass at DEFAULT
-    assert roofline.dot_peak(v5p, ["f32", "f32"], "highest") == 459e12 / 6
-    assert roofline.dot_peak(h100, ["f32", "f32"], "", "dot_bf16_bf16_f32_x3") == 989e12 / 3
+    assert hlo.dot_peak(h100, ["bf16", "bf16"]) == 989e12
+    assert hlo.dot_peak(h100, ["f32", "f32"]) == 495e12  # TF32 at DEFAULT
+    assert hlo.dot_peak(h100, ["f32", "f32"], "HIGHEST") == 67e12
+    assert hlo.dot_peak(v5p, ["f32", "f32"]) == 459e12  # one bf16 pass at DEFAULT
+    assert hlo.dot_peak(v5p, ["f32", "f32"], "highest") == 459e12 / 6
+    assert hlo.dot_peak(h100, ["f32", "f32"], "", "dot_bf16_bf16_f32_x3") == 989e12 / 3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ def _head(fused: bool):
     )
     fn = jax.value_and_grad(loss, argnums=(0, 1))
     prog = program("h100", fn, S((n, d), BF16), S((d, v), BF16), S((n,), jnp.int32))
-    return roofline.roofline(prog.text, TARGETS["h100"]), 2.0 * n * d * v
+    return hlo.roofline(prog.text, TARGETS["h100"]), 2.0 * n * d * v
 
 
 def test_materialised_head_runs_three_ndv_matmuls():
@@ -284,9 +284,9 @@ def test_linear_head_takes_larger_blocks_on_gpus():
 
     target = TARGETS["h100"]
     shapes = [jax.ShapeDtypeStruct(s, t) for s, t in specs]
-    default = compiled.analyse(compiled.compile_program(target, head(), shapes), target)
+    default = hlo.analyse(hlo.compile_program(target, head(), shapes), target)
     small = head(token_chunk=1024, vocab_chunk=1024)
-    cpu_blocks = compiled.analyse(compiled.compile_program(target, small, shapes), target)
+    cpu_blocks = hlo.analyse(hlo.compile_program(target, small, shapes), target)
     assert default["roofline_s"] <= 0.75 * cpu_blocks["roofline_s"], (default, cpu_blocks)
     assert default["temp_bytes"] <= 256 * 2**20
 
@@ -306,8 +306,8 @@ def test_distillation_takes_the_gpu_blocks_too():
         return jax.value_and_grad(loss, argnums=(0, 1))
 
     target = TARGETS["h100"]
-    default = compiled.analyse(compiled.compile_program(target, head(), [h, k, h, k]), target)
+    default = hlo.analyse(hlo.compile_program(target, head(), [h, k, h, k]), target)
     small = head(token_chunk=1024, vocab_chunk=1024)
-    cpu_blocks = compiled.analyse(compiled.compile_program(target, small, [h, k, h, k]), target)
+    cpu_blocks = hlo.analyse(hlo.compile_program(target, small, [h, k, h, k]), target)
     assert default["roofline_s"] <= 0.6 * cpu_blocks["roofline_s"], (default, cpu_blocks)
     assert default["temp_bytes"] <= 512 * 2**20
