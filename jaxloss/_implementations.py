@@ -35,8 +35,9 @@ IMPLEMENTATIONS = (None, "xla", "pallas")
 # 8192x2048x131072 38.55 ms bf16 / 38.59 ms f32 (1.24x / 1.27x the materialised 31.1 / 30.3 ms)
 # against the XLA form's 48.2 ms (1.55x), four N·D·V matmuls either way. Taken where the kernels
 # take the options (index targets, no bias, no return_stats, hidden and kernel float32 or bf16
-# alike) and Mosaic may lower them (one chip, or a fully manual shard_map): a program that XLA
-# partitions over several chips gets the XLA form, forward and backward (where_kernel_lowers).
+# alike) and Mosaic may lower them (one chip, or a fully manual shard_map: the token-sharded
+# form, 8 v5p chips 48.59 -> 38.93 ms per chip): a program that XLA partitions over several
+# chips gets the XLA form, forward and backward (where_kernel_lowers).
 # Everywhere else, and for linear_distillation (no kernel), the XLA forms (jaxloss._blockwise).
 # Figures in docs/linear.md.
 _XLA_EVERYWHERE = {"tpu": "xla", "cuda": "xla", "rocm": "xla", "cpu": "xla"}
@@ -228,11 +229,19 @@ mlir.register_lowering(
 
 
 def where_kernel_lowers(kernel: Callable[[], Any], xla: Callable[[], Any]) -> Any:
-    """``kernel()`` where Mosaic may lower it, else ``xla()`` (same outputs). A ``lax.switch``
-    on an index that lowers to a constant: XLA removes the branch not taken. Autodiff makes the
-    backward pass switch on the same index (a residual of the forward), so a kernel's forward
-    and backward are taken together; the kernels guard themselves too (:func:`guarded`), for a
-    backward pass lowered apart from its forward pass."""
+    """``kernel()`` where Mosaic may lower it, else ``xla()`` (same outputs).
+
+    Inside ``shard_map`` that is known when tracing (the kernel where every mesh axis is
+    manual). Elsewhere, a ``lax.switch`` on an index that lowers to a constant: XLA removes
+    the branch not taken. Autodiff makes the backward pass switch on the same index (a residual
+    of the forward), so a kernel's forward and backward are taken together. (Inside
+    ``shard_map`` that residual would cross the manual region's boundary, where XLA no longer
+    sees a constant and keeps both branches.) The kernels guard themselves too
+    (:func:`guarded`), for a backward pass lowered apart from its forward pass."""
+    mesh = jax.sharding.get_abstract_mesh()
+    manual = set(getattr(mesh, "manual_axes", ()))
+    if manual:
+        return kernel() if manual == set(mesh.axis_names) else xla()
     return jax.lax.switch(_kernel_lowers_p.bind(), [xla, kernel])
 
 

@@ -533,3 +533,150 @@ def test_default_kernels_on_one_device_and_on_several(kernel_as_cpu_default, mon
               ((h, P("data", None)), (k, P()), (y, P("data")))]  # fmt: skip
     for a, b in zip(jax.tree.leaves(vg(None, *placed)), jax.tree.leaves(ref), strict=True):
         _close(a, b, jnp.float32, "eight devices")
+
+
+# ----------------------------------------------------------------------------------------------
+# Inside the shard_map form: each device's tokens through the kernels (batch-sharded)
+# ----------------------------------------------------------------------------------------------
+
+
+def _materialised(h, k, y, opts: dict, reduction="mean"):
+    """The materialised reference (``reference.reference_loss``) of the public options."""
+    eps, lam, cap = (opts.get(key) for key in ("label_smoothing", "z_loss", "soft_cap"))
+    cw = opts.get("weight")
+    p = chunked.Problem(h, k, None, y, None, cw, cap, eps is not None, False)
+    options = assembly.Options(
+        num_classes=k.shape[1], ignore_index=opts.get("ignore_index", -100),
+        reduction=reduction, smoothing=eps is not None, z_loss=lam is not None,
+    )  # fmt: skip
+    hyper = (0.0 if eps is None else eps, 0.0 if lam is None else lam)
+    return reference.reference_loss(p, options, hyper)
+
+
+SHARDED_OPTIONS = {
+    "weight_smoothing_zloss": {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-3},
+    "cap_ignore": {"soft_cap": 4.0, "ignore_index": 5},
+}
+
+
+def _sharded_check(option, dtype, mesh_axes, reduction="mean", poisoned=False, impl=None):
+    """value_and_grad of the batch-sharded form (8 CPU devices) against the materialised
+    reference; with ``poisoned`` the kernels' references give NaN (the kernel path shows)."""
+    import jaxloss
+
+    h, k, y, w, _ = _data(64, 16, 300, dtype)
+    opts = dict(SHARDED_OPTIONS[option])
+    if opts.get("weight"):
+        opts["weight"] = w
+    if "ignore_index" in opts:
+        y = jnp.where(y == -100, 0, y).at[::7].set(opts["ignore_index"])
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+    def total(fn):
+        return jax.jit(jax.value_and_grad(lambda h, k: jnp.sum(fn(h, k)), (0, 1)))(h, k)
+
+    sharded = lambda h, k: jaxloss.linear_cross_entropy(
+        h, k, y, mesh=mesh, reduction=reduction, implementation=impl, **mesh_axes, **opts
+    ).astype(jnp.float32)
+    got = total(sharded)
+    if poisoned:
+        return got
+    ref = total(lambda h, k: _materialised(h, k, y, opts, reduction))
+    for name, a, b in zip(["value", "d hidden", "d kernel"], jax.tree.leaves(got),
+                          jax.tree.leaves(ref), strict=True):  # fmt: skip
+        _close(a, b, dtype, f"{option} {mesh_axes} {name}")
+    return got
+
+
+@pytest.mark.parametrize(
+    "option", [pytest.param(o, marks=() if i == 0 else (pytest.mark.slow,))
+               for i, o in enumerate(SHARDED_OPTIONS)],
+)  # fmt: skip
+def test_batch_sharded_form_takes_the_kernels(kernel_as_cpu_default, monkeypatch, option):
+    """``batch_axis`` alone: each device's tokens through the kernels (here, on CPU, their
+    guarded references), reduced over the batch axis: exact against the materialised reference
+    on a 4 × 2 mesh (tokens over both axes; --full: over one). Poisoned references give NaN there
+    (the kernel path runs inside shard_map); --full: not with the vocabulary sharded too (the
+    XLA blocks)."""
+    tokens = {"batch_axis": ("data", "model")}
+    _sharded_check(option, jnp.float32, tokens)
+    assert kernel_as_cpu_default
+    full = option != next(iter(SHARDED_OPTIONS))
+    both = {"batch_axis": "data", "vocab_axis": "model"}
+    if full:
+        _sharded_check(option, jnp.float32, {"batch_axis": "data"})
+        _sharded_check(option, jnp.float32, both)
+    for name in ("forward_reference", "backward_reference"):
+        monkeypatch.setattr(kernels, name, _poisoned(getattr(kernels, name)))
+    jax.clear_caches()
+    loss, (_, dk) = _sharded_check(option, jnp.float32, tokens, poisoned=True)
+    assert np.isnan(loss) and np.isnan(dk).all()
+    if full:
+        for x in jax.tree.leaves(_sharded_check(option, jnp.float32, both, poisoned=True)):
+            assert np.isfinite(x).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("option", "dtype", "reduction"),
+    [("weight_smoothing_zloss", jnp.float32, "mean"), ("cap_ignore", jnp.bfloat16, "none")],
+)
+def test_batch_sharded_form_runs_the_kernels_exactly(kernel_on_cpu, option, dtype, reduction):
+    """The kernels themselves (TPU interpret mode) inside the batch-sharded form on 8 CPU
+    devices, ``implementation="pallas"``: values and gradients of the materialised reference."""
+    _sharded_check(option, dtype, {"batch_axis": ("data", "model")}, reduction, impl="pallas")
+    assert kernel_on_cpu, "the kernels did not run"
+
+
+def _optimised_text(lowered) -> str:
+    """The optimised HLO (through XLA's dump where libtpu cannot print SparseCore instructions,
+    as benchmarks.compiled does)."""
+    import glob
+    import os
+    import tempfile
+
+    try:
+        return str(lowered.compile().as_text())
+    except Exception:
+        with tempfile.TemporaryDirectory() as folder:
+            lowered.compile(compiler_options={"xla_dump_to": folder, "xla_dump_hlo_as_text": True})
+            (path,) = glob.glob(os.path.join(folder, "*after_optimizations.txt"))
+            with open(path) as dumped:
+                return dumped.read()
+
+
+@pytest.mark.accel
+@pytest.mark.slow
+def test_batch_sharded_form_compiles_the_kernels_on_eight_chips():
+    """``batch_axis`` over a v5p:2x2x2 (8 chips), default ``implementation``: each chip runs
+    both kernels (one tpu_custom_call each) on its tokens, four N·D·V matmuls per chip priced
+    from the grids; the only collectives are the kernel gradient's one all-reduce over the
+    tokens and scalar sums of the mean: no all-gather (of logits or kernel) at all."""
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+    from test_pod import census
+
+    import jaxloss
+    from benchmarks import hlo, roofline
+    from benchmarks.targets import TARGETS
+
+    n, d, v = 8 * 2048, 1024, 32768
+    mesh = Mesh(np.array(topologies.get_topology_desc("v5p:2x2x2", "tpu").devices), ("data",))
+    shapes = [((n, d), jnp.bfloat16, P("data", None)), ((d, v), jnp.bfloat16, P()),
+              ((n,), jnp.int32, P("data"))]  # fmt: skip
+    args = [jax.ShapeDtypeStruct(s, t, sharding=NamedSharding(mesh, p)) for s, t, p in shapes]
+    loss = lambda h, k, y: jaxloss.linear_cross_entropy(h, k, y, mesh=mesh, batch_axis="data")
+    traced = jax.jit(jax.value_and_grad(loss, (0, 1))).trace(*args)
+    text = _optimised_text(traced.lower())
+    assert text.count("tpu_custom_call") == 2
+    moved = census(text)
+    assert {m.kind for m in moved} == {"all-reduce"}, moved
+    wide = [m for m in moved if m.dims]
+    assert [(m.dims, m.nbytes) for m in wide] == [((d, v), d * v * 2)], wide
+    pallas = roofline.pallas_costs(traced.jaxpr)
+    called = {roofline.pallas_name(x.inst) for x in hlo.launches(hlo.Module(text)).launches}
+    costs = {c: cost for c in called for name, cost in pallas.items() if name in c}
+    model = roofline.roofline(text, TARGETS["tpu-v5p"], costs)
+    assert not model.unpriced
+    assert model.matmuls(2.0 * n // 8 * d * v) == pytest.approx(4.0)

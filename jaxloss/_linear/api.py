@@ -310,7 +310,7 @@ def _linear_cross_entropy(
     else:
         loss, stats = sharded.sharded_loss(
             problem, options, hyper, config, mesh=resolved_mesh, batch_axis=batch_axis,
-            vocab_axis=vocab_axis,
+            vocab_axis=vocab_axis, implementation=implementation,
         )  # fmt: skip
     if options.reduction == "none":
         loss = loss.reshape(batch_shape)
