@@ -13,10 +13,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.extend.core import Primitive
+import numpy as np
+from jax.core import ShapedArray
+from jax.extend.core import Primitive, jaxpr_as_fun
 from jax.interpreters import ad, batching, mlir
 
 from jaxloss import _cross_entropy_pallas, _targets
+from jaxloss._cross_entropy_pallas import pallas_tpu
 
 IMPLEMENTATIONS = (None, "xla", "pallas")
 
@@ -27,16 +30,20 @@ IMPLEMENTATIONS = (None, "xla", "pallas")
 # again). CUDA: no kernel (a 131072-wide row exceeds one SM's shared memory), XLA 1.5x. CPU: the
 # XLA form (tests/test_memory.py and the CPU benchmark pin its programs).
 #
-# The fused linear heads: the XLA forms (jaxloss._blockwise) on every backend. linear_cross_entropy
-# has Pallas TPU kernels (registered in LINEAR_KERNELS by jaxloss._linear.api; modelled v5p
-# value_and_grad 38.6 ms against the XLA form's 51.6 ms and the materialised 31.1 ms, bf16
-# 8192x2048x131072), taken with implementation="pallas" only: Mosaic kernels cannot be partitioned
-# by XLA, and the head has no lowering-time fallback yet (as cross_entropy's kernel has) for
-# programs spread over several chips without shard_map. Figures in docs/linear.md.
+# linear_cross_entropy on TPU: its Pallas kernels (jaxloss._linear.pallas_tpu, registered in
+# LINEAR_KERNELS by jaxloss._linear.api), modelled v5p value_and_grad of the mean at
+# 8192x2048x131072 38.55 ms bf16 / 38.59 ms f32 (1.24x / 1.27x the materialised 31.1 / 30.3 ms)
+# against the XLA form's 48.2 ms (1.55x), four N·D·V matmuls either way. Taken where the kernels
+# take the options (index targets, no bias, no return_stats, hidden and kernel float32 or bf16
+# alike) and Mosaic may lower them (one chip, or a fully manual shard_map: the token-sharded
+# form, 8 v5p chips 48.59 -> 38.93 ms per chip): a program that XLA partitions over several
+# chips gets the XLA form, forward and backward (where_kernel_lowers).
+# Everywhere else, and for linear_distillation (no kernel), the XLA forms (jaxloss._blockwise).
+# Figures in docs/linear.md.
 _XLA_EVERYWHERE = {"tpu": "xla", "cuda": "xla", "rocm": "xla", "cpu": "xla"}
 DEFAULTS = {
     "cross_entropy": {"tpu": "pallas", "cuda": "xla", "rocm": "xla", "cpu": "xla"},
-    "linear_cross_entropy": _XLA_EVERYWHERE,
+    "linear_cross_entropy": {"tpu": "pallas", "cuda": "xla", "rocm": "xla", "cpu": "xla"},
     "linear_distillation": _XLA_EVERYWHERE,
 }
 # The seam for Pallas kernels of the fused heads: function -> {backend: kernel}. A kernel takes
@@ -44,7 +51,8 @@ DEFAULTS = {
 # (linear_cross_entropy: ``_linear.api._single_device(problem, options, hyper, chunks)``,
 # returning ``(loss, (lse, argmax, entropy))``; linear_distillation:
 # ``_distillation._loss(student, teacher, mask, cfg, reduction)``, returning the loss). A kernel
-# registers itself here (jaxloss/_linear/api.py: the linear head's TPU kernels).
+# registers itself here (jaxloss/_linear/api.py: the linear head's TPU kernels); its optional
+# ``takes(*operands)`` attribute says whether it takes the case (else ``None`` skips it).
 LINEAR_KERNELS: dict[str, dict[str, Callable[..., Any]]] = {
     "linear_cross_entropy": {},
     "linear_distillation": {},
@@ -85,26 +93,44 @@ def check_linear(fn: str, implementation: Any) -> None:
         )
 
 
-def linear_head(fn: str, implementation: Any, xla: Callable[..., Any], *operands) -> Any:
+def linear_head(
+    fn: str, implementation: Any, xla: Callable[..., Any], *operands,
+    kernels: dict[str, Callable[..., Any]] | None = None,
+) -> Any:  # fmt: skip
     """``fn``'s outputs by ``implementation``: ``xla(*operands)`` (the XLA form), or a kernel
     of :data:`LINEAR_KERNELS` on the operands, chosen per backend when the program is lowered
-    (``None``: where :data:`DEFAULTS` names it; ``"pallas"``: wherever one exists, an error
-    where none does)."""
-    kernels = LINEAR_KERNELS[fn]
+    (``None``: where :data:`DEFAULTS` names it and the kernel takes the operands, and only
+    where Mosaic may lower it, :func:`where_kernel_lowers`; ``"pallas"``: wherever one exists,
+    an error where none does or where the program is partitioned by XLA). ``kernels``: in place
+    of ``fn``'s row of :data:`LINEAR_KERNELS` (the same backends), for another form of ``fn``."""
+    kernels = LINEAR_KERNELS[fn] if kernels is None else kernels
     chosen = {
         platform: kernel
         for platform, kernel in kernels.items()
-        if implementation == "pallas" or DEFAULTS[fn].get(platform) == "pallas"
+        if implementation == "pallas"
+        or (DEFAULTS[fn].get(platform) == "pallas" and _takes(kernel, operands))
     }
     if implementation == "xla" or not chosen:
         return xla(*operands)
     default = lambda: xla(*operands)
     if implementation == "pallas":
         default = lambda: jax.tree.map(lambda x: _no_kernel(fn, x), xla(*operands))
-    branches = {
-        platform: functools.partial(kernel, *operands) for platform, kernel in chosen.items()
-    }
+
+    def branch(kernel):
+        run = functools.partial(kernel, *operands)
+        if implementation is None:
+            return lambda: where_kernel_lowers(run, default)
+        return lambda: jax.tree.map(lambda x: _one_device(fn, x), run())
+
+    branches = {platform: branch(kernel) for platform, kernel in chosen.items()}
     return jax.lax.platform_dependent(default=default, **branches)
+
+
+def _takes(kernel: Callable[..., Any], operands) -> bool:
+    """Whether ``kernel`` takes these operands (its ``takes`` predicate; else it falls back to
+    the XLA form by itself, and would only be traced twice)."""
+    takes = getattr(kernel, "takes", None)
+    return takes is None or takes(*operands)
 
 
 def refuse_pallas(fn: str, implementation: Any, case: str) -> None:
@@ -186,3 +212,96 @@ def _refuse_lowering(ctx, x, *, fn):
 
 
 mlir.register_lowering(_no_kernel_p, _refuse_lowering)
+
+
+# ----------------------------------------------------------------------------------------------
+# Where Mosaic may lower a kernel: decided when the program is lowered, as cross_entropy's
+# kernel decides (``_cross_entropy_pallas.pallas_tpu.kernel_may_lower``): on one device or in a
+# fully manual shard_map, not in a program XLA partitions over several devices.
+# ----------------------------------------------------------------------------------------------
+
+_kernel_lowers_p = Primitive("jaxloss_kernel_lowers")
+_kernel_lowers_p.def_abstract_eval(lambda: ShapedArray((), jnp.int32))
+mlir.register_lowering(
+    _kernel_lowers_p,
+    lambda ctx: [mlir.ir_constant(np.int32(pallas_tpu.kernel_may_lower(ctx)))],
+)
+
+
+def where_kernel_lowers(kernel: Callable[[], Any], xla: Callable[[], Any]) -> Any:
+    """``kernel()`` where Mosaic may lower it, else ``xla()`` (same outputs).
+
+    Inside ``shard_map`` that is known when tracing (the kernel where every mesh axis is
+    manual). Elsewhere, a ``lax.switch`` on an index that lowers to a constant: XLA removes
+    the branch not taken. Autodiff makes the backward pass switch on the same index (a residual
+    of the forward), so a kernel's forward and backward are taken together. (Inside
+    ``shard_map`` that residual would cross the manual region's boundary, where XLA no longer
+    sees a constant and keeps both branches.) The kernels guard themselves too
+    (:func:`guarded`), for a backward pass lowered apart from its forward pass."""
+    mesh = jax.sharding.get_abstract_mesh()
+    manual = set(getattr(mesh, "manual_axes", ()))
+    if manual:
+        return kernel() if manual == set(mesh.axis_names) else xla()
+    return jax.lax.switch(_kernel_lowers_p.bind(), [xla, kernel])
+
+
+# The check of implementation="pallas": Mosaic's own error, "cannot be automatically
+# partitioned", reached through the kernels' guards, which fall back instead; so an identity on
+# the kernel's outputs raises ours when lowered where the kernel cannot be.
+_one_device_p = Primitive("jaxloss_pallas_needs_one_device")
+_one_device_p.def_abstract_eval(lambda x, **_: x)
+ad.primitive_jvps[_one_device_p] = lambda p, t, **kw: (_one_device_p.bind(*p, **kw), t[0])
+batching.primitive_batchers[_one_device_p] = lambda a, d, **kw: (_one_device_p.bind(*a, **kw), d[0])
+
+
+def _one_device(fn: str, x: jax.Array) -> jax.Array:
+    return _one_device_p.bind(x, fn=fn)
+
+
+def _one_device_lowering(ctx, x, *, fn):
+    if not pallas_tpu.kernel_may_lower(ctx):
+        raise ValueError(
+            f"{fn}: implementation='pallas': the Pallas TPU kernels cannot be partitioned by "
+            "XLA over the several devices of this program; name the mesh axes (mesh=, "
+            "batch_axis=, vocab_axis=: the shard_map form), or use implementation=None (the "
+            "kernels on one device, the XLA form where XLA partitions the program) or 'xla'"
+        )
+    return [x]
+
+
+mlir.register_lowering(_one_device_p, _one_device_lowering)
+
+# A TPU kernel with its reference: ``kernel(*args)`` lowered where Mosaic may lower it (for a
+# TPU, one device or a fully manual shard_map), ``reference(*args)`` (the same outputs in jnp)
+# elsewhere. Not differentiable (the kernels sit inside custom_vjp rules); under vmap both
+# functions are vmapped. (Interpret-mode kernels, with their callbacks' effects, are called
+# directly, not through it.)
+_guarded_p = Primitive("jaxloss_guarded_kernel")
+_guarded_p.multiple_results = True
+_guarded_p.def_abstract_eval(lambda *args, kernel, reference: reference.out_avals)
+
+
+def guarded(kernel: Callable[..., Any], reference: Callable[..., Any], *args) -> list[jax.Array]:
+    """``kernel(*args)`` (a list of arrays) where Mosaic may lower it on a TPU, else
+    ``reference(*args)``; both must give the same shapes and dtypes. Both are held as jaxprs
+    (the benchmarks price a ``pallas_call`` from its grid, found in the traced program)."""
+    kernel_jaxpr, reference_jaxpr = (jax.make_jaxpr(f)(*args) for f in (kernel, reference))
+    return _guarded_p.bind(*args, kernel=kernel_jaxpr, reference=reference_jaxpr)
+
+
+def _guarded_lowering(ctx, *args, kernel, reference):
+    on_tpu = set(ctx.module_context.platforms) == {"tpu"}
+    chosen = kernel if on_tpu and pallas_tpu.kernel_may_lower(ctx) else reference
+    return mlir.lower_fun(jaxpr_as_fun(chosen), multiple_results=True)(ctx, *args)
+
+
+def _guarded_batched(args, dims, *, kernel, reference):
+    moved = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims, strict=True)]
+    axes = [None if d is None else 0 for d in dims]
+    batched = lambda jaxpr: jax.vmap(jaxpr_as_fun(jaxpr), in_axes=axes)
+    out = guarded(batched(kernel), batched(reference), *moved)
+    return out, [0] * len(out)
+
+
+mlir.register_lowering(_guarded_p, _guarded_lowering)
+batching.primitive_batchers[_guarded_p] = _guarded_batched

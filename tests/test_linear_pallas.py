@@ -357,19 +357,327 @@ def test_implementation_pallas_refuses_what_the_kernel_does_not_take():
 
 @pytest.mark.accel
 @pytest.mark.slow
-def test_public_api_compiles_the_kernels_for_tpu_with_implementation_pallas():
-    """``linear_cross_entropy(..., implementation="pallas")`` on a v5p: the two kernels, the
-    same modelled time as the kernels alone; ``None`` keeps the XLA form (no custom call)."""
+def test_the_tpu_default_is_the_kernels_on_one_chip():
+    """``linear_cross_entropy(...)`` on a v5p with the default ``implementation=None``: the two
+    kernels (one tpu_custom_call each), the modelled time of the kernels alone, temporaries
+    ≤ 512 MiB; ``"pallas"`` gives the same program, ``"xla"`` none of the kernels."""
     import jaxloss
 
     def mean(impl):
         return lambda h, k, y: jaxloss.linear_cross_entropy(h, k, y, implementation=impl)
 
     specs = _specs(jnp.bfloat16)
-    program = _compile("tpu-v5p", jax.value_and_grad(mean("pallas"), (0, 1)), specs)
-    assert program.text.count("tpu_custom_call") == 2
-    assert program.compiled.memory_analysis().temp_size_in_bytes <= 512 * 2**20
-    model = _modelled("tpu-v5p", program)
-    assert not model.unpriced and model.seconds * 1e3 <= MODELLED_MS["tpu-v5p", "bf16"]
-    default = _compile("tpu-v5p", jax.value_and_grad(mean(None), (0, 1)), specs)
-    assert "tpu_custom_call" not in default.text
+    for impl in (None, "pallas"):
+        program = _compile("tpu-v5p", jax.value_and_grad(mean(impl), (0, 1)), specs)
+        assert program.text.count("tpu_custom_call") == 2, impl
+        assert program.compiled.memory_analysis().temp_size_in_bytes <= 512 * 2**20
+        model = _modelled("tpu-v5p", program)
+        assert not model.unpriced and model.seconds * 1e3 <= MODELLED_MS["tpu-v5p", "bf16"]
+    xla = _compile("tpu-v5p", jax.value_and_grad(mean("xla"), (0, 1)), specs)
+    assert "tpu_custom_call" not in xla.text
+
+
+def _auto_partitioned(impl, topology="v5p:2x2x1"):
+    """value_and_grad of the mean, compiled for a 4-chip v5p with batch-sharded ``hidden`` and
+    targets and a replicated kernel, no mesh axes named: XLA partitions the program."""
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jaxloss
+
+    devices = topologies.get_topology_desc(topology, "tpu").devices
+    mesh = Mesh(np.array(devices).reshape(-1), ("data",))
+    n, d, v = 1024, 256, 8192
+    shapes = [((n, d), jnp.bfloat16, P("data", None)), ((d, v), jnp.bfloat16, P()),
+              ((n,), jnp.int32, P("data"))]  # fmt: skip
+    args = [jax.ShapeDtypeStruct(s, t, sharding=NamedSharding(mesh, p)) for s, t, p in shapes]
+    loss = lambda h, k, y: jaxloss.linear_cross_entropy(h, k, y, implementation=impl)
+    return str(jax.jit(jax.value_and_grad(loss, (0, 1))).trace(*args).lower().compile().as_text())
+
+
+@pytest.mark.accel
+@pytest.mark.slow
+def test_the_tpu_default_is_the_xla_form_where_xla_partitions_the_program():
+    """Several chips, no shard_map: Mosaic cannot lower a kernel XLA is to partition, so the
+    default takes the XLA form for the forward and the backward pass alike (no custom call, the
+    very program of ``"xla"``); ``"pallas"`` says what to do instead of Mosaic's error."""
+    from test_linear_features import _instructions
+
+    default = _auto_partitioned(None)
+    assert "tpu_custom_call" not in default
+    assert _instructions(default) == _instructions(_auto_partitioned("xla"))
+    with pytest.raises(ValueError, match=r"implementation='pallas'.*partitioned by XLA.*mesh"):
+        _auto_partitioned("pallas")
+
+
+# ----------------------------------------------------------------------------------------------
+# Where Mosaic cannot lower the kernels: their references in jnp (the guard), the XLA form (the
+# default's switch)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_reference_steps(monkeypatch):
+    """References a few tokens / classes per step, so that their padded tails show."""
+    monkeypatch.setattr(kernels, "XLA_LOGITS_PER_STEP", 2048)
+    jax.clear_caches()
+    yield
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
+def _reference_rows_of_kernels(h, k, y, opts: dict):
+    # Not interpreted: on CPU the guard lowers forward_reference and backward_reference.
+    return kernels.per_token_loss(
+        h, k, y, class_weight=opts.get("weight"), ignore_index=opts.get("ignore_index", -100),
+        label_smoothing=opts.get("smoothing"), z_loss=opts.get("z_loss"),
+        soft_cap=opts.get("cap"), blocks=SMALL,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("option", "dtype"),
+    [("cap_weight_smoothing_zloss", jnp.bfloat16), ("ignore_7", jnp.float32),
+     ("weight_smoothing_zloss", jnp.float32), ("cap", jnp.float32)],
+)  # fmt: skip
+def test_kernel_references_match_the_reference(small_reference_steps, option, dtype):
+    """What a program XLA partitions runs in place of each kernel (``forward_reference``,
+    ``backward_reference``, a few rows or columns per step with padded tails): losses and the
+    gradients of hidden, kernel and class weights equal the materialised reference's."""
+    h, k, y, w, g = _data(37, 24, 300, dtype)
+    opts = OPTIONS[option]
+    if "ignore_index" in opts:
+        y = y.at[::5].set(opts["ignore_index"])
+    got = _value_and_grads(_reference_rows_of_kernels, h, k, y, g, opts, w)
+    ref = _value_and_grads(_reference_rows, h, k, y, g, opts, w)
+    assert got[1][0].dtype == dtype and got[1][1].dtype == dtype
+    for name, a, b in zip(["value", "d hidden", "d kernel", "d weight"],
+                          jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):  # fmt: skip
+        _close(a, b, dtype, name)
+
+
+def test_kernel_references_under_vmap(small_reference_steps):
+    """The guard's batching rule: a vmapped batch of problems is each problem's result."""
+    h, k, y, _, _ = _data(20, 8, 100, jnp.float32)
+    hs = jnp.stack([h, 2 * h])
+    rows = lambda h: kernels.per_token_loss(h, k, y, label_smoothing=0.1, blocks=SMALL)
+    grads = lambda h: jax.grad(lambda h: jnp.sum(rows(h)))(h)
+    for fn in (rows, grads):
+        batched = jax.jit(jax.vmap(fn))(hs)
+        for i in range(2):
+            _close(batched[i], jax.jit(fn)(hs[i]), jnp.float32, fn.__name__)
+
+
+@pytest.fixture
+def kernel_as_cpu_default(monkeypatch):
+    """The TPU kernels registered as the CPU default (not interpreted: guarded, they lower their
+    references on CPU), for this test."""
+    from jaxloss import _implementations
+    from jaxloss._linear import api
+
+    table = _implementations.LINEAR_KERNELS["linear_cross_entropy"]
+    monkeypatch.setitem(table, "cpu", api._pallas_tpu)
+    defaults = dict(_implementations.DEFAULTS["linear_cross_entropy"], cpu="pallas")
+    monkeypatch.setitem(_implementations.DEFAULTS, "linear_cross_entropy", defaults)
+    calls = []
+    per_token_loss = kernels.per_token_loss
+    monkeypatch.setattr(
+        kernels, "per_token_loss", lambda *a, **k: calls.append(1) or per_token_loss(*a, **k)
+    )
+    jax.clear_caches()
+    yield calls
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
+def _poisoned(reference):
+    """``reference`` with NaN outputs: shows which programs run it."""
+
+    def poisoned(*args, **kwargs):
+        return jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), reference(*args, **kwargs))
+
+    return poisoned
+
+
+def test_default_kernels_on_one_device_and_on_several(kernel_as_cpu_default, monkeypatch):
+    """``None`` where the kernels are the default: on one device the kernel path (here their
+    references: this is CPU), on eight devices with NamedSharding inputs, where XLA partitions
+    the program, the XLA form in the forward and the backward pass alike: with the kernels'
+    references poisoned, one device gives NaN, eight devices still the XLA form's values and
+    gradients."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jaxloss
+
+    h, k, y, w, _ = _data(32, 16, 200, jnp.float32)
+
+    def vg(impl, *args):
+        loss = lambda h, k, y: jaxloss.linear_cross_entropy(
+            h, k, y, weight=w, label_smoothing=0.1, implementation=impl
+        )
+        return jax.jit(jax.value_and_grad(loss, (0, 1)))(*args)
+
+    ref = vg("xla", h, k, y)
+    got = vg(None, h, k, y)
+    assert kernel_as_cpu_default, "the default did not take the kernel path"
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        _close(a, b, jnp.float32, "one device")
+    for name in ("forward_reference", "backward_reference"):
+        monkeypatch.setattr(kernels, name, _poisoned(getattr(kernels, name)))
+    jax.clear_caches()
+    loss, (dh, dk) = vg(None, h, k, y)  # (an ignored token's hidden gradient stays 0)
+    assert np.isnan(loss) and np.isnan(dk).all() and np.isnan(dh[y != -100]).all()
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    placed = [jax.device_put(x, NamedSharding(mesh, p)) for x, p in
+              ((h, P("data", None)), (k, P()), (y, P("data")))]  # fmt: skip
+    for a, b in zip(jax.tree.leaves(vg(None, *placed)), jax.tree.leaves(ref), strict=True):
+        _close(a, b, jnp.float32, "eight devices")
+
+
+# ----------------------------------------------------------------------------------------------
+# Inside the shard_map form: each device's tokens through the kernels (batch-sharded)
+# ----------------------------------------------------------------------------------------------
+
+
+def _materialised(h, k, y, opts: dict, reduction="mean"):
+    """The materialised reference (``reference.reference_loss``) of the public options."""
+    eps, lam, cap = (opts.get(key) for key in ("label_smoothing", "z_loss", "soft_cap"))
+    cw = opts.get("weight")
+    p = chunked.Problem(h, k, None, y, None, cw, cap, eps is not None, False)
+    options = assembly.Options(
+        num_classes=k.shape[1], ignore_index=opts.get("ignore_index", -100),
+        reduction=reduction, smoothing=eps is not None, z_loss=lam is not None,
+    )  # fmt: skip
+    hyper = (0.0 if eps is None else eps, 0.0 if lam is None else lam)
+    return reference.reference_loss(p, options, hyper)
+
+
+SHARDED_OPTIONS = {
+    "weight_smoothing_zloss": {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-3},
+    "cap_ignore": {"soft_cap": 4.0, "ignore_index": 5},
+}
+
+
+def _sharded_check(option, dtype, mesh_axes, reduction="mean", poisoned=False, impl=None):
+    """value_and_grad of the batch-sharded form (8 CPU devices) against the materialised
+    reference; with ``poisoned`` the kernels' references give NaN (the kernel path shows)."""
+    import jaxloss
+
+    h, k, y, w, _ = _data(64, 16, 300, dtype)
+    opts = dict(SHARDED_OPTIONS[option])
+    if opts.get("weight"):
+        opts["weight"] = w
+    if "ignore_index" in opts:
+        y = jnp.where(y == -100, 0, y).at[::7].set(opts["ignore_index"])
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+    def total(fn):
+        return jax.jit(jax.value_and_grad(lambda h, k: jnp.sum(fn(h, k)), (0, 1)))(h, k)
+
+    sharded = lambda h, k: jaxloss.linear_cross_entropy(
+        h, k, y, mesh=mesh, reduction=reduction, implementation=impl, **mesh_axes, **opts
+    ).astype(jnp.float32)
+    got = total(sharded)
+    if poisoned:
+        return got
+    ref = total(lambda h, k: _materialised(h, k, y, opts, reduction))
+    for name, a, b in zip(["value", "d hidden", "d kernel"], jax.tree.leaves(got),
+                          jax.tree.leaves(ref), strict=True):  # fmt: skip
+        _close(a, b, dtype, f"{option} {mesh_axes} {name}")
+    return got
+
+
+@pytest.mark.parametrize(
+    "option", [pytest.param(o, marks=() if i == 0 else (pytest.mark.slow,))
+               for i, o in enumerate(SHARDED_OPTIONS)],
+)  # fmt: skip
+def test_batch_sharded_form_takes_the_kernels(kernel_as_cpu_default, monkeypatch, option):
+    """``batch_axis`` alone: each device's tokens through the kernels (here, on CPU, their
+    guarded references), reduced over the batch axis: exact against the materialised reference
+    on a 4 × 2 mesh (tokens over both axes; --full: over one). Poisoned references give NaN there
+    (the kernel path runs inside shard_map); --full: not with the vocabulary sharded too (the
+    XLA blocks)."""
+    tokens = {"batch_axis": ("data", "model")}
+    _sharded_check(option, jnp.float32, tokens)
+    assert kernel_as_cpu_default
+    full = option != next(iter(SHARDED_OPTIONS))
+    both = {"batch_axis": "data", "vocab_axis": "model"}
+    if full:
+        _sharded_check(option, jnp.float32, {"batch_axis": "data"})
+        _sharded_check(option, jnp.float32, both)
+    for name in ("forward_reference", "backward_reference"):
+        monkeypatch.setattr(kernels, name, _poisoned(getattr(kernels, name)))
+    jax.clear_caches()
+    loss, (_, dk) = _sharded_check(option, jnp.float32, tokens, poisoned=True)
+    assert np.isnan(loss) and np.isnan(dk).all()
+    if full:
+        for x in jax.tree.leaves(_sharded_check(option, jnp.float32, both, poisoned=True)):
+            assert np.isfinite(x).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("option", "dtype", "reduction"),
+    [("weight_smoothing_zloss", jnp.float32, "mean"), ("cap_ignore", jnp.bfloat16, "none")],
+)
+def test_batch_sharded_form_runs_the_kernels_exactly(kernel_on_cpu, option, dtype, reduction):
+    """The kernels themselves (TPU interpret mode) inside the batch-sharded form on 8 CPU
+    devices, ``implementation="pallas"``: values and gradients of the materialised reference."""
+    _sharded_check(option, dtype, {"batch_axis": ("data", "model")}, reduction, impl="pallas")
+    assert kernel_on_cpu, "the kernels did not run"
+
+
+def _optimised_text(lowered) -> str:
+    """The optimised HLO (through XLA's dump where libtpu cannot print SparseCore instructions,
+    as benchmarks.compiled does)."""
+    import glob
+    import os
+    import tempfile
+
+    try:
+        return str(lowered.compile().as_text())
+    except Exception:
+        with tempfile.TemporaryDirectory() as folder:
+            lowered.compile(compiler_options={"xla_dump_to": folder, "xla_dump_hlo_as_text": True})
+            (path,) = glob.glob(os.path.join(folder, "*after_optimizations.txt"))
+            with open(path) as dumped:
+                return dumped.read()
+
+
+@pytest.mark.accel
+@pytest.mark.slow
+def test_batch_sharded_form_compiles_the_kernels_on_eight_chips():
+    """``batch_axis`` over a v5p:2x2x2 (8 chips), default ``implementation``: each chip runs
+    both kernels (one tpu_custom_call each) on its tokens, four N·D·V matmuls per chip priced
+    from the grids; the only collectives are the kernel gradient's one all-reduce over the
+    tokens and scalar sums of the mean: no all-gather (of logits or kernel) at all."""
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+    from test_pod import census
+
+    import jaxloss
+    from benchmarks import hlo, roofline
+    from benchmarks.targets import TARGETS
+
+    n, d, v = 8 * 2048, 1024, 32768
+    mesh = Mesh(np.array(topologies.get_topology_desc("v5p:2x2x2", "tpu").devices), ("data",))
+    shapes = [((n, d), jnp.bfloat16, P("data", None)), ((d, v), jnp.bfloat16, P()),
+              ((n,), jnp.int32, P("data"))]  # fmt: skip
+    args = [jax.ShapeDtypeStruct(s, t, sharding=NamedSharding(mesh, p)) for s, t, p in shapes]
+    loss = lambda h, k, y: jaxloss.linear_cross_entropy(h, k, y, mesh=mesh, batch_axis="data")
+    traced = jax.jit(jax.value_and_grad(loss, (0, 1))).trace(*args)
+    text = _optimised_text(traced.lower())
+    assert text.count("tpu_custom_call") == 2
+    moved = census(text)
+    assert {m.kind for m in moved} == {"all-reduce"}, moved
+    wide = [m for m in moved if m.dims]
+    assert [(m.dims, m.nbytes) for m in wide] == [((d, v), d * v * 2)], wide
+    pallas = roofline.pallas_costs(traced.jaxpr)
+    called = {roofline.pallas_name(x.inst) for x in hlo.launches(hlo.Module(text)).launches}
+    costs = {c: cost for c in called for name, cost in pallas.items() if name in c}
+    model = roofline.roofline(text, TARGETS["tpu-v5p"], costs)
+    assert not model.unpriced
+    assert model.matmuls(2.0 * n // 8 * d * v) == pytest.approx(4.0)

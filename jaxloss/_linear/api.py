@@ -195,9 +195,12 @@ def linear_cross_entropy(
         columns of the kernel, which arrives replicated (JAX cannot place uneven shards), read
         in place, the last range slid back with its overlap masked; the kernel's gradient comes
         back replicated. ``vocab_chunk`` applies to each device's share.
-      implementation: ``None`` (each backend's default, chosen when the program is lowered),
-        ``"xla"`` (the blockwise XLA form) or ``"pallas"`` (a Pallas kernel: none exists yet,
-        so a ``ValueError``). Today every backend gets the XLA form; docs/linear.md says why.
+      implementation: ``None`` (each backend's default, chosen when the program is lowered:
+        on a TPU the Pallas kernels where they take the options and the program runs on one
+        chip or inside the ``shard_map`` form, else the XLA form; elsewhere the XLA form),
+        ``"xla"`` (the blockwise XLA form) or ``"pallas"`` (the TPU kernels; a ``ValueError``
+        for options they do not take, on other backends and where XLA partitions the program
+        over several chips). docs/linear.md says why.
 
     Returns:
       Per-token losses (``"none"``) or a scalar, in the dtype ``hidden @ kernel + bias`` would
@@ -293,7 +296,7 @@ def _linear_cross_entropy(
             _FN, hidden=h, kernel=kernel, targets=targets, bias=bias, weight=weight
         )
         chunks = {"cpu": config.clipped(n, v), "cuda": config.clipped(n, v, gpu=True)}
-        if implementation == "pallas" and not _kernel_takes(problem):
+        if implementation == "pallas" and not pallas_tpu.takes(problem):
             raise ValueError(
                 f"{_FN}: implementation='pallas': the Pallas TPU kernel takes index targets, no "
                 "bias, no return_stats, hidden and kernel both float32 or both bfloat16; got "
@@ -307,7 +310,7 @@ def _linear_cross_entropy(
     else:
         loss, stats = sharded.sharded_loss(
             problem, options, hyper, config, mesh=resolved_mesh, batch_axis=batch_axis,
-            vocab_axis=vocab_axis,
+            vocab_axis=vocab_axis, implementation=implementation,
         )  # fmt: skip
     if options.reduction == "none":
         loss = loss.reshape(batch_shape)
@@ -330,35 +333,20 @@ def _single_device(p: chunked.Problem, options: assembly.Options, hyper, chunks)
     return _reductions.safe_divide(total, den), stats
 
 
-def _kernel_takes(p: chunked.Problem) -> bool:
-    """Whether the Pallas TPU kernels (``pallas_tpu``) take this single-device problem."""
-    return pallas_tpu.supported(
-        p.hidden.shape, p.kernel.shape, p.hidden.dtype, p.kernel.dtype, bias=p.bias is not None,
-        probabilities=p.labels is None, return_stats=p.with_stats,
-    )  # fmt: skip
-
-
 def _pallas_tpu(p: chunked.Problem, options: assembly.Options, hyper, chunks):
     """:func:`_single_device` through the Pallas TPU kernels (four N·D·V matmuls, accumulators
     in VMEM); the XLA form where they do not take the problem. The kernels compute no argmax
     or entropy (``return_stats`` takes the XLA form): zeros stand in for them."""
     xla = functools.partial(_single_device, p, options, hyper, chunks)
-    if not _kernel_takes(p):
+    if not pallas_tpu.takes(p):
         return xla()
-    present = (options.smoothing, options.z_loss)
-    smoothing, z_loss = (x if on else None for x, on in zip(hyper, present, strict=True))
-    losses = pallas_tpu.per_token_loss(
-        p.hidden, p.kernel, p.labels, class_weight=p.class_weight,
-        ignore_index=options.ignore_index, label_smoothing=smoothing, z_loss=z_loss,
-        soft_cap=p.soft_cap, interpret=pallas_tpu.INTERPRET,
-    )  # fmt: skip
-    n = p.hidden.shape[0]
-    den = assembly.denominator(options, p.labels, p.class_weight, n, losses.dtype)
+    losses, weights = pallas_tpu.problem_losses(p, options, hyper)
     stats_shape = jax.eval_shape(xla)[1]
     stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape)
-    return assembly.reduce(losses, den, options.reduction).astype(stats[0].dtype), stats
+    return assembly.reduce(losses, weights, options.reduction).astype(stats[0].dtype), stats
 
 
+_pallas_tpu.takes = lambda p, *_: pallas_tpu.takes(p)  # pyright: ignore[reportFunctionMemberAccess]
 _implementations.LINEAR_KERNELS["linear_cross_entropy"]["tpu"] = _pallas_tpu
 
 

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxloss import _targets
+from jaxloss import _implementations, _targets
 
 # Scoped VMEM asked of Mosaic: within v5e's and v6e's 128 MiB and v5p's 95 MiB; the blocks are
 # sized to VMEM_BLOCK_BUDGET by :func:`vmem_bytes`' estimate.
@@ -298,10 +298,10 @@ def forward(hidden, kernel, y, rows, scalars, class_weight, *, opts: Options, bl
     grid = (pl.cdiv(n, bn), pl.cdiv(v, bv))
     rows_of = lambda width: pl.BlockSpec((bn, width), lambda i, j: (i, 0))
     cw_spec = _class_weight_spec(class_weight, bv, lambda i, j: (0, j))
-    out_shape = [jax.ShapeDtypeStruct((n, STATS), jnp.float32)]
+    out_shape = [_out_shape((n, STATS), jnp.float32, hidden)]
     out_specs = [rows_of(STATS)]
     if opts.with_grad:
-        out_shape.append(jax.ShapeDtypeStruct((n, d), jnp.float32))
+        out_shape.append(_out_shape((n, d), jnp.float32, hidden))
         out_specs.append(rows_of(d))
     scratch = [pltpu.VMEM((bn, 1), jnp.float32) for _ in range(5)]
     if opts.with_grad and opts.soft_cap and opts.smoothing:
@@ -325,6 +325,12 @@ def forward(hidden, kernel, y, rows, scalars, class_weight, *, opts: Options, bl
         name="jaxloss_linear_forward",
     )(scalars, hidden, kernel, y[:, None], rows, _class_weight_array(class_weight))
     return outs[0], (outs[1] if opts.with_grad else None)
+
+
+def _out_shape(shape, dtype, like):
+    """An output varying over the mesh axes ``like`` varies over (inside ``shard_map`` the
+    kernels' inputs are marked varying alike)."""
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
 
 
 def _class_weight_spec(class_weight, bv: int, index_map):
@@ -392,7 +398,7 @@ def backward(hidden, kernel, y, rows, scalars, class_weight, *, opts: Options, b
     k_spec = pl.BlockSpec((d, bv), lambda j, i: (0, j))
     return pl.pallas_call(
         functools.partial(_backward_kernel, opts=opts, sizes=(n, v)),
-        out_shape=jax.ShapeDtypeStruct((d, v), kernel.dtype),
+        out_shape=_out_shape((d, v), kernel.dtype, hidden),
         grid=(pl.cdiv(v, bv), pl.cdiv(n, bn)),
         in_specs=[
             pl.BlockSpec(memory_space=pltpu.SMEM),
@@ -472,9 +478,12 @@ def _per_token(static: Static, hidden, kernel, y, w, flags, class_weight, scalar
 def _forward_rows(static, hidden, kernel, y, w, flags, class_weight, scalars, with_grad):
     opts = static.opts._replace(with_grad=with_grad)
     rows = jnp.concatenate([w[:, None], flags], axis=1)
-    stats, dh = forward(hidden, kernel, y, rows, scalars, class_weight, opts=opts,
-                        blocks=static.blocks.forward, interpret=static.interpret)  # fmt: skip
-    return stats[:, 0], stats, dh
+    kernel_fn = functools.partial(forward, opts=opts, blocks=static.blocks.forward,
+                                  interpret=static.interpret)  # fmt: skip
+    reference = functools.partial(forward_reference, opts=opts)
+    stats, *dh = _kernel_or_reference(static, kernel_fn, reference, hidden, kernel, y, rows,
+                                      scalars, class_weight)  # fmt: skip
+    return stats[:, 0], stats, (dh[0] if dh else None)
 
 
 def _per_token_fwd(static, hidden, kernel, y, w, flags, class_weight, scalars):
@@ -493,8 +502,11 @@ def _per_token_bwd(static, residuals, g):
     lse, a, tgt = stats[:, 1], stats[:, 2], stats[:, 3]
     ge = g * eps / v if opts.smoothing else jnp.zeros_like(g)
     rows = jnp.stack([lse, g * a, g * keep * w, jnp.where(valid, ge, 0), flags[:, 0]], axis=1)
-    dk = backward(hidden, kernel, y, rows, scalars, class_weight, opts=opts,
-                  blocks=static.blocks.backward, interpret=static.interpret)  # fmt: skip
+    kernel_fn = functools.partial(backward, opts=opts, blocks=static.blocks.backward,
+                                  interpret=static.interpret)  # fmt: skip
+    reference = functools.partial(backward_reference, opts=opts)
+    (dk,) = _kernel_or_reference(static, kernel_fn, reference, hidden, kernel, y, rows,
+                                 scalars, class_weight)  # fmt: skip
     # ∂ℓ/∂h: the kernel's part, less the target column and (without a cap) the smoothing term.
     slope = 1 - (tgt / cap) ** 2 if opts.soft_cap else 1.0
     k_y = target_columns(kernel, jnp.clip(y, 0, v - 1)).astype(jnp.float32)
@@ -531,6 +543,96 @@ def _kernel_times_weights(kernel, class_weight):
     return jnp.dot(kernel.astype(jnp.float32), class_weight[0], precision=hi)
 
 
+def _kernel_or_reference(static, kernel, reference, hidden, kernel_matrix, y, rows, scalars,
+                         weights):  # fmt: skip
+    """The outputs of ``kernel`` (:func:`forward` or :func:`backward`) where Mosaic may lower it,
+    else of its ``reference`` in jnp (``_implementations.guarded``): a program that XLA
+    partitions over several devices, or one for another backend, runs the kernels' formulas,
+    not Mosaic's error. Interpret mode (tests) runs the kernel."""
+    absent = weights is None
+    if static.interpret:
+        out = kernel(hidden, kernel_matrix, y, rows, scalars, weights)
+        return [x for x in (out if isinstance(out, tuple) else (out,)) if x is not None]
+
+    def call(fn):
+        def run(*args):
+            *arrays, cw = args
+            out = fn(*arrays, None if absent else cw)
+            return [x for x in (out if isinstance(out, tuple) else (out,)) if x is not None]
+
+        return run
+
+    args = (hidden, kernel_matrix, y, rows, scalars, _class_weight_array(weights))
+    return _implementations.guarded(call(kernel), call(reference), *args)
+
+
+def _in_blocks(step: int, *arrays):
+    """``arrays`` (of one length) padded with zeros to a multiple of ``step`` and split into
+    ``[blocks, step, ...]``."""
+    pad = -arrays[0].shape[0] % step
+    padded = [jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) for x in arrays]
+    return [x.reshape(-1, step, *x.shape[1:]) for x in padded]
+
+
+def forward_reference(hidden, kernel, y, rows, scalars, class_weight, *, opts: Options):
+    """:func:`forward`'s outputs in jnp, a few tokens at a time over the whole vocabulary."""
+    n, v = hidden.shape[0], kernel.shape[1]
+    w = class_weight if opts.class_weight else 1.0
+
+    def block(args):
+        h, y_b, r_b = args
+        z, slope = _logits(h, kernel, scalars[2], opts)
+        m = jnp.max(z, axis=1, keepdims=True)
+        shift = _finite_or_zero(m)
+        e = jnp.exp(z - shift)
+        s = jnp.sum(e, axis=1, keepdims=True)
+        hit = jax.lax.broadcasted_iota(jnp.int32, z.shape, 1) == y_b
+        tgt = jnp.sum(jnp.where(hit, z, 0.0), axis=1, keepdims=True)
+        gap = jnp.sum(w * (shift - z), axis=1, keepdims=True) if opts.smoothing else None
+        valid = r_b[:, 1:2] > 0
+        row = (r_b[:, 0:1], valid, r_b[:, 2:3] > 0)
+        loss, lse, a = row_terms((m, s, tgt, gap), row, scalars, opts, v)
+        stats = jnp.concatenate([loss, lse, a, tgt], axis=1)
+        if not opts.with_grad:
+            return stats, None
+        dh = (a / s) * _dot_nt((e if slope is None else e * slope).astype(kernel.dtype), kernel)
+        if slope is not None and opts.smoothing:
+            b = jnp.broadcast_to(w * slope, z.shape).astype(kernel.dtype)
+            dh -= scalars[0] / v * _dot_nt(b, kernel)
+        return stats, jnp.where(valid, dh, 0.0)
+
+    step = max(1, min(n, XLA_LOGITS_PER_STEP // v))
+    stats, dh = jax.lax.map(block, tuple(_in_blocks(step, hidden, y[:, None], rows)))
+    flat = lambda x: None if x is None else x.reshape(-1, x.shape[-1])[:n]
+    return flat(stats), flat(dh)
+
+
+def backward_reference(hidden, kernel, y, rows, scalars, class_weight, *, opts: Options):
+    """:func:`backward`'s ``∂K`` in jnp, a few classes at a time over all tokens."""
+    (n, d), v = hidden.shape, kernel.shape[1]
+    lse, ga, gy, ge = (rows[:, f : f + 1] for f in range(4))
+    keep_rows = rows[:, 4:5] > 0
+    h = jnp.where(keep_rows, hidden, 0)
+    step = max(1, min(v, XLA_LOGITS_PER_STEP // max(n, 1)))
+    columns = [kernel.T] + ([class_weight[0]] if opts.class_weight else [])
+    columns = _in_blocks(step, *columns)
+
+    def block(args):
+        j, k_t, *cw = args
+        ids = j * step + jax.lax.broadcasted_iota(jnp.int32, (1, step), 1)
+        z, slope = _logits(h, k_t.T, scalars[2], opts)
+        g = ga * jnp.exp(z - lse) - jnp.where(ids == y[:, None], gy, 0.0)
+        if opts.smoothing:
+            g -= ge * (cw[0][None] if cw else 1.0)
+        if slope is not None:
+            g *= slope
+        g = jnp.where(keep_rows & (ids < v), g, 0.0)
+        return _dot_tn(h, g.astype(h.dtype))
+
+    dk = jax.lax.map(block, (jnp.arange(columns[0].shape[0]), *columns))
+    return jnp.moveaxis(dk, 0, 1).reshape(d, -1)[:, :v].astype(kernel.dtype)
+
+
 # Rows of logits per step of the XLA form: 2^24 logits (64 MiB of float32) at a time.
 XLA_LOGITS_PER_STEP = 2**24
 
@@ -563,3 +665,31 @@ def xla_rows(hidden, kernel, y, w, flags, class_weight, scalars, opts: Options):
         return row_terms((m, s, tgt, gap), row, scalars, opts, v)[0][:, 0]
 
     return jax.lax.map(block, tuple(blocks)).reshape(-1)[:n]
+
+
+# ----------------------------------------------------------------------------------------------
+# The linear head's problems (``chunked.Problem``, ``assembly.Options``) through the kernels
+# ----------------------------------------------------------------------------------------------
+
+
+def takes(p) -> bool:
+    """Whether the kernels take the linear head's problem ``p`` (a ``chunked.Problem``)."""
+    return supported(
+        p.hidden.shape, p.kernel.shape, p.hidden.dtype, p.kernel.dtype, bias=p.bias is not None,
+        probabilities=p.labels is None, return_stats=p.with_stats,
+    )  # fmt: skip
+
+
+def problem_losses(p, options, hyper) -> tuple[jax.Array, jax.Array]:
+    """``(per-token losses, per-token target weights)`` of ``p`` (``takes(p)``), float32: the
+    weights sum to the ``"mean"`` divisor."""
+    present = (options.smoothing, options.z_loss)
+    smoothing, z_loss = (x if on else None for x, on in zip(hyper, present, strict=True))
+    losses = per_token_loss(
+        p.hidden, p.kernel, p.labels, class_weight=p.class_weight,
+        ignore_index=options.ignore_index, label_smoothing=smoothing, z_loss=z_loss,
+        soft_cap=p.soft_cap, interpret=INTERPRET,
+    )  # fmt: skip
+    v = p.kernel.shape[1]
+    idx = _targets.index_targets(p.labels, v, options.ignore_index, p.class_weight, jnp.float32)
+    return losses, idx.weight

@@ -5,7 +5,9 @@ kernel on its own token rows and kernel columns; the global logsumexp is the log
 per-shard ones, and the target logit, ``Σ_c w_c z_c`` and the target's class weight are sums
 over the vocabulary shards (a target is owned by exactly one shard). The collectives move
 ``O(N)`` numbers; neither the logits nor the kernel are ever gathered (Megatron-style
-vocabulary-parallel cross-entropy). Nothing switches to this form by itself.
+vocabulary-parallel cross-entropy). Nothing switches to this form by itself. Sharded over tokens
+alone, each device's share takes the implementation the head's table gives (on TPU the Pallas
+kernels, :func:`_kernel_local_loss`).
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from jaxloss import _targets
+from jaxloss import _implementations, _targets
 from jaxloss._blockwise import sharding
 from jaxloss._blockwise.blocks import finite_or_zero, vary
 from jaxloss._blockwise.online import combine_shards
-from jaxloss._linear import assembly, chunked
+from jaxloss._linear import assembly, chunked, pallas_tpu
+
+_FN = "linear_cross_entropy"
 
 
 def _combine_over_vocabulary(s: chunked.Stats, vocab_axis, wmass, tmass) -> chunked.Stats:
@@ -144,13 +148,35 @@ def _local_loss(p: chunked.Problem, options: assembly.Options, hyper, chunks, ax
     return assembly.reduce(loss, pos_weight, options.reduction, batch_axis), diagnostics
 
 
-def sharded_loss(p: chunked.Problem, options, hyper, config, *, mesh, batch_axis, vocab_axis):
+def _kernel_local_loss(p: chunked.Problem, options, hyper, chunks, axes):
+    """:func:`_local_loss` of the batch-sharded form through the Pallas TPU kernels: each
+    device's tokens over the whole vocabulary, the reduction's sums over the batch axis."""
+    if not pallas_tpu.takes(p):
+        return _local_loss(p, options, hyper, chunks, axes)
+    batch_axis, _ = axes
+    names = ("hidden", "kernel", "labels", "class_weight")
+    given = [getattr(p, name) for name in names]
+    varying = {k: None if a is None else vary(a, *given) for k, a in zip(names, given, strict=True)}
+    losses, weights = pallas_tpu.problem_losses(p._replace(**varying), options, hyper)
+    lse = jnp.zeros_like(losses)  # unused: return_stats takes the XLA form
+    return assembly.reduce(losses, weights, options.reduction, batch_axis), (lse, None, None)
+
+
+_kernel_local_loss.takes = lambda p, *_: pallas_tpu.takes(p)  # pyright: ignore[reportFunctionMemberAccess]
+
+
+def sharded_loss(
+    p: chunked.Problem, options, hyper, config, *, mesh, batch_axis, vocab_axis,
+    implementation=None,
+):  # fmt: skip
     """``linear_cross_entropy`` of the 2-D problem ``p`` under ``jax.shard_map`` on ``mesh``.
 
     Returns the loss and ``(lse, argmax, entropy)`` per token. The differentiable inputs are
     marked as varying over every mesh axis in use, so that autodiff sums their per-device
     gradients over the axes they are replicated on (``hidden`` over the vocabulary axis,
-    ``kernel``, ``bias`` and ``weight`` over the batch axis).
+    ``kernel``, ``bias`` and ``weight`` over the batch axis). Sharded over tokens only, each
+    device's share runs through the kernels ``implementation`` chooses (the linear head's table
+    in ``_implementations``: on TPU the Pallas kernels); over the vocabulary, the XLA blocks.
     """
     n, v = p.hidden.shape[0], p.kernel.shape[1]
     n_local = n // sharding.axis_size(mesh, batch_axis)
@@ -171,7 +197,13 @@ def sharded_loss(p: chunked.Problem, options, hyper, config, *, mesh, batch_axis
         if split.uneven:
             start, owned_from = sharding.device_columns(vocab_axis, v, split.width)
             local_p = local_p._replace(col_start=start, width=split.width, owned_from=owned_from)
-        return _local_loss(local_p, options, (smoothing, z_loss), chunks, (batch_axis, vocab_axis))
+        args = (local_p, options, (smoothing, z_loss), chunks, (batch_axis, vocab_axis))
+        if vocab_axis is not None:
+            return _local_loss(*args)
+        kernels = dict.fromkeys(_implementations.LINEAR_KERNELS[_FN], _kernel_local_loss)
+        return _implementations.linear_head(
+            _FN, implementation, _local_loss, *args, kernels=kernels
+        )
 
     out_specs = (rows if options.reduction == "none" else PartitionSpec(), (rows,) * 3)
     if not p.with_stats:
