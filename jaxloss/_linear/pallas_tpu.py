@@ -60,7 +60,7 @@ VMEM_BLOCK_BUDGET = 48 * 2**20
 # block, the backward ``hidden`` once per vocabulary block: at N=8192, D=2048, V=131072 in bf16
 # 1024-token blocks re-read K 8 times (4 GiB, 1.6 ms at v5p's 2.765 TB/s), 1024-class blocks
 # re-read h 128 times (4 GiB): under the 19 ms of each kernel's two matmuls. Modelled
-# value_and_grad of the mean there (benchmarks.roofline, kernels priced from their grids): v5p
+# value_and_grad of the mean there (benchmarks/hlo.py, kernels priced from their grids): v5p
 # 38.55 ms bf16 / 38.59 ms f32 (19.16 ms per kernel, compute-bound; 1.24x / 1.27x the
 # materialised 31.1 / 30.3 ms), v5e 90.0 / 90.2 ms; temporaries 192 / 212 MiB (v5p).
 FORWARD_BLOCKS = ((1024, 512), (512, 512), (256, 512), (128, 256))
