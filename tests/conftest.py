@@ -9,6 +9,8 @@
   large compiles and the layouts, dtypes and shapes that repeat a default test's checks. The
   default run (``python -m pytest``) deselects them; ``python -m pytest --full`` runs everything,
   ``-m slow`` only them. ``accel`` tests need the ``accel`` extra and skip without it.
+- The default run compiles with LLVM at -O0 (``pytest_configure``); ``--full`` and ``-m`` runs as
+  users do.
 - Under CI (``CI`` set) hypothesis draws a fixed sequence of examples, so that whether a landing
   passes does not depend on the draw; locally every run explores new examples.
 """
@@ -63,6 +65,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def _runs_everything(config: pytest.Config) -> bool:
+    return bool(config.getoption("--full") or config.option.markexpr)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The default run compiles its (small) programs with LLVM at -O0: the optimised HLO, the
+    # buffers and the float semantics are XLA's and unchanged, and the run is ~10 % shorter
+    # (4 min 41 s against 5 min 4-17 s here). The full run, whose examples and benchmarks run
+    # real work, compiles as users do. Set before JAX starts its backends (at collection).
+    if not _runs_everything(config) and "xla_backend_optimization_level" not in os.environ.get(
+        "XLA_FLAGS", ""
+    ):
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     missing = _accel_missing()
     if missing:
@@ -72,7 +90,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if "accel" in item.keywords:
                 item.add_marker(skip)
-    if config.getoption("--full") or config.option.markexpr:
+    if _runs_everything(config):
         return
     kept = [item for item in items if "slow" not in item.keywords]
     if len(kept) < len(items):
