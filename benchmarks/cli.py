@@ -93,6 +93,8 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
          "temporaries from the compiler, no timing"),
         ("--no-peer-check", flag, "do not compare each peer's output with jaxloss's before "
          "timing it (a disagreeing peer is then not flagged !MISMATCH)"),
+        ("--memory-only", flag, "compile every benchmark for its temporary memory and kernels, "
+         "time nothing (tests/test_memory.py reads these records)"),
         ("--no-plots", flag, "write JSON and table only, no PNGs"),
         ("--no-progress", flag, "no per-benchmark progress on stderr"),
     ]:  # fmt: skip
@@ -119,12 +121,12 @@ def plan(args: argparse.Namespace, backend: str, chosen: Sequence[Case] | None =
     tasks: list[Task] = []
     for case in (c for c in chosen if selected(c.name, args.filter)):
         points = case.points(backend, args.quick) if case.points else grid_points
-        tasks += [Task(case, m, d, tuple(s)) for s, d in points for m in args.modes
-                  if d in args.dtypes and m in case.modes]
+        tasks += [Task(case, m, d, tuple(s), args.memory_only) for s, d in points
+                  for m in args.modes if d in args.dtypes and m in case.modes]
         if "vag" in args.modes:
             tasks += [Task(case, "vag", d, s, True) for s, d in case.memory_only
                       if d in args.dtypes]
-        if case.name == "cross_entropy":  # the goal points
+        if case.name == "cross_entropy" and not args.memory_only:  # the goal points
             timed = args.quick and not args.sizes and "vag" in args.modes  # else compiled only
             have = {(t.shape, t.dtype) for t in tasks if t.mode == "vag"}
             tasks += [Task(case, "vag", d, GOAL_SHAPE, not timed) for d in ("f32", "bf16")
