@@ -159,6 +159,15 @@ def _vma(x: Any) -> frozenset:
     return frozenset(getattr(manual, "varying", None) or ())
 
 
+def struct_varying_like(shape: tuple[int, ...], dtype: Any, like: Any) -> jax.ShapeDtypeStruct:
+    """An output type varying over the manual mesh axes ``like`` varies over (a Pallas call's
+    outputs inside ``shard_map``)."""
+    aval = jax.typeof(like)
+    if hasattr(aval, "manual_axis_type"):
+        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=aval.manual_axis_type)
+    return jax.ShapeDtypeStruct(shape, dtype, **{"vma": aval.vma})  # jax < 0.10
+
+
 def vary(x: jax.Array, *like: Any) -> jax.Array:
     """``x`` marked as varying over every manual axis any of ``like`` varies over.
 

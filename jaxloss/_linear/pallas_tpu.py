@@ -48,6 +48,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxloss import _implementations, _targets
+from jaxloss._blockwise.blocks import struct_varying_like
 
 # Scoped VMEM asked of Mosaic: within v5e's and v6e's 128 MiB and v5p's 95 MiB; the blocks are
 # sized to VMEM_BLOCK_BUDGET by :func:`vmem_bytes`' estimate.
@@ -298,10 +299,10 @@ def forward(hidden, kernel, y, rows, scalars, class_weight, *, opts: Options, bl
     grid = (pl.cdiv(n, bn), pl.cdiv(v, bv))
     rows_of = lambda width: pl.BlockSpec((bn, width), lambda i, j: (i, 0))
     cw_spec = _class_weight_spec(class_weight, bv, lambda i, j: (0, j))
-    out_shape = [_out_shape((n, STATS), jnp.float32, hidden)]
+    out_shape = [struct_varying_like((n, STATS), jnp.float32, hidden)]
     out_specs = [rows_of(STATS)]
     if opts.with_grad:
-        out_shape.append(_out_shape((n, d), jnp.float32, hidden))
+        out_shape.append(struct_varying_like((n, d), jnp.float32, hidden))
         out_specs.append(rows_of(d))
     scratch = [pltpu.VMEM((bn, 1), jnp.float32) for _ in range(5)]
     if opts.with_grad and opts.soft_cap and opts.smoothing:
@@ -325,12 +326,6 @@ def forward(hidden, kernel, y, rows, scalars, class_weight, *, opts: Options, bl
         name="jaxloss_linear_forward",
     )(scalars, hidden, kernel, y[:, None], rows, _class_weight_array(class_weight))
     return outs[0], (outs[1] if opts.with_grad else None)
-
-
-def _out_shape(shape, dtype, like):
-    """An output varying over the mesh axes ``like`` varies over (inside ``shard_map`` the
-    kernels' inputs are marked varying alike)."""
-    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
 
 
 def _class_weight_spec(class_weight, bv: int, index_map):
@@ -398,7 +393,7 @@ def backward(hidden, kernel, y, rows, scalars, class_weight, *, opts: Options, b
     k_spec = pl.BlockSpec((d, bv), lambda j, i: (0, j))
     return pl.pallas_call(
         functools.partial(_backward_kernel, opts=opts, sizes=(n, v)),
-        out_shape=_out_shape((d, v), kernel.dtype, hidden),
+        out_shape=struct_varying_like((d, v), kernel.dtype, hidden),
         grid=(pl.cdiv(v, bv), pl.cdiv(n, bn)),
         in_specs=[
             pl.BlockSpec(memory_space=pltpu.SMEM),
