@@ -678,3 +678,19 @@ def test_batch_sharded_form_compiles_the_kernels_on_eight_chips():
     model = _modelled("tpu-v5p", text=text, pallas=hlo.pallas_costs(traced.jaxpr))
     assert not model.unpriced
     assert model.matmuls(2.0 * n // 8 * d * v) == pytest.approx(4.0)
+
+
+def test_implementation_pallas_refuses_the_vocabulary_sharded_form(mesh):
+    """It ran the XLA blocks silently; the kernels have no vocabulary-sharded form yet."""
+    import jaxloss
+
+    h, k = jnp.ones((8, 4)), jnp.ones((4, 16))
+    y = jnp.zeros((8,), jnp.int32)
+    with pytest.raises(ValueError, match=r"vocab_axis='model'.*batch_axis alone"):
+        jaxloss.linear_cross_entropy(
+            h, k, y, mesh=mesh, vocab_axis="model", implementation="pallas"
+        )
+    with pytest.raises(ValueError, match="vocabulary-sharded"):
+        jaxloss.linear_cross_entropy(
+            h, k, y, mesh=mesh, batch_axis="data", vocab_axis="model", implementation="pallas"
+        )

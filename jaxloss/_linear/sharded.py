@@ -178,6 +178,13 @@ def sharded_loss(
     device's share runs through the kernels ``implementation`` chooses (the linear head's table
     in ``_implementations``: on TPU the Pallas kernels); over the vocabulary, the XLA blocks.
     """
+    if implementation == "pallas" and vocab_axis is not None:
+        raise ValueError(
+            f"{_FN}: implementation='pallas' has no kernel for the vocabulary-sharded form "
+            f"(vocab_axis={vocab_axis!r}): the Pallas TPU kernels run on one device and in the "
+            "batch-sharded form (batch_axis alone). Use implementation=None or 'xla' (the XLA "
+            "blocks) with vocab_axis"
+        )
     n, v = p.hidden.shape[0], p.kernel.shape[1]
     n_local = n // sharding.axis_size(mesh, batch_axis)
     split = sharding.VocabularySplit.of(mesh, vocab_axis, v)
