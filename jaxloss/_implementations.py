@@ -190,14 +190,15 @@ def index_cross_entropy(implementation, xla, axis: int, z, d, reduction: str) ->
 
 # "pallas" on a backend without a kernel: the backend is known only when the program is lowered
 # (platform_dependent traces every branch), so the refusal is a primitive whose lowering raises.
-_no_kernel_p = Primitive("jaxloss_no_pallas_kernel")
-_no_kernel_p.def_abstract_eval(lambda x, **_: x)
-ad.primitive_jvps[_no_kernel_p] = lambda p, t, **kw: (_no_kernel_p.bind(*p, **kw), t[0])
-batching.primitive_batchers[_no_kernel_p] = lambda a, d, **kw: (_no_kernel_p.bind(*a, **kw), d[0])
-
-
-def _no_kernel(fn: str, x: jax.Array) -> jax.Array:
-    return _no_kernel_p.bind(x, fn=fn)
+def _lowering_check(name: str, lowering: Callable[..., Any]) -> Callable[[str, jax.Array], Any]:
+    """``check(fn, x)``: the identity on ``x`` (through autodiff and vmap) whose lowering rule
+    ``lowering(ctx, x, fn=fn)`` may raise, once the backend and partitioning are known."""
+    prim = Primitive(name)
+    prim.def_abstract_eval(lambda x, **_: x)
+    ad.primitive_jvps[prim] = lambda p, t, **kw: (prim.bind(*p, **kw), t[0])
+    batching.primitive_batchers[prim] = lambda a, d, **kw: (prim.bind(*a, **kw), d[0])
+    mlir.register_lowering(prim, lowering)
+    return lambda fn, x: prim.bind(x, fn=fn)
 
 
 def _refuse_lowering(ctx, x, *, fn):
@@ -211,7 +212,7 @@ def _refuse_lowering(ctx, x, *, fn):
     )
 
 
-mlir.register_lowering(_no_kernel_p, _refuse_lowering)
+_no_kernel = _lowering_check("jaxloss_no_pallas_kernel", _refuse_lowering)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,16 +249,6 @@ def where_kernel_lowers(kernel: Callable[[], Any], xla: Callable[[], Any]) -> An
 # The check of implementation="pallas": Mosaic's own error, "cannot be automatically
 # partitioned", reached through the kernels' guards, which fall back instead; so an identity on
 # the kernel's outputs raises ours when lowered where the kernel cannot be.
-_one_device_p = Primitive("jaxloss_pallas_needs_one_device")
-_one_device_p.def_abstract_eval(lambda x, **_: x)
-ad.primitive_jvps[_one_device_p] = lambda p, t, **kw: (_one_device_p.bind(*p, **kw), t[0])
-batching.primitive_batchers[_one_device_p] = lambda a, d, **kw: (_one_device_p.bind(*a, **kw), d[0])
-
-
-def _one_device(fn: str, x: jax.Array) -> jax.Array:
-    return _one_device_p.bind(x, fn=fn)
-
-
 def _one_device_lowering(ctx, x, *, fn):
     if not pallas_tpu.kernel_may_lower(ctx):
         raise ValueError(
@@ -269,7 +260,7 @@ def _one_device_lowering(ctx, x, *, fn):
     return [x]
 
 
-mlir.register_lowering(_one_device_p, _one_device_lowering)
+_one_device = _lowering_check("jaxloss_pallas_needs_one_device", _one_device_lowering)
 
 # A TPU kernel with its reference: ``kernel(*args)`` lowered where Mosaic may lower it (for a
 # TPU, one device or a fully manual shard_map), ``reference(*args)`` (the same outputs in jnp)

@@ -275,6 +275,20 @@ def test_forward_alone_is_one_kernel_of_one_matmul():
 # ----------------------------------------------------------------------------------------------
 
 
+def _counting_kernel_calls(monkeypatch):
+    """Yields the list that each call of the kernels' entry point appends to, with fresh
+    compilation caches before and after (a cached program would hide which form runs)."""
+    calls = []
+    per_token_loss = kernels.per_token_loss
+    monkeypatch.setattr(
+        kernels, "per_token_loss", lambda *a, **k: calls.append(1) or per_token_loss(*a, **k)
+    )
+    jax.clear_caches()
+    yield calls
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
 @pytest.fixture
 def kernel_on_cpu(monkeypatch):
     """The TPU kernels registered for the CPU backend, in the interpret mode, for this test."""
@@ -285,15 +299,7 @@ def kernel_on_cpu(monkeypatch):
         _implementations.LINEAR_KERNELS["linear_cross_entropy"], "cpu", api._pallas_tpu
     )
     monkeypatch.setattr(kernels, "INTERPRET", INTERPRET)
-    calls = []
-    per_token_loss = kernels.per_token_loss
-    monkeypatch.setattr(
-        kernels, "per_token_loss", lambda *a, **k: calls.append(1) or per_token_loss(*a, **k)
-    )
-    jax.clear_caches()
-    yield calls
-    monkeypatch.undo()
-    jax.clear_caches()
+    yield from _counting_kernel_calls(monkeypatch)
 
 
 API_OPTIONS = [
@@ -481,15 +487,7 @@ def kernel_as_cpu_default(monkeypatch):
     monkeypatch.setitem(table, "cpu", api._pallas_tpu)
     defaults = dict(_implementations.DEFAULTS["linear_cross_entropy"], cpu="pallas")
     monkeypatch.setitem(_implementations.DEFAULTS, "linear_cross_entropy", defaults)
-    calls = []
-    per_token_loss = kernels.per_token_loss
-    monkeypatch.setattr(
-        kernels, "per_token_loss", lambda *a, **k: calls.append(1) or per_token_loss(*a, **k)
-    )
-    jax.clear_caches()
-    yield calls
-    monkeypatch.undo()
-    jax.clear_caches()
+    yield from _counting_kernel_calls(monkeypatch)
 
 
 def _poisoned(reference):
