@@ -12,6 +12,7 @@ stay under 512 MiB, and the modelled time of ``value_and_grad`` prices each kern
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -279,9 +280,9 @@ def _counting_kernel_calls(monkeypatch):
     """Yields the list that each call of the kernels' entry point appends to, with fresh
     compilation caches before and after (a cached program would hide which form runs)."""
     calls = []
-    per_token_loss = kernels.per_token_loss
+    run_kernel = kernels.run_kernel  # every path to the kernels (or their references)
     monkeypatch.setattr(
-        kernels, "per_token_loss", lambda *a, **k: calls.append(1) or per_token_loss(*a, **k)
+        kernels, "run_kernel", lambda *a, **k: calls.append(1) or run_kernel(*a, **k)
     )
     jax.clear_caches()
     yield calls
@@ -560,8 +561,9 @@ SHARDED_OPTIONS = {
 
 
 def _sharded_check(option, dtype, mesh_axes, reduction="mean", poisoned=False, impl=None):
-    """value_and_grad of the batch-sharded form (8 CPU devices) against the materialised
-    reference; with ``poisoned`` the kernels' references give NaN (the kernel path shows)."""
+    """value_and_grad (of ``hidden``, ``kernel`` and any class weights) of the shard_map form
+    on a 4 × 2 CPU mesh against the materialised reference; with ``poisoned`` the kernels'
+    references give NaN (the kernel path shows)."""
     import jaxloss
 
     h, k, y, w, _ = _data(64, 16, 300, dtype)
@@ -572,18 +574,21 @@ def _sharded_check(option, dtype, mesh_axes, reduction="mean", poisoned=False, i
         y = jnp.where(y == -100, 0, y).at[::7].set(opts["ignore_index"])
     mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
-    def total(fn):
-        return jax.jit(jax.value_and_grad(lambda h, k: jnp.sum(fn(h, k)), (0, 1)))(h, k)
+    argnums = (0, 1, 2) if opts.get("weight") is not None else (0, 1)
 
-    sharded = lambda h, k: jaxloss.linear_cross_entropy(
-        h, k, y, mesh=mesh, reduction=reduction, implementation=impl, **mesh_axes, **opts
+    def total(fn):
+        loss = lambda h, k, w: jnp.sum(fn(h, k, dict(opts, weight=w) if w is not None else opts))
+        return jax.jit(jax.value_and_grad(loss, argnums))(h, k, opts.get("weight"))
+
+    sharded = lambda h, k, o: jaxloss.linear_cross_entropy(
+        h, k, y, mesh=mesh, reduction=reduction, implementation=impl, **mesh_axes, **o
     ).astype(jnp.float32)
     got = total(sharded)
     if poisoned:
         return got
-    ref = total(lambda h, k: _materialised(h, k, y, opts, reduction))
-    for name, a, b in zip(["value", "d hidden", "d kernel"], jax.tree.leaves(got),
-                          jax.tree.leaves(ref), strict=True):  # fmt: skip
+    ref = total(lambda h, k, o: _materialised(h, k, y, o, reduction))
+    names = ["value", "d hidden", "d kernel", "d weight"][: 1 + len(argnums)]
+    for name, a, b in zip(names, jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
         _close(a, b, dtype, f"{option} {mesh_axes} {name}")
     return got
 
@@ -596,8 +601,7 @@ def test_batch_sharded_form_takes_the_kernels(kernel_as_cpu_default, monkeypatch
     """``batch_axis`` alone: each device's tokens through the kernels (here, on CPU, their
     guarded references), reduced over the batch axis: exact against the materialised reference
     on a 4 × 2 mesh (tokens over both axes; --full: over one). Poisoned references give NaN there
-    (the kernel path runs inside shard_map); --full: not with the vocabulary sharded too (the
-    XLA blocks)."""
+    (the kernel path runs inside shard_map); --full: with the vocabulary sharded too."""
     tokens = {"batch_axis": ("data", "model")}
     _sharded_check(option, jnp.float32, tokens)
     assert kernel_as_cpu_default
@@ -609,11 +613,11 @@ def test_batch_sharded_form_takes_the_kernels(kernel_as_cpu_default, monkeypatch
     for name in ("forward_reference", "backward_reference"):
         monkeypatch.setattr(kernels, name, _poisoned(getattr(kernels, name)))
     jax.clear_caches()
-    loss, (_, dk) = _sharded_check(option, jnp.float32, tokens, poisoned=True)
-    assert np.isnan(loss) and np.isnan(dk).all()
+    loss, grads = _sharded_check(option, jnp.float32, tokens, poisoned=True)
+    assert np.isnan(loss) and np.isnan(grads[1]).all()
     if full:
-        for x in jax.tree.leaves(_sharded_check(option, jnp.float32, both, poisoned=True)):
-            assert np.isfinite(x).all()
+        loss, grads = _sharded_check(option, jnp.float32, both, poisoned=True)
+        assert np.isnan(loss) and np.isnan(grads[1]).all()
 
 
 @pytest.mark.slow
@@ -678,17 +682,98 @@ def test_batch_sharded_form_compiles_the_kernels_on_eight_chips():
     assert model.matmuls(2.0 * n // 8 * d * v) == pytest.approx(4.0)
 
 
-def test_implementation_pallas_refuses_the_vocabulary_sharded_form(mesh):
-    """It ran the XLA blocks silently; the kernels have no vocabulary-sharded form yet."""
+def test_implementation_pallas_in_shard_map_refuses_what_the_kernels_do_not_take(mesh):
+    """``"pallas"`` with mesh axes where the kernels do not take the case raises; it ran the XLA
+    blocks silently (with ``vocab_axis``, before the kernels had that form, and with a bias)."""
     import jaxloss
 
-    h, k = jnp.ones((8, 4)), jnp.ones((4, 16))
+    h, k = jnp.ones((8, 4)), jnp.ones((4, 15))
     y = jnp.zeros((8,), jnp.int32)
-    with pytest.raises(ValueError, match=r"vocab_axis='model'.*batch_axis alone"):
+    with pytest.raises(ValueError, match=r"vocab_axis='model' needs the 15 classes split evenly"):
         jaxloss.linear_cross_entropy(
             h, k, y, mesh=mesh, vocab_axis="model", implementation="pallas"
         )
-    with pytest.raises(ValueError, match="vocabulary-sharded"):
+    with pytest.raises(ValueError, match=r"implementation='pallas'.*bias=True"):
         jaxloss.linear_cross_entropy(
-            h, k, y, mesh=mesh, batch_axis="data", vocab_axis="model", implementation="pallas"
+            h, k, y, bias=jnp.zeros(15), mesh=mesh, batch_axis="data", implementation="pallas"
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# The vocabulary-sharded form: each device's columns through the kernels (kernel_stats)
+# ----------------------------------------------------------------------------------------------
+
+STATS_CASES = [
+    pytest.param("cap_weight_smoothing_zloss", jnp.float32, id="cap-weight-smoothing-f32"),
+    pytest.param("smoothing", jnp.bfloat16, id="smoothing-bf16", marks=pytest.mark.slow),
+    pytest.param("plain", jnp.float32, id="plain-f32", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize(("option", "dtype"), STATS_CASES)
+def test_kernel_stats_match_the_xla_blocks(monkeypatch, option, dtype):
+    """The kernels' raw statistics of a device's columns (``kernel_stats.token_stats``, TPU
+    interpret mode, 16 × 128 blocks with tails in both axes) and the gradients of ``hidden``,
+    ``kernel`` and the class weights through them equal the XLA blocks' (``chunked.token_stats``),
+    with targets another shard owns (outside the columns: no target logit here)."""
+    from jaxloss._linear import kernel_stats
+
+    monkeypatch.setattr(kernels, "INTERPRET", INTERPRET)
+    h, k, y, w, g = _data(37, 24, 300, dtype)
+    y = y.at[5].set(400).at[6].set(-3)
+    opts = OPTIONS[option]
+    cw = w if opts.get("weight") else None
+    cap = None if "cap" not in opts else jnp.float32(opts["cap"])
+    smoothing = "smoothing" in opts
+
+    def total(stats_fn, h, k, cw):
+        s = stats_fn(chunked.Problem(h, k, None, y, None, cw, cap, smoothing, False))
+        value = g @ s.log_sum + (0.7 * g) @ s.tgt
+        if smoothing:
+            value += (0.3 * g) @ s.wgap
+        return value, (s.max, s.log_sum, s.tgt, s.wgap)
+
+    argnums = (0, 1) if cw is None else (0, 1, 2)
+    got, want = (
+        jax.jit(jax.value_and_grad(functools.partial(total, fn), argnums, has_aux=True))(h, k, cw)
+        for fn in (
+            functools.partial(kernel_stats.token_stats, blocks=SMALL),
+            functools.partial(chunked.token_stats, chunks=(16, 128)),
+        )
+    )
+    names = ["max", "log_sum", "tgt", "wgap", "d hidden", "d kernel", "d weight"]
+    leaves = lambda out: [*out[0][1], *out[1]]
+    for name, a, b in zip(names[: len(leaves(want))], leaves(got), leaves(want), strict=True):
+        if b is not None:
+            _close(a, b, dtype, f"{option} {name}")
+
+
+@pytest.mark.parametrize(
+    "option", [pytest.param(o, marks=() if i == 0 else (pytest.mark.slow,))
+               for i, o in enumerate(SHARDED_OPTIONS)],
+)  # fmt: skip
+def test_vocabulary_sharded_form_takes_the_kernels(kernel_as_cpu_default, monkeypatch, option):
+    """``vocab_axis`` (alone; and with ``batch_axis``): each device's columns through the kernels
+    (here, on CPU, their guarded references), combined over the shards: exact against the
+    materialised reference, the class weights' gradient included. Poisoned references give NaN
+    (the kernel path runs); before, this form always ran the XLA blocks."""
+    for axes in ({"vocab_axis": "model"}, {"batch_axis": "data", "vocab_axis": "model"}):
+        _sharded_check(option, jnp.float32, axes)
+    assert kernel_as_cpu_default
+    for name in ("forward_reference", "backward_reference"):
+        monkeypatch.setattr(kernels, name, _poisoned(getattr(kernels, name)))
+    jax.clear_caches()
+    loss, grads = _sharded_check(option, jnp.float32, {"vocab_axis": "model"}, poisoned=True)
+    assert np.isnan(loss) and np.isnan(grads[1]).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("option", "dtype", "reduction"),
+    [("weight_smoothing_zloss", jnp.bfloat16, "sum"), ("cap_ignore", jnp.float32, "none")],
+)
+def test_vocabulary_sharded_form_runs_the_kernels_exactly(kernel_on_cpu, option, dtype, reduction):
+    """The kernels themselves (TPU interpret mode) in the vocabulary-sharded form on 8 CPU
+    devices, ``implementation="pallas"``: values and gradients of the materialised reference."""
+    _sharded_check(option, dtype, {"batch_axis": "data", "vocab_axis": "model"}, reduction,
+                   impl="pallas")  # fmt: skip

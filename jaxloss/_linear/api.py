@@ -296,14 +296,8 @@ def _linear_cross_entropy(
             _FN, hidden=h, kernel=kernel, targets=targets, bias=bias, weight=weight
         )
         chunks = {"cpu": config.clipped(n, v), "cuda": config.clipped(n, v, gpu=True)}
-        if implementation == "pallas" and not pallas_tpu.takes(problem):
-            raise ValueError(
-                f"{_FN}: implementation='pallas': the Pallas TPU kernel takes index targets, no "
-                "bias, no return_stats, hidden and kernel both float32 or both bfloat16; got "
-                f"hidden {hidden.dtype}, kernel {kernel.dtype}, bias={bias is not None}, "
-                f"probability targets={probabilities}, return_stats={return_stats}. Use "
-                "implementation=None or 'xla' (the XLA form)"
-            )
+        if implementation == "pallas":
+            pallas_tpu.check_takes(_FN, problem)
         loss, stats = _implementations.linear_head(
             _FN, implementation, _single_device, problem, options, hyper, chunks
         )

@@ -83,6 +83,10 @@ class Options(NamedTuple):
     soft_cap: bool
     class_weight: bool  # per-class weights needed in the kernel (with smoothing)
     with_grad: bool = False
+    # The forward kernel's raw statistics of its columns (max, exp-sum, target logit, gap) and
+    # ``Σ_c p_c cap'_c k_c`` (and ``Σ_c w_c cap'_c k_c``) for a vocabulary shard
+    # (jaxloss._linear.kernel_stats), instead of the losses and ``∂ℓ/∂h`` of the whole row.
+    raw: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +170,7 @@ def _live_kernel(k, ids, classes: int):
     return k if classes % k.shape[1] == 0 else jnp.where(ids < classes, k, 0)
 
 
-def _logits(h, k, cap, opts: Options):
+def logits(h, k, cap, opts: Options):
     """``(z, cap')``: the (soft-capped) logits of a block in float32 and the cap's slope."""
     u = jnp.dot(h, k, preferred_element_type=jnp.float32)
     if not opts.soft_cap:
@@ -194,7 +198,9 @@ def _split_forward_refs(refs, opts: Options):
     refs = list(refs)
     stats = refs.pop(0)
     dh = refs.pop(0) if opts.with_grad else None
-    bacc = refs.pop() if opts.with_grad and opts.soft_cap and opts.smoothing else None
+    bacc = None
+    if opts.with_grad and opts.soft_cap and opts.smoothing:  # an output when raw, else scratch
+        bacc = refs.pop(0) if opts.raw else refs.pop()
     return stats, dh, bacc, refs  # refs: m, s, target logit, gap, mass
 
 
@@ -214,7 +220,7 @@ def _forward_kernel(sc, h_ref, k_ref, y_ref, row_ref, cw_ref, *refs, opts, class
     ids = _column_ids(j, cols)
     live = ids < classes
     k = _live_kernel(k_ref[...], ids, classes)
-    z, slope = _logits(h_ref[...], k, sc[2], opts)
+    z, slope = logits(h_ref[...], k, sc[2], opts)
     if classes % cols:
         z = jnp.where(live, z, -jnp.inf)
     m_old = m_ref[...]
@@ -247,6 +253,11 @@ def _forward_finish(sc, row_ref, stats_ref, dh_ref, bacc_ref, acc_refs, opts, cl
     """Per-token loss, lse, gradient factor ``a``, target logit; ``∂ℓ/∂h`` up to the terms
     applied outside (module doc)."""
     m_ref, s_ref, t_ref, gap_ref, _ = acc_refs
+    if opts.raw:
+        stats_ref[...] = jnp.concatenate([m_ref[...], s_ref[...], t_ref[...], gap_ref[...]], 1)
+        if dh_ref is not None:
+            dh_ref[...] = dh_ref[...] / s_ref[...]
+        return
     row = row_ref[...]
     valid = row[:, 1:2] > 0
     s, tgt = s_ref[...], t_ref[...]
@@ -293,6 +304,9 @@ def forward(hidden, kernel, y, rows, scalars, class_weight, *, opts: Options, bl
 
     ``y``: ``(N,)`` int32; ``rows``: ``(N, 3)`` float32 (w_y, valid, bad); ``scalars``: ``(4,)``
     float32 (ε, λ, cap, Σ w); ``class_weight``: ``(1, V)`` float32 when ``opts.class_weight``.
+    ``opts.raw``: ``(stats (N, 4): max, exp-sum, target logit, gap)``, with ``opts.with_grad``
+    also ``Σ_c p_c cap'_c k_c`` and, with ``soft_cap`` and smoothing, ``Σ_c w_c cap'_c k_c``
+    (each (N, D) float32, ``p`` the softmax over these columns).
     """
     (n, d), v = hidden.shape, kernel.shape[1]
     bn, bv = _clip(n, blocks[0]), _clip(v, blocks[1])
@@ -301,11 +315,12 @@ def forward(hidden, kernel, y, rows, scalars, class_weight, *, opts: Options, bl
     cw_spec = _class_weight_spec(class_weight, bv, lambda i, j: (0, j))
     out_shape = [struct_varying_like((n, STATS), jnp.float32, hidden)]
     out_specs = [rows_of(STATS)]
-    if opts.with_grad:
+    two_accs = opts.with_grad and opts.soft_cap and opts.smoothing
+    for _ in range(opts.with_grad + (two_accs and opts.raw)):
         out_shape.append(struct_varying_like((n, d), jnp.float32, hidden))
         out_specs.append(rows_of(d))
     scratch = [pltpu.VMEM((bn, 1), jnp.float32) for _ in range(5)]
-    if opts.with_grad and opts.soft_cap and opts.smoothing:
+    if two_accs and not opts.raw:
         scratch.append(pltpu.VMEM((bn, d), jnp.float32))
     outs = pl.pallas_call(
         functools.partial(_forward_kernel, opts=opts, classes=v),
@@ -325,7 +340,7 @@ def forward(hidden, kernel, y, rows, scalars, class_weight, *, opts: Options, bl
         interpret=interpret,
         name="jaxloss_linear_forward",
     )(scalars, hidden, kernel, y[:, None], rows, _class_weight_array(class_weight))
-    return outs[0], (outs[1] if opts.with_grad else None)
+    return tuple(outs) if opts.raw else (outs[0], (outs[1] if opts.with_grad else None))
 
 
 def _class_weight_spec(class_weight, bv: int, index_map):
@@ -369,7 +384,7 @@ def _backward_kernel(sc, h_ref, k_ref, y_ref, row_ref, cw_ref, dk_ref, acc_ref, 
         keep_rows &= i * rows + jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0) < tokens
     h = jnp.where(keep_rows, h_ref[...], 0)
     k = _live_kernel(k_ref[...], ids, classes)
-    z, slope = _logits(h, k, sc[2], opts)
+    z, slope = logits(h, k, sc[2], opts)
     g = ga * jnp.exp(z - lse) - jnp.where(ids == y_ref[...], gy, 0.0)
     if opts.smoothing:
         g -= ge * (cw_ref[...] if opts.class_weight else 1.0)
@@ -471,13 +486,9 @@ def _per_token(static: Static, hidden, kernel, y, w, flags, class_weight, scalar
 
 
 def _forward_rows(static, hidden, kernel, y, w, flags, class_weight, scalars, with_grad):
-    opts = static.opts._replace(with_grad=with_grad)
+    static = static._replace(opts=static.opts._replace(with_grad=with_grad))
     rows = jnp.concatenate([w[:, None], flags], axis=1)
-    kernel_fn = functools.partial(forward, opts=opts, blocks=static.blocks.forward,
-                                  interpret=static.interpret)  # fmt: skip
-    reference = functools.partial(forward_reference, opts=opts)
-    stats, *dh = _kernel_or_reference(static, kernel_fn, reference, hidden, kernel, y, rows,
-                                      scalars, class_weight)  # fmt: skip
+    stats, *dh = run_kernel(static, "forward", hidden, kernel, y, rows, scalars, class_weight)
     return stats[:, 0], stats, (dh[0] if dh else None)
 
 
@@ -497,17 +508,13 @@ def _per_token_bwd(static, residuals, g):
     lse, a, tgt = stats[:, 1], stats[:, 2], stats[:, 3]
     ge = g * eps / v if opts.smoothing else jnp.zeros_like(g)
     rows = jnp.stack([lse, g * a, g * keep * w, jnp.where(valid, ge, 0), flags[:, 0]], axis=1)
-    kernel_fn = functools.partial(backward, opts=opts, blocks=static.blocks.backward,
-                                  interpret=static.interpret)  # fmt: skip
-    reference = functools.partial(backward_reference, opts=opts)
-    (dk,) = _kernel_or_reference(static, kernel_fn, reference, hidden, kernel, y, rows,
-                                 scalars, class_weight)  # fmt: skip
+    (dk,) = run_kernel(static, "backward", hidden, kernel, y, rows, scalars, class_weight)
     # ∂ℓ/∂h: the kernel's part, less the target column and (without a cap) the smoothing term.
     slope = 1 - (tgt / cap) ** 2 if opts.soft_cap else 1.0
     k_y = target_columns(kernel, jnp.clip(y, 0, v - 1)).astype(jnp.float32)
     dh = dh_part - (keep * w * slope)[:, None] * k_y
     if opts.smoothing and not opts.soft_cap:
-        dh -= eps / v * _kernel_times_weights(kernel, class_weight)[None]
+        dh -= eps / v * kernel_times_weights(kernel, class_weight)[None]
     dh = jnp.where(valid[:, None], g[:, None] * dh, 0).astype(hidden.dtype)
     # Everything else from the XLA form (removed by XLA where those cotangents are unused).
     _, data_vjp = jax.vjp(
@@ -530,7 +537,7 @@ def target_columns(kernel, y):
     return kernel[features, y[:, None]]
 
 
-def _kernel_times_weights(kernel, class_weight):
+def kernel_times_weights(kernel, class_weight):
     """``K w`` (``Σ_c k_c`` without class weights) in float32."""
     hi = jax.lax.Precision.HIGHEST
     if class_weight is None:
@@ -538,12 +545,17 @@ def _kernel_times_weights(kernel, class_weight):
     return jnp.dot(kernel.astype(jnp.float32), class_weight[0], precision=hi)
 
 
-def _kernel_or_reference(static, kernel, reference, hidden, kernel_matrix, y, rows, scalars,
-                         weights):  # fmt: skip
-    """The outputs of ``kernel`` (:func:`forward` or :func:`backward`) where Mosaic may lower it,
-    else of its ``reference`` in jnp (``_implementations.guarded``): a program that XLA
-    partitions over several devices, or one for another backend, runs the kernels' formulas,
-    not Mosaic's error. Interpret mode (tests) runs the kernel."""
+def run_kernel(static: Static, which: str, hidden, kernel_matrix, y, rows, scalars, weights):
+    """The outputs (a list, ``None`` dropped) of the ``"forward"`` or ``"backward"`` kernel of
+    ``static.opts`` where Mosaic may lower it, else of its reference in jnp
+    (``_implementations.guarded``): a program that XLA partitions over several devices, or one
+    for another backend, runs the kernels' formulas, not Mosaic's error. Interpret mode (tests)
+    runs the kernel."""
+    fn, reference = (forward, forward_reference) if which == "forward" else (backward,
+                                                                              backward_reference)
+    blocks = static.blocks.forward if which == "forward" else static.blocks.backward
+    kernel = functools.partial(fn, opts=static.opts, blocks=blocks, interpret=static.interpret)
+    reference = functools.partial(reference, opts=static.opts)
     absent = weights is None
     if static.interpret:
         out = kernel(hidden, kernel_matrix, y, rows, scalars, weights)
@@ -561,7 +573,7 @@ def _kernel_or_reference(static, kernel, reference, hidden, kernel_matrix, y, ro
     return _implementations.guarded(call(kernel), call(reference), *args)
 
 
-def _in_blocks(step: int, *arrays):
+def in_blocks(step: int, *arrays):
     """``arrays`` (of one length) padded with zeros to a multiple of ``step`` and split into
     ``[blocks, step, ...]``."""
     pad = -arrays[0].shape[0] % step
@@ -576,7 +588,7 @@ def forward_reference(hidden, kernel, y, rows, scalars, class_weight, *, opts: O
 
     def block(args):
         h, y_b, r_b = args
-        z, slope = _logits(h, kernel, scalars[2], opts)
+        z, slope = logits(h, kernel, scalars[2], opts)
         m = jnp.max(z, axis=1, keepdims=True)
         shift = _finite_or_zero(m)
         e = jnp.exp(z - shift)
@@ -584,6 +596,8 @@ def forward_reference(hidden, kernel, y, rows, scalars, class_weight, *, opts: O
         hit = jax.lax.broadcasted_iota(jnp.int32, z.shape, 1) == y_b
         tgt = jnp.sum(jnp.where(hit, z, 0.0), axis=1, keepdims=True)
         gap = jnp.sum(w * (shift - z), axis=1, keepdims=True) if opts.smoothing else None
+        if opts.raw:
+            return _raw_reference(kernel, (m, s, tgt, gap), e, slope, w, opts)
         valid = r_b[:, 1:2] > 0
         row = (r_b[:, 0:1], valid, r_b[:, 2:3] > 0)
         loss, lse, a = row_terms((m, s, tgt, gap), row, scalars, opts, v)
@@ -597,9 +611,22 @@ def forward_reference(hidden, kernel, y, rows, scalars, class_weight, *, opts: O
         return stats, jnp.where(valid, dh, 0.0)
 
     step = max(1, min(n, XLA_LOGITS_PER_STEP // v))
-    stats, dh = jax.lax.map(block, tuple(_in_blocks(step, hidden, y[:, None], rows)))
+    outs = jax.lax.map(block, tuple(in_blocks(step, hidden, y[:, None], rows)))
     flat = lambda x: None if x is None else x.reshape(-1, x.shape[-1])[:n]
-    return flat(stats), flat(dh)
+    return tuple(flat(x) for x in outs) if opts.raw else (flat(outs[0]), flat(outs[1]))
+
+
+def _raw_reference(kernel, stats, e, slope, w, opts: Options):
+    """:func:`forward_reference`'s outputs of a block of tokens with ``opts.raw``."""
+    m, s, tgt, gap = stats
+    out = [jnp.concatenate([m, s, tgt, jnp.zeros_like(m) if gap is None else gap], axis=1)]
+    if opts.with_grad:
+        p = e if slope is None else e * slope
+        out.append(_dot_nt(p.astype(kernel.dtype), kernel) / s)
+    if opts.with_grad and opts.soft_cap and opts.smoothing:
+        b = jnp.broadcast_to(w * slope, e.shape).astype(kernel.dtype)
+        out.append(_dot_nt(b, kernel))
+    return tuple(out)
 
 
 def backward_reference(hidden, kernel, y, rows, scalars, class_weight, *, opts: Options):
@@ -610,12 +637,12 @@ def backward_reference(hidden, kernel, y, rows, scalars, class_weight, *, opts: 
     h = jnp.where(keep_rows, hidden, 0)
     step = max(1, min(v, XLA_LOGITS_PER_STEP // max(n, 1)))
     columns = [kernel.T] + ([class_weight[0]] if opts.class_weight else [])
-    columns = _in_blocks(step, *columns)
+    columns = in_blocks(step, *columns)
 
     def block(args):
         j, k_t, *cw = args
         ids = j * step + jax.lax.broadcasted_iota(jnp.int32, (1, step), 1)
-        z, slope = _logits(h, k_t.T, scalars[2], opts)
+        z, slope = logits(h, k_t.T, scalars[2], opts)
         g = ga * jnp.exp(z - lse) - jnp.where(ids == y[:, None], gy, 0.0)
         if opts.smoothing:
             g -= ge * (cw[0][None] if cw else 1.0)
@@ -673,6 +700,18 @@ def takes(p) -> bool:
         p.hidden.shape, p.kernel.shape, p.hidden.dtype, p.kernel.dtype, bias=p.bias is not None,
         probabilities=p.labels is None, return_stats=p.with_stats,
     )  # fmt: skip
+
+
+def check_takes(fn: str, p) -> None:
+    """``implementation="pallas"``: a ``ValueError`` where the kernels do not take ``p``."""
+    if not takes(p):
+        raise ValueError(
+            f"{fn}: implementation='pallas': the Pallas TPU kernels take index targets, no bias, "
+            "no return_stats, hidden and kernel both float32 or both bfloat16; got hidden "
+            f"{p.hidden.dtype}, kernel {p.kernel.dtype}, bias={p.bias is not None}, probability "
+            f"targets={p.labels is None}, return_stats={p.with_stats}. Use implementation=None "
+            "or 'xla' (the XLA form)"
+        )
 
 
 def problem_losses(p, options, hyper) -> tuple[jax.Array, jax.Array]:

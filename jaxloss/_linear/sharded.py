@@ -22,7 +22,7 @@ from jaxloss import _implementations, _targets
 from jaxloss._blockwise import sharding
 from jaxloss._blockwise.blocks import finite_or_zero, vary
 from jaxloss._blockwise.online import combine_shards
-from jaxloss._linear import assembly, chunked, pallas_tpu
+from jaxloss._linear import assembly, chunked, kernel_stats, pallas_tpu
 
 _FN = "linear_cross_entropy"
 
@@ -101,8 +101,10 @@ def _owned_weight_sum(local: chunked.Problem, cols: _DeviceColumns):
     return jnp.sum(jnp.where(cols.owned, w, 0))
 
 
-def _local_loss(p: chunked.Problem, options: assembly.Options, hyper, chunks, axes):
-    """One device's share: blocked statistics, combined over the vocabulary shards."""
+def _local_loss(p: chunked.Problem, options: assembly.Options, hyper, chunks, axes,
+                token_stats=chunked.token_stats):  # fmt: skip
+    """One device's share: blocked statistics (``token_stats``: the XLA blocks, or the Pallas
+    kernels' :func:`kernel_stats.token_stats`), combined over the vocabulary shards."""
     batch_axis, vocab_axis = axes
     targets = p.labels  # among all classes
     p, cols = _device_columns(p, vocab_axis)
@@ -114,7 +116,7 @@ def _local_loss(p: chunked.Problem, options: assembly.Options, hyper, chunks, ax
     local = p._replace(
         **{k: None if a is None else vary(a, *everywhere) for k, a in arrays.items()}
     )
-    s = chunked.token_stats(local, chunks)
+    s = token_stats(local, chunks)
     diagnostics = (s.lse, s.arg, s.entropy)
     w, labels = local.class_weight, local.labels
     sum_weight = _owned_weight_sum(local, cols)
@@ -165,6 +167,16 @@ def _kernel_local_loss(p: chunked.Problem, options, hyper, chunks, axes):
 _kernel_local_loss.takes = lambda p, *_: pallas_tpu.takes(p)  # pyright: ignore[reportFunctionMemberAccess]
 
 
+def _kernel_vocabulary_loss(p: chunked.Problem, options, hyper, chunks, axes):
+    """:func:`_local_loss` of the vocabulary-sharded form through the Pallas TPU kernels: each
+    device's statistics of its columns from the kernels (:mod:`kernel_stats`), combined over the
+    vocabulary shards as the XLA blocks' are."""
+    return _local_loss(p, options, hyper, chunks, axes, token_stats=kernel_stats.token_stats)
+
+
+_kernel_vocabulary_loss.takes = lambda p, *_: kernel_stats.takes(p)  # pyright: ignore[reportFunctionMemberAccess]
+
+
 def sharded_loss(
     p: chunked.Problem, options, hyper, config, *, mesh, batch_axis, vocab_axis,
     implementation=None,
@@ -178,16 +190,11 @@ def sharded_loss(
     device's share runs through the kernels ``implementation`` chooses (the linear head's table
     in ``_implementations``: on TPU the Pallas kernels); over the vocabulary, the XLA blocks.
     """
-    if implementation == "pallas" and vocab_axis is not None:
-        raise ValueError(
-            f"{_FN}: implementation='pallas' has no kernel for the vocabulary-sharded form "
-            f"(vocab_axis={vocab_axis!r}): the Pallas TPU kernels run on one device and in the "
-            "batch-sharded form (batch_axis alone). Use implementation=None or 'xla' (the XLA "
-            "blocks) with vocab_axis"
-        )
     n, v = p.hidden.shape[0], p.kernel.shape[1]
     n_local = n // sharding.axis_size(mesh, batch_axis)
     split = sharding.VocabularySplit.of(mesh, vocab_axis, v)
+    if implementation == "pallas":
+        _check_kernels_take(p, vocab_axis, mesh)
     chunks = config.clipped(n_local, split.width)[:2]
     vocab = split.axis(vocab_axis)
     rows, cols = PartitionSpec(batch_axis), PartitionSpec(vocab)
@@ -205,9 +212,8 @@ def sharded_loss(
             start, owned_from = sharding.device_columns(vocab_axis, v, split.width)
             local_p = local_p._replace(col_start=start, width=split.width, owned_from=owned_from)
         args = (local_p, options, (smoothing, z_loss), chunks, (batch_axis, vocab_axis))
-        if vocab_axis is not None:
-            return _local_loss(*args)
-        kernels = dict.fromkeys(_implementations.LINEAR_KERNELS[_FN], _kernel_local_loss)
+        kernel = _kernel_local_loss if vocab_axis is None else _kernel_vocabulary_loss
+        kernels = dict.fromkeys(_implementations.LINEAR_KERNELS[_FN], kernel)
         return _implementations.linear_head(
             _FN, implementation, _local_loss, *args, kernels=kernels
         )
@@ -216,3 +222,17 @@ def sharded_loss(
     if not p.with_stats:
         out_specs = (out_specs[0], (rows, None, None))
     return sharding.run(local, mesh, arguments, out_specs)
+
+
+def _check_kernels_take(p: chunked.Problem, vocab_axis, mesh) -> None:
+    """``implementation="pallas"`` in the shard_map form: a ``ValueError`` where the kernels do
+    not take the problem (the XLA blocks would otherwise run it silently)."""
+    parts = sharding.axis_size(mesh, vocab_axis)
+    if p.kernel.shape[1] % parts:
+        raise ValueError(
+            f"{_FN}: implementation='pallas' with vocab_axis={vocab_axis!r} needs the "
+            f"{p.kernel.shape[1]} classes split evenly over the axis's {parts} devices (the "
+            "kernels read every column of a device's shard as its own). Pad the kernel's "
+            "columns to a multiple of the axis size, or use implementation=None or 'xla'"
+        )
+    pallas_tpu.check_takes(_FN, p)

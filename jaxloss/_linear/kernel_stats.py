@@ -1,0 +1,144 @@
+"""``chunked.token_stats`` through the Pallas TPU kernels: the vocabulary-sharded form's share.
+
+Each device of ``vocab_axis`` holds the kernel's columns of its classes. The forward kernel in
+its raw mode (``pallas_tpu.Options.raw``) gives per token the statistics of those columns that
+``sharded`` combines over the shards — max, exp-sum, target logit, smoothing gap — and, when
+differentiated, ``r = Σ_c p_c cap'_c k_c`` (``p`` the softmax over the device's columns) in the
+same two matmuls. With the shift held constant (the statistics are relative to it, the loss is
+not), the cotangents ``g_s`` of ``log_sum``, ``g_t`` of the target logit and ``g_w`` of the gap
+``Σ_c w_c (shift − z_c)`` give
+
+    ∂/∂h = g_s r + g_t cap'_y k_y − g_w Σ_c w_c cap'_c k_c
+    ∂/∂z_c = (g_s p_c + g_t [c = y] − g_w w_c) cap'_c     (the backward kernel's ``∂K``)
+
+— four ``N·D·V_shard`` matmuls per device, as on one device; the hidden gradient's sum over the
+vocabulary shards is the transpose of ``hidden``'s ``pvary`` (``sharded``). The class weights'
+cotangent ``Σ_n g_w (shift − z_{n,c})`` comes from plain jnp, which XLA removes where unused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxloss._blockwise import vjp
+from jaxloss._linear import chunked, pallas_tpu
+
+_Differentiated = tuple  # (hidden, kernel, class_weight or None)
+
+
+def takes(p: chunked.Problem) -> bool:
+    """Whether the kernels take this device's share ``p``: what they take on one device, over
+    columns that are all the device's own (an even split of the vocabulary)."""
+    return pallas_tpu.takes(p) and p.owned_from is None and p.col_start is None
+
+
+def token_stats(p: chunked.Problem, chunks: Any = None, *, blocks=None) -> chunked.Stats:
+    """:func:`chunked.token_stats` of ``p`` (``takes(p)``), through the kernels (``chunks``:
+    the XLA blocks', unused; ``blocks``: the kernels', default ``choose_blocks``')."""
+    del chunks
+    n, d = p.hidden.shape
+    if blocks is None:
+        blocks = pallas_tpu.choose_blocks(n, d, p.kernel.shape[1], p.hidden.dtype)
+    op = _KernelStats(p.weighted_sum, blocks, pallas_tpu.INTERPRET)
+    cw = None if p.class_weight is None else p.class_weight.astype(jnp.float32)
+    return vjp.apply(op, (p.hidden, p.kernel, cw), (p.labels, p.soft_cap))
+
+
+@dataclasses.dataclass(frozen=True)
+class _KernelStats:
+    """The op (``_blockwise.vjp``): statistics forward, the backward kernel and ``r`` back."""
+
+    weighted_sum: bool
+    blocks: Any
+    interpret: Any
+
+    def _static(self, diff, data, with_grad: bool):
+        _, _, cw = diff
+        opts = pallas_tpu.Options(
+            self.weighted_sum, False, data[1] is not None,
+            cw is not None and self.weighted_sum, with_grad, raw=True,
+        )  # fmt: skip
+        return pallas_tpu.Static(opts, self.blocks, self.interpret)
+
+    def _run(self, diff, data, with_grad: bool):
+        hidden, kernel, cw = diff
+        labels, cap = data
+        static = self._static(diff, data, with_grad)
+        n = hidden.shape[0]
+        scalars = jnp.stack([jnp.float32(0), jnp.float32(0), _cap(cap), jnp.float32(0)])
+        outs = pallas_tpu.run_kernel(
+            static, "forward", hidden, kernel, labels.astype(jnp.int32),
+            jnp.zeros((n, pallas_tpu.FORWARD_ROWS), jnp.float32), scalars, _weights(static, cw),
+        )  # fmt: skip
+        m, s, tgt, gap = (outs[0][:, f] for f in range(4))
+        stats = chunked.Stats(
+            m, jnp.log(s), tgt, None, gap if self.weighted_sum else None, None, None
+        )
+        return stats, outs[1:]
+
+    def primal(self, diff, data):
+        return self._run(diff, data, False)[0]
+
+    def forward(self, diff, data):
+        stats, sums = self._run(diff, data, True)
+        return stats, (stats.shift, stats.log_sum, stats.tgt, *sums)
+
+    def backward(self, diff, data, saved, cotangents: chunked.Stats):
+        hidden, kernel, cw = diff
+        labels, cap = data
+        shift, log_sum, tgt, r, *b = saved
+        zero = jnp.zeros_like(log_sum)
+        g_s, g_t = _or(cotangents.log_sum, zero), _or(cotangents.tgt, zero)
+        g_w = _or(cotangents.wgap, zero)
+        live = (g_s != 0) | (g_t != 0) | (g_w != 0)
+        static = self._static(diff, data, False)
+        rows = jnp.stack([shift + log_sum, g_s, -g_t, g_w, live.astype(jnp.float32)], axis=1)
+        scalars = jnp.stack([jnp.float32(0), jnp.float32(0), _cap(cap), jnp.float32(0)])
+        y = labels.astype(jnp.int32)
+        (dk,) = pallas_tpu.run_kernel(
+            static, "backward", hidden, kernel, y, rows, scalars, _weights(static, cw)
+        )
+        v = kernel.shape[1]
+        owned = (y >= 0) & (y < v)
+        slope_y = 1.0 if cap is None else 1 - (tgt / _cap(cap)) ** 2
+        k_y = pallas_tpu.target_columns(kernel, jnp.clip(y, 0, v - 1)).astype(jnp.float32)
+        dh = g_s[:, None] * r + jnp.where(owned, g_t * slope_y, 0)[:, None] * k_y
+        if self.weighted_sum:
+            spread = (
+                b[0] if b else pallas_tpu.kernel_times_weights(kernel, _weights(static, cw))[None]
+            )
+            dh -= g_w[:, None] * spread
+        dh = jnp.where(live[:, None], dh, 0).astype(hidden.dtype)
+        dcw = None
+        if cw is not None and self.weighted_sum:
+            dcw = _weight_cotangent(hidden, kernel, shift, g_w, cap, live, static.opts)
+        return (dh, dk, dcw)
+
+
+def _or(x, default):
+    return default if x is None else x
+
+
+def _cap(cap) -> jax.Array:
+    return jnp.float32(1.0) if cap is None else jnp.asarray(cap, jnp.float32)
+
+
+def _weights(static: pallas_tpu.Static, cw):
+    return cw[None] if static.opts.class_weight else None
+
+
+def _weight_cotangent(hidden, kernel, shift, g_w, cap, live, opts: pallas_tpu.Options):
+    """``Σ_n g_w (shift_n − z_{n,c})`` per class, a few classes at a time in jnp."""
+    h = jnp.where(live[:, None], hidden, 0)
+    step = max(1, min(kernel.shape[1], pallas_tpu.XLA_LOGITS_PER_STEP // max(h.shape[0], 1)))
+    (columns,) = pallas_tpu.in_blocks(step, kernel.T)
+
+    def block(k_t):
+        z, _ = pallas_tpu.logits(h, k_t.T, _cap(cap), opts)
+        return jnp.sum(jnp.where(live[:, None], g_w[:, None] * (shift[:, None] - z), 0), 0)
+
+    return jax.lax.map(block, columns).reshape(-1)[: kernel.shape[1]]
