@@ -649,6 +649,29 @@ def _optimised_text(lowered) -> str:
                 return dumped.read()
 
 
+def _on_eight_chips(mesh_shape, n, d, v, **axes):
+    """The optimised program of value_and_grad of the default mean over a v5p:2x2x2 mesh of
+    ``mesh_shape`` (axes "data", "model"), bf16 inputs laid out as ``axes`` name, and its
+    roofline (each kernel priced from its grid)."""
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jaxloss
+    from benchmarks import hlo
+
+    chips = np.array(topologies.get_topology_desc("v5p:2x2x2", "tpu").devices)
+    mesh = Mesh(chips.reshape(mesh_shape), ("data", "model")[: len(mesh_shape)])
+    rows, cols = axes.get("batch_axis"), axes.get("vocab_axis")
+    shapes = [((n, d), jnp.bfloat16, P(rows, None)), ((d, v), jnp.bfloat16, P(None, cols)),
+              ((n,), jnp.int32, P(rows))]  # fmt: skip
+    args = [jax.ShapeDtypeStruct(s, t, sharding=NamedSharding(mesh, p)) for s, t, p in shapes]
+    loss = lambda h, k, y: jaxloss.linear_cross_entropy(h, k, y, mesh=mesh, **axes)
+    traced = jax.jit(jax.value_and_grad(loss, (0, 1))).trace(*args)
+    text = _optimised_text(traced.lower())
+    return text, _modelled("tpu-v5p", text=text, pallas=hlo.pallas_costs(traced.jaxpr))
+
+
 @pytest.mark.accel
 @pytest.mark.slow
 def test_batch_sharded_form_compiles_the_kernels_on_eight_chips():
@@ -656,30 +679,37 @@ def test_batch_sharded_form_compiles_the_kernels_on_eight_chips():
     both kernels (one tpu_custom_call each) on its tokens, four N·D·V matmuls per chip priced
     from the grids; the only collectives are the kernel gradient's one all-reduce over the
     tokens and scalar sums of the mean: no all-gather (of logits or kernel) at all."""
-    from jax.experimental import topologies
-    from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
     from test_pod import census
 
-    import jaxloss
-    from benchmarks import hlo
-
     n, d, v = 8 * 2048, 1024, 32768
-    mesh = Mesh(np.array(topologies.get_topology_desc("v5p:2x2x2", "tpu").devices), ("data",))
-    shapes = [((n, d), jnp.bfloat16, P("data", None)), ((d, v), jnp.bfloat16, P()),
-              ((n,), jnp.int32, P("data"))]  # fmt: skip
-    args = [jax.ShapeDtypeStruct(s, t, sharding=NamedSharding(mesh, p)) for s, t, p in shapes]
-    loss = lambda h, k, y: jaxloss.linear_cross_entropy(h, k, y, mesh=mesh, batch_axis="data")
-    traced = jax.jit(jax.value_and_grad(loss, (0, 1))).trace(*args)
-    text = _optimised_text(traced.lower())
+    text, model = _on_eight_chips((8,), n, d, v, batch_axis="data")
     assert text.count("tpu_custom_call") == 2
     moved = census(text)
     assert {m.kind for m in moved} == {"all-reduce"}, moved
     wide = [m for m in moved if m.dims]
     assert [(m.dims, m.nbytes) for m in wide] == [((d, v), d * v * 2)], wide
-    model = _modelled("tpu-v5p", text=text, pallas=hlo.pallas_costs(traced.jaxpr))
     assert not model.unpriced
     assert model.matmuls(2.0 * n // 8 * d * v) == pytest.approx(4.0)
+
+
+@pytest.mark.accel
+@pytest.mark.slow
+def test_vocabulary_sharded_form_compiles_the_kernels_on_eight_chips():
+    """Tokens over 2 chips, the vocabulary over 4 (v5p:2x2x2), default ``implementation``: each
+    chip runs both kernels on its tokens and its columns, four N·D·V matmuls per chip; the
+    collectives are all-reduces, the wide ones the kernel gradient over the tokens and the
+    hidden gradient over the vocabulary (as with the XLA blocks): no all-gather."""
+    from test_pod import census
+
+    n, d, v = 2 * 2048, 1024, 4 * 8192
+    text, model = _on_eight_chips((2, 4), n, d, v, batch_axis="data", vocab_axis="model")
+    assert text.count("tpu_custom_call") == 2
+    moved = census(text)
+    assert {m.kind for m in moved} == {"all-reduce"}, moved
+    wide = sorted((m.dims, m.nbytes) for m in moved if len(m.dims) == 2)
+    assert wide == sorted([((d, v // 4), d * v // 4 * 2), ((n // 2, d), n // 2 * d * 2)]), wide
+    assert not model.unpriced
+    assert model.matmuls(2.0 * n // 2 * d * v // 4) == pytest.approx(4.0)
 
 
 def test_implementation_pallas_in_shard_map_refuses_what_the_kernels_do_not_take(mesh):

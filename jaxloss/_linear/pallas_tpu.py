@@ -551,8 +551,9 @@ def run_kernel(static: Static, which: str, hidden, kernel_matrix, y, rows, scala
     (``_implementations.guarded``): a program that XLA partitions over several devices, or one
     for another backend, runs the kernels' formulas, not Mosaic's error. Interpret mode (tests)
     runs the kernel."""
-    fn, reference = (forward, forward_reference) if which == "forward" else (backward,
-                                                                              backward_reference)
+    fn, reference = (
+        (forward, forward_reference) if which == "forward" else (backward, backward_reference)
+    )
     blocks = static.blocks.forward if which == "forward" else static.blocks.backward
     kernel = functools.partial(fn, opts=static.opts, blocks=blocks, interpret=static.interpret)
     reference = functools.partial(reference, opts=static.opts)

@@ -5,9 +5,11 @@ kernel on its own token rows and kernel columns; the global logsumexp is the log
 per-shard ones, and the target logit, ``Σ_c w_c z_c`` and the target's class weight are sums
 over the vocabulary shards (a target is owned by exactly one shard). The collectives move
 ``O(N)`` numbers; neither the logits nor the kernel are ever gathered (Megatron-style
-vocabulary-parallel cross-entropy). Nothing switches to this form by itself. Sharded over tokens
-alone, each device's share takes the implementation the head's table gives (on TPU the Pallas
-kernels, :func:`_kernel_local_loss`).
+vocabulary-parallel cross-entropy). Nothing switches to this form by itself. Each device's
+share takes the implementation the head's table gives: on TPU the Pallas kernels — over the
+whole vocabulary with the tokens alone sharded (:func:`_kernel_local_loss`), over the device's
+columns with ``vocab_axis`` (:func:`_kernel_vocabulary_loss`, an even split) — else the XLA
+blocks.
 """
 
 from __future__ import annotations
@@ -186,9 +188,9 @@ def sharded_loss(
     Returns the loss and ``(lse, argmax, entropy)`` per token. The differentiable inputs are
     marked as varying over every mesh axis in use, so that autodiff sums their per-device
     gradients over the axes they are replicated on (``hidden`` over the vocabulary axis,
-    ``kernel``, ``bias`` and ``weight`` over the batch axis). Sharded over tokens only, each
-    device's share runs through the kernels ``implementation`` chooses (the linear head's table
-    in ``_implementations``: on TPU the Pallas kernels); over the vocabulary, the XLA blocks.
+    ``kernel``, ``bias`` and ``weight`` over the batch axis). Each device's share runs through
+    the kernels ``implementation`` chooses (the linear head's table in ``_implementations``: on
+    TPU the Pallas kernels where they take the share).
     """
     n, v = p.hidden.shape[0], p.kernel.shape[1]
     n_local = n // sharding.axis_size(mesh, batch_axis)
