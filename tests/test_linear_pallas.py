@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxloss._linear import assembly, chunked, reference
+from jaxloss._linear import assembly, chunked, kernel_stats, reference
 from jaxloss._linear import pallas_tpu as kernels
 
 # Uninitialised reads (past an array's end) are NaN in the TPU interpret mode.
@@ -29,25 +29,31 @@ INTERPRET = pltpu.InterpretParams(out_of_bounds_reads="uninitialized")
 SMALL = kernels.Blocks(forward=(16, 128), backward=(16, 128))
 
 
-def _reference_rows(h, k, y, opts: dict):
-    """Per-token losses of the materialised reference (``reduction="none"``)."""
+def _problem(h, k, y, opts: dict):
+    """``(problem, options, hyper)`` of per-token losses with ``opts``."""
     cw, eps, lam, cap = (opts.get(key) for key in ("weight", "smoothing", "z_loss", "cap"))
+    cap = None if cap is None else jnp.float32(cap)
     p = chunked.Problem(h, k, None, y, None, cw, cap, eps is not None, False)
     options = assembly.Options(
         num_classes=k.shape[1], ignore_index=opts.get("ignore_index", -100), reduction="none",
         smoothing=eps is not None, z_loss=lam is not None,
     )  # fmt: skip
-    hyper = (0.0 if eps is None else eps, 0.0 if lam is None else lam)
+    return p, options, (0.0 if eps is None else eps, 0.0 if lam is None else lam)
+
+
+def _reference_rows(h, k, y, opts: dict):
+    """Per-token losses of the materialised reference (``reduction="none"``)."""
+    p, options, hyper = _problem(h, k, y, opts)
     stats = reference.reference_stats(p)
-    return assembly.RowLoss(options)(stats, chunked.whole_block(p), cw, hyper)
+    return assembly.RowLoss(options)(stats, chunked.whole_block(p), p.class_weight, hyper)
 
 
-def _kernel_rows(h, k, y, opts: dict, blocks: kernels.Blocks | None = SMALL):
-    return kernels.per_token_loss(
-        h, k, y, class_weight=opts.get("weight"), ignore_index=opts.get("ignore_index", -100),
-        label_smoothing=opts.get("smoothing"), z_loss=opts.get("z_loss"),
-        soft_cap=opts.get("cap"), interpret=INTERPRET, blocks=blocks,
-    )  # fmt: skip
+def _kernel_rows(
+    h, k, y, opts: dict, blocks: kernels.Blocks | None = SMALL, interpret: object = INTERPRET
+):
+    """Per-token losses through the kernels (``interpret=False``: guarded, as in programs)."""
+    p, options, hyper = _problem(h, k, y, opts)
+    return kernel_stats.losses(p, options, hyper, blocks=blocks, interpret=interpret)[0]
 
 
 def _data(n, d, v, dtype, seed=0):
@@ -237,7 +243,7 @@ def test_value_and_grad_compiles_for_tpu(target, dtype):
     grid, and the modelled time within the goal line above."""
     from benchmarks.targets import TARGETS
 
-    rows = lambda h, k, y: kernels.per_token_loss(h, k, y)
+    rows = lambda h, k, y: _kernel_rows(h, k, y, {}, blocks=None, interpret=False)
     program = _compile(target, jax.value_and_grad(_mean_of(rows), (0, 1)), _specs(DTYPES[dtype]))
     assert program.text.count("tpu_custom_call") == 2
     assert program.compiled.memory_analysis().temp_size_in_bytes <= 512 * 2**20
@@ -259,7 +265,7 @@ def test_value_and_grad_compiles_for_tpu(target, dtype):
 def test_forward_alone_is_one_kernel_of_one_matmul():
     """The loss without its gradient: one tpu_custom_call (the forward kernel without the
     hidden-gradient accumulator): one N·D·V matmul, the kernel fetched once per token block."""
-    rows = lambda h, k, y: kernels.per_token_loss(h, k, y)
+    rows = lambda h, k, y: _kernel_rows(h, k, y, {}, blocks=None, interpret=False)
     program = _compile("tpu-v5p", _mean_of(rows), _specs(jnp.bfloat16))
     assert program.text.count("tpu_custom_call") == 1
     n, d, v = LLM
@@ -437,11 +443,7 @@ def small_reference_steps(monkeypatch):
 
 def _reference_rows_of_kernels(h, k, y, opts: dict):
     # Not interpreted: on CPU the guard lowers forward_reference and backward_reference.
-    return kernels.per_token_loss(
-        h, k, y, class_weight=opts.get("weight"), ignore_index=opts.get("ignore_index", -100),
-        label_smoothing=opts.get("smoothing"), z_loss=opts.get("z_loss"),
-        soft_cap=opts.get("cap"), blocks=SMALL,
-    )  # fmt: skip
+    return _kernel_rows(h, k, y, opts, interpret=False)
 
 
 @pytest.mark.parametrize(
@@ -469,7 +471,7 @@ def test_kernel_references_under_vmap(small_reference_steps):
     """The guard's batching rule: a vmapped batch of problems is each problem's result."""
     h, k, y, _, _ = _data(20, 8, 100, jnp.float32)
     hs = jnp.stack([h, 2 * h])
-    rows = lambda h: kernels.per_token_loss(h, k, y, label_smoothing=0.1, blocks=SMALL)
+    rows = lambda h: _kernel_rows(h, k, y, {"smoothing": 0.1}, interpret=False)
     grads = lambda h: jax.grad(lambda h: jnp.sum(rows(h)))(h)
     for fn in (rows, grads):
         batched = jax.jit(jax.vmap(fn))(hs)
@@ -745,12 +747,13 @@ def test_kernel_stats_match_the_xla_blocks(monkeypatch, option, dtype):
     """The kernels' raw statistics of a device's columns (``kernel_stats.token_stats``, TPU
     interpret mode, 16 × 128 blocks with tails in both axes) and the gradients of ``hidden``,
     ``kernel`` and the class weights through them equal the XLA blocks' (``chunked.token_stats``),
-    with targets another shard owns (outside the columns: no target logit here)."""
+    with targets another shard owns (outside the columns, in the last block's padding too: no
+    target logit here)."""
     from jaxloss._linear import kernel_stats
 
     monkeypatch.setattr(kernels, "INTERPRET", INTERPRET)
     h, k, y, w, g = _data(37, 24, 300, dtype)
-    y = y.at[5].set(400).at[6].set(-3)
+    y = y.at[5].set(310).at[6].set(-3).at[7].set(400)  # 310: a padding column of the last block
     opts = OPTIONS[option]
     cw = w if opts.get("weight") else None
     cap = None if "cap" not in opts else jnp.float32(opts["cap"])

@@ -20,7 +20,7 @@ from jaxtyping import Array, ArrayLike, Float, Integer
 from jaxloss import _dtypes, _implementations, _reductions, _targets, _validation
 from jaxloss._blockwise import blocks
 from jaxloss._blockwise import sharding as mesh_axes
-from jaxloss._linear import assembly, chunked, pallas_tpu, sharded
+from jaxloss._linear import assembly, chunked, kernel_stats, pallas_tpu, sharded
 from jaxloss._stats import LogitStats
 
 _FN = "linear_cross_entropy"
@@ -333,15 +333,15 @@ def _pallas_tpu(p: chunked.Problem, options: assembly.Options, hyper, chunks):
     in VMEM); the XLA form where they do not take the problem. The kernels compute no argmax
     or entropy (``return_stats`` takes the XLA form): zeros stand in for them."""
     xla = functools.partial(_single_device, p, options, hyper, chunks)
-    if not pallas_tpu.takes(p):
+    if not kernel_stats.takes(p):
         return xla()
-    losses, weights = pallas_tpu.problem_losses(p, options, hyper)
+    losses, weights = kernel_stats.losses(p, options, hyper)
     stats_shape = jax.eval_shape(xla)[1]
     stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape)
     return assembly.reduce(losses, weights, options.reduction).astype(stats[0].dtype), stats
 
 
-_pallas_tpu.takes = lambda p, *_: pallas_tpu.takes(p)  # pyright: ignore[reportFunctionMemberAccess]
+_pallas_tpu.takes = lambda p, *_: kernel_stats.takes(p)  # pyright: ignore[reportFunctionMemberAccess]
 _implementations.LINEAR_KERNELS["linear_cross_entropy"]["tpu"] = _pallas_tpu
 
 

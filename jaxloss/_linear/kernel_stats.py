@@ -24,61 +24,74 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxloss import _targets
 from jaxloss._blockwise import vjp
-from jaxloss._linear import chunked, pallas_tpu
-
-_Differentiated = tuple  # (hidden, kernel, class_weight or None)
+from jaxloss._linear import assembly, chunked, pallas_tpu
 
 
 def takes(p: chunked.Problem) -> bool:
-    """Whether the kernels take this device's share ``p``: what they take on one device, over
-    columns that are all the device's own (an even split of the vocabulary)."""
+    """Whether the kernels take the problem (or a device's share of it) ``p``: index targets, no
+    bias, no argmax/entropy, float32 or bf16 alike, a ``D`` that fits VMEM, and columns that
+    are all the device's own (an even split of the vocabulary)."""
     return pallas_tpu.takes(p) and p.owned_from is None and p.col_start is None
 
 
-def token_stats(p: chunked.Problem, chunks: Any = None, *, blocks=None) -> chunked.Stats:
+def token_stats(
+    p: chunked.Problem, chunks: Any = None, *, blocks=None, interpret=None
+) -> chunked.Stats:
     """:func:`chunked.token_stats` of ``p`` (``takes(p)``), through the kernels (``chunks``:
-    the XLA blocks', unused; ``blocks``: the kernels', default ``choose_blocks``')."""
+    the XLA blocks', unused; ``blocks``: the kernels', default ``choose_blocks``';
+    ``interpret``: default ``pallas_tpu.INTERPRET``)."""
     del chunks
     n, d = p.hidden.shape
     if blocks is None:
         blocks = pallas_tpu.choose_blocks(n, d, p.kernel.shape[1], p.hidden.dtype)
-    op = _KernelStats(p.weighted_sum, blocks, pallas_tpu.INTERPRET)
+    interpret = pallas_tpu.INTERPRET if interpret is None else interpret
+    op = _KernelStats(p.weighted_sum, blocks, interpret)
     cw = None if p.class_weight is None else p.class_weight.astype(jnp.float32)
-    return vjp.apply(op, (p.hidden, p.kernel, cw), (p.labels, p.soft_cap))
+    labels = p.labels.astype(jnp.int32)
+    return vjp.apply(op, (p.hidden, p.kernel, cw), (labels, _cap(p.soft_cap)))
+
+
+def losses(
+    p: chunked.Problem, options: assembly.Options, hyper, **kernels: Any
+) -> tuple[jax.Array, jax.Array]:
+    """``(per-token losses, per-token target weights)`` of ``p`` (``takes(p)``) on one device,
+    float32: the weights sum to the ``"mean"`` divisor. ``kernels``: :func:`token_stats`'
+    ``blocks`` and ``interpret``."""
+    s = token_stats(p, **kernels)
+    block = chunked.whole_block(p)
+    idx = _targets.index_targets(
+        p.labels, p.kernel.shape[1], options.ignore_index, p.class_weight, s.log_sum.dtype
+    )
+    return assembly.RowLoss(options)(s, block, p.class_weight, hyper), idx.weight
 
 
 @dataclasses.dataclass(frozen=True)
 class _KernelStats:
-    """The op (``_blockwise.vjp``): statistics forward, the backward kernel and ``r`` back."""
+    """The op (``_blockwise.vjp``): statistics forward, the backward kernel and ``r`` back.
+    ``diff``: hidden, kernel, class weights (float32) or None; ``data``: int32 labels in the
+    kernel's columns, the cap (a float32 scalar) or None."""
 
     weighted_sum: bool
     blocks: Any
     interpret: Any
 
-    def _static(self, diff, data, with_grad: bool):
-        _, _, cw = diff
-        opts = pallas_tpu.Options(
-            self.weighted_sum, False, data[1] is not None,
-            cw is not None and self.weighted_sum, with_grad, raw=True,
-        )  # fmt: skip
+    def _static(self, diff, data, with_grad: bool) -> pallas_tpu.Static:
+        weights = diff[2] is not None and self.weighted_sum
+        opts = pallas_tpu.Options(self.weighted_sum, data[1] is not None, weights, with_grad)
         return pallas_tpu.Static(opts, self.blocks, self.interpret)
 
     def _run(self, diff, data, with_grad: bool):
         hidden, kernel, cw = diff
-        labels, cap = data
         static = self._static(diff, data, with_grad)
-        n = hidden.shape[0]
-        scalars = jnp.stack([jnp.float32(0), jnp.float32(0), _cap(cap), jnp.float32(0)])
-        outs = pallas_tpu.run_kernel(
-            static, "forward", hidden, kernel, labels.astype(jnp.int32),
-            jnp.zeros((n, pallas_tpu.FORWARD_ROWS), jnp.float32), scalars, _weights(static, cw),
-        )  # fmt: skip
-        m, s, tgt, gap = (outs[0][:, f] for f in range(4))
-        stats = chunked.Stats(
-            m, jnp.log(s), tgt, None, gap if self.weighted_sum else None, None, None
+        scalars = _scalars(data[1])
+        stats, *sums = pallas_tpu.run_kernel(
+            static, "forward", hidden, kernel, data[0], scalars, weights=_weights(static, cw)
         )
-        return stats, outs[1:]
+        m, s, tgt, gap = (stats[:, f] for f in range(pallas_tpu.STATS))
+        gap = gap if self.weighted_sum else None
+        return chunked.Stats(m, jnp.log(s), tgt, None, gap, None, None), sums
 
     def primal(self, diff, data):
         return self._run(diff, data, False)[0]
@@ -89,28 +102,26 @@ class _KernelStats:
 
     def backward(self, diff, data, saved, cotangents: chunked.Stats):
         hidden, kernel, cw = diff
-        labels, cap = data
-        shift, log_sum, tgt, r, *b = saved
+        y, cap = data
+        shift, log_sum, tgt, r, *capped_weights = saved
         zero = jnp.zeros_like(log_sum)
-        g_s, g_t = _or(cotangents.log_sum, zero), _or(cotangents.tgt, zero)
-        g_w = _or(cotangents.wgap, zero)
+        g_s, g_t, g_w = (zero if g is None else g for g in
+                         (cotangents.log_sum, cotangents.tgt, cotangents.wgap))  # fmt: skip
         live = (g_s != 0) | (g_t != 0) | (g_w != 0)
         static = self._static(diff, data, False)
         rows = jnp.stack([shift + log_sum, g_s, -g_t, g_w, live.astype(jnp.float32)], axis=1)
-        scalars = jnp.stack([jnp.float32(0), jnp.float32(0), _cap(cap), jnp.float32(0)])
-        y = labels.astype(jnp.int32)
         (dk,) = pallas_tpu.run_kernel(
-            static, "backward", hidden, kernel, y, rows, scalars, _weights(static, cw)
-        )
+            static, "backward", hidden, kernel, y, rows, _scalars(cap),
+            weights=_weights(static, cw),
+        )  # fmt: skip
         v = kernel.shape[1]
-        owned = (y >= 0) & (y < v)
-        slope_y = 1.0 if cap is None else 1 - (tgt / _cap(cap)) ** 2
+        slope_y = 1.0 if cap is None else 1 - (tgt / cap) ** 2
         k_y = pallas_tpu.target_columns(kernel, jnp.clip(y, 0, v - 1)).astype(jnp.float32)
-        dh = g_s[:, None] * r + jnp.where(owned, g_t * slope_y, 0)[:, None] * k_y
+        dh = g_s[:, None] * r + jnp.where((y >= 0) & (y < v), g_t * slope_y, 0)[:, None] * k_y
         if self.weighted_sum:
-            spread = (
-                b[0] if b else pallas_tpu.kernel_times_weights(kernel, _weights(static, cw))[None]
-            )
+            spread = capped_weights[0] if capped_weights else None
+            if spread is None:
+                spread = pallas_tpu.kernel_times_weights(kernel, _weights(static, cw))[None]
             dh -= g_w[:, None] * spread
         dh = jnp.where(live[:, None], dh, 0).astype(hidden.dtype)
         dcw = None
@@ -119,12 +130,13 @@ class _KernelStats:
         return (dh, dk, dcw)
 
 
-def _or(x, default):
-    return default if x is None else x
+def _cap(cap) -> jax.Array | None:
+    return None if cap is None else jnp.asarray(cap, jnp.float32)
 
 
-def _cap(cap) -> jax.Array:
-    return jnp.float32(1.0) if cap is None else jnp.asarray(cap, jnp.float32)
+def _scalars(cap) -> jax.Array:
+    """The kernels' SMEM scalars: the cap (1 without one)."""
+    return (jnp.float32(1.0) if cap is None else cap).reshape(1)
 
 
 def _weights(static: pallas_tpu.Static, cw):
@@ -138,7 +150,7 @@ def _weight_cotangent(hidden, kernel, shift, g_w, cap, live, opts: pallas_tpu.Op
     (columns,) = pallas_tpu.in_blocks(step, kernel.T)
 
     def block(k_t):
-        z, _ = pallas_tpu.logits(h, k_t.T, _cap(cap), opts)
+        z, _ = pallas_tpu.logits(h, k_t.T, cap, opts)
         return jnp.sum(jnp.where(live[:, None], g_w[:, None] * (shift[:, None] - z), 0), 0)
 
     return jax.lax.map(block, columns).reshape(-1)[: kernel.shape[1]]

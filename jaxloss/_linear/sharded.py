@@ -6,10 +6,9 @@ per-shard ones, and the target logit, ``Σ_c w_c z_c`` and the target's class we
 over the vocabulary shards (a target is owned by exactly one shard). The collectives move
 ``O(N)`` numbers; neither the logits nor the kernel are ever gathered (Megatron-style
 vocabulary-parallel cross-entropy). Nothing switches to this form by itself. Each device's
-share takes the implementation the head's table gives: on TPU the Pallas kernels — over the
-whole vocabulary with the tokens alone sharded (:func:`_kernel_local_loss`), over the device's
-columns with ``vocab_axis`` (:func:`_kernel_vocabulary_loss`, an even split) — else the XLA
-blocks.
+share takes the implementation the head's table gives: on TPU the Pallas kernels
+(:func:`_kernel_local_loss`; with ``vocab_axis``, on an even split of the vocabulary), else the
+XLA blocks.
 """
 
 from __future__ import annotations
@@ -153,30 +152,13 @@ def _local_loss(p: chunked.Problem, options: assembly.Options, hyper, chunks, ax
 
 
 def _kernel_local_loss(p: chunked.Problem, options, hyper, chunks, axes):
-    """:func:`_local_loss` of the batch-sharded form through the Pallas TPU kernels: each
-    device's tokens over the whole vocabulary, the reduction's sums over the batch axis."""
-    if not pallas_tpu.takes(p):
-        return _local_loss(p, options, hyper, chunks, axes)
-    batch_axis, _ = axes
-    names = ("hidden", "kernel", "labels", "class_weight")
-    given = [getattr(p, name) for name in names]
-    varying = {k: None if a is None else vary(a, *given) for k, a in zip(names, given, strict=True)}
-    losses, weights = pallas_tpu.problem_losses(p._replace(**varying), options, hyper)
-    lse = jnp.zeros_like(losses)  # unused: return_stats takes the XLA form
-    return assembly.reduce(losses, weights, options.reduction, batch_axis), (lse, None, None)
-
-
-_kernel_local_loss.takes = lambda p, *_: pallas_tpu.takes(p)  # pyright: ignore[reportFunctionMemberAccess]
-
-
-def _kernel_vocabulary_loss(p: chunked.Problem, options, hyper, chunks, axes):
-    """:func:`_local_loss` of the vocabulary-sharded form through the Pallas TPU kernels: each
-    device's statistics of its columns from the kernels (:mod:`kernel_stats`), combined over the
-    vocabulary shards as the XLA blocks' are."""
+    """:func:`_local_loss` through the Pallas TPU kernels: each device's statistics of its
+    tokens and columns from the kernels (:mod:`kernel_stats`), combined over the vocabulary
+    shards and reduced over the batch axis as the XLA blocks' are."""
     return _local_loss(p, options, hyper, chunks, axes, token_stats=kernel_stats.token_stats)
 
 
-_kernel_vocabulary_loss.takes = lambda p, *_: kernel_stats.takes(p)  # pyright: ignore[reportFunctionMemberAccess]
+_kernel_local_loss.takes = lambda p, *_: kernel_stats.takes(p)  # pyright: ignore[reportFunctionMemberAccess]
 
 
 def sharded_loss(
@@ -214,8 +196,7 @@ def sharded_loss(
             start, owned_from = sharding.device_columns(vocab_axis, v, split.width)
             local_p = local_p._replace(col_start=start, width=split.width, owned_from=owned_from)
         args = (local_p, options, (smoothing, z_loss), chunks, (batch_axis, vocab_axis))
-        kernel = _kernel_local_loss if vocab_axis is None else _kernel_vocabulary_loss
-        kernels = dict.fromkeys(_implementations.LINEAR_KERNELS[_FN], kernel)
+        kernels = dict.fromkeys(_implementations.LINEAR_KERNELS[_FN], _kernel_local_loss)
         return _implementations.linear_head(
             _FN, implementation, _local_loss, *args, kernels=kernels
         )
