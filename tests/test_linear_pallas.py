@@ -270,7 +270,7 @@ def test_forward_alone_is_one_kernel_of_one_matmul():
     assert program.text.count("tpu_custom_call") == 1
     n, d, v = LLM
     cost = program.pallas["jaxloss_linear_forward"]
-    bn, _ = kernels.choose_blocks(n, d, v, jnp.bfloat16).forward  # pyright: ignore[reportOptionalMemberAccess]
+    bn, _ = kernels.choose_blocks(n, d, v, jnp.bfloat16, sums=1).forward  # pyright: ignore[reportOptionalMemberAccess]
     assert cost.flops == pytest.approx(2.0 * n * d * v)
     assert cost.fetches[2] == (n // bn) * (v // kernels.FORWARD_BLOCKS[0][1])
     assert cost.read_bytes[2] == (n // bn) * d * v * 2  # K once per token block

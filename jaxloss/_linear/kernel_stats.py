@@ -45,7 +45,8 @@ def token_stats(
     del chunks
     n, d = p.hidden.shape
     if blocks is None:
-        blocks = pallas_tpu.choose_blocks(n, d, p.kernel.shape[1], p.hidden.dtype)
+        sums = 1 + (p.soft_cap is not None and p.weighted_sum)
+        blocks = pallas_tpu.choose_blocks(n, d, p.kernel.shape[1], p.hidden.dtype, sums)
     interpret = pallas_tpu.INTERPRET if interpret is None else interpret
     op = _KernelStats(p.weighted_sum, blocks, interpret)
     cw = None if p.class_weight is None else p.class_weight.astype(jnp.float32)

@@ -51,7 +51,8 @@ VMEM_BLOCK_BUDGET = 48 * 2**20
 # re-read h 128 times (4 GiB): under the 19 ms of each kernel's two matmuls. Modelled
 # value_and_grad of the mean there (benchmarks/hlo.py, kernels priced from their grids): v5p
 # 38.55 ms bf16 / 38.59 ms f32 (19.16 ms per kernel, compute-bound; 1.24x / 1.27x the
-# materialised 31.1 / 30.3 ms), v5e 90.0 / 90.2 ms; temporaries 192 / 212 MiB (v5p).
+# materialised 31.1 / 30.3 ms), v5e 90.0 / 90.2 ms; temporaries 192 / 200 MiB (v5p). With
+# soft_cap and label smoothing (a second sum, five matmuls): 48.15 / 48.20 ms, 256 / 264 MiB.
 FORWARD_BLOCKS = ((1024, 512), (512, 512), (256, 512), (128, 256))
 BACKWARD_BLOCKS = ((512, 1024), (256, 1024), (256, 512), (128, 256))
 # Per-row inputs of the backward kernel: lse, the cotangents of the log-sum, of the target logit
@@ -82,25 +83,27 @@ def _clip(size: int, block: int) -> int:
     return size if size <= block else block
 
 
-def vmem_bytes(rows: int, cols: int, features: int, dtype, forward: bool) -> int:
+def vmem_bytes(rows: int, cols: int, features: int, dtype, forward: bool, sums: int = 1) -> int:
     """Estimated VMEM of one kernel's step: double-buffered blocks, f32 accumulators and ~6
-    ``rows × cols`` float32 temporaries (logits, exponentials, masks)."""
+    ``rows × cols`` float32 temporaries (logits, exponentials, masks); ``sums``: the forward's
+    float32 ``rows × D`` outputs (2 with ``soft_cap`` and smoothing)."""
     item = jnp.dtype(dtype).itemsize
     h, k = rows * features, features * cols
-    if forward:  # h in, K in, f32 gradient out (the accumulator), a second accumulator
-        blocks = 2 * h * item + 2 * k * item + 3 * h * 4
+    if forward:  # h in, K in, the f32 sums out (each its own accumulator)
+        blocks = 2 * h * item + 2 * k * item + 2 * sums * h * 4
     else:  # h in, K in, dK out, f32 accumulator
         blocks = 2 * h * item + 2 * k * item + 2 * k * item + k * 4
     return blocks + 6 * rows * cols * 4
 
 
-def choose_blocks(tokens: int, features: int, classes: int, dtype) -> Blocks | None:
-    """The largest blocks within the VMEM budget (None when none fits: a huge ``D``)."""
+def choose_blocks(tokens: int, features: int, classes: int, dtype, sums: int = 2) -> Blocks | None:
+    """The largest blocks within the VMEM budget (None when none fits: a huge ``D``; the
+    backward kernel's bound, D ≈ 13,800, is the forward's with two sums)."""
 
     def pick(candidates, forward):
         for rows, cols in candidates:
             rows, cols = _clip(tokens, rows), _clip(classes, cols)
-            if vmem_bytes(rows, cols, features, dtype, forward) <= VMEM_BLOCK_BUDGET:
+            if vmem_bytes(rows, cols, features, dtype, forward, sums) <= VMEM_BLOCK_BUDGET:
                 return rows, cols
         return None
 
