@@ -562,13 +562,13 @@ SHARDED_OPTIONS = {
 }
 
 
-def _sharded_check(option, dtype, mesh_axes, reduction="mean", poisoned=False, impl=None):
+def _sharded_check(option, dtype, mesh_axes, reduction="mean", poisoned=False, impl=None, v=300):
     """value_and_grad (of ``hidden``, ``kernel`` and any class weights) of the shard_map form
-    on a 4 × 2 CPU mesh against the materialised reference; with ``poisoned`` the kernels'
-    references give NaN (the kernel path shows)."""
+    on a 4 × 2 CPU mesh against the materialised reference (``v`` classes: 301 split unevenly);
+    with ``poisoned`` the kernels' references give NaN (the kernel path shows)."""
     import jaxloss
 
-    h, k, y, w, _ = _data(64, 16, 300, dtype)
+    h, k, y, w, _ = _data(64, 16, v, dtype)
     opts = dict(SHARDED_OPTIONS[option])
     if opts.get("weight"):
         opts["weight"] = w
@@ -715,52 +715,57 @@ def test_vocabulary_sharded_form_compiles_the_kernels_on_eight_chips():
 
 
 def test_implementation_pallas_in_shard_map_refuses_what_the_kernels_do_not_take(mesh):
-    """``"pallas"`` with mesh axes where the kernels do not take the case raises; it ran the XLA
-    blocks silently (with ``vocab_axis``, before the kernels had that form, and with a bias)."""
+    """``"pallas"`` with mesh axes where the kernels do not take the case (a bias) raises; it
+    ran the XLA blocks silently."""
     import jaxloss
 
     h, k = jnp.ones((8, 4)), jnp.ones((4, 15))
     y = jnp.zeros((8,), jnp.int32)
-    with pytest.raises(ValueError, match=r"vocab_axis='model' needs the 15 classes split evenly"):
-        jaxloss.linear_cross_entropy(
-            h, k, y, mesh=mesh, vocab_axis="model", implementation="pallas"
-        )
-    with pytest.raises(ValueError, match=r"implementation='pallas'.*bias=True"):
-        jaxloss.linear_cross_entropy(
-            h, k, y, bias=jnp.zeros(15), mesh=mesh, batch_axis="data", implementation="pallas"
-        )
+    for axes in ({"batch_axis": "data"}, {"vocab_axis": "model"}):
+        with pytest.raises(ValueError, match=r"implementation='pallas'.*bias=True"):
+            jaxloss.linear_cross_entropy(
+                h, k, y, bias=jnp.zeros(15), mesh=mesh, implementation="pallas", **axes
+            )
 
 
 # ----------------------------------------------------------------------------------------------
 # The vocabulary-sharded form: each device's columns through the kernels (kernel_stats)
 # ----------------------------------------------------------------------------------------------
 
+# A device's columns of an uneven split (V=301 over 2): the second device's 151 columns start at
+# 150, the first of them its neighbour's (sharding.VocabularySplit).
+UNEVEN = {"col_start": jnp.int32(150), "width": 151, "owned_from": jnp.int32(151)}
 STATS_CASES = [
-    pytest.param("cap_weight_smoothing_zloss", jnp.float32, id="cap-weight-smoothing-f32"),
-    pytest.param("smoothing", jnp.bfloat16, id="smoothing-bf16", marks=pytest.mark.slow),
-    pytest.param("plain", jnp.float32, id="plain-f32", marks=pytest.mark.slow),
+    pytest.param("cap_weight_smoothing_zloss", jnp.float32, None, id="cap-weight-smoothing-f32"),
+    pytest.param("weight_smoothing_zloss", jnp.float32, UNEVEN, id="uneven-weight-smoothing"),
+    pytest.param("smoothing", jnp.bfloat16, None, id="smoothing-bf16", marks=pytest.mark.slow),
+    pytest.param("cap", jnp.float32, UNEVEN, id="uneven-cap", marks=pytest.mark.slow),
+    pytest.param("plain", jnp.float32, None, id="plain-f32", marks=pytest.mark.slow),
 ]
 
 
-@pytest.mark.parametrize(("option", "dtype"), STATS_CASES)
-def test_kernel_stats_match_the_xla_blocks(monkeypatch, option, dtype):
+@pytest.mark.parametrize(("option", "dtype", "columns"), STATS_CASES)
+def test_kernel_stats_match_the_xla_blocks(monkeypatch, option, dtype, columns):
     """The kernels' raw statistics of a device's columns (``kernel_stats.token_stats``, TPU
     interpret mode, 16 × 128 blocks with tails in both axes) and the gradients of ``hidden``,
     ``kernel`` and the class weights through them equal the XLA blocks' (``chunked.token_stats``),
     with targets another shard owns (outside the columns, in the last block's padding too: no
-    target logit here)."""
+    target logit here); ``columns``: one device's of an uneven split."""
     from jaxloss._linear import kernel_stats
 
     monkeypatch.setattr(kernels, "INTERPRET", INTERPRET)
-    h, k, y, w, g = _data(37, 24, 300, dtype)
+    h, k, y, w, g = _data(37, 24, 300 if columns is None else 301, dtype)
     y = y.at[5].set(310).at[6].set(-3).at[7].set(400)  # 310: a padding column of the last block
+    if columns is not None:
+        y = y.at[8].set(150).at[9].set(151)  # the neighbour's column, the first of the device's
     opts = OPTIONS[option]
     cw = w if opts.get("weight") else None
     cap = None if "cap" not in opts else jnp.float32(opts["cap"])
     smoothing = "smoothing" in opts
 
     def total(stats_fn, h, k, cw):
-        s = stats_fn(chunked.Problem(h, k, None, y, None, cw, cap, smoothing, False))
+        p = chunked.Problem(h, k, None, y, None, cw, cap, smoothing, False, **(columns or {}))
+        s = stats_fn(p)
         value = g @ s.log_sum + (0.7 * g) @ s.tgt
         if smoothing:
             value += (0.3 * g) @ s.wgap
@@ -786,18 +791,25 @@ def test_kernel_stats_match_the_xla_blocks(monkeypatch, option, dtype):
                for i, o in enumerate(SHARDED_OPTIONS)],
 )  # fmt: skip
 def test_vocabulary_sharded_form_takes_the_kernels(kernel_as_cpu_default, monkeypatch, option):
-    """``vocab_axis`` (alone; and with ``batch_axis``): each device's columns through the kernels
-    (here, on CPU, their guarded references), combined over the shards: exact against the
-    materialised reference, the class weights' gradient included. Poisoned references give NaN
-    (the kernel path runs); before, this form always ran the XLA blocks."""
+    """``vocab_axis`` (alone; and with ``batch_axis``; over 301 classes, split unevenly, with
+    ``"pallas"``): each device's columns through the kernels (here, on CPU, their guarded
+    references), combined over the shards: exact against the materialised reference, the class
+    weights' gradient included. Poisoned references give NaN (the kernel path runs; before, this
+    form always ran the XLA blocks), but not by default over an uneven split."""
     for axes in ({"vocab_axis": "model"}, {"batch_axis": "data", "vocab_axis": "model"}):
         _sharded_check(option, jnp.float32, axes)
+    _sharded_check(option, jnp.float32, {"vocab_axis": "model"}, v=301, impl="pallas")
     assert kernel_as_cpu_default
     for name in ("forward_reference", "backward_reference"):
         monkeypatch.setattr(kernels, name, _poisoned(getattr(kernels, name)))
     jax.clear_caches()
-    loss, grads = _sharded_check(option, jnp.float32, {"vocab_axis": "model"}, poisoned=True)
-    assert np.isnan(loss) and np.isnan(grads[1]).all()
+    vocab = {"vocab_axis": "model"}
+    for v, impl in ((300, None), (301, "pallas")):
+        loss, grads = _sharded_check(option, jnp.float32, vocab, v=v, poisoned=True, impl=impl)
+        assert np.isnan(loss) and np.isnan(grads[1]).all()
+    # An uneven split takes the XLA blocks by default (their temporaries are smaller).
+    loss, grads = _sharded_check(option, jnp.float32, vocab, v=301, poisoned=True)
+    assert np.isfinite(loss) and np.isfinite(grads[1]).all()
 
 
 @pytest.mark.slow
@@ -808,5 +820,6 @@ def test_vocabulary_sharded_form_takes_the_kernels(kernel_as_cpu_default, monkey
 def test_vocabulary_sharded_form_runs_the_kernels_exactly(kernel_on_cpu, option, dtype, reduction):
     """The kernels themselves (TPU interpret mode) in the vocabulary-sharded form on 8 CPU
     devices, ``implementation="pallas"``: values and gradients of the materialised reference."""
-    _sharded_check(option, dtype, {"batch_axis": "data", "vocab_axis": "model"}, reduction,
-                   impl="pallas")  # fmt: skip
+    axes = {"batch_axis": "data", "vocab_axis": "model"}
+    _sharded_check(option, dtype, axes, reduction, impl="pallas")
+    _sharded_check(option, dtype, axes, reduction, impl="pallas", v=301)

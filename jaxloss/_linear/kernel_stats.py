@@ -31,9 +31,8 @@ from jaxloss._linear import assembly, chunked, pallas_tpu
 
 def takes(p: chunked.Problem) -> bool:
     """Whether the kernels take the problem (or a device's share of it) ``p``: index targets, no
-    bias, no argmax/entropy, float32 or bf16 alike, a ``D`` that fits VMEM, and columns that
-    are all the device's own (an even split of the vocabulary)."""
-    return pallas_tpu.takes(p) and p.owned_from is None and p.col_start is None
+    bias, no argmax/entropy, float32 or bf16 alike, a ``D`` that fits VMEM."""
+    return pallas_tpu.takes(p)
 
 
 def token_stats(
@@ -43,15 +42,29 @@ def token_stats(
     the XLA blocks', unused; ``blocks``: the kernels', default ``choose_blocks``';
     ``interpret``: default ``pallas_tpu.INTERPRET``)."""
     del chunks
+    kernel, cw, labels, first = _device_columns(p)
     n, d = p.hidden.shape
     if blocks is None:
         sums = 1 + (p.soft_cap is not None and p.weighted_sum)
-        blocks = pallas_tpu.choose_blocks(n, d, p.kernel.shape[1], p.hidden.dtype, sums)
+        blocks = pallas_tpu.choose_blocks(n, d, kernel.shape[1], p.hidden.dtype, sums)
     interpret = pallas_tpu.INTERPRET if interpret is None else interpret
     op = _KernelStats(p.weighted_sum, blocks, interpret)
+    return vjp.apply(op, (p.hidden, kernel, cw), (labels, _cap(p.soft_cap), first))
+
+
+def _device_columns(p: chunked.Problem):
+    """``(kernel, float32 class weights, int32 labels, first)`` of the columns ``p`` covers:
+    with an uneven vocabulary split (``p.col_start``), the device's ``width`` columns sliced
+    from the replicated arrays (autodiff puts their gradients back in place), labels relative
+    to them, and ``first`` (a float32 scalar) the first of them that is the device's own."""
     cw = None if p.class_weight is None else p.class_weight.astype(jnp.float32)
     labels = p.labels.astype(jnp.int32)
-    return vjp.apply(op, (p.hidden, p.kernel, cw), (labels, _cap(p.soft_cap)))
+    if p.col_start is None:
+        return p.kernel, cw, labels, None
+    start, width = p.col_start, p.columns.size
+    take = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, start, width, axis)
+    first = (p.owned_from - start).astype(jnp.float32)
+    return take(p.kernel, 1), (None if cw is None else take(cw, 0)), labels - start, first
 
 
 def losses(
@@ -72,7 +85,8 @@ def losses(
 class _KernelStats:
     """The op (``_blockwise.vjp``): statistics forward, the backward kernel and ``r`` back.
     ``diff``: hidden, kernel, class weights (float32) or None; ``data``: int32 labels in the
-    kernel's columns, the cap (a float32 scalar) or None."""
+    kernel's columns, the cap (a float32 scalar) or None, the first column that is the device's
+    own (a float32 scalar; None: all are)."""
 
     weighted_sum: bool
     blocks: Any
@@ -80,13 +94,15 @@ class _KernelStats:
 
     def _static(self, diff, data, with_grad: bool) -> pallas_tpu.Static:
         weights = diff[2] is not None and self.weighted_sum
-        opts = pallas_tpu.Options(self.weighted_sum, data[1] is not None, weights, with_grad)
+        opts = pallas_tpu.Options(
+            self.weighted_sum, data[1] is not None, weights, with_grad, data[2] is not None
+        )
         return pallas_tpu.Static(opts, self.blocks, self.interpret)
 
     def _run(self, diff, data, with_grad: bool):
         hidden, kernel, cw = diff
         static = self._static(diff, data, with_grad)
-        scalars = _scalars(data[1])
+        scalars = _scalars(data[1], data[2])
         stats, *sums = pallas_tpu.run_kernel(
             static, "forward", hidden, kernel, data[0], scalars, weights=_weights(static, cw)
         )
@@ -103,7 +119,7 @@ class _KernelStats:
 
     def backward(self, diff, data, saved, cotangents: chunked.Stats):
         hidden, kernel, cw = diff
-        y, cap = data
+        y, cap, first = data
         shift, log_sum, tgt, r, *capped_weights = saved
         zero = jnp.zeros_like(log_sum)
         g_s, g_t, g_w = (zero if g is None else g for g in
@@ -112,22 +128,26 @@ class _KernelStats:
         static = self._static(diff, data, False)
         rows = jnp.stack([shift + log_sum, g_s, -g_t, g_w, live.astype(jnp.float32)], axis=1)
         (dk,) = pallas_tpu.run_kernel(
-            static, "backward", hidden, kernel, y, rows, _scalars(cap),
+            static, "backward", hidden, kernel, y, rows, _scalars(cap, first),
             weights=_weights(static, cw),
         )  # fmt: skip
         v = kernel.shape[1]
         slope_y = 1.0 if cap is None else 1 - (tgt / cap) ** 2
         k_y = pallas_tpu.target_columns(kernel, jnp.clip(y, 0, v - 1)).astype(jnp.float32)
-        dh = g_s[:, None] * r + jnp.where((y >= 0) & (y < v), g_t * slope_y, 0)[:, None] * k_y
+        owned = (y >= (0 if first is None else first)) & (y < v)
+        dh = g_s[:, None] * r + jnp.where(owned, g_t * slope_y, 0)[:, None] * k_y
         if self.weighted_sum:
             spread = capped_weights[0] if capped_weights else None
             if spread is None:
-                spread = pallas_tpu.kernel_times_weights(kernel, _weights(static, cw))[None]
+                spread = pallas_tpu.kernel_times_weights(
+                    kernel, _own(_weights(static, cw), first, v)
+                )
+                spread = spread[None]
             dh -= g_w[:, None] * spread
         dh = jnp.where(live[:, None], dh, 0).astype(hidden.dtype)
         dcw = None
         if cw is not None and self.weighted_sum:
-            dcw = _weight_cotangent(hidden, kernel, shift, g_w, cap, live, static.opts)
+            dcw = _weight_cotangent(hidden, kernel, (shift, g_w, live), cap, first, static.opts)
         return (dh, dk, dcw)
 
 
@@ -135,23 +155,36 @@ def _cap(cap) -> jax.Array | None:
     return None if cap is None else jnp.asarray(cap, jnp.float32)
 
 
-def _scalars(cap) -> jax.Array:
-    """The kernels' SMEM scalars: the cap (1 without one)."""
-    return (jnp.float32(1.0) if cap is None else cap).reshape(1)
+def _scalars(cap, first) -> jax.Array:
+    """The kernels' SMEM scalars: the cap (1 without one), the first column of the device's."""
+    values = (jnp.float32(1.0) if cap is None else cap, jnp.float32(0) if first is None else first)
+    return jnp.stack(values)
 
 
 def _weights(static: pallas_tpu.Static, cw):
     return cw[None] if static.opts.class_weight else None
 
 
-def _weight_cotangent(hidden, kernel, shift, g_w, cap, live, opts: pallas_tpu.Options):
-    """``Σ_n g_w (shift_n − z_{n,c})`` per class, a few classes at a time in jnp."""
+def _own(weights, first, v: int):
+    """The ``(1, V)`` class weights (None: ones) with the columns before ``first`` at 0."""
+    if first is None:
+        return weights
+    mine = (jnp.arange(v) >= first)[None]
+    return jnp.where(mine, 1.0 if weights is None else weights, 0.0)
+
+
+def _weight_cotangent(hidden, kernel, rows, cap, first, opts: pallas_tpu.Options):
+    """``Σ_n g_w (shift_n − z_{n,c})`` per class (0 before ``first``), a few classes at a time
+    in jnp; ``rows``: per token the shift, ``g_w`` and whether it is live."""
+    shift, g_w, live = rows
     h = jnp.where(live[:, None], hidden, 0)
-    step = max(1, min(kernel.shape[1], pallas_tpu.XLA_LOGITS_PER_STEP // max(h.shape[0], 1)))
+    v = kernel.shape[1]
+    step = max(1, min(v, pallas_tpu.XLA_LOGITS_PER_STEP // max(h.shape[0], 1)))
     (columns,) = pallas_tpu.in_blocks(step, kernel.T)
 
     def block(k_t):
         z, _ = pallas_tpu.logits(h, k_t.T, cap, opts)
         return jnp.sum(jnp.where(live[:, None], g_w[:, None] * (shift[:, None] - z), 0), 0)
 
-    return jax.lax.map(block, columns).reshape(-1)[: kernel.shape[1]]
+    dw = jax.lax.map(block, columns).reshape(-1)[:v]
+    return dw if first is None else jnp.where(jnp.arange(v) >= first, dw, 0)

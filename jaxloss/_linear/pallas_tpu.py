@@ -68,6 +68,9 @@ class Options(NamedTuple):
     soft_cap: bool
     class_weight: bool  # per-class weights needed in the kernel (with smoothing)
     with_grad: bool = False
+    # The columns before the SMEM scalar ``first`` are another device's (the last shard of an
+    # uneven vocabulary split, slid back over its neighbour's columns).
+    from_column: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +151,15 @@ def _column_ids(j, cols: int):
     return j * cols + jax.lax.broadcasted_iota(jnp.int32, (1, cols), 1)
 
 
+def _live_columns(ids, sc, classes: int, opts: Options):
+    """Which columns of the block are the device's classes (``None``: all of them)."""
+    live = None if classes % ids.shape[1] == 0 else ids < classes
+    if opts.from_column:
+        mine = ids.astype(jnp.float32) >= sc[1]
+        live = mine if live is None else live & mine
+    return live
+
+
 def _live_kernel(k, ids, classes: int):
     """The kernel block with the columns past ``V`` zeroed (they hold whatever HBM held)."""
     return k if classes % k.shape[1] == 0 else jnp.where(ids < classes, k, 0)
@@ -203,11 +215,13 @@ def _forward_kernel(sc, h_ref, k_ref, y_ref, cw_ref, *refs, opts, classes):
                 ref[...] = jnp.zeros(ref.shape, ref.dtype)
 
     ids = _column_ids(j, cols)
-    live = ids < classes
+    live = _live_columns(ids, sc, classes, opts)
     k = _live_kernel(k_ref[...], ids, classes)
     z, slope = logits(h_ref[...], k, sc[0], opts)
-    if classes % cols:
+    if live is not None:
         z = jnp.where(live, z, -jnp.inf)
+    else:
+        live = jnp.ones(ids.shape, jnp.bool_)
     m_old = m_ref[...]
     m_new = jnp.maximum(m_old, jnp.max(z, axis=1, keepdims=True))
     shift_old, shift_new = _finite_or_zero(m_old), _finite_or_zero(m_new)
@@ -243,8 +257,9 @@ def forward(hidden, kernel, y, scalars, class_weight, *, opts: Options, blocks, 
     ``Σ_c p_c cap'_c k_c`` and, with ``soft_cap`` and smoothing, ``Σ_c w_c cap'_c k_c`` (each
     (N, D) float32, ``p`` the softmax over these columns); module doc.
 
-    ``y``: ``(N,)`` int32 (a class outside ``[0, V)`` hits no column); ``scalars``: ``(1,)``
-    float32 (the cap; 1 without); ``class_weight``: ``(1, V)`` float32 when ``opts.class_weight``.
+    ``y``: ``(N,)`` int32 (a class outside ``[0, V)`` hits no column); ``scalars``: ``(2,)``
+    float32 (the cap, 1 without; the first column of the device's own, ``opts.from_column``);
+    ``class_weight``: ``(1, V)`` float32 when ``opts.class_weight``.
     """
     (n, d), v = hidden.shape, kernel.shape[1]
     bn, bv = _clip(n, blocks[0]), _clip(v, blocks[1])
@@ -324,8 +339,8 @@ def _backward_kernel(sc, h_ref, k_ref, y_ref, row_ref, cw_ref, dk_ref, acc_ref, 
         g -= ge * (cw_ref[...] if opts.class_weight else 1.0)
     if slope is not None:
         g *= slope
-    keep = keep_rows & (ids < classes) if classes % cols else keep_rows
-    g = jnp.where(keep, g, 0.0)
+    live = _live_columns(ids, sc, classes, opts)
+    g = jnp.where(keep_rows if live is None else keep_rows & live, g, 0.0)
     acc_ref[...] += _dot_tn(h, g.astype(h.dtype))
 
     @pl.when(i == pl.num_programs(1) - 1)
@@ -426,23 +441,29 @@ def forward_reference(hidden, kernel, y, scalars, class_weight, *, opts: Options
     n, v = hidden.shape[0], kernel.shape[1]
     w = class_weight if opts.class_weight else 1.0
 
+    ids = jax.lax.broadcasted_iota(jnp.int32, (1, v), 1)
+    live = _live_columns(ids, scalars, v, opts)
+
     def block(args):
         h, y_b = args
         z, slope = logits(h, kernel, scalars[0], opts)
+        if live is not None:
+            z = jnp.where(live, z, -jnp.inf)
         m = jnp.max(z, axis=1, keepdims=True)
         e = jnp.exp(z - _finite_or_zero(m))
         s = jnp.sum(e, axis=1, keepdims=True)
-        hit = jax.lax.broadcasted_iota(jnp.int32, z.shape, 1) == y_b
-        tgt = jnp.sum(jnp.where(hit, z, 0.0), axis=1, keepdims=True)
+        mine = True if live is None else live
+        tgt = jnp.sum(jnp.where((ids == y_b) & mine, z, 0.0), axis=1, keepdims=True)
         gap = jnp.zeros_like(m)
         if opts.smoothing:
-            gap = jnp.sum(w * (_finite_or_zero(m) - z), axis=1, keepdims=True)
+            gap = jnp.sum(jnp.where(mine, w * (_finite_or_zero(m) - z), 0.0), 1, keepdims=True)
         out = [jnp.concatenate([m, s, tgt, gap], axis=1)]
         if opts.with_grad:
             p = e if slope is None else e * slope
             out.append(_dot_nt(p.astype(kernel.dtype), kernel) / s)
         if _two_sums(opts) and slope is not None:
-            out.append(_dot_nt(jnp.broadcast_to(w * slope, z.shape).astype(kernel.dtype), kernel))
+            b = jnp.where(mine, jnp.broadcast_to(w * slope, z.shape), 0.0)
+            out.append(_dot_nt(b.astype(kernel.dtype), kernel))
         return tuple(out)
 
     step = max(1, min(n, XLA_LOGITS_PER_STEP // v))
@@ -469,7 +490,8 @@ def backward_reference(hidden, kernel, y, rows, scalars, class_weight, *, opts: 
             g -= ge * (cw[0][None] if cw else 1.0)
         if slope is not None:
             g *= slope
-        g = jnp.where(keep_rows & (ids < v), g, 0.0)
+        live = _live_columns(ids, scalars, v, opts)
+        g = jnp.where(keep_rows & (ids < v) & (True if live is None else live), g, 0.0)
         return _dot_tn(h, g.astype(h.dtype))
 
     dk = jax.lax.map(block, (jnp.arange(columns[0].shape[0]), *columns))
