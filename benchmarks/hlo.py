@@ -614,6 +614,18 @@ def pallas_costs(closed_jaxpr: Any, *, skip_unchanged: bool = True) -> dict[str,
 Program = collections.namedtuple("Program", "compiled text pallas")
 
 
+def optimised_text(lowered: Any, compiled: Any = None) -> str:
+    """The optimised HLO of ``lowered`` (``compiled``: its compiled form, if at hand)."""
+    try:
+        return str((compiled or lowered.compile()).as_text())
+    except Exception:  # libtpu 0.0.52 cannot print some SparseCore async-updates: XLA's dump
+        with tempfile.TemporaryDirectory() as folder:
+            lowered.compile(compiler_options={"xla_dump_to": folder, "xla_dump_hlo_as_text": True})
+            (path,) = glob.glob(os.path.join(folder, "*after_optimizations.txt"))
+            with open(path) as dumped:
+                return dumped.read()
+
+
 def compile_program(target: Target, fn: Callable, specs: Sequence[Any]) -> Program:
     """``jax.jit(fn)`` compiled for one device of ``target`` on abstract arguments."""
     import jax
@@ -623,14 +635,7 @@ def compile_program(target: Target, fn: Callable, specs: Sequence[Any]) -> Progr
     traced = jax.jit(fn).trace(*placed)
     lowered = traced.lower()
     compiled = lowered.compile()
-    try:
-        text = str(compiled.as_text())
-    except Exception:  # libtpu 0.0.52 cannot print some SparseCore async-updates: XLA's dump
-        with tempfile.TemporaryDirectory() as folder:
-            lowered.compile(compiler_options={"xla_dump_to": folder, "xla_dump_hlo_as_text": True})
-            (path,) = glob.glob(os.path.join(folder, "*after_optimizations.txt"))
-            with open(path) as dumped:
-                text = dumped.read()
+    text = optimised_text(lowered, compiled)
     # A TPU grid skips the fetch of an unchanged block; a GPU program instance loads its own.
     pallas = pallas_costs(traced.jaxpr, skip_unchanged=target.platform == "tpu")
     return Program(compiled, text, pallas)

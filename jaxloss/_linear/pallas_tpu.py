@@ -50,9 +50,9 @@ VMEM_BLOCK_BUDGET = 48 * 2**20
 # 1024-token blocks re-read K 8 times (4 GiB, 1.6 ms at v5p's 2.765 TB/s), 1024-class blocks
 # re-read h 128 times (4 GiB): under the 19 ms of each kernel's two matmuls. Modelled
 # value_and_grad of the mean there (benchmarks/hlo.py, kernels priced from their grids): v5p
-# 38.55 ms bf16 / 38.59 ms f32 (19.16 ms per kernel, compute-bound; 1.24x / 1.27x the
-# materialised 31.1 / 30.3 ms), v5e 90.0 / 90.2 ms; temporaries 192 / 200 MiB (v5p). With
-# soft_cap and label smoothing (a second sum, five matmuls): 48.15 / 48.20 ms, 256 / 264 MiB.
+# 38.55 ms bf16 / 38.64 ms f32 (19.16 ms per kernel, compute-bound; 1.24x / 1.27x the
+# materialised 31.1 / 30.3 ms), v5e 90.0 / 90.2 ms; temporaries 104 / 136 MiB (v5p). With
+# soft_cap and label smoothing (a second sum, five matmuls): 48.15 / 48.25 ms, 168 / 200 MiB.
 FORWARD_BLOCKS = ((1024, 512), (512, 512), (256, 512), (128, 256))
 BACKWARD_BLOCKS = ((512, 1024), (256, 1024), (256, 512), (128, 256))
 # Per-row inputs of the backward kernel: lse, the cotangents of the log-sum, of the target logit
@@ -385,10 +385,19 @@ class Static(NamedTuple):
 def target_columns(kernel, y):
     """``kernel[:, y].T`` (N, D) as a gather of single elements: XLA:TPU gathers whole columns
     on its SparseCores from a column-major copy of the kernel (512 MiB and 0.39 ms on a v5p at
-    D=2048, V=131072 in bf16); element by element it reads what it gathers (0.15 ms modelled,
-    the N×D index arrays as temporaries)."""
-    features = jax.lax.broadcasted_iota(jnp.int32, (y.shape[0], kernel.shape[0]), 1)
-    return kernel[features, y[:, None]]
+    D=2048, V=131072 in bf16); element by element it reads what it gathers (0.15 ms modelled),
+    a few tokens at a time: the index arrays are temporaries (at N=8192, D=2048 all at once
+    they were 88 MiB of the 192 MiB of value_and_grad's on a v5p, now 104 MiB in all)."""
+    n, d = y.shape[0], kernel.shape[0]
+    step = max(1, min(n, TARGET_INDICES_PER_STEP // max(d, 1)))
+    features = jax.lax.broadcasted_iota(jnp.int32, (step, d), 1)
+    (ys,) = in_blocks(step, y)
+    columns = jax.lax.map(lambda y_b: kernel[features, y_b[:, None]], ys)
+    return columns.reshape(-1, d)[:n]
+
+
+# Elements of the target columns gathered per step (their index arrays are the temporaries).
+TARGET_INDICES_PER_STEP = 2**21
 
 
 def kernel_times_weights(kernel, class_weight):
