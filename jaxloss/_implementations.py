@@ -97,14 +97,17 @@ def check_linear(fn: str, implementation: Any) -> None:
 
 def linear_head(
     fn: str, implementation: Any, xla: Callable[..., Any], *operands,
-    kernels: dict[str, Callable[..., Any]] | None = None,
+    kernels: dict[str, Callable[..., Any]] | None = None, platform: str | None = None,
 ) -> Any:  # fmt: skip
     """``fn``'s outputs by ``implementation``: ``xla(*operands)`` (the XLA form), or a kernel
     of :data:`LINEAR_KERNELS` on the operands, chosen per backend when the program is lowered
     (``None``: where :data:`DEFAULTS` names it and the kernel takes the operands, and only
     where Mosaic may lower it, :func:`where_kernel_lowers`; ``"pallas"``: wherever one exists,
     an error where none does or where the program is partitioned by XLA). ``kernels``: in place
-    of ``fn``'s row of :data:`LINEAR_KERNELS` (the same backends), for another form of ``fn``."""
+    of ``fn``'s row of :data:`LINEAR_KERNELS` (the same backends), for another form of ``fn``.
+    ``platform``: the backend, where the caller knows it when tracing (a ``shard_map`` form's
+    mesh): chosen then, with no ``platform_dependent`` (whose one-branch conditional XLA keeps
+    around the collectives of a ``shard_map`` body)."""
     kernels = LINEAR_KERNELS[fn] if kernels is None else kernels
     chosen = {
         platform: kernel
@@ -124,7 +127,9 @@ def linear_head(
             return lambda: where_kernel_lowers(run, default)
         return lambda: jax.tree.map(lambda x: _one_device(fn, x), run())
 
-    branches = {platform: branch(kernel) for platform, kernel in chosen.items()}
+    if platform is not None:
+        return branch(chosen[platform])() if platform in chosen else default()
+    branches = {name: branch(kernel) for name, kernel in chosen.items()}
     return jax.lax.platform_dependent(default=default, **branches)
 
 

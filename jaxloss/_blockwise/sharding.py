@@ -43,6 +43,15 @@ def reject_explicit_sharding(fn: str, **arrays) -> None:
             )
 
 
+def platform_of(mesh) -> str | None:
+    """The backend of a concrete mesh's devices (compile-only TPUs included); None for an
+    abstract mesh."""
+    if isinstance(mesh, jax.sharding.AbstractMesh):  # (its ``devices`` raises)
+        return None
+    devices = getattr(mesh, "devices", None)
+    return None if devices is None or devices.size == 0 else devices.flat[0].platform
+
+
 def _resolve_mesh(fn: str, mesh):
     if mesh is None:
         mesh = jax.sharding.get_abstract_mesh()

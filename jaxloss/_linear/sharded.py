@@ -192,6 +192,7 @@ def sharded_loss(
     )  # fmt: skip
     arrays = dict(p._asdict(), smoothing=hyper[0], z_loss=hyper[1])
     arguments = {k: (arrays[k], spec) for k, spec in specs.items()}
+    platform = sharding.platform_of(mesh)
 
     def local(smoothing, z_loss, **given):
         local_p = p._replace(**given)
@@ -201,7 +202,7 @@ def sharded_loss(
         args = (local_p, options, (smoothing, z_loss), chunks, (batch_axis, vocab_axis))
         kernels = dict.fromkeys(_implementations.LINEAR_KERNELS[_FN], _kernel_local_loss)
         return _implementations.linear_head(
-            _FN, implementation, _local_loss, *args, kernels=kernels
+            _FN, implementation, _local_loss, *args, kernels=kernels, platform=platform
         )
 
     out_specs = (rows if options.reduction == "none" else PartitionSpec(), (rows,) * 3)
