@@ -774,27 +774,24 @@ def test_kernel_stats_match_the_xla_blocks(monkeypatch, option, dtype, columns):
                for i, o in enumerate(SHARDED_OPTIONS)],
 )  # fmt: skip
 def test_vocabulary_sharded_form_takes_the_kernels(kernel_as_cpu_default, monkeypatch, option):
-    """``vocab_axis`` with ``batch_axis`` (--full: alone, and over 301 classes split unevenly
-    with ``"pallas"``): each device's columns through the kernels (here, on CPU, their guarded
+    """``vocab_axis`` with ``batch_axis`` (--full: alone, and over 301 classes split
+    unevenly): each device's columns through the kernels (here, on CPU, their guarded
     references), combined over the shards: exact against the materialised reference, the class
     weights' gradient included. Poisoned references give NaN (the kernel path runs; before, this
-    form always ran the XLA blocks); --full: not by default over an uneven split."""
+    form always ran the XLA blocks)."""
     full = option != next(iter(SHARDED_OPTIONS))
     vocab = {"vocab_axis": "model"}
     _sharded_check(option, jnp.float32, {"batch_axis": "data", **vocab})
     if full:
         _sharded_check(option, jnp.float32, vocab)
-        _sharded_check(option, jnp.float32, vocab, v=301, impl="pallas")
+        _sharded_check(option, jnp.float32, vocab, v=301)
     assert kernel_as_cpu_default
     for name in ("forward_reference", "backward_reference"):
         monkeypatch.setattr(kernels, name, _poisoned(getattr(kernels, name)))
     jax.clear_caches()
-    for v, impl in ((300, None), (301, "pallas"))[: 1 + full]:
-        loss, grads = _sharded_check(option, jnp.float32, vocab, v=v, poisoned=True, impl=impl)
+    for v in (300, 301)[: 1 + full]:
+        loss, grads = _sharded_check(option, jnp.float32, vocab, v=v, poisoned=True)
         assert np.isnan(loss) and np.isnan(grads[1]).all()
-    if full:  # an uneven split takes the XLA blocks by default (their temporaries are smaller)
-        loss, grads = _sharded_check(option, jnp.float32, vocab, v=301, poisoned=True)
-        assert np.isfinite(loss) and np.isfinite(grads[1]).all()
 
 
 @pytest.mark.slow

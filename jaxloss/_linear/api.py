@@ -197,11 +197,10 @@ def linear_cross_entropy(
         back replicated. ``vocab_chunk`` applies to each device's share.
       implementation: ``None`` (each backend's default, chosen when the program is lowered:
         on a TPU the Pallas kernels where they take the options and the program runs on one
-        chip or inside the ``shard_map`` form (with ``vocab_axis``: ``V`` split evenly), else
-        the XLA form; elsewhere the XLA form), ``"xla"`` (the blockwise XLA form) or
-        ``"pallas"`` (the TPU kernels; a ``ValueError`` for options they do not take, on other
-        backends and where XLA partitions the program over several chips). docs/linear.md says
-        why.
+        chip or inside the ``shard_map`` form, else the XLA form; elsewhere the XLA form),
+        ``"xla"`` (the blockwise XLA form) or ``"pallas"`` (the TPU kernels; a ``ValueError``
+        for options they do not take, on other backends and where XLA partitions the program
+        over several chips). docs/linear.md says why.
 
     Returns:
       Per-token losses (``"none"``) or a scalar, in the dtype ``hidden @ kernel + bias`` would
