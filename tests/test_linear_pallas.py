@@ -502,6 +502,13 @@ def _poisoned(reference):
     return poisoned
 
 
+def _poison_the_references(monkeypatch):
+    """Both kernels' references give NaN from now on (fresh compilation caches)."""
+    for name in ("forward_reference", "backward_reference"):
+        monkeypatch.setattr(kernels, name, _poisoned(getattr(kernels, name)))
+    jax.clear_caches()
+
+
 def test_default_kernels_on_one_device_and_on_several(kernel_as_cpu_default, monkeypatch):
     """``None`` where the kernels are the default: on one device the kernel path (here their
     references: this is CPU), on eight devices with NamedSharding inputs, where XLA partitions
@@ -526,9 +533,7 @@ def test_default_kernels_on_one_device_and_on_several(kernel_as_cpu_default, mon
     assert kernel_as_cpu_default, "the default did not take the kernel path"
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
         _close(a, b, jnp.float32, "one device")
-    for name in ("forward_reference", "backward_reference"):
-        monkeypatch.setattr(kernels, name, _poisoned(getattr(kernels, name)))
-    jax.clear_caches()
+    _poison_the_references(monkeypatch)
     loss, (dh, dk) = vg(None, h, k, y)  # (an ignored token's hidden gradient stays 0)
     assert np.isnan(loss) and np.isnan(dk).all() and np.isnan(dh[y != -100]).all()
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -595,6 +600,12 @@ def _sharded_check(option, dtype, mesh_axes, reduction="mean", poisoned=False, i
     return got
 
 
+def _check_the_kernels_ran(option, mesh_axes, **kwargs):
+    """With the references poisoned: the shard_map form's loss and kernel gradient are NaN."""
+    loss, grads = _sharded_check(option, jnp.float32, mesh_axes, poisoned=True, **kwargs)
+    assert np.isnan(loss) and np.isnan(grads[1]).all()
+
+
 @pytest.mark.parametrize(
     "option", [pytest.param(o, marks=() if i == 0 else (pytest.mark.slow,))
                for i, o in enumerate(SHARDED_OPTIONS)],
@@ -612,14 +623,10 @@ def test_batch_sharded_form_takes_the_kernels(kernel_as_cpu_default, monkeypatch
     if full:
         _sharded_check(option, jnp.float32, {"batch_axis": "data"})
         _sharded_check(option, jnp.float32, both)
-    for name in ("forward_reference", "backward_reference"):
-        monkeypatch.setattr(kernels, name, _poisoned(getattr(kernels, name)))
-    jax.clear_caches()
-    loss, grads = _sharded_check(option, jnp.float32, tokens, poisoned=True)
-    assert np.isnan(loss) and np.isnan(grads[1]).all()
+    _poison_the_references(monkeypatch)
+    _check_the_kernels_ran(option, tokens)
     if full:
-        loss, grads = _sharded_check(option, jnp.float32, both, poisoned=True)
-        assert np.isnan(loss) and np.isnan(grads[1]).all()
+        _check_the_kernels_ran(option, both)
 
 
 @pytest.mark.slow
@@ -786,12 +793,9 @@ def test_vocabulary_sharded_form_takes_the_kernels(kernel_as_cpu_default, monkey
         _sharded_check(option, jnp.float32, vocab)
         _sharded_check(option, jnp.float32, vocab, v=301)
     assert kernel_as_cpu_default
-    for name in ("forward_reference", "backward_reference"):
-        monkeypatch.setattr(kernels, name, _poisoned(getattr(kernels, name)))
-    jax.clear_caches()
+    _poison_the_references(monkeypatch)
     for v in (300, 301)[: 1 + full]:
-        loss, grads = _sharded_check(option, jnp.float32, vocab, v=v, poisoned=True)
-        assert np.isnan(loss) and np.isnan(grads[1]).all()
+        _check_the_kernels_ran(option, vocab, v=v)
 
 
 @pytest.mark.slow

@@ -48,8 +48,7 @@ def platform_of(mesh) -> str | None:
     abstract mesh."""
     if isinstance(mesh, jax.sharding.AbstractMesh):  # (its ``devices`` raises)
         return None
-    devices = getattr(mesh, "devices", None)
-    return None if devices is None or devices.size == 0 else devices.flat[0].platform
+    return mesh.devices.flat[0].platform
 
 
 def _resolve_mesh(fn: str, mesh):

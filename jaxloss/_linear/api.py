@@ -332,7 +332,7 @@ def _pallas_tpu(p: chunked.Problem, options: assembly.Options, hyper, chunks):
     in VMEM); the XLA form where they do not take the problem. The kernels compute no argmax
     or entropy (``return_stats`` takes the XLA form): zeros stand in for them."""
     xla = functools.partial(_single_device, p, options, hyper, chunks)
-    if not kernel_stats.takes(p):
+    if not pallas_tpu.takes(p):
         return xla()
     losses, weights = kernel_stats.losses(p, options, hyper)
     stats_shape = jax.eval_shape(xla)[1]
@@ -340,7 +340,7 @@ def _pallas_tpu(p: chunked.Problem, options: assembly.Options, hyper, chunks):
     return assembly.reduce(losses, weights, options.reduction).astype(stats[0].dtype), stats
 
 
-_pallas_tpu.takes = lambda p, *_: kernel_stats.takes(p)  # pyright: ignore[reportFunctionMemberAccess]
+_pallas_tpu.takes = lambda p, *_: pallas_tpu.takes(p)  # pyright: ignore[reportFunctionMemberAccess]
 _implementations.LINEAR_KERNELS["linear_cross_entropy"]["tpu"] = _pallas_tpu
 
 

@@ -29,18 +29,12 @@ from jaxloss._blockwise import vjp
 from jaxloss._linear import assembly, chunked, pallas_tpu
 
 
-def takes(p: chunked.Problem) -> bool:
-    """Whether the kernels take the problem (or a device's share of it) ``p``: index targets, no
-    bias, no argmax/entropy, float32 or bf16 alike, a ``D`` that fits VMEM."""
-    return pallas_tpu.takes(p)
-
-
 def token_stats(
     p: chunked.Problem, chunks: Any = None, *, blocks=None, interpret=None
 ) -> chunked.Stats:
-    """:func:`chunked.token_stats` of ``p`` (``takes(p)``), through the kernels (``chunks``:
-    the XLA blocks', unused; ``blocks``: the kernels', default ``choose_blocks``';
-    ``interpret``: default ``pallas_tpu.INTERPRET``)."""
+    """:func:`chunked.token_stats` of ``p`` (``pallas_tpu.takes(p)``), through the kernels
+    (``chunks``: the XLA blocks', unused; ``blocks``: the kernels', default
+    ``choose_blocks``'; ``interpret``: default ``pallas_tpu.INTERPRET``)."""
     del chunks
     kernel, cw, labels, first = _device_columns(p)
     n, d = p.hidden.shape
@@ -70,9 +64,9 @@ def _device_columns(p: chunked.Problem):
 def losses(
     p: chunked.Problem, options: assembly.Options, hyper, **kernels: Any
 ) -> tuple[jax.Array, jax.Array]:
-    """``(per-token losses, per-token target weights)`` of ``p`` (``takes(p)``) on one device,
-    float32: the weights sum to the ``"mean"`` divisor. ``kernels``: :func:`token_stats`'
-    ``blocks`` and ``interpret``."""
+    """``(per-token losses, per-token target weights)`` of ``p`` (``pallas_tpu.takes(p)``) on
+    one device, float32: the weights sum to the ``"mean"`` divisor. ``kernels``:
+    :func:`token_stats`' ``blocks`` and ``interpret``."""
     s = token_stats(p, **kernels)
     block = chunked.whole_block(p)
     idx = _targets.index_targets(
@@ -132,22 +126,23 @@ class _KernelStats:
             weights=_weights(static, cw),
         )  # fmt: skip
         v = kernel.shape[1]
+        # The device's own columns (None: all of them; else those from ``first`` on).
+        mine = None if first is None else jnp.arange(v) >= first
         slope_y = 1.0 if cap is None else 1 - (tgt / cap) ** 2
         k_y = pallas_tpu.target_columns(kernel, jnp.clip(y, 0, v - 1)).astype(jnp.float32)
         owned = (y >= (0 if first is None else first)) & (y < v)
         dh = g_s[:, None] * r + jnp.where(owned, g_t * slope_y, 0)[:, None] * k_y
         if self.weighted_sum:
-            spread = capped_weights[0] if capped_weights else None
-            if spread is None:
-                spread = pallas_tpu.kernel_times_weights(
-                    kernel, _own(_weights(static, cw), first, v)
-                )
-                spread = spread[None]
+            if capped_weights:
+                spread = capped_weights[0]
+            else:
+                own = _own(_weights(static, cw), mine)
+                spread = pallas_tpu.kernel_times_weights(kernel, own)[None]
             dh -= g_w[:, None] * spread
         dh = jnp.where(live[:, None], dh, 0).astype(hidden.dtype)
         dcw = None
         if cw is not None and self.weighted_sum:
-            dcw = _weight_cotangent(hidden, kernel, (shift, g_w, live), cap, first, static.opts)
+            dcw = _weight_cotangent(hidden, kernel, (shift, g_w, live), cap, mine, static.opts)
         return (dh, dk, dcw)
 
 
@@ -165,17 +160,17 @@ def _weights(static: pallas_tpu.Static, cw):
     return cw[None] if static.opts.class_weight else None
 
 
-def _own(weights, first, v: int):
-    """The ``(1, V)`` class weights (None: ones) with the columns before ``first`` at 0."""
-    if first is None:
+def _own(weights, mine):
+    """The ``(1, V)`` class weights (None: ones) at 0 outside the device's columns ``mine``."""
+    if mine is None:
         return weights
-    mine = (jnp.arange(v) >= first)[None]
-    return jnp.where(mine, 1.0 if weights is None else weights, 0.0)
+    return jnp.where(mine[None], 1.0 if weights is None else weights, 0.0)
 
 
-def _weight_cotangent(hidden, kernel, rows, cap, first, opts: pallas_tpu.Options):
-    """``Σ_n g_w (shift_n − z_{n,c})`` per class (0 before ``first``), a few classes at a time
-    in jnp; ``rows``: per token the shift, ``g_w`` and whether it is live."""
+def _weight_cotangent(hidden, kernel, rows, cap, mine, opts: pallas_tpu.Options):
+    """``Σ_n g_w (shift_n − z_{n,c})`` per class (0 outside the device's columns ``mine``), a
+    few classes at a time in jnp; ``rows``: per token the shift, ``g_w`` and whether it is
+    live."""
     shift, g_w, live = rows
     h = jnp.where(live[:, None], hidden, 0)
     v = kernel.shape[1]
@@ -187,4 +182,4 @@ def _weight_cotangent(hidden, kernel, rows, cap, first, opts: pallas_tpu.Options
         return jnp.sum(jnp.where(live[:, None], g_w[:, None] * (shift[:, None] - z), 0), 0)
 
     dw = jax.lax.map(block, columns).reshape(-1)[:v]
-    return dw if first is None else jnp.where(jnp.arange(v) >= first, dw, 0)
+    return dw if mine is None else jnp.where(mine, dw, 0)
