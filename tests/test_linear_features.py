@@ -389,7 +389,7 @@ def test_pallas_without_a_kernel_names_the_function_backend_and_what_exists(name
 def test_default_is_the_xla_form_on_cpu(name):
     """``None`` resolves to the XLA form on CPU (the same optimised program as ``"xla"``) and
     on GPUs, per the table; linear_cross_entropy takes its Pallas kernels on TPUs (where Mosaic
-    may lower them: tests/test_linear_pallas.py compiles both cases)."""
+    may lower them: tests/test_linear_pallas_tpu.py compiles both cases)."""
     from jaxloss import _implementations
 
     kernels = {"linear_cross_entropy": {"tpu"}, "linear_distillation": set()}[name]
