@@ -1,21 +1,24 @@
 """Smoke test of ``python -m benchmarks`` as a user runs it: a tiny grid, its output and files.
 
-Every run is a subprocess of the interpreter running pytest, in the repository root; nothing
-here imports the ``benchmarks`` package. The assertions read what a user reads: the exit status,
-the printed table, ``results.json``, ``table.txt`` and the PNGs.
+Every run is a subprocess of the interpreter running pytest, in the repository root, and the
+assertions read what a user reads: the exit status, the printed table, ``results.json``,
+``table.txt`` and the PNGs. The argument parser's answers (``--help``, bad ``--sizes``) and the
+report's units are checked in this process, through ``benchmarks.cli`` and ``benchmarks.report``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import user_environ
+
+from benchmarks import cli
 
 # Subprocesses that time and compile (about 45 s together): the full suite's.
 pytestmark = pytest.mark.slow
@@ -32,7 +35,7 @@ def benchmarks(*args: str) -> subprocess.Popen[str]:
     """Starts ``python -m benchmarks ARGS`` in the repository root (CPU, no progress bar)."""
     return subprocess.Popen(
         [sys.executable, "-m", "benchmarks", *args],
-        cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, text=True,
+        cwd=REPO, env=user_environ(JAX_PLATFORMS="cpu"), text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
 
@@ -232,34 +235,35 @@ def test_expected_duration_and_quick_are_announced(smoke):
 BAD_SIZES = ["128", "128x", "0x10", "ax3", "1x2x3"]
 
 
-def test_bad_sizes_are_rejected():
-    runs = {bad: benchmarks("--sizes", bad, "--dry-run") for bad in BAD_SIZES}
-    for bad, proc in runs.items():
-        code, _, stderr = finish(proc)
-        assert code == 2 and "sizes look like 128x10,1024x1000" in stderr, (bad, stderr[-2000:])
+@pytest.mark.parametrize("bad", BAD_SIZES)
+def test_bad_sizes_are_rejected(bad, capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli.parse(["--sizes", bad, "--dry-run"])
+    stderr = capsys.readouterr().err
+    assert exited.value.code == 2 and "sizes look like 128x10,1024x1000" in stderr, stderr
 
 
 # ----------------------------------------------------------------------------------------------
-# What a first run reads: flag help, where the files go, the units and ratios it shows. The
-# last three import the package (``benchmarks.report``, ``benchmarks.goals``) to feed the report
-# records whose figures are known.
+# What a first run reads: flag help, where the files go, the units and ratios it shows (the
+# report fed records whose figures are known).
 # ----------------------------------------------------------------------------------------------
 
 
-def test_help_explains_every_flag_and_old_names_still_work():
+def test_help_explains_every_flag_and_old_names_still_work(capsys):
     """``--dtypes`` and ``--modes`` have help; the goal exit status and the peer agreement check
     have names that say which is which (``--check``/``--no-check`` still parse, unlisted)."""
-    code, stdout, stderr = finish(benchmarks("--help"))
-    assert code == 0, stderr[-2000:]
-    help_text = " ".join(stdout.split())
+    with pytest.raises(SystemExit) as exited:
+        cli.parse(["--help"])
+    assert exited.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
     assert "--dtypes DTYPES comma-separated input dtypes" in help_text, help_text
     assert "--modes MODES comma-separated modes to run: fwd" in help_text, help_text
     assert "--fail-on-goal exit with status 1 if a goal FAILs" in help_text, help_text
     assert "--no-peer-check do not compare each peer's output" in help_text, help_text
     assert "--check" not in help_text and "--no-check" not in help_text, help_text
     assert "default: ./bench_out" in help_text, help_text
-    old = finish(benchmarks("--check", "--no-check", "--dry-run", "--quick", "--no-torch"))
-    assert old[0] == 0, old[2][-2000:]
+    old, _ = cli.parse(["--check", "--no-check", "--dry-run", "--quick", "--no-torch"])
+    assert old.fail_on_goal and old.no_peer_check and old.dry_run
 
 
 def test_results_go_to_bench_out_without_out_and_nll_counts_rows(tmp_path):
@@ -269,7 +273,7 @@ def test_results_go_to_bench_out_without_out_and_nll_counts_rows(tmp_path):
         [sys.executable, "-m", "benchmarks", "--filter", "^nll$", "--sizes", "128x10",
          "--dtypes", "f32", "--modes", "fwd", "--repeats", "1", "--no-progress", "--no-torch"],
         cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)},
+        env=user_environ(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)),
     )  # fmt: skip
     code, _, stderr = finish(proc)
     assert code == 0, stderr[-4000:]

@@ -9,13 +9,13 @@ rather than skipping it, since the examples are part of what the package promise
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import user_environ
 
 # Subprocesses that train (about a minute and a half together): the full suite's.
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ TIMEOUT_S = 300
 
 def run_example(name: str, out_dir: Path, *flags: str, xla_flags: str = "") -> str:
     """Runs ``examples/<name> --out out_dir [flags]``; returns stdout, failing on exit != 0."""
-    env = {**os.environ, "MPLBACKEND": "Agg"}
+    env = user_environ(MPLBACKEND="Agg")
     if xla_flags:
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
     proc = subprocess.run(

@@ -76,14 +76,15 @@ def _default_mean(implementation=None):
 @pytest.mark.parametrize("target", ["tpu-v5e", "tpu-v5p"])
 def test_the_default_compiles_the_kernels_for_one_chip(target, dtype):
     """value_and_grad of ``linear_cross_entropy``'s mean, default ``implementation``: Mosaic
-    compiles both kernels (one tpu_custom_call each), temporaries ≤ 512 MiB, four N·D·V
+    compiles both kernels (one tpu_custom_call each), temporaries ≤ 256 MiB, four N·D·V
     matmuls, each kernel compute-bound when priced from its grid, and the modelled time within
     the goal line above."""
     from benchmarks.targets import TARGETS
 
     program = _compile(target, jax.value_and_grad(_default_mean(), (0, 1)), _specs(DTYPES[dtype]))
     assert program.text.count("tpu_custom_call") == 2
-    assert program.compiled.memory_analysis().temp_size_in_bytes <= 512 * 2**20
+    # Issue 17 allows 512 MiB; issue 8 asked 256 MiB of v5p float32 (the XLA form needs 560).
+    assert program.compiled.memory_analysis().temp_size_in_bytes <= 256 * 2**20
     n, d, v = LLM
     matmul = 2.0 * n * d * v
     model = _modelled(target, program)
