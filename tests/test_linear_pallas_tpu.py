@@ -62,8 +62,7 @@ def _mean_of(rows):
 # target-column gather and per-token work. Goal lines reached, not the issue's 1.0x.
 # Reached: v5p 38.55 (bf16) / 38.64 ms (f32), v5e 90.04 / 90.20 ms; four matmuls at the peak are
 # 38.33 / 89.30 ms; the materialised path 31.1 / 30.3 ms on v5p (issue 17).
-MODELLED_MS = {("tpu-v5p", "bf16"): 38.7, ("tpu-v5p", "f32"): 38.7,
-               ("tpu-v5e", "bf16"): 90.4, ("tpu-v5e", "f32"): 90.4}  # fmt: skip
+MODELLED_MS = {("tpu-v5p", "bf16"): 38.7, ("tpu-v5p", "f32"): 38.7, ("tpu-v5e", "bf16"): 90.4}
 
 
 def _default_mean(implementation=None):
@@ -72,8 +71,9 @@ def _default_mean(implementation=None):
     return lambda h, k, y: jaxloss.linear_cross_entropy(h, k, y, implementation=implementation)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("target", ["tpu-v5e", "tpu-v5p"])
+@pytest.mark.parametrize(
+    ("target", "dtype"), [("tpu-v5p", "bf16"), ("tpu-v5p", "f32"), ("tpu-v5e", "bf16")]
+)
 def test_the_default_compiles_the_kernels_for_one_chip(target, dtype):
     """value_and_grad of ``linear_cross_entropy``'s mean, default ``implementation``: Mosaic
     compiles both kernels (one tpu_custom_call each), temporaries ≤ 256 MiB, four N·D·V
