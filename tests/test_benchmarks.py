@@ -31,11 +31,11 @@ SMALL, LARGER = "128x10", "1024x2048"  # 5 KiB and 8 MiB of logits
 TIMEOUT_S = 600
 
 
-def benchmarks(*args: str) -> subprocess.Popen[str]:
-    """Starts ``python -m benchmarks ARGS`` in the repository root (CPU, no progress bar)."""
+def benchmarks(*args: str, cwd: Path = REPO) -> subprocess.Popen[str]:
+    """Starts ``python -m benchmarks ARGS`` in ``cwd``, the repository importable (CPU)."""
     return subprocess.Popen(
         [sys.executable, "-m", "benchmarks", *args],
-        cwd=REPO, env=user_environ(JAX_PLATFORMS="cpu"), text=True,
+        cwd=cwd, env=user_environ(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)), text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
 
@@ -187,17 +187,26 @@ def test_files(smoke):
     assert "goals:" in table and "byte model" in table and "cross_entropy" in table
 
 
-def test_a_run_compares_with_the_saved_one(smoke, tmp_path):
-    """Arguments after ``--`` go to pytest-benchmark: a later run compares with the smoke run's
-    saved rounds (``--benchmark-compare``) and exits 1 on a regression past the threshold."""
-    storage = f"--benchmark-storage=file://{smoke[0] / 'storage'}"
+@pytest.fixture(scope="module")
+def later_run(smoke, tmp_path_factory):
+    """A second run as a user starts one, in a directory of its own without ``--out``: nll and
+    cross_entropy forward, compared (arguments after ``--``) with the smoke run's saved rounds."""
+    cwd = tmp_path_factory.mktemp("later")
     argv = [
         "--sizes", SMALL, "--dtypes", "f32", "--modes", "fwd", "--repeats", "1", "--no-torch",
-        "--no-progress", "--no-plots", "--filter", "^cross_entropy$", "--out", str(tmp_path),
-        "--", storage, "--benchmark-compare", "--benchmark-compare-fail=median:100000%",
+        "--no-progress", "--filter", "^cross_entropy$,^nll$",
+        "--", f"--benchmark-storage=file://{smoke[0] / 'storage'}", "--benchmark-compare",
+        "--benchmark-compare-fail=median:100000%",
     ]  # fmt: skip
-    code, _, stderr = finish(benchmarks(*argv))
+    code, _, stderr = finish(benchmarks(*argv, cwd=cwd))
     assert code == 0, stderr[-4000:]
+    return cwd, stderr
+
+
+def test_a_run_compares_with_the_saved_one(later_run):
+    """Arguments after ``--`` go to pytest-benchmark: a later run compares with the smoke run's
+    saved rounds (``--benchmark-compare``; past the threshold it exits 1)."""
+    stderr = later_run[1]
     assert "0001_smoke" in stderr and "(NOW)" in stderr, stderr[-4000:]
 
 
@@ -266,21 +275,15 @@ def test_help_explains_every_flag_and_old_names_still_work(capsys):
     assert old.fail_on_goal and old.no_peer_check and old.dry_run
 
 
-def test_results_go_to_bench_out_without_out_and_nll_counts_rows(tmp_path):
+def test_results_go_to_bench_out_without_out_and_nll_counts_rows(later_run):
     """Without ``--out`` a run writes ``./bench_out`` and says where; nll's throughput (a gather:
     one element read per row) is in rows per second, not logits elements per second."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks", "--filter", "^nll$", "--sizes", "128x10",
-         "--dtypes", "f32", "--modes", "fwd", "--repeats", "1", "--no-progress", "--no-torch"],
-        cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=user_environ(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)),
-    )  # fmt: skip
-    code, _, stderr = finish(proc)
-    assert code == 0, stderr[-4000:]
-    out = tmp_path / "bench_out"
+    cwd, stderr = later_run
+    out = cwd / "bench_out"
     assert "to bench_out/ (--out DIR to change)" in stderr, stderr[-2000:]
     assert (out / "table.txt").is_file() and (out / "throughput_nll.png").is_file()
-    (record,) = json.loads((out / "results.json").read_text())["results"]
+    results = json.loads((out / "results.json").read_text())["results"]
+    (record,) = [r for r in results if r["case"] == "nll"]
 
     from benchmarks import report
 
