@@ -69,15 +69,17 @@ def _runs_everything(config: pytest.Config) -> bool:
     return bool(config.getoption("--full") or config.option.markexpr)
 
 
-# XLA_FLAGS as the user set them, before pytest_configure adds -O0.
-USER_XLA_FLAGS = os.environ.get("XLA_FLAGS")
+# XLA_FLAGS as the user set them, kept before pytest_configure adds -O0. An environment variable:
+# pytest-xdist's workers start with the controller's environment, -O0 already in XLA_FLAGS.
+USER_XLA_FLAGS = "JAXLOSS_TESTS_USER_XLA_FLAGS"
 
 
 def user_environ(**extra: str) -> dict[str, str]:
     """``os.environ`` with the user's ``XLA_FLAGS``, and ``extra``: for a subprocess that
     trains or times (an example, a benchmark run) as users run it."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return env | ({} if USER_XLA_FLAGS is None else {"XLA_FLAGS": USER_XLA_FLAGS}) | extra
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", USER_XLA_FLAGS)}
+    user = os.environ.get(USER_XLA_FLAGS, os.environ.get("XLA_FLAGS", ""))
+    return env | ({"XLA_FLAGS": user} if user else {}) | extra
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -87,6 +89,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # run 4:41 against 5:04-5:17, test_sharding's slow checks 73 s against 87 s). Set before JAX
     # starts its backends (at collection).
     flags = os.environ.get("XLA_FLAGS", "")
+    os.environ.setdefault(USER_XLA_FLAGS, flags)  # a worker finds the controller's
     if "xla_backend_optimization_level" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
 

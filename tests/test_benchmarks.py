@@ -1,9 +1,10 @@
 """Smoke test of ``python -m benchmarks`` as a user runs it: a tiny grid, its output and files.
 
-Every run is a subprocess of the interpreter running pytest, in the repository root, and the
-assertions read what a user reads: the exit status, the printed table, ``results.json``,
-``table.txt`` and the PNGs. The argument parser's answers (``--help``, bad ``--sizes``) and the
-report's units are checked in this process, through ``benchmarks.cli`` and ``benchmarks.report``.
+Every run is a subprocess of the interpreter running pytest, in the repository root (the later
+run in a directory of its own), and the assertions read what a user reads: the exit status, the
+printed table, ``results.json``, ``table.txt`` and the PNGs. The argument parser's answers
+(``--help``, bad ``--sizes``) and the report's units are checked in this process, through
+``benchmarks.cli`` and ``benchmarks.report``.
 """
 
 from __future__ import annotations
