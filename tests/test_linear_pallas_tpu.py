@@ -1,7 +1,7 @@
 """linear_cross_entropy's Pallas TPU kernels compiled for compile-only TPUs (issue 17, ``accel``).
 
 Mosaic (libtpu) compiles both kernels at 8192×2048×131072 for v5e and v5p: the program holds one
-``tpu_custom_call`` per kernel, temporaries stay under 512 MiB, and the modelled time of
+``tpu_custom_call`` per kernel, temporaries stay under 256 MiB, and the modelled time of
 ``value_and_grad`` prices each kernel from its grid (``benchmarks.hlo.price_grid``: a block is
 fetched when its index changes). The default ``implementation`` takes them on one chip and in the
 ``shard_map`` forms over eight; not where XLA partitions the program. The kernels' exactness is
