@@ -92,6 +92,14 @@ class Instruction:
     def called(self) -> str | None:
         return self.attr("calls")
 
+    @property
+    def callees(self) -> list[str]:
+        """Every computation the instruction runs or applies (a fusion's included)."""
+        single = [self.attr(k) for k in ("body", "condition", "to_apply", "calls",
+                                         "true_computation", "false_computation")]  # fmt: skip
+        many = self.computations("branch_computations") + self.computations("called_computations")
+        return [c for c in single + many if c]
+
     @functools.cached_property
     def backend_config(self) -> dict[str, Any]:
         start = self.attributes.find("backend_config={") + len("backend_config=")
@@ -157,6 +165,17 @@ class Module:
 
     def instructions(self) -> Iterator[tuple[str, Instruction]]:
         return ((c, inst) for c, body in self.computations.items() for inst in body)
+
+    def run_by_loops(self) -> set[str]:
+        """The computations a while loop runs, directly or through what they call."""
+        pending = [c for _, inst in self.instructions() if inst.opcode == "while"
+                   for c in (inst.attr("body"), inst.attr("condition")) if c]  # fmt: skip
+        found: set[str] = set()
+        while pending:
+            if (computation := pending.pop()) not in found:
+                found.add(computation)
+                pending += [c for inst in self.body(computation) for c in inst.callees]
+        return found
 
     def trip_count(self, computation: str, loop: Instruction) -> int | None:
         """How often a ``while`` runs its body: the count XLA:GPU proved (``known_trip_count``),
@@ -344,6 +363,49 @@ def all_gather_shapes(hlo_text: str) -> list[tuple[int, ...]]:
     return [dims for _, inst in Module(hlo_text).instructions()
             if inst.opcode in ("all-gather", "all-gather-start")
             for _, dims in arrays(inst.type)]  # fmt: skip
+
+
+_GROUP = re.compile(r"\{([\d,]*)\}")
+_GROUPS = re.compile(r"^\{((?:\{[\d,]*\},?)*)\}")
+_IOTA = re.compile(r"^\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
+_MESH_GROUPS = re.compile(r"^mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def replica_groups(inst: Instruction) -> list[list[int]] | None:
+    """A collective's device groups; None when it prints none (or in a form not read here).
+
+    XLA prints them as lists (``{{0,1},{2,3}}``), as an iota (``[2,2]<=[2,2]T(1,0)``) or over
+    a mesh of devices numbered in row-major order (``mesh['a'=2,'b'=4] {'a'}``: the devices that
+    differ along ``a`` only).
+    """
+    start = inst.attributes.find("replica_groups=")
+    text = inst.attributes[start + len("replica_groups=") :] if start >= 0 else ""
+    if listed := _GROUPS.match(text):
+        return [_ints(g) for g in _GROUP.findall(listed.group(1))]
+    if iota := _IOTA.match(text):
+        shape, dims, perm = (_ints(g or "") for g in iota.groups())
+        ids = np.arange(math.prod(dims)).reshape(dims).transpose(perm or None).reshape(shape)
+        return ids.tolist()
+    if mesh := _MESH_GROUPS.match(text):
+        names = re.findall(r"'([^']+)'=", mesh.group(1))
+        sizes = [int(s) for s in re.findall(r"=(\d+)", mesh.group(1))]
+        chosen = [names.index(a) for a in re.findall(r"'([^']+)'", mesh.group(2))]
+        rest = [i for i in range(len(names)) if i not in chosen]
+        ids = np.arange(math.prod(sizes)).reshape(sizes).transpose(rest + chosen)
+        return ids.reshape(-1, math.prod(sizes[i] for i in chosen)).tolist()
+    return None
+
+
+def anonymous(hlo_text: str) -> list[str]:
+    """The program's instructions with names and metadata dropped, in schedule order: two
+    programs that differ only in what XLA named after the trace compare equal."""
+    return [f"{inst.type} {inst.opcode}({_NAME.sub('%', inst.arguments)}) "
+            + _NAME.sub("%", re.sub(r",? metadata=\{[^}]*\}", "", inst.attributes))
+            for _, inst in Module(hlo_text).instructions()]  # fmt: skip
 
 
 # FLOPs and the roofline

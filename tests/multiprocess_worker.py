@@ -40,6 +40,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxloss
+from benchmarks.hlo import all_gather_shapes
 
 NUM_PROCESSES = 2
 LOCAL_DEVICES = 2
@@ -257,8 +258,8 @@ linear_reference = functools.cache(lambda: unsharded(linear_fn(), linear_args())
 
 def no_all_gather(hlo: str) -> list[str]:
     """The shard_map forms exchange only per-token statistics: no all-gather in the program."""
-    gathers = [line.strip()[:160] for line in hlo.splitlines() if "all-gather" in line]
-    return [f"the shard_map form all-gathers: {gathers}"] if gathers else []
+    gathers = all_gather_shapes(hlo)
+    return [f"the shard_map form all-gathers arrays of shapes {gathers}"] if gathers else []
 
 
 def linear_case(mode: str, layout: str) -> None:

@@ -12,7 +12,6 @@ that do not divide the problem.
 from __future__ import annotations
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ import torch
 from jax.test_util import check_grads
 
 import jaxloss
+from benchmarks import hlo
 
 N, D, V = 11, 6, 23
 CHUNKS = dict(token_chunk=4, vocab_chunk=7, grad_token_chunk=3)
@@ -409,16 +409,7 @@ def test_default_is_the_xla_form_on_cpu(name):
         jax.jit(jax.value_and_grad(loss(impl), (0, 1))).lower(hidden, kernel).compile().as_text()
         for impl in (None, "xla")
     ]
-    assert _instructions(programs[0]) == _instructions(programs[1])
-
-
-def _instructions(hlo: str) -> list[str]:
-    """An optimised program's instructions without metadata and names (XLA names instructions
-    by what was traced, the TPU branch of platform_dependent included): opcodes, shapes,
-    layouts and attributes, in the order of the schedule."""
-    lines = (re.sub(r",? metadata=\{[^}]*\}", "", line) for line in hlo.splitlines())
-    kept = (x for x in lines if re.match(r"\s*(ROOT )?%|%\S+ \(", x))
-    return [re.sub(r"%[\w.\-]+|[\w.\-]+: ", "%", x) for x in kept]
+    assert hlo.anonymous(programs[0]) == hlo.anonymous(programs[1])
 
 
 @pytest.mark.parametrize("name", ["linear_cross_entropy", "linear_distillation"])

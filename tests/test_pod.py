@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -102,51 +101,15 @@ def compiled(head: str, v: int, axes: bool = True) -> Program:
 # The census of collectives
 # ----------------------------------------------------------------------------------------------
 
-_GROUP = re.compile(r"\{([\d,]*)\}")
-_GROUPS = re.compile(r"^\{((?:\{[\d,]*\},?)*)\}")
-_IOTA = re.compile(r"^\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
-_MESH_GROUPS = re.compile(r"^mesh\[([^\]]*)\]\s*\{([^}]*)\}")
 
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
-def _axes_of_groups(groups: list[list[int]]) -> frozenset[str]:
-    """The mesh axes along which the devices of a group differ (device = position in the mesh)."""
+def mesh_axes(inst: hlo.Instruction) -> frozenset[str] | None:
+    """The mesh axes a collective reduces or gathers over (the axes along which the devices of a
+    group differ, a device's mesh position being its number); None if its groups are unreadable."""
+    if (groups := hlo.replica_groups(inst)) is None:
+        return None
     coords = [np.unravel_index(group, MESH_SHAPE) for group in groups]
     names = (BATCH, VOCAB)
     return frozenset(n for i, n in enumerate(names) if any(len(set(c[i])) > 1 for c in coords))
-
-
-def mesh_axes(inst: hlo.Instruction) -> frozenset[str] | None:
-    """The mesh axes a collective reduces or gathers over; None if its groups are unreadable.
-
-    XLA prints replica groups as lists (``{{0,1},{2,3}}``), as an iota
-    (``[2,2]<=[2,2]T(1,0)``) or over a mesh (``mesh['axis_0'=8,'axis_1'=8] {'axis_0'}``).
-    """
-    start = inst.attributes.find("replica_groups=")
-    if start < 0:
-        return None
-    text = inst.attributes[start + len("replica_groups=") :]
-    listed = _GROUPS.match(text)
-    if listed:
-        groups = [_ints(g) for g in _GROUP.findall(listed.group(1))]
-        return _axes_of_groups(groups) if groups else frozenset()
-    iota = _IOTA.match(text)
-    if iota:
-        shape, dims, perm = (_ints(g or "") for g in iota.groups())
-        ids = np.arange(math.prod(dims)).reshape(dims).transpose(perm or None).reshape(shape)
-        return _axes_of_groups(ids.tolist())
-    mesh = _MESH_GROUPS.match(text)
-    if mesh:
-        sizes = [int(s) for s in re.findall(r"=(\d+)", mesh.group(1))]
-        order = re.findall(r"'([^']+)'=", mesh.group(1))
-        if tuple(sizes) != MESH_SHAPE:
-            return None
-        chosen = set(re.findall(r"'([^']+)'", mesh.group(2)))
-        return frozenset(n for a, n in zip(order, (BATCH, VOCAB), strict=True) if a in chosen)
-    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,30 +124,10 @@ class Moved:
     name: str
 
 
-def _called(inst: hlo.Instruction) -> list[str]:
-    """The computations an instruction runs (a fusion's are its own: no collective there)."""
-    single = [inst.attr(k) for k in ("body", "condition", "to_apply", "calls",
-                                     "true_computation", "false_computation")]  # fmt: skip
-    many = inst.computations("branch_computations") + inst.computations("called_computations")
-    return [c for c in single + many if c]
-
-
-def _run_by_loops(module: hlo.Module) -> set[str]:
-    """The computations a while loop runs, directly or through what they call."""
-    loops = [c for _, inst in module.instructions() if inst.opcode == "while"
-             for c in (inst.attr("body"), inst.attr("condition")) if c]  # fmt: skip
-    found: set[str] = set()
-    while loops:
-        if (computation := loops.pop()) not in found:
-            found.add(computation)
-            loops += [c for inst in module.body(computation) for c in _called(inst)]
-    return found
-
-
 def census(text: str) -> list[Moved]:
     """Every array every collective of the program produces (async pairs counted once)."""
     module = hlo.Module(text)
-    in_loops = _run_by_loops(module)
+    in_loops = module.run_by_loops()
     moved = []
     for computation, inst in module.instructions():
         kind = inst.opcode.removesuffix("-done")

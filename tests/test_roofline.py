@@ -266,6 +266,34 @@ def test_one_reader_sees_all_gathers():
     assert hlo.all_gather_shapes(text) == [(32,)]
 
 
+@pytest.mark.parametrize(
+    ("printed", "groups"),
+    [
+        ("{{0,1},{2,3}}", [[0, 1], [2, 3]]),
+        ("[2,2]<=[2,2]T(1,0)", [[0, 2], [1, 3]]),
+        ("[1,8]<=[8]", [list(range(8))]),
+        ("mesh['a'=2,'b'=4] {'a'}", [[0, 4], [1, 5], [2, 6], [3, 7]]),
+        ("mesh['a'=2,'b'=4] {'b'}", [[0, 1, 2, 3], [4, 5, 6, 7]]),
+        ("mesh['a'=2,'b'=4] {'a','b'}", [list(range(8))]),
+    ],
+)
+def test_replica_groups_read_in_each_printed_form(printed, groups):
+    line = f"%r = f32[4]{{0}} all-reduce(f32[4]{{0}} %p), replica_groups={printed}, to_apply=%add"
+    inst = hlo.parse_instruction(line)
+    assert inst is not None and hlo.replica_groups(inst) == groups
+    assert inst.callees == ["add"]
+
+
+def test_anonymous_programs_differ_in_what_they_compute_not_in_names():
+    def program(name: str, value: str) -> str:
+        return (f"ENTRY %{name} (p: f32[4]) -> f32[4] {{\n  %p.{name} = f32[4]{{0}} parameter(0)\n"
+                f"  %c.{name} = f32[] constant({value}), metadata={{op_name=\"{name}\"}}\n"
+                f"  ROOT %r = f32[4]{{0}} multiply(%p.{name}, %c.{name})\n}}\n")  # fmt: skip
+
+    assert hlo.anonymous(program("a", "2")) == hlo.anonymous(program("b", "2"))
+    assert hlo.anonymous(program("a", "2")) != hlo.anonymous(program("a", "3"))
+
+
 def test_linear_head_takes_larger_blocks_on_gpus():
     """GPUs default to whole-batch blocks with the hidden gradient carried (four N·D·V matmuls):
     modelled value_and_grad at an 8B-class head, bf16 on an H100, 42.5 ms, within 256 MiB (the
