@@ -329,13 +329,11 @@ def _single_device(p: chunked.Problem, options: assembly.Options, hyper, chunks)
 
 def _pallas_tpu(p: chunked.Problem, options: assembly.Options, hyper, chunks):
     """:func:`_single_device` through the Pallas TPU kernels (four N·D·V matmuls, accumulators
-    in VMEM); the XLA form where they do not take the problem. The kernels compute no argmax
-    or entropy (``return_stats`` takes the XLA form): zeros stand in for them."""
-    xla = functools.partial(_single_device, p, options, hyper, chunks)
-    if not pallas_tpu.takes(p):
-        return xla()
+    in VMEM), for the problems they take (``takes``: the dispatcher asks first). The kernels
+    compute no argmax or entropy (``return_stats`` takes the XLA form): zeros stand in for
+    them."""
     losses, weights = kernel_stats.losses(p, options, hyper)
-    stats_shape = jax.eval_shape(xla)[1]
+    stats_shape = jax.eval_shape(functools.partial(_single_device, p, options, hyper, chunks))[1]
     stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape)
     return assembly.reduce(losses, weights, options.reduction).astype(stats[0].dtype), stats
 
