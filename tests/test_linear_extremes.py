@@ -2,9 +2,10 @@
 
 The oracle is ``jaxloss.cross_entropy`` of the materialised logits (itself checked against
 PyTorch), in every form of the fused head: the fused gradient pass (CPU's ``"sum"``/``"mean"``),
-the recomputing pass (GPUs' and TPUs', forced here by emptying ``FUSED_PLATFORMS``), the
-per-token ``"none"`` form and the ``shard_map`` form (one device here; eight in
-``tests/sharding_checks.py``). Inputs vary by value only, so each form compiles once per dtype.
+the recomputing pass (GPUs' and TPUs', forced here by emptying ``FUSED_PLATFORMS``; also with
+the GPUs' one-pass fold of each block), the per-token ``"none"`` form and the ``shard_map`` form
+(one device here; eight in ``tests/sharding_checks.py``). Inputs vary by value only, so each
+form compiles once per dtype.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import numpy as np
 import pytest
 
 import jaxloss
-from jaxloss._linear import api
+from jaxloss._blockwise import online
+from jaxloss._linear import api, chunked
 
 DTYPES = ("float32", "float64", "bfloat16")
-FORMS = ("fused", "recomputing", "none", "shard_map")
+FORMS = ("fused", "recomputing", "none", "shard_map", "gpu_fold")
 # Relative tolerance per dtype: float64 is held to a few ulps (the old lse - z_y lost 1e-8).
 RTOL = {"float32": 1e-6, "float64": 1e-13, "bfloat16": 2**-8}
 
@@ -33,9 +35,13 @@ def _x64_does_not_leak():
 
 @pytest.fixture
 def form(request, monkeypatch):
-    """Sets up one form of the head: the recomputing pass needs ``FUSED_PLATFORMS`` emptied."""
-    if request.param == "recomputing":
+    """Sets up one form of the head: the recomputing pass needs ``FUSED_PLATFORMS`` emptied;
+    ``gpu_fold`` is the recomputing pass with XLA:GPU's one-pass fold of each block's max and
+    sum (``online.fold_block``), here on CPU."""
+    if request.param in ("recomputing", "gpu_fold"):
         monkeypatch.setattr(api, "FUSED_PLATFORMS", ())
+    if request.param == "gpu_fold":
+        monkeypatch.setattr(chunked, "fold_block", online._fold_in_one_pass)
     api._linear_cross_entropy.clear_cache()  # pyright: ignore[reportFunctionMemberAccess]
     yield request.param
     api._linear_cross_entropy.clear_cache()  # pyright: ignore[reportFunctionMemberAccess]
@@ -288,6 +294,28 @@ def test_non_finite_inputs_give_the_materialised_non_finite_gradients(form, chun
                 np.testing.assert_allclose(
                     g, w, rtol=2e-5, atol=1e-6, err_msg=f"{value} in {name}: {what}"
                 )
+
+
+def test_one_pass_fold_is_the_two_pass_fold():
+    """XLA:GPU's fold of a block's max and sum (one variadic reduction) gives the running
+    statistics of the two-pass fold block after block: -inf columns and rows, very negative
+    logits after an empty start (a rescaled empty sum must stay 0, not 0 · inf), +inf, NaN."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(8, 12)).astype(np.float32) * 30
+    z[1, ::2] = -np.inf
+    z[2] = -np.inf
+    z[3, :4], z[3, 4:] = -np.inf, -1e4  # an empty first block, then far below e^-88
+    z[4] = -1e4
+    z[5, 6] = np.inf
+    z[6, 9] = np.nan
+    z[7, :4], z[7, 5] = -np.inf, np.inf
+    state = {fold: (jnp.full(8, -jnp.inf), jnp.zeros(8))
+             for fold in (online._fold_in_two_passes, online._fold_in_one_pass)}  # fmt: skip
+    for block in np.split(z, 3, axis=1):
+        state = {fold: jax.jit(fold)(*s, jnp.asarray(block)) for fold, s in state.items()}
+        want, got = state.values()
+        for w, g in zip(want, got, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -296,7 +296,7 @@ def test_anonymous_programs_differ_in_what_they_compute_not_in_names():
 
 def test_linear_head_takes_larger_blocks_on_gpus():
     """GPUs default to whole-batch blocks with the hidden gradient carried (four N·D·V matmuls):
-    modelled value_and_grad at an 8B-class head, bf16 on an H100, 42.5 ms, within 256 MiB (the
+    modelled value_and_grad at an 8B-class head, bf16 on an H100, 41.2 ms, within 256 MiB (the
     float32 carry is 128 MiB of it); 1024² blocks are far slower."""
     n, d, v = 8192, 4096, 131072
     specs = (((n, d), jnp.bfloat16), ((d, v), jnp.bfloat16), ((n,), jnp.int32))

@@ -38,6 +38,49 @@ def online_step(old_max: jax.Array, z: jax.Array) -> OnlineStep:
     )
 
 
+def _anchor(m: jax.Array) -> jax.Array:
+    """What a running sum is relative to: ``m`` where finite, 0 where ``+inf`` or NaN (as
+    :func:`finite_or_zero`), ``-inf`` where the sum is empty (0), so that no shift rescales it
+    to ``0 · inf``."""
+    return jnp.where(m == -jnp.inf, m, finite_or_zero(m))
+
+
+def _fold(a, b):
+    """Two ``(max, Σ e^(z - finite_or_zero(max)))`` partials of one row combined."""
+    (m1, s1), (m2, s2) = a, b
+    m = jnp.maximum(m1, m2)
+    shift = finite_or_zero(m)
+    return m, s1 * jnp.exp(_anchor(m1) - shift) + s2 * jnp.exp(_anchor(m2) - shift)
+
+
+def _fold_in_two_passes(old_max, old_sum, z):
+    online = online_step(old_max, z)
+    return online.max, old_sum * online.rescale + jnp.sum(online.exp, 1)
+
+
+def _fold_in_one_pass(old_max, old_sum, z):
+    init = (jnp.array(-jnp.inf, z.dtype), jnp.array(0, z.dtype))
+    block = jax.lax.reduce((z, jnp.exp(z - finite_or_zero(z))), init, _fold, (1,))
+    return _fold((old_max, old_sum), block)
+
+
+def fold_block(old_max: jax.Array, old_sum: jax.Array, z: jax.Array) -> tuple[jax.Array, ...]:
+    """The running ``(max, Σ e^(z - shift))`` of each row after one more block ``z`` (rows ×
+    cols), where a row's statistics need no other sum over the block.
+
+    XLA:GPU runs the max and the sum of :func:`online_step` as two passes over the block (at
+    8192×2048 float32, 64 MiB each); a variadic reduction with the rescaling combiner reads it
+    once: modelled H100 value_and_grad of linear_cross_entropy's mean at 8192×4096×131072 bf16
+    42.46 -> 41.17 ms (float32 at 8192×2048×131072: 42.98 -> 41.70 ms). XLA:CPU vectorises
+    neither the variadic reduction nor its exp (as for cross_entropy,
+    ``_classification._Normalizer``); XLA:TPU's form gains nothing (48.21 -> 48.18 ms at v5p
+    bf16 8192×2048×131072), and TPUs take the Pallas kernels by default.
+    """
+    return jax.lax.platform_dependent(
+        old_max, old_sum, z, default=_fold_in_two_passes, cuda=_fold_in_one_pass
+    )
+
+
 class Normaliser(NamedTuple):
     """Per-token ``shift`` (the finite max) and ``log_sum = log Σ_c e^(z_c - shift)``."""
 

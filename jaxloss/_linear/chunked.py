@@ -55,7 +55,7 @@ from jaxloss._blockwise.blocks import (
     whole,
     zero_rows,
 )
-from jaxloss._blockwise.online import Normaliser, online_step
+from jaxloss._blockwise.online import Normaliser, fold_block, online_step
 
 # The fused gradient pass holds [rows, V] logits: 2^24 of them (64 MiB in float32) per block
 # keeps value_and_grad at N=8192, D=2048, V=131072 at ~84 MiB of temporaries, with 512 rows at
@@ -215,9 +215,12 @@ def _moved(gap, mass, block_sum, step):
 def _absorb(acc: dict, z: jax.Array, blk: Block) -> dict:
     """The accumulators after one more block of logits ``z`` (rows × cols) of the same rows."""
     cols = blk.cols
-    online = online_step(acc["m"], z)
-    step, rescale, gap, e = online.step, online.rescale, online.gap, online.exp
-    new = {"m": online.max, "s": acc["s"] * rescale + jnp.sum(e, 1)}
+    if set(acc) <= {"m", "s", "tgt"}:
+        new = dict(zip(("m", "s"), fold_block(acc["m"], acc["s"], z), strict=True))
+    else:
+        online = online_step(acc["m"], z)
+        step, rescale, gap, e = online.step, online.rescale, online.gap, online.exp
+        new = {"m": online.max, "s": acc["s"] * rescale + jnp.sum(e, 1)}
     if "tgt" in acc:
         local = blk.labels - cols.start
         hit = (local >= 0) & (local < z.shape[1])
