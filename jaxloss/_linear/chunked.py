@@ -216,7 +216,8 @@ def _absorb(acc: dict, z: jax.Array, blk: Block) -> dict:
     """The accumulators after one more block of logits ``z`` (rows × cols) of the same rows."""
     cols = blk.cols
     if set(acc) <= {"m", "s", "tgt"}:
-        new = dict(zip(("m", "s"), fold_block(acc["m"], acc["s"], z), strict=True))
+        top, total = fold_block(acc["m"], acc["s"], z)
+        new: dict[str, jax.Array] = {"m": top, "s": total}
     else:
         online = online_step(acc["m"], z)
         step, rescale, gap, e = online.step, online.rescale, online.gap, online.exp
