@@ -49,7 +49,7 @@ from jaxloss._blockwise.blocks import (
     vary,
     zero_rows,
 )
-from jaxloss._blockwise.online import Normaliser, combine_normaliser, online_step
+from jaxloss._blockwise.online import Normaliser, combine_normaliser, fold_block, online_step
 
 _FN = "linear_distillation"
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
@@ -174,12 +174,19 @@ def _first_pass(student, teacher, cfg: _Config, cdt):
 
     def update(a, b, carry, _):
         m_t, s_t, m_s, s_s, u = carry
-        m_t, scale_t, e_t = _online(m_t, a)
-        m_s, scale_s, e_s = _online(m_s, b)
-        if with_ratio:
-            x, y, e, scale = (a, b, e_t, scale_t) if teacher_ref else (b, a, e_s, scale_s)
-            u = u * scale + jnp.sum(e * _log_ratio(x, y), 1)
-        return m_t, s_t * scale_t + jnp.sum(e_t, 1), m_s, s_s * scale_s + jnp.sum(e_s, 1), u
+        if not with_ratio:
+            return (*fold_block(m_t, s_t, a), *fold_block(m_s, s_s, b), u)
+        # The reference head's exp-sum and the ratio's sum share one shift; the other head folds.
+        x, y, m_x, s_x, m_y, s_y = (
+            (a, b, m_t, s_t, m_s, s_s) if teacher_ref else (b, a, m_s, s_s, m_t, s_t)
+        )
+        m_x, scale, e = _online(m_x, x)
+        u = u * scale + jnp.sum(e * _log_ratio(x, y), 1)
+        m_y, s_y = fold_block(m_y, s_y, y)
+        s_x = s_x * scale + jnp.sum(e, 1)
+        if teacher_ref:
+            return m_x, s_x, m_y, s_y, u
+        return m_y, s_y, m_x, s_x, u
 
     n = student[0].shape[0]
     ninf, zero = jnp.full((n,), -jnp.inf, cdt), jnp.zeros((n,), cdt)

@@ -23,7 +23,9 @@ from jax.experimental import checkify
 from jax.test_util import check_grads
 
 import jaxloss
+from jaxloss import _distillation
 from jaxloss import _distillation_reference as reference
+from jaxloss._blockwise import online
 
 N, D, D_T, V = 13, 8, 5, 29
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
@@ -812,12 +814,20 @@ def _nonfinite_heads(value):
         pytest.param((5, 8), marks=pytest.mark.slow),
     ],
 )
-def test_non_finite_inputs_give_the_materialised_non_finite_gradients(chunks):
+@pytest.mark.parametrize("fold", ["two_passes", "one_pass"])
+def test_non_finite_inputs_give_the_materialised_non_finite_gradients(
+    chunks, fold, monkeypatch, request
+):
     """NaN or ±inf in a head's kernel, hidden or bias at counted tokens: the value and every
     entry of the student's gradients (NaN, ±inf and finite alike) are autodiff's of the
     materialised formula. A slid-back last chunk (V = 29, N = 13 here) multiplied the zero
     logit gradient of the columns and rows it shares with the previous chunk by an infinite
-    kernel or hidden entry (``0 · inf = NaN``) where the materialised gradient is finite."""
+    kernel or hidden entry (``0 · inf = NaN``) where the materialised gradient is finite.
+    ``one_pass``: the forward's fold of GPUs and TPUs (``online.fold_block``), here on CPU."""
+    if fold == "one_pass":
+        monkeypatch.setattr(_distillation, "fold_block", online._fold_in_one_pass)
+        jax.clear_caches()  # no trace of the other fold is reused (nor this one's, after)
+        request.addfinalizer(jax.clear_caches)
 
     def run(loss_fn):
         def every(arrays):

@@ -3,9 +3,9 @@
 The oracle is ``jaxloss.cross_entropy`` of the materialised logits (itself checked against
 PyTorch), in every form of the fused head: the fused gradient pass (CPU's ``"sum"``/``"mean"``),
 the recomputing pass (GPUs' and TPUs', forced here by emptying ``FUSED_PLATFORMS``; also with
-the GPUs' one-pass fold of each block), the per-token ``"none"`` form and the ``shard_map`` form
-(one device here; eight in ``tests/sharding_checks.py``). Inputs vary by value only, so each
-form compiles once per dtype.
+the one-pass fold of each block that GPUs and TPUs take), the per-token ``"none"`` form and the
+``shard_map`` form (one device here; eight in ``tests/sharding_checks.py``). Inputs vary by
+value only, so each form compiles once per dtype.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ def _x64_does_not_leak():
 @pytest.fixture
 def form(request, monkeypatch):
     """Sets up one form of the head: the recomputing pass needs ``FUSED_PLATFORMS`` emptied;
-    ``gpu_fold`` is the recomputing pass with XLA:GPU's one-pass fold of each block's max and
-    sum (``online.fold_block``), here on CPU."""
+    ``gpu_fold`` is the recomputing pass with the one-pass fold of each block's max and sum that
+    GPUs and TPUs take (``online.fold_block``), here on CPU."""
     if request.param in ("recomputing", "gpu_fold"):
         monkeypatch.setattr(api, "FUSED_PLATFORMS", ())
     if request.param == "gpu_fold":
@@ -297,7 +297,7 @@ def test_non_finite_inputs_give_the_materialised_non_finite_gradients(form, chun
 
 
 def test_one_pass_fold_is_the_two_pass_fold():
-    """XLA:GPU's fold of a block's max and sum (one variadic reduction) gives the running
+    """The GPUs' and TPUs' fold of a block's max and sum (one variadic reduction) gives the running
     statistics of the two-pass fold block after block: -inf columns and rows, very negative
     logits after an empty start (a rescaled empty sum must stay 0, not 0 · inf), +inf, NaN."""
     rng = np.random.default_rng(0)

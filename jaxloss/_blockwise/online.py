@@ -68,17 +68,19 @@ def fold_block(old_max: jax.Array, old_sum: jax.Array, z: jax.Array) -> tuple[ja
     """The running ``(max, Σ e^(z - shift))`` of each row after one more block ``z`` (rows ×
     cols), where a row's statistics need no other sum over the block.
 
-    XLA:GPU runs the max and the sum of :func:`online_step` as two passes over the block (at
-    8192×2048 float32, 64 MiB each); a variadic reduction with the rescaling combiner reads it
-    once: modelled H100 value_and_grad of linear_cross_entropy's mean at 8192×4096×131072 bf16
-    42.46 -> 41.17 ms (float32 at 8192×2048×131072: 42.98 -> 41.70 ms). XLA:CPU vectorises
-    neither the variadic reduction nor its exp (as for cross_entropy,
-    ``_classification._Normalizer``); XLA:TPU's form gains nothing (48.21 -> 48.18 ms at v5p
-    bf16 8192×2048×131072), and TPUs take the Pallas kernels by default.
+    XLA:GPU and XLA:TPU run the max and the sum of :func:`online_step` as two passes over the
+    block (at 8192×2048 float32, 64 MiB each); a variadic reduction with the rescaling combiner
+    reads it once. Modelled value_and_grad of the mean (benchmarks/hlo.py): H100
+    linear_cross_entropy 8192×4096×131072 bf16 42.46 -> 41.17 ms (f32 at D = 2048 42.98 ->
+    41.70), linear_distillation 69.18 -> 67.90 ms (JSD 94.66 -> 92.09); TPU v5p
+    linear_distillation 8192×2048×131072 bf16 69.74 -> 68.15 ms (the linear head's XLA form
+    48.21 -> 48.18; its default is the Pallas kernels). XLA:CPU vectorises neither the variadic
+    reduction nor its exp (as for cross_entropy, ``_classification._Normalizer``).
     """
     return jax.lax.platform_dependent(
-        old_max, old_sum, z, default=_fold_in_two_passes, cuda=_fold_in_one_pass
-    )
+        old_max, old_sum, z, default=_fold_in_two_passes, cuda=_fold_in_one_pass,
+        tpu=_fold_in_one_pass,
+    )  # fmt: skip
 
 
 class Normaliser(NamedTuple):
