@@ -178,12 +178,12 @@ def index_cross_entropy(implementation, xla, axis: int, z, d, reduction: str) ->
     def pallas(z, d):
         flat = jax.tree.map(lambda a: a.reshape(-1), (d.targets, d.idx))
         out = _cross_entropy_pallas.index_cross_entropy(
-            z.reshape(-1, z.shape[-1]),
-            d._replace(targets=flat[0], idx=flat[1]),
-            reduction,
-            fallback=implementation is None,
+            z.reshape(-1, z.shape[-1]), d._replace(targets=flat[0], idx=flat[1]), reduction
         )
-        return out.reshape(z.shape[:-1]) if reduction == "none" else out
+        out = out.reshape(z.shape[:-1]) if reduction == "none" else out
+        # Where XLA partitions the program the kernel falls back to its formulas in jnp; asked
+        # for by name, it raises there instead (ours, not Mosaic's NotImplementedError).
+        return out if implementation is None else _one_device(fn, out)
 
     if implementation == "pallas" and _cross_entropy_pallas.INTERPRET:
         return pallas(z, d)  # tests: the kernel in interpret mode on any backend
@@ -258,11 +258,14 @@ def where_kernel_lowers(kernel: Callable[[], Any], xla: Callable[[], Any]) -> An
 # the kernel's outputs raises ours when lowered where the kernel cannot be.
 def _one_device_lowering(ctx, x, *, fn):
     if not pallas_tpu.kernel_may_lower(ctx):
+        sharded = "name the mesh axes (mesh=, batch_axis=, vocab_axis=: the shard_map form)"
+        if fn == "cross_entropy":
+            sharded = "call it inside jax.shard_map (each device its own rows)"
         raise ValueError(
             f"{fn}: implementation='pallas': the Pallas TPU kernels cannot be partitioned by "
-            "XLA over the several devices of this program; name the mesh axes (mesh=, "
-            "batch_axis=, vocab_axis=: the shard_map form), or use implementation=None (the "
-            "kernels on one device, the XLA form where XLA partitions the program) or 'xla'"
+            f"XLA over the several devices of this program; {sharded}, or use "
+            "implementation=None (the kernels on one device, the XLA form where XLA partitions "
+            "the program) or 'xla'"
         )
     return [x]
 

@@ -17,10 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 from test_accelerators import SHAPE, compile_for, compile_only, hbm_bytes
 
 import jaxloss
 from benchmarks import hlo
+from benchmarks.targets import devices
 from jaxloss import _cross_entropy_pallas
 from jaxloss._cross_entropy_pallas import pallas_tpu
 
@@ -235,6 +238,40 @@ def test_value_and_grad_is_one_copy_on_tpu(target, dtype):
     program = hbm_bytes(text)
     assert program <= 1.001 * copy, f"program moves {program / copy:.5f}x copy"
     assert compiled.memory_analysis().temp_size_in_bytes <= 16 * 2**20
+
+
+@compile_only
+def test_pallas_where_xla_partitions_the_program_says_what_to_do():
+    """Eight v5e chips: with NamedSharding inputs and no shard_map the default takes the XLA
+    form (no custom call) and ``"pallas"`` raises a ValueError naming the argument and
+    shard_map (it was Mosaic's NotImplementedError); inside shard_map (where the default failed
+    at trace time: the kernel's outputs were not typed as varying over the mesh) both lower to
+    the kernel, and on one chip ``"pallas"`` does."""
+    mesh = Mesh(np.array(devices("tpu-v5e", multi=True)[:8]), ("data",))
+    rows, one = NamedSharding(mesh, P("data")), SingleDeviceSharding(devices("tpu-v5e")[0])
+    n, c = 256, 4096
+
+    def lowered(impl, sharding, in_shard_map=False):
+        loss = lambda x, y: jaxloss.cross_entropy(x, y, implementation=impl)
+        if in_shard_map:  # per-row losses on each device's rows, their mean outside
+            rows_loss = lambda x, y: jaxloss.cross_entropy(
+                x, y, reduction="none", implementation=impl
+            )
+            per_row = jax.shard_map(rows_loss, mesh=mesh, in_specs=(P("data"), P("data")),
+                                    out_specs=P("data"))  # fmt: skip
+            loss = lambda x, y: jnp.mean(per_row(x, y))
+        args = [jax.ShapeDtypeStruct((n, c), jnp.float32, sharding=sharding),
+                jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sharding)]  # fmt: skip
+        return jax.jit(jax.value_and_grad(loss)).trace(*args).lower()
+
+    assert "tpu_custom_call" not in lowered(None, rows).as_text()
+    with pytest.raises(ValueError, match=r"cross_entropy: implementation='pallas'.*shard_map"):
+        lowered("pallas", rows)
+    for impl in (None, "pallas"):
+        in_shard_map = lowered(impl, rows, in_shard_map=True)
+        assert in_shard_map.as_text().count("tpu_custom_call") == 1, impl
+    assert in_shard_map.compile().as_text().count("tpu_custom_call") == 1  # Mosaic compiles it
+    assert lowered("pallas", one).as_text().count("tpu_custom_call") == 1
 
 
 def test_grid_pricing_counts_a_refetched_block():

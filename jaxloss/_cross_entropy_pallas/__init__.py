@@ -31,15 +31,14 @@ INTERPRET: bool | object = False
 __all__ = ["INTERPRET", "index_cross_entropy", "interpret_mode", "supported"]
 
 
-def index_cross_entropy(z: jax.Array, data, reduction: str, fallback: bool = True) -> jax.Array:
+def index_cross_entropy(z: jax.Array, data, reduction: str) -> jax.Array:
     """``_targets.reduce`` of the per-row index cross-entropy of ``(N, C)`` logits ``z``.
 
     ``data`` is ``_classification._Index`` (targets ``(N,)``, ``IndexTargets``, class weight,
-    ε, λ_z); the result is float32 (the caller casts), per row for ``"none"``. ``fallback``:
-    where XLA partitions the program over devices, the kernel's formulas in jnp (else Mosaic's
-    error, asking for a shard_map).
+    ε, λ_z); the result is float32 (the caller casts), per row for ``"none"``. Where XLA
+    partitions the program over devices, the kernel's formulas run in jnp.
     """
-    return _reduced((reduction, (_interpret_key(), fallback)), z, data)
+    return _reduced((reduction, _interpret_key()), z, data)
 
 
 def _interpret_key():
@@ -73,11 +72,10 @@ def _kernel_inputs(z, d, factor):
     return (z, d.targets.astype(jnp.int32), row_data, scalars, class_weight), opts
 
 
-def _rows(mode, z, d, factor, with_grad: bool):
+def _rows(interpret, z, d, factor, with_grad: bool):
     args, opts = _kernel_inputs(z, d, factor)
     options = pallas_tpu.Options(with_grad=with_grad, **opts)
-    interpret, fallback = mode
-    return pallas_tpu.rows(*args, opts=options, interpret=interpret, fallback=fallback)
+    return pallas_tpu.rows(*args, opts=options, interpret=interpret)
 
 
 def reduction_factors(reduction: str, idx: _targets.IndexTargets) -> jax.Array:

@@ -26,6 +26,8 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
+from jaxloss._blockwise.blocks import struct_varying_like, vary
+
 # Rows of per-row data beside the logits: target weight, valid (0/1), bad (0/1), reduction factor.
 ROW_FIELDS = 4
 # Scoped VMEM the kernel asks Mosaic for: under v5e's, v5p's and v6e's 128/95/128 MiB of VMEM,
@@ -161,10 +163,12 @@ def loss_rows(z, y, row_data, scalars, class_weight, *, opts: Options, interpret
     width = chunk_width(classes)
     grid = (pl.cdiv(rows, bn),)
     row_spec = lambda cols: pl.BlockSpec((bn, cols), lambda i: (i, 0))
-    out_shape = [jax.ShapeDtypeStruct((rows, 1), jnp.float32)]
+    # Inside shard_map the outputs vary over the mesh axes any input varies over.
+    z = vary(z, y, row_data, scalars, class_weight)
+    out_shape = [struct_varying_like((rows, 1), jnp.float32, z)]
     out_specs = [row_spec(1)]
     if opts.with_grad:
-        out_shape.append(jax.ShapeDtypeStruct((rows, classes), z.dtype))
+        out_shape.append(struct_varying_like((rows, classes), z.dtype, z))
         out_specs.append(row_spec(classes))
     kernel = functools.partial(_kernel, opts=opts, width=width)
     if not opts.with_grad:
@@ -247,7 +251,8 @@ def reference_rows(z, y, row_data, scalars, class_weight, *, opts: Options, inte
 
 # The kernel as a primitive whose lowering chooses: Mosaic where a kernel may run (one device, or
 # inside a shard_map), the jnp reference where XLA partitions the program over several devices
-# (Mosaic kernels cannot be partitioned automatically) unless the kernel was asked for.
+# (Mosaic kernels cannot be partitioned automatically; implementation="pallas" is refused there
+# by _implementations, with its own error).
 rows_p = Primitive("jaxloss_cross_entropy_rows")
 rows_p.multiple_results = True
 
@@ -264,13 +269,13 @@ def kernel_may_lower(ctx) -> bool:
 
 
 @rows_p.def_abstract_eval
-def _rows_abstract(z, y, row_data, scalars, class_weight, *, opts, interpret, fallback):
+def _rows_abstract(z, y, row_data, scalars, class_weight, *, opts, interpret):
     loss = ShapedArray(z.shape[:1], jnp.float32)
     return [loss, ShapedArray(z.shape, z.dtype)] if opts.with_grad else [loss]
 
 
-def _rows_lowering(ctx, *args, opts, interpret, fallback):
-    kernel = interpret or not fallback or kernel_may_lower(ctx)
+def _rows_lowering(ctx, *args, opts, interpret):
+    kernel = interpret or kernel_may_lower(ctx)
     fn = loss_rows if kernel else reference_rows
 
     def flat(*a):
@@ -283,7 +288,7 @@ def _rows_lowering(ctx, *args, opts, interpret, fallback):
 mlir.register_lowering(rows_p, _rows_lowering)
 
 
-def _rows_batched(args, dims, *, opts, interpret, fallback):
+def _rows_batched(args, dims, *, opts, interpret):
     *_, scalars, class_weight = args
     rowwise = dims[3] is None and dims[4] is None
     size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
@@ -291,8 +296,7 @@ def _rows_batched(args, dims, *, opts, interpret, fallback):
     if rowwise:  # rows are independent: a batch of (N, C) problems is one (B·N, C) problem
         batch, rows = moved[0].shape[:2]
         flat = [a.reshape(batch * rows, *a.shape[2:]) for a in moved[:3]]
-        outs = rows_p.bind(*flat, scalars, class_weight, opts=opts, interpret=interpret,
-                           fallback=fallback)  # fmt: skip
+        outs = rows_p.bind(*flat, scalars, class_weight, opts=opts, interpret=interpret)
         return [o.reshape(batch, rows, *o.shape[1:]) for o in outs], [0] * len(outs)
     ref = functools.partial(reference_rows, opts=opts)
     loss, grad = jax.vmap(ref)(*moved)
@@ -308,10 +312,9 @@ def _front(a, dim, size):
 batching.primitive_batchers[rows_p] = _rows_batched
 
 
-def rows(z, y, row_data, scalars, class_weight, *, opts, interpret=False, fallback=True):
+def rows(z, y, row_data, scalars, class_weight, *, opts, interpret=False):
     """:func:`loss_rows` (or, where Mosaic cannot lower it, :func:`reference_rows`)."""
     if class_weight is None:
         class_weight = jnp.zeros((1, 128), jnp.float32)
-    outs = rows_p.bind(z, y, row_data, scalars, class_weight, opts=opts, interpret=interpret,
-                       fallback=fallback)  # fmt: skip
+    outs = rows_p.bind(z, y, row_data, scalars, class_weight, opts=opts, interpret=interpret)
     return (outs[0], outs[1]) if opts.with_grad else (outs[0], None)
