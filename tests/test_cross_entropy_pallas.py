@@ -156,6 +156,27 @@ def test_forward_mode_vmap_and_weight_gradient():
         _close(jnp.asarray(got), jnp.asarray(want), jnp.float32, "transformed")
 
 
+def test_kernel_outputs_vary_as_its_inputs_inside_shard_map():
+    """Inside ``jax.shard_map`` the kernel primitive's loss and gradient are typed as varying
+    over the mesh axis its rows vary over: typed invariant, they claimed that every device
+    holds the same values, which JAX's collectives and transposes rely on."""
+    from jaxloss._blockwise.blocks import _vma
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
+    opts = pallas_tpu.Options(smoothing=False, z_loss=False, class_weight=False, with_grad=True)
+    types = []
+
+    def body(z, y):
+        row_data = jnp.ones((z.shape[0], pallas_tpu.ROW_FIELDS), jnp.float32)
+        loss, grad = pallas_tpu.rows(z, y, row_data, jnp.zeros(3), None, opts=opts)
+        types.extend(_vma(x) for x in (loss, grad))
+        return loss
+
+    rows = jax.shard_map(body, mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P("data"))
+    jax.make_jaxpr(rows)(jnp.zeros((16, 256)), jnp.zeros(16, jnp.int32))
+    assert types == [frozenset({"data"})] * 2
+
+
 # ----------------------------------------------------------------------------------------------
 # The choice: errors for "pallas" where there is no kernel, the XLA form on CPU
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax._src import sharding_impls
-from jax.core import ShapedArray
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.extend.core import Primitive
@@ -163,8 +162,7 @@ def loss_rows(z, y, row_data, scalars, class_weight, *, opts: Options, interpret
     width = chunk_width(classes)
     grid = (pl.cdiv(rows, bn),)
     row_spec = lambda cols: pl.BlockSpec((bn, cols), lambda i: (i, 0))
-    # Inside shard_map the outputs vary over the mesh axes any input varies over.
-    z = vary(z, y, row_data, scalars, class_weight)
+    # Inside shard_map the outputs vary as the logits (rows() makes every input vary alike).
     out_shape = [struct_varying_like((rows, 1), jnp.float32, z)]
     out_specs = [row_spec(1)]
     if opts.with_grad:
@@ -270,8 +268,10 @@ def kernel_may_lower(ctx) -> bool:
 
 @rows_p.def_abstract_eval
 def _rows_abstract(z, y, row_data, scalars, class_weight, *, opts, interpret):
-    loss = ShapedArray(z.shape[:1], jnp.float32)
-    return [loss, ShapedArray(z.shape, z.dtype)] if opts.with_grad else [loss]
+    # Typed as the row inputs (rows() makes them vary alike inside shard_map): the loss as the
+    # targets, the gradient as the logits.
+    loss = y.update(dtype=jnp.float32, weak_type=False)
+    return [loss, z] if opts.with_grad else [loss]
 
 
 def _rows_lowering(ctx, *args, opts, interpret):
@@ -316,5 +316,7 @@ def rows(z, y, row_data, scalars, class_weight, *, opts, interpret=False):
     """:func:`loss_rows` (or, where Mosaic cannot lower it, :func:`reference_rows`)."""
     if class_weight is None:
         class_weight = jnp.zeros((1, 128), jnp.float32)
+    # Inside shard_map the outputs vary over the mesh axes any input varies over.
+    z, y = (vary(a, z, y, row_data, scalars, class_weight) for a in (z, y))
     outs = rows_p.bind(z, y, row_data, scalars, class_weight, opts=opts, interpret=interpret)
     return (outs[0], outs[1]) if opts.with_grad else (outs[0], None)
