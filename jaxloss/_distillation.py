@@ -180,10 +180,10 @@ def _first_pass(student, teacher, cfg: _Config, cdt):
         x, y, m_x, s_x, m_y, s_y = (
             (a, b, m_t, s_t, m_s, s_s) if teacher_ref else (b, a, m_s, s_s, m_t, s_t)
         )
-        m_x, scale, e = _online(m_x, x)
-        u = u * scale + jnp.sum(e * _log_ratio(x, y), 1)
+        step = online_step(m_x, x)
+        u = u * step.rescale + jnp.sum(step.exp * _log_ratio(x, y), 1)
+        m_x, s_x = step.max, step.sum_after(s_x)
         m_y, s_y = fold_block(m_y, s_y, y)
-        s_x = s_x * scale + jnp.sum(e, 1)
         if teacher_ref:
             return m_x, s_x, m_y, s_y, u
         return m_y, s_y, m_x, s_x, u
@@ -201,12 +201,6 @@ def _first_pass(student, teacher, cfg: _Config, cdt):
     s_ref, local_ref, norm_ref = (s_t, local_t, norm_t) if teacher_ref else (s_s, local_s, norm_s)
     mean = jnp.where(s_ref > 0, u / jnp.where(s_ref > 0, s_ref, 1), 0)
     return norm_t, norm_s, _combine_mean(mean, local_ref, norm_ref, cfg.vocab_axis)
-
-
-def _online(running_max, x):
-    """The new running max, the old sum's rescale factor and ``e^(x - shift)``."""
-    step = online_step(running_max, x)
-    return step.max, step.rescale, step.exp
 
 
 def _combine_mean(mean, local_log_sum, norm: Normaliser, axis):

@@ -28,6 +28,10 @@ class OnlineStep(NamedTuple):
     gap: jax.Array  # shift - z (rows × cols), ≥ 0 at every column of a finite row
     exp: jax.Array  # e^(z - shift)
 
+    def sum_after(self, old_sum: jax.Array) -> jax.Array:
+        """The running ``Σ e^(z - shift)`` with this block's: the old sum moved to the shift."""
+        return old_sum * self.rescale + jnp.sum(self.exp, 1)
+
 
 def online_step(old_max: jax.Array, z: jax.Array) -> OnlineStep:
     top = jnp.maximum(old_max, jnp.max(z, 1))
@@ -46,7 +50,11 @@ def _anchor(m: jax.Array) -> jax.Array:
 
 
 def _fold(a, b):
-    """Two ``(max, Σ e^(z - finite_or_zero(max)))`` partials of one row combined."""
+    """Two ``(max, Σ e^(z - finite_or_zero(max)))`` partials of one row combined.
+
+    cross_entropy's ``_classification._rescaled_sum`` keeps its sums relative to the raw max
+    instead (a row holding +inf gets a NaN sum, as PyTorch's softmax); these heads keep theirs
+    relative to the finite shift, as :func:`online_step` does, and the two folds agree."""
     (m1, s1), (m2, s2) = a, b
     m = jnp.maximum(m1, m2)
     shift = finite_or_zero(m)
@@ -55,7 +63,7 @@ def _fold(a, b):
 
 def _fold_in_two_passes(old_max, old_sum, z):
     online = online_step(old_max, z)
-    return online.max, old_sum * online.rescale + jnp.sum(online.exp, 1)
+    return online.max, online.sum_after(old_sum)
 
 
 def _fold_in_one_pass(old_max, old_sum, z):

@@ -214,21 +214,27 @@ def _moved(gap, mass, block_sum, step):
 
 def _absorb(acc: dict, z: jax.Array, blk: Block) -> dict:
     """The accumulators after one more block of logits ``z`` (rows × cols) of the same rows."""
-    cols = blk.cols
-    if set(acc) <= {"m", "s", "tgt"}:
+    if set(acc) <= {"m", "s", "tgt"}:  # no other sum over the block: one fold of max and sum
         top, total = fold_block(acc["m"], acc["s"], z)
         new: dict[str, jax.Array] = {"m": top, "s": total}
     else:
-        online = online_step(acc["m"], z)
-        step, rescale, gap, e = online.step, online.rescale, online.gap, online.exp
-        new = {"m": online.max, "s": acc["s"] * rescale + jnp.sum(e, 1)}
+        new = _absorb_sums(acc, z, blk)
     if "tgt" in acc:
-        local = blk.labels - cols.start
+        local = blk.labels - blk.cols.start
         hit = (local >= 0) & (local < z.shape[1])
-        if cols.fresh is not None:
-            hit = hit & jnp.take(cols.fresh, jnp.clip(local, 0, z.shape[1] - 1))
+        if blk.cols.fresh is not None:
+            hit = hit & jnp.take(blk.cols.fresh, jnp.clip(local, 0, z.shape[1] - 1))
         picked = jnp.take_along_axis(z, jnp.clip(local, 0, z.shape[1] - 1)[:, None], 1)[:, 0]
         new["tgt"] = acc["tgt"] + jnp.where(hit, picked, 0)
+    return new
+
+
+def _absorb_sums(acc: dict, z: jax.Array, blk: Block) -> dict:
+    """:func:`_absorb`'s max, exp-sum and the sums relative to the shift (gaps, entropy)."""
+    cols = blk.cols
+    online = online_step(acc["m"], z)
+    step, rescale, gap, e = online.step, online.rescale, online.gap, online.exp
+    new = {"m": online.max, "s": online.sum_after(acc["s"])}
     if "tgap" in acc:
         u = _live(blk.probs if blk.weight is None else blk.probs * blk.weight[None, :], cols)
         new["tgap"] = _moved(acc["tgap"], acc["tmass"], jnp.sum(_absorbing(u, gap), 1), step)
