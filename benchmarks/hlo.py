@@ -50,10 +50,13 @@ PALLAS_TARGETS = frozenset({"tpu_custom_call", "__gpu$xla.gpu.triton", "mosaic_g
                             "mosaic_gpu_v2"})  # fmt: skip
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
 def arrays(hlo_type: str) -> list[tuple[str, tuple[int, ...]]]:
     """``(element type, dims)`` of every array in an HLO type (a tuple is flattened)."""
-    return [(t, tuple(int(d) for d in dims.split(",") if d))
-            for t, dims in _ARRAY_TYPE.findall(hlo_type)]  # fmt: skip
+    return [(t, tuple(_ints(dims))) for t, dims in _ARRAY_TYPE.findall(hlo_type)]
 
 
 def _closing(text: str, start: int, pair: str = "()") -> int:
@@ -369,10 +372,6 @@ _GROUP = re.compile(r"\{([\d,]*)\}")
 _GROUPS = re.compile(r"^\{((?:\{[\d,]*\},?)*)\}")
 _IOTA = re.compile(r"^\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
 _MESH_GROUPS = re.compile(r"^mesh\[([^\]]*)\]\s*\{([^}]*)\}")
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
 
 
 def replica_groups(inst: Instruction) -> list[list[int]] | None:
