@@ -47,7 +47,6 @@ from jaxloss._blockwise.blocks import (
     rows_with_a_feature,
     take,
     vary,
-    zero_rows,
 )
 from jaxloss._blockwise.online import Normaliser, combine_normaliser, fold_block, online_step
 
@@ -297,7 +296,9 @@ def _student_slope(a, b, stats, cfg: _Config):
 class _StudentGradient:
     """The engine's rule for one recomputed block (:class:`passes.BlockGradient`): ``∂ℓ/∂z_s``
     of the student's unscaled logits. Rows without a cotangent (masked tokens) are zeroed by
-    the engine, the teacher's here: a NaN/inf hidden row there contributes nothing."""
+    the engine: the student's hidden rows before its matmuls, this rule's logit gradient by a
+    select after it, so a NaN/inf teacher hidden row there contributes nothing either (zeroing
+    it here, too, cost an N×D read and write per block: 2.6 ms of an H100's 67.9)."""
 
     student: Any
     teacher: Any
@@ -311,7 +312,7 @@ class _StudentGradient:
     def __call__(self, rows: Chunk, cols: Chunk, h_i, k_j):
         nc, vc = self.cfg.chunks
         *stats_i, g_i = _rows(self.per_row, rows.start, nc)
-        th_i = zero_rows(take(self.teacher[0], rows.start, nc), g_i != 0)
+        th_i = take(self.teacher[0], rows.start, nc)
         a = _scaled_logits(th_i, *_columns(self.teacher, cols, vc), cols, self.cfg, self.cdt)
         b_j = maybe_take(self.student[2], cols.start, vc)
         b = _scaled_logits(h_i, k_j, b_j, cols, self.cfg, self.cdt)
