@@ -34,7 +34,7 @@ from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, ArrayLike, Bool, Float
 
 from jaxloss import _dtypes, _implementations, _reductions, _validation
-from jaxloss._blockwise import passes, sharding, vjp
+from jaxloss._blockwise import online, passes, sharding, vjp
 from jaxloss._blockwise.blocks import (
     Chunk,
     Span,
@@ -48,7 +48,7 @@ from jaxloss._blockwise.blocks import (
     take,
     vary,
 )
-from jaxloss._blockwise.online import Normaliser, combine_normaliser, fold_block, online_step
+from jaxloss._blockwise.online import Normaliser, combine_normaliser
 
 _FN = "linear_distillation"
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
@@ -174,15 +174,15 @@ def _first_pass(student, teacher, cfg: _Config, cdt):
     def update(a, b, carry, _):
         m_t, s_t, m_s, s_s, u = carry
         if not with_ratio:
-            return (*fold_block(m_t, s_t, a), *fold_block(m_s, s_s, b), u)
-        # The reference head's exp-sum and the ratio's sum share one shift; the other head folds.
+            (m_t, s_t), (m_s, s_s) = online.fold_blocks((((m_t, s_t), (a,)), ((m_s, s_s), (b,))))
+            return m_t, s_t, m_s, s_s, u
+        # The reference head's exp-sum and the ratio's sum share one shift.
         x, y, m_x, s_x, m_y, s_y = (
             (a, b, m_t, s_t, m_s, s_s) if teacher_ref else (b, a, m_s, s_s, m_t, s_t)
         )
-        step = online_step(m_x, x)
-        u = u * step.rescale + jnp.sum(step.exp * _log_ratio(x, y), 1)
-        m_x, s_x = step.max, step.sum_after(s_x)
-        m_y, s_y = fold_block(m_y, s_y, y)
+        (m_x, s_x, u), (m_y, s_y) = online.fold_blocks(
+            (((m_x, s_x, u), (x, _log_ratio(x, y))), ((m_y, s_y), (y,)))
+        )
         if teacher_ref:
             return m_x, s_x, m_y, s_y, u
         return m_y, s_y, m_x, s_x, u

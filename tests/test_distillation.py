@@ -23,7 +23,6 @@ from jax.experimental import checkify
 from jax.test_util import check_grads
 
 import jaxloss
-from jaxloss import _distillation
 from jaxloss import _distillation_reference as reference
 from jaxloss._blockwise import online
 
@@ -823,9 +822,9 @@ def test_non_finite_inputs_give_the_materialised_non_finite_gradients(
     materialised formula. A slid-back last chunk (V = 29, N = 13 here) multiplied the zero
     logit gradient of the columns and rows it shares with the previous chunk by an infinite
     kernel or hidden entry (``0 · inf = NaN``) where the materialised gradient is finite.
-    ``one_pass``: the forward's fold of GPUs and TPUs (``online.fold_block``), here on CPU."""
+    ``one_pass``: the forward's fold of GPUs and TPUs (``online.fold_blocks``), here on CPU."""
     if fold == "one_pass":
-        monkeypatch.setattr(_distillation, "fold_block", online._fold_in_one_pass)
+        monkeypatch.setattr(online, "fold_blocks", online._fold_in_one_pass)
         jax.clear_caches()  # no trace of the other fold is reused (nor this one's, after)
         request.addfinalizer(jax.clear_caches)
 

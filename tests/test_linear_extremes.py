@@ -19,7 +19,7 @@ import pytest
 
 import jaxloss
 from jaxloss._blockwise import online
-from jaxloss._linear import api, chunked
+from jaxloss._linear import api
 
 DTYPES = ("float32", "float64", "bfloat16")
 FORMS = ("fused", "recomputing", "none", "shard_map", "gpu_fold")
@@ -37,11 +37,11 @@ def _x64_does_not_leak():
 def form(request, monkeypatch):
     """Sets up one form of the head: the recomputing pass needs ``FUSED_PLATFORMS`` emptied;
     ``gpu_fold`` is the recomputing pass with the one-pass fold of each block's max and sum that
-    GPUs and TPUs take (``online.fold_block``), here on CPU."""
+    GPUs and TPUs take (``online.fold_blocks``), here on CPU."""
     if request.param in ("recomputing", "gpu_fold"):
         monkeypatch.setattr(api, "FUSED_PLATFORMS", ())
     if request.param == "gpu_fold":
-        monkeypatch.setattr(chunked, "fold_block", online._fold_in_one_pass)
+        monkeypatch.setattr(online, "fold_blocks", online._fold_in_one_pass)
     api._linear_cross_entropy.clear_cache()  # pyright: ignore[reportFunctionMemberAccess]
     yield request.param
     api._linear_cross_entropy.clear_cache()  # pyright: ignore[reportFunctionMemberAccess]
@@ -297,9 +297,10 @@ def test_non_finite_inputs_give_the_materialised_non_finite_gradients(form, chun
 
 
 def test_one_pass_fold_is_the_two_pass_fold():
-    """The GPUs' and TPUs' fold of a block's max and sum (one variadic reduction) gives the running
-    statistics of the two-pass fold block after block: -inf columns and rows, very negative
-    logits after an empty start (a rescaled empty sum must stay 0, not 0 · inf), +inf, NaN."""
+    """The GPUs' and TPUs' fold of blocks (one variadic reduction over two heads, one with a
+    weighted sum) gives the running statistics of the two-pass fold block after block: -inf
+    columns and rows, very negative logits after an empty start (a rescaled empty sum must stay
+    0, not 0 · inf), +inf, NaN, and infinite and NaN weights."""
     rng = np.random.default_rng(0)
     z = rng.normal(size=(8, 12)).astype(np.float32) * 30
     z[1, ::2] = -np.inf
@@ -309,13 +310,20 @@ def test_one_pass_fold_is_the_two_pass_fold():
     z[5, 6] = np.inf
     z[6, 9] = np.nan
     z[7, :4], z[7, 5] = -np.inf, np.inf
-    state = {fold: (jnp.full(8, -jnp.inf), jnp.zeros(8))
-             for fold in (online._fold_in_two_passes, online._fold_in_one_pass)}  # fmt: skip
-    for block in np.split(z, 3, axis=1):
-        state = {fold: jax.jit(fold)(*s, jnp.asarray(block)) for fold, s in state.items()}
-        want, got = state.values()
-        for w, g in zip(want, got, strict=True):
-            np.testing.assert_allclose(g, w, rtol=1e-6)
+    w = rng.normal(size=z.shape).astype(np.float32)
+    w[0, 3], w[1, 1], w[4, 7], w[3, 10] = np.inf, -np.inf, np.nan, np.inf
+    w[np.isneginf(z)] = 0  # a weight is 0 where its entry has no probability (as the heads')
+    other = z[::-1].copy()
+    empty, zero = jnp.full(8, -jnp.inf), jnp.zeros(8)
+    folds = (online._fold_in_two_passes, online._fold_in_one_pass)
+    runs = dict.fromkeys(folds, ((empty, zero, zero), (empty, zero)))
+    for zb, wb, ob in zip(*(np.split(x, 3, axis=1) for x in (z, w, other)), strict=True):
+        blocks = ((jnp.asarray(zb), jnp.asarray(wb)), (jnp.asarray(ob),))
+        runs = {fold: jax.jit(fold)(tuple(zip(r, blocks, strict=True))) for fold, r in runs.items()}
+        want, got = (jax.tree.leaves(r) for r in runs.values())
+        assert len(want) == 5
+        for a, b in zip(want, got, strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
