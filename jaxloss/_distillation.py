@@ -231,7 +231,8 @@ def _jsd_pass(student, teacher, norm_t, norm_s, cfg: _Config, cdt):
         lp_t = Normaliser(shift_t, log_sum_t).log_softmax(a)
         lp_s = Normaliser(shift_s, log_sum_s).log_softmax(b)
         lm = _log_mixture(lp_t, lp_s, cfg.beta)
-        return kl_t + jnp.sum(_xlogy_ratio(lp_t, lm), 1), kl_s + jnp.sum(_xlogy_ratio(lp_s, lm), 1)
+        sum_t, sum_s = online.row_sums(_xlogy_ratio(lp_t, lm), _xlogy_ratio(lp_s, lm))
+        return kl_t + sum_t, kl_s + sum_s
 
     zero = jnp.zeros((student[0].shape[0],), cdt)
     # A degenerate row (no finite normaliser) is NaN in the end; finite here, it stays quiet.

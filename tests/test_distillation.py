@@ -813,19 +813,21 @@ def _nonfinite_heads(value):
         pytest.param((5, 8), marks=pytest.mark.slow),
     ],
 )
-@pytest.mark.parametrize("fold", ["two_passes", "one_pass"])
+@pytest.mark.parametrize("forms", ["cpu", "gpu"])
 def test_non_finite_inputs_give_the_materialised_non_finite_gradients(
-    chunks, fold, monkeypatch, request
+    chunks, forms, monkeypatch, request
 ):
     """NaN or ±inf in a head's kernel, hidden or bias at counted tokens: the value and every
     entry of the student's gradients (NaN, ±inf and finite alike) are autodiff's of the
     materialised formula. A slid-back last chunk (V = 29, N = 13 here) multiplied the zero
     logit gradient of the columns and rows it shares with the previous chunk by an infinite
     kernel or hidden entry (``0 · inf = NaN``) where the materialised gradient is finite.
-    ``one_pass``: the forward's fold of GPUs and TPUs (``online.fold_blocks``), here on CPU."""
-    if fold == "one_pass":
+    ``gpu``: the forward's reductions of GPUs (``online.fold_blocks``' one pass over both heads,
+    ``online.row_sums``' complex sum), here on CPU."""
+    if forms == "gpu":
         monkeypatch.setattr(online, "fold_blocks", online._fold_in_one_pass)
-        jax.clear_caches()  # no trace of the other fold is reused (nor this one's, after)
+        monkeypatch.setattr(online, "row_sums", online._sums_as_one)
+        jax.clear_caches()  # no trace of the CPU's forms is reused (nor these, after)
         request.addfinalizer(jax.clear_caches)
 
     def run(loss_fn):
@@ -859,3 +861,19 @@ def test_non_finite_inputs_give_the_materialised_non_finite_gradients(
                 np.testing.assert_allclose(
                     g, w, rtol=2e-5, atol=1e-5, err_msg=f"{value} in {key}: {what}"
                 )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_complex_row_sums_are_the_two_sums(dtype, request):
+    """GPUs' two row sums as one complex sum (``online.row_sums``): each part is its sum, the
+    non-finite ones included (an inf or NaN in one block leaves the other's sum alone)."""
+    if dtype == "float64":
+        request.getfixturevalue("x64")
+    rng = np.random.default_rng(4)
+    x, y = (rng.normal(size=(6, 9)).astype(dtype) * 1e3 for _ in range(2))
+    x[1, 2], x[2, 3], y[3, 4], y[4, 0], x[5, 1], y[5, 1] = np.inf, np.nan, -np.inf, np.nan, 1, 2
+    got = jax.jit(online._sums_as_one)(jnp.asarray(x), jnp.asarray(y))
+    want = online._sums_apart(jnp.asarray(x), jnp.asarray(y))
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == dtype
+        np.testing.assert_allclose(g, w, rtol=1e-6 if dtype == "float32" else 1e-14)
