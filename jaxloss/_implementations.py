@@ -256,11 +256,13 @@ def where_kernel_lowers(kernel: Callable[[], Any], xla: Callable[[], Any]) -> An
 # The check of implementation="pallas": Mosaic's own error, "cannot be automatically
 # partitioned", reached through the kernels' guards, which fall back instead; so an identity on
 # the kernel's outputs raises ours when lowered where the kernel cannot be.
+_SHARDED_FORM = {"cross_entropy": "call it inside jax.shard_map (each device its own rows)"}
+_LINEAR_SHARDED_FORM = "name the mesh axes (mesh=, batch_axis=, vocab_axis=: the shard_map form)"
+
+
 def _one_device_lowering(ctx, x, *, fn):
     if not pallas_tpu.kernel_may_lower(ctx):
-        sharded = "name the mesh axes (mesh=, batch_axis=, vocab_axis=: the shard_map form)"
-        if fn == "cross_entropy":
-            sharded = "call it inside jax.shard_map (each device its own rows)"
+        sharded = _SHARDED_FORM.get(fn, _LINEAR_SHARDED_FORM)
         raise ValueError(
             f"{fn}: implementation='pallas': the Pallas TPU kernels cannot be partitioned by "
             f"XLA over the several devices of this program; {sharded}, or use "
