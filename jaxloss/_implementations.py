@@ -253,13 +253,14 @@ def where_kernel_lowers(kernel: Callable[[], Any], xla: Callable[[], Any]) -> An
     return jax.lax.switch(_kernel_lowers_p.bind(), [xla, kernel])
 
 
-# The check of implementation="pallas": Mosaic's own error, "cannot be automatically
-# partitioned", reached through the kernels' guards, which fall back instead; so an identity on
-# the kernel's outputs raises ours when lowered where the kernel cannot be.
+# What to do instead of a program XLA partitions, per function (the heads' by default).
 _SHARDED_FORM = {"cross_entropy": "call it inside jax.shard_map (each device its own rows)"}
 _LINEAR_SHARDED_FORM = "name the mesh axes (mesh=, batch_axis=, vocab_axis=: the shard_map form)"
 
 
+# The check of implementation="pallas": Mosaic's own error, "cannot be automatically
+# partitioned", reached through the kernels' guards, which fall back instead; so an identity on
+# the kernel's outputs raises ours when lowered where the kernel cannot be.
 def _one_device_lowering(ctx, x, *, fn):
     if not pallas_tpu.kernel_may_lower(ctx):
         sharded = _SHARDED_FORM.get(fn, _LINEAR_SHARDED_FORM)

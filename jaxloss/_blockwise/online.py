@@ -106,11 +106,12 @@ def fold_blocks(groups: Sequence[Group]) -> tuple[tuple[jax.Array, ...], ...]:
     variadic reduction of every group with the rescaling combiner reads each block once.
     Modelled value_and_grad of the mean (benchmarks/hlo.py): H100 linear_cross_entropy
     8192×4096×131072 bf16 42.46 -> 41.17 ms (f32 at D = 2048 42.98 -> 41.70),
-    linear_distillation KL 69.18 -> 67.90 ms with the student's fold alone, 65.34 -> 62.78 ms
-    with both heads and the log-ratio sum in one reduction (JSD 94.66 -> 92.09); TPU v5p
-    linear_distillation 8192×2048×131072 bf16 69.74 -> 68.15 ms (the linear head's XLA form
-    48.21 -> 48.18; its default is the Pallas kernels). XLA:CPU vectorises neither the variadic
-    reduction nor its exp (as for cross_entropy, ``_classification._Normalizer``).
+    linear_distillation KL 69.18 -> 67.90 ms with the student's fold alone (JSD 94.66 ->
+    92.09), 65.34 -> 62.77 ms with both heads and the log-ratio sum in one reduction (JSD
+    92.09 -> 89.53); TPU v5p linear_distillation 8192×2048×131072 bf16 69.74 -> 68.15 ms, then
+    66.57 ms (the linear head's XLA form 48.21 -> 48.18; its default is the Pallas kernels).
+    XLA:CPU vectorises neither the variadic reduction nor its exp (as for cross_entropy,
+    ``_classification._Normalizer``).
     """
     return jax.lax.platform_dependent(
         tuple(groups), default=_fold_in_two_passes, cuda=_fold_in_one_pass, tpu=_fold_in_one_pass
