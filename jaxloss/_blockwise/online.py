@@ -30,9 +30,11 @@ class OnlineStep(NamedTuple):
     gap: jax.Array  # shift - z (rows × cols), ≥ 0 at every column of a finite row
     exp: jax.Array  # e^(z - shift)
 
-    def sum_after(self, old_sum: jax.Array) -> jax.Array:
-        """The running ``Σ e^(z - shift)`` with this block's: the old sum moved to the shift."""
-        return old_sum * self.rescale + jnp.sum(self.exp, 1)
+    def sum_after(self, old_sum: jax.Array, weight: jax.Array | None = None) -> jax.Array:
+        """The running ``Σ e^(z - shift)`` (``Σ e^(z - shift)·weight`` with a ``weight`` of the
+        block's shape) with this block's: the old sum moved to the shift."""
+        terms = self.exp if weight is None else self.exp * weight
+        return old_sum * self.rescale + jnp.sum(terms, 1)
 
 
 def online_step(old_max: jax.Array, z: jax.Array) -> OnlineStep:
@@ -74,8 +76,7 @@ def _fold_in_two_passes(groups: Sequence[Group]) -> tuple[tuple[jax.Array, ...],
     out = []
     for (old_max, old_sum, *old_weighted), (z, *weights) in groups:
         step = online_step(old_max, z)
-        weighted = (u * step.rescale + jnp.sum(step.exp * w, 1)
-                    for u, w in zip(old_weighted, weights, strict=True))  # fmt: skip
+        weighted = (step.sum_after(u, w) for u, w in zip(old_weighted, weights, strict=True))
         out.append((step.max, step.sum_after(old_sum), *weighted))
     return tuple(out)
 
