@@ -356,8 +356,9 @@ def _compute_dtype(*arrays) -> jnp.dtype:
 # ----------------------------------------------------------------------------------------------
 
 
-def _per_backend(implementation, student, teacher, mask, cfg, gpu_chunks, reduction):
-    """The single-device loss with each backend's blocks (GPUs: whole-batch block rows)."""
+def _per_backend(implementation, student, teacher, mask, cfg, accelerator_chunks, reduction):
+    """The single-device loss with each backend's blocks (GPUs and TPUs: whole-batch block
+    rows)."""
 
     def run(chunks):
         c = cfg._replace(chunks=chunks)
@@ -365,7 +366,7 @@ def _per_backend(implementation, student, teacher, mask, cfg, gpu_chunks, reduct
             _FN, implementation, _loss, student, teacher, mask, c, reduction
         )
 
-    return on_backend_blocks(run, cfg.chunks, gpu_chunks)
+    return on_backend_blocks(run, cfg.chunks, accelerator_chunks)
 
 
 def _loss(student, teacher, mask, cfg: _Config, reduction: str, batch_axis=None):
@@ -596,10 +597,10 @@ def linear_distillation(
       bias: the student's optional bias ``(V,)``.
       teacher_bias: the teacher's optional bias ``(V,)``.
       token_chunk: rows per block (clipped to ``N``; need not divide it); ``None``: the
-        backend's default, as ``linear_cross_entropy``'s (1024; on GPUs every token up to
-        16384 in one block row, the hidden gradient carried).
+        backend's default, as ``linear_cross_entropy``'s (1024; on GPUs and TPUs every token up
+        to 16384 in one block row, the hidden gradient carried).
       vocab_chunk: columns per block (clipped to ``V``; need not divide it); ``None``: 1024, on
-        GPUs ``2**24`` logits per block.
+        GPUs and TPUs ``2**24`` logits per block (2048 beyond 16384 tokens).
       mesh: the ``jax.sharding.Mesh`` for ``batch_axis``/``vocab_axis`` (default: the context
         mesh).
       batch_axis: mesh axis name(s) the tokens are split over (evenly), or ``None``.
@@ -667,15 +668,17 @@ def linear_distillation(
         )
         width = split.width if split.uneven else None
 
-        chunks, gpu_chunks = (
-            default_chunks(n_local, split.width, token_chunk, vocab_chunk, gpu)
-            for gpu in (False, True)
+        chunks, accelerator_chunks = (
+            default_chunks(n_local, split.width, token_chunk, vocab_chunk, accelerator)
+            for accelerator in (False, True)
         )
         cfg = _Config(divergence, beta, temperature, chunks, vocab_axis, width)
         if resolved_mesh is None:
             arrays = zip(_ARRAY_NAMES, (*student, *teacher, mask), strict=True)
             sharding.reject_explicit_sharding(_FN, **dict(arrays))
-            loss = _per_backend(implementation, student, teacher, mask, cfg, gpu_chunks, reduction)
+            loss = _per_backend(
+                implementation, student, teacher, mask, cfg, accelerator_chunks, reduction
+            )
         else:
             loss = _sharded(student, teacher, mask, cfg, reduction, resolved_mesh, batch_axis)
     if reduction == "none":

@@ -22,48 +22,53 @@ import numpy as np
 DEFAULT_TOKEN_CHUNK = 1024
 DEFAULT_VOCAB_CHUNK = 1024
 # XLA:GPU pays per block: float32 gradient accumulators read and written around each block's
-# gemm, copies of the block's slices of K. On GPUs the recomputing pass carries the hidden
-# gradient in float32 (jaxloss._blockwise.passes.CARRY_PLATFORMS: four N·D·V matmuls), so
-# every token is one block row — up to GPU_TOKEN_CHUNK of them — and each vocabulary chunk's
-# kernel gradient is finished by one gemm; vocabulary chunks hold GPU_BLOCK logits (64 MiB in
-# float32), as the hidden gradient's carry is read and written once per vocabulary chunk.
+# gemm, copies of the block's slices of K. On GPUs and TPUs the recomputing pass carries the
+# hidden gradient in float32 (jaxloss._blockwise.passes.CARRY_PLATFORMS: four N·D·V
+# matmuls), so every token is one block row — up to ACCELERATOR_TOKEN_CHUNK of them — and each
+# vocabulary chunk's kernel gradient is finished by one gemm; vocabulary chunks hold
+# ACCELERATOR_BLOCK logits (64 MiB in float32), as the hidden gradient's carry is read and
+# written once per vocabulary chunk.
 # Modelled value_and_grad (mean, bf16) on an H100 at N=8192, D=4096, V=131072
 # (benchmarks/hlo.py, temporaries from memory_analysis): 8192×2048 blocks 42.5 ms /
 # 240 MiB (four 8.9 ms matmuls and 6.9 ms of traffic; 41.2 ms since the forward's one-pass
 # fold, jaxloss._blockwise.online.fold_block); 8192×4096 the same at 352 MiB;
 # 4096² 50.4 ms / 288 MiB; 2048² 58.1 ms / 184 MiB (five matmuls at 2048² before the carry:
-# 66.4 ms / 80 MiB; the materialised path 28.6 ms / 2 GiB). Beyond GPU_TOKEN_CHUNK tokens
+# 66.4 ms / 80 MiB; the materialised path 28.6 ms / 2 GiB). Beyond ACCELERATOR_TOKEN_CHUNK tokens
 # (where a carry of N·D may pass jaxloss._blockwise.passes.CARRY_MAX_BYTES) GPUs keep 2048²
 # blocks: at N=32768 they model 257.9 ms against 267.1 (16384×1024, carried) and 279.4 (same
 # blocks, five matmuls). TPUs take the same blocks: on a v5p at N=8192, D=2048, V=131072 bf16,
 # value_and_grad of the mean, linear_distillation (whose TPU default is this XLA form) 66.57 ->
 # 58.13 ms (80 -> 161 MiB; six N·D·V matmuls at peak 57.5 ms), JSD 86.53 -> 77.29 ms; the
 # linear head's XLA form 48.18 -> 40.55 ms (its TPU default, the Pallas kernels, 38.55 ms).
-GPU_TOKEN_CHUNK = 16384
-GPU_BLOCK = 2**24
-GPU_CHUNK = 2048
+ACCELERATOR_TOKEN_CHUNK = 16384
+ACCELERATOR_BLOCK = 2**24
+ACCELERATOR_CHUNK = 2048
 
 
 def default_chunks(
-    tokens: int, classes: int, token_chunk: int | None, vocab_chunk: int | None, gpu: bool
+    tokens: int,
+    classes: int,
+    token_chunk: int | None,
+    vocab_chunk: int | None,
+    accelerator: bool,
 ) -> tuple[int, int]:
-    """``(token_chunk, vocab_chunk)``: the ones given, else the backend's defaults above (a
-    GPU's where ``gpu``), no larger than the array they cut."""
+    """``(token_chunk, vocab_chunk)``: the ones given, else the backend's defaults above (GPUs'
+    and TPUs' where ``accelerator``), no larger than the array they cut."""
     rows, cols = DEFAULT_TOKEN_CHUNK, DEFAULT_VOCAB_CHUNK
-    if gpu and tokens <= GPU_TOKEN_CHUNK:
+    if accelerator and tokens <= ACCELERATOR_TOKEN_CHUNK:
         rows = tokens
-        cols = max(1, GPU_BLOCK // min(token_chunk or tokens, tokens))
-    elif gpu:
-        rows, cols = GPU_CHUNK, GPU_CHUNK
+        cols = max(1, ACCELERATOR_BLOCK // min(token_chunk or tokens, tokens))
+    elif accelerator:
+        rows, cols = ACCELERATOR_CHUNK, ACCELERATOR_CHUNK
     return min(token_chunk or rows, tokens), min(vocab_chunk or cols, classes)
 
 
-def on_backend_blocks(run: Any, cpu: tuple[int, ...], gpu: tuple[int, ...]) -> Any:
-    """``run(blocks)()`` with each backend's blocks: GPUs' (TPUs take them too) chosen when the
-    program is lowered, one program where the two agree."""
-    if cpu == gpu:
+def on_backend_blocks(run: Any, cpu: tuple[int, ...], accelerator: tuple[int, ...]) -> Any:
+    """``run(blocks)()`` with each backend's blocks (``accelerator``: GPUs' and TPUs'), chosen
+    when the program is lowered; one program where the two agree."""
+    if cpu == accelerator:
         return run(cpu)()
-    accelerators = run(gpu)  # one callable: platform_dependent traces it once for both
+    accelerators = run(accelerator)  # one callable: platform_dependent traces it once for both
     return jax.lax.platform_dependent(default=run(cpu), cuda=accelerators, tpu=accelerators)
 
 

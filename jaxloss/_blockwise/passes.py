@@ -181,7 +181,8 @@ def _row_pass(hidden, kernel, spans, chunks, block: BlockGradient, cdt, varying)
 # giving it a pass of its own (five). The carry is ``N·D`` float32 (128 MiB at N=8192, D=4096),
 # read and written once per vocabulary chunk. Modelled value_and_grad (mean, bf16;
 # benchmarks/hlo.py): H100 at N=8192, D=4096, V=131072 66.4 -> 42.5 ms (with its blocks,
-# see jaxloss._blockwise.blocks.GPU_BLOCK), TPU v5p at D=2048 51.6 -> 48.2 ms at 1024² blocks.
+# see jaxloss._blockwise.blocks.ACCELERATOR_BLOCK), TPU v5p at D=2048 51.6 -> 48.2 ms at 1024²
+# blocks.
 # On CPU the separate pass keeps the temporaries at a few blocks. A carry over CARRY_MAX_BYTES
 # (N·D beyond 16384×4096) is not taken anywhere: the pass of its own keeps memory bounded.
 CARRY_PLATFORMS: tuple[str, ...] = ("cuda", "tpu")

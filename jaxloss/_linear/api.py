@@ -180,10 +180,12 @@ def linear_cross_entropy(
       return_stats: also return a :class:`jaxloss.LogitStats` of per-position ``lse``,
         ``correct``, ``entropy`` and ``argmax`` of the (capped) logits, from the same pass.
       token_chunk: rows of ``hidden`` per block of the blocked pass (clipped to ``N``; any
-        value works, the last chunk may overlap the previous one); ``None``: 2048 on GPUs,
-        1024 on CPUs and TPUs (docs/linear.md says why).
+        value works, the last chunk may overlap the previous one); ``None``: 1024 on CPUs; on
+        GPUs and TPUs every token up to 16384 in one block row, else 2048 (docs/linear.md says
+        why).
       vocab_chunk: columns of ``kernel`` per block of the blocked pass (clipped to ``V``);
-        ``None`` as for ``token_chunk``.
+        ``None``: 1024 on CPUs; on GPUs and TPUs ``2**24`` logits per block, or 2048 beyond
+        16384 tokens.
       grad_token_chunk: tokens per block of the fused gradient pass (CPU), which holds
         ``[grad_token_chunk, V]`` logits; default ``2**24 // V`` (64 MiB of float32 logits).
       mesh: the ``jax.sharding.Mesh`` for ``batch_axis``/``vocab_axis`` (default: the context
@@ -295,7 +297,10 @@ def _linear_cross_entropy(
         mesh_axes.reject_explicit_sharding(
             _FN, hidden=h, kernel=kernel, targets=targets, bias=bias, weight=weight
         )
-        chunks = {"cpu": config.clipped(n, v), "cuda": config.clipped(n, v, gpu=True)}
+        chunks = {
+            "cpu": config.clipped(n, v),
+            "accelerator": config.clipped(n, v, accelerator=True),
+        }
         if implementation == "pallas":
             pallas_tpu.check_takes(_FN, problem)
         loss, stats = _implementations.linear_head(
@@ -343,8 +348,8 @@ _implementations.LINEAR_KERNELS["linear_cross_entropy"]["tpu"] = _pallas_tpu
 
 
 def _per_token(p: chunked.Problem, options: assembly.Options, hyper, chunks):
-    """Per-token losses and stats; ``chunks`` maps "cpu" (every backend but GPUs) and "cuda"
-    to their block sizes (one pass where they agree)."""
+    """Per-token losses and stats; ``chunks`` maps "cpu" and "accelerator" (GPUs and TPUs) to
+    their block sizes (one pass where they agree)."""
 
     def on(blocks):
         def per_token():
@@ -354,7 +359,7 @@ def _per_token(p: chunked.Problem, options: assembly.Options, hyper, chunks):
 
         return per_token
 
-    return blocks.on_backend_blocks(on, chunks["cpu"], chunks["cuda"])
+    return blocks.on_backend_blocks(on, chunks["cpu"], chunks["accelerator"])
 
 
 def _summed(p: chunked.Problem, options: assembly.Options, hyper, chunks):

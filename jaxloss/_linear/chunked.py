@@ -70,11 +70,13 @@ class ChunkConfig:
 
     Attributes:
       token_chunk: rows of ``hidden`` per block (clipped to the number of tokens); ``None``:
-        the backend's default (on GPUs every token up to :data:`GPU_TOKEN_CHUNK`, beyond that
-        :data:`GPU_CHUNK`; :data:`DEFAULT_TOKEN_CHUNK` elsewhere).
+        the backend's default (on GPUs and TPUs every token up to
+        :data:`ACCELERATOR_TOKEN_CHUNK`, beyond that :data:`ACCELERATOR_CHUNK`;
+        :data:`DEFAULT_TOKEN_CHUNK` on CPUs).
       vocab_chunk: columns of ``kernel`` per block (clipped to the number of classes); ``None``:
-        the backend's default (on GPUs :data:`GPU_BLOCK` logits per block, or :data:`GPU_CHUNK`
-        beyond :data:`GPU_TOKEN_CHUNK` tokens; :data:`DEFAULT_VOCAB_CHUNK` elsewhere).
+        the backend's default (on GPUs and TPUs :data:`ACCELERATOR_BLOCK` logits per block, or
+        :data:`ACCELERATOR_CHUNK` beyond :data:`ACCELERATOR_TOKEN_CHUNK` tokens;
+        :data:`DEFAULT_VOCAB_CHUNK` on CPUs).
       grad_token_chunk: rows per block of the fused gradient pass, which holds
         ``[grad_token_chunk, V]`` logits; ``None``: ``2**24 // V`` (at least 1).
     """
@@ -90,10 +92,12 @@ class ChunkConfig:
             if value is not None:
                 object.__setattr__(self, field, positive_int(fn, field, value))
 
-    def clipped(self, tokens: int, classes: int, gpu: bool = False) -> tuple[int, int, int]:
+    def clipped(self, tokens: int, classes: int, accelerator: bool = False) -> tuple[int, int, int]:
         """``(token_chunk, vocab_chunk, grad_token_chunk)`` no larger than the array they cut,
-        the defaults of a GPU where ``gpu``."""
-        rows, cols = default_chunks(tokens, classes, self.token_chunk, self.vocab_chunk, gpu)
+        the defaults of GPUs and TPUs where ``accelerator``."""
+        rows, cols = default_chunks(
+            tokens, classes, self.token_chunk, self.vocab_chunk, accelerator
+        )
         fused = self.grad_token_chunk or max(1, DEFAULT_FUSED_BLOCK // classes)
         return rows, cols, min(fused, tokens)
 
