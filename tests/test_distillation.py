@@ -815,7 +815,7 @@ def _nonfinite_heads(value):
 )
 @pytest.mark.parametrize("forms", ["cpu", "gpu"])
 def test_non_finite_inputs_give_the_materialised_non_finite_gradients(
-    chunks, forms, monkeypatch, request
+    chunks, forms, accelerator_forms
 ):
     """NaN or ±inf in a head's kernel, hidden or bias at counted tokens: the value and every
     entry of the student's gradients (NaN, ±inf and finite alike) are autodiff's of the
@@ -825,10 +825,7 @@ def test_non_finite_inputs_give_the_materialised_non_finite_gradients(
     ``gpu``: the forward's reductions of GPUs (``online.fold_blocks``' one pass over both heads,
     ``online.row_sums``' complex sum), here on CPU."""
     if forms == "gpu":
-        monkeypatch.setattr(online, "fold_blocks", online._fold_in_one_pass)
-        monkeypatch.setattr(online, "row_sums", online._sums_as_one)
-        jax.clear_caches()  # no trace of the CPU's forms is reused (nor these, after)
-        request.addfinalizer(jax.clear_caches)
+        accelerator_forms(reductions=True)
 
     def run(loss_fn):
         def every(arrays):

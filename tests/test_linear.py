@@ -311,11 +311,11 @@ N_VALID_37 = 37 - len(IGNORE_ROWS)
     ("reduction", "dtype"),
     [("mean", jnp.float32), pytest.param("sum", jnp.bfloat16, marks=pytest.mark.slow)],
 )
-def test_recomputing_pass_of_the_accelerators_matches_the_fused_one(monkeypatch, reduction, dtype):
+def test_recomputing_pass_of_the_accelerators_matches_the_fused_one(
+    accelerator_forms, reduction, dtype
+):
     """GPUs and TPUs take the recomputing pass for "sum"/"mean" (no full-size float32
     gradient accumulators); run here, on CPU, against the fused pass CPU takes."""
-    from jaxloss._linear import api
-
     hidden, kernel, bias, weight, targets = _problem(n=19, d=24, v=41, dtype=dtype)
     options = dict(
         bias=bias, weight=weight, label_smoothing=0.1, z_loss=1e-3, soft_cap=4.0,
@@ -330,10 +330,8 @@ def test_recomputing_pass_of_the_accelerators_matches_the_fused_one(monkeypatch,
         return loss, stats, grads
 
     fused = run()
-    monkeypatch.setattr(api, "FUSED_PLATFORMS", ())
-    api._linear_cross_entropy.clear_cache()  # pyright: ignore[reportFunctionMemberAccess]
+    accelerator_forms(recompute=True)
     recomputed = run()
-    api._linear_cross_entropy.clear_cache()  # pyright: ignore[reportFunctionMemberAccess]
     tol = 1e-5 if dtype == jnp.float32 else 2**-7
     chex.assert_trees_all_close(recomputed, fused, rtol=tol, atol=tol)
 
@@ -451,16 +449,9 @@ def test_reference_form_matches_blocked(smoothing, z_loss, reduction):
 
 
 @pytest.fixture
-def carried(monkeypatch):
+def carried(accelerator_forms):
     """The recomputing pass with the hidden gradient carried (four matmuls), on this CPU."""
-    from jaxloss._blockwise import passes
-    from jaxloss._linear import api
-
-    monkeypatch.setattr(api, "FUSED_PLATFORMS", ())
-    monkeypatch.setattr(passes, "CARRY_PLATFORMS", ("cpu",))
-    api._linear_cross_entropy.clear_cache()  # pyright: ignore[reportAttributeAccessIssue]
-    yield
-    api._linear_cross_entropy.clear_cache()  # pyright: ignore[reportAttributeAccessIssue]
+    accelerator_forms(carry=True)
 
 
 def _reference_value_and_grads(arrays, targets, reduction, soft_cap):

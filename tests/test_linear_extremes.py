@@ -19,7 +19,6 @@ import pytest
 
 import jaxloss
 from jaxloss._blockwise import online
-from jaxloss._linear import api
 
 DTYPES = ("float32", "float64", "bfloat16")
 FORMS = ("fused", "recomputing", "none", "shard_map", "gpu_fold")
@@ -27,24 +26,14 @@ FORMS = ("fused", "recomputing", "none", "shard_map", "gpu_fold")
 RTOL = {"float32": 1e-6, "float64": 1e-13, "bfloat16": 2**-8}
 
 
-@pytest.fixture(autouse=True)
-def _x64_does_not_leak():
-    yield
-    assert jnp.asarray(1.0).dtype == jnp.float32, "jax_enable_x64 leaked out of a test"
-
-
 @pytest.fixture
-def form(request, monkeypatch):
-    """Sets up one form of the head: the recomputing pass needs ``FUSED_PLATFORMS`` emptied;
-    ``gpu_fold`` is the recomputing pass with the one-pass fold of each block's max and sum that
-    GPUs and TPUs take (``online.fold_blocks``), here on CPU."""
+def form(request, accelerator_forms):
+    """Sets up one form of the head (conftest's ``accelerator_forms``): ``recomputing`` is the
+    pass GPUs and TPUs take for "sum"/"mean"; ``gpu_fold`` adds their one-pass fold of each
+    block's max and sum (``online.fold_blocks``)."""
     if request.param in ("recomputing", "gpu_fold"):
-        monkeypatch.setattr(api, "FUSED_PLATFORMS", ())
-    if request.param == "gpu_fold":
-        monkeypatch.setattr(online, "fold_blocks", online._fold_in_one_pass)
-    api._linear_cross_entropy.clear_cache()  # pyright: ignore[reportFunctionMemberAccess]
-    yield request.param
-    api._linear_cross_entropy.clear_cache()  # pyright: ignore[reportFunctionMemberAccess]
+        accelerator_forms(recompute=True, reductions=request.param == "gpu_fold")
+    return request.param
 
 
 def _head(form: str, **options):

@@ -319,13 +319,11 @@ def _matmuls(fn, *args) -> int:
     return jax.jit(fn).lower(*args).as_text().count("stablehlo.dot_general")
 
 
-def test_matmul_counts_of_each_form(monkeypatch):
+def test_matmul_counts_of_each_form(accelerator_forms):
     """value_and_grad on CPU: 3 N·D·V matmuls for "mean" (gradient in the forward pass), 4 for
     "none" (the backward recomputes the logits); a forward-only call does 1. The recomputing
     form GPUs and TPUs take for "mean": 4 in float32, 5 in bf16 (the hidden gradient's own
     pass)."""
-    from jaxloss._linear import api
-
     hidden, kernel, _, _, targets = _problem()
 
     def loss(reduction):
@@ -337,11 +335,9 @@ def test_matmul_counts_of_each_form(monkeypatch):
     assert _matmuls(jax.value_and_grad(loss("none"), (0, 1)), hidden, kernel) == 4
     low = (hidden.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
     assert _matmuls(jax.value_and_grad(loss("none"), (0, 1)), *low) == 5
-    monkeypatch.setattr(api, "FUSED_PLATFORMS", ())
-    api._linear_cross_entropy.clear_cache()  # pyright: ignore[reportFunctionMemberAccess]
+    accelerator_forms(recompute=True)
     assert _matmuls(jax.value_and_grad(loss("mean"), (0, 1)), hidden, kernel) == 4
     assert _matmuls(jax.value_and_grad(loss("mean"), (0, 1)), *low) == 5
-    api._linear_cross_entropy.clear_cache()  # pyright: ignore[reportFunctionMemberAccess]
     assert _matmuls(loss("mean"), hidden, kernel) == 1
 
 
