@@ -8,29 +8,15 @@ float64 tests run inside the ``x64`` fixture, which scopes ``jax.enable_x64`` to
 
 from __future__ import annotations
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.test_util import check_grads
+from helpers import assert_half_matches_float32, check_grads_eagerly, load_golden, value_and_vjp
 
 import jaxloss
 
-GOLDEN_PATH = pathlib.Path(__file__).parent / "golden" / "elementwise.npz"
 REDUCTIONS = ("none", "sum", "mean")
-
-
-def load_golden(family: str) -> dict[str, dict[str, np.ndarray]]:
-    """Cases of one family from the golden file: ``{case: {field: array}}``."""
-    cases: dict[str, dict[str, np.ndarray]] = {}
-    with np.load(GOLDEN_PATH) as golden:
-        for key in golden.files:
-            fam, case, field = key.split("__")
-            if fam == family:
-                cases.setdefault(case, {})[field] = golden[key]
-    return cases
 
 
 GOLDEN_BCE = load_golden("bce")
@@ -39,16 +25,6 @@ GOLDEN_BCE_LOGITS = load_golden("bce_with_logits")
 
 def _optional(case, name, dtype=None):
     return jnp.asarray(case[name], dtype) if name in case else None
-
-
-def _value_and_vjp(fn, args, ct):
-    """``fn(*args)`` and the VJP of ``ct`` with respect to every argument.
-
-    Eager ``jax.vjp`` of the jitted loss: its compilations are cached per shape and static
-    arguments, so the closed-form tests below reuse those of the golden tests.
-    """
-    out, vjp = jax.vjp(fn, *args)
-    return out, vjp(ct)
 
 
 def _bce_fn(reduction, weight):
@@ -84,7 +60,7 @@ def test_golden_file_covers_every_reduction_and_broadcast():
 def _check_golden_bce(c, dtype, rtol, atol, grad_rtol=None):
     fn = _bce_fn(str(c["reduction"]), _optional(c, "weight", dtype))
     args = (jnp.asarray(c["probs"], dtype), jnp.asarray(c["targets"], dtype))
-    out, (grad_p, grad_y) = _value_and_vjp(fn, args, jnp.asarray(c["ct"], dtype))
+    out, (grad_p, grad_y) = value_and_vjp(fn, args, jnp.asarray(c["ct"], dtype))
     assert out.dtype == dtype and grad_p.dtype == dtype
     np.testing.assert_allclose(out, c["out"], rtol=rtol, atol=atol)
     np.testing.assert_allclose(grad_p, c["grad_probs"], rtol=grad_rtol or rtol, atol=atol)
@@ -109,7 +85,7 @@ def _check_golden_bce_logits(c, dtype, rtol, atol):
         str(c["reduction"]), _optional(c, "weight", dtype), _optional(c, "pos_weight", dtype)
     )
     args = (jnp.asarray(c["logits"], dtype), jnp.asarray(c["targets"], dtype))
-    out, (grad_x, grad_y) = _value_and_vjp(fn, args, jnp.asarray(c["ct"], dtype))
+    out, (grad_x, grad_y) = value_and_vjp(fn, args, jnp.asarray(c["ct"], dtype))
     assert out.dtype == dtype and grad_x.dtype == dtype
     np.testing.assert_allclose(out, c["out"], rtol=rtol, atol=atol)
     np.testing.assert_allclose(grad_x, c["grad_logits"], rtol=rtol, atol=atol)
@@ -155,7 +131,7 @@ def test_live_torch_parity_bce(seed, x64):
     ct = rng.normal(size=t_out.shape)
     (t_out * torch.tensor(ct)).sum().backward()
     fn = _bce_fn(reduction, None if w is None else jnp.asarray(w))
-    out, (grad_p, grad_y) = _value_and_vjp(fn, (jnp.asarray(p), jnp.asarray(y)), ct)
+    out, (grad_p, grad_y) = value_and_vjp(fn, (jnp.asarray(p), jnp.asarray(y)), ct)
     np.testing.assert_allclose(out, t_out.detach().numpy(), rtol=1e-12)
     np.testing.assert_allclose(grad_p, tp.grad.numpy(), rtol=1e-11, atol=1e-13)
     np.testing.assert_allclose(grad_y, ty.grad.numpy(), rtol=1e-11, atol=1e-13)
@@ -182,7 +158,7 @@ def test_live_torch_parity_bce_with_logits(seed, x64):
     fn = _bce_logits_fn(
         reduction, None if w is None else jnp.asarray(w), None if pw is None else jnp.asarray(pw)
     )
-    out, (grad_x, grad_y) = _value_and_vjp(fn, (jnp.asarray(x), jnp.asarray(y)), ct)
+    out, (grad_x, grad_y) = value_and_vjp(fn, (jnp.asarray(x), jnp.asarray(y)), ct)
     np.testing.assert_allclose(out, t_out.detach().numpy(), rtol=1e-12)
     np.testing.assert_allclose(grad_x, tx.grad.numpy(), rtol=1e-11, atol=1e-13)
     np.testing.assert_allclose(grad_y, ty.grad.numpy(), rtol=1e-11, atol=1e-13)
@@ -210,7 +186,7 @@ def test_bce_gradient_closed_form(case, x64):
     c = GOLDEN_BCE[case]
     fn = _bce_fn(str(c["reduction"]), _optional(c, "weight"))
     p, y = c["probs"], c["targets"]
-    _, (grad_p, grad_y) = _value_and_vjp(fn, (jnp.asarray(p), jnp.asarray(y)), c["ct"])
+    _, (grad_p, grad_y) = value_and_vjp(fn, (jnp.asarray(p), jnp.asarray(y)), c["ct"])
     scale = _scaled_cotangent(c) * _golden_weights(c, "weight")
     # PyTorch's formula, including its floor on the denominator (1e-12 rounded to float32).
     floor = float(np.float32(1e-12))
@@ -226,7 +202,7 @@ def test_bce_with_logits_gradient_closed_form(case, x64):
     c = GOLDEN_BCE_LOGITS[case]
     fn = _bce_logits_fn(str(c["reduction"]), _optional(c, "weight"), _optional(c, "pos_weight"))
     z, y = c["logits"], c["targets"]
-    _, (grad_z, grad_y) = _value_and_vjp(fn, (jnp.asarray(z), jnp.asarray(y)), c["ct"])
+    _, (grad_z, grad_y) = value_and_vjp(fn, (jnp.asarray(z), jnp.asarray(y)), c["ct"])
     scale = _scaled_cotangent(c) * _golden_weights(c, "weight")
     pw = _golden_weights(c, "pos_weight")
     s = 0.5 * (1 + np.tanh(z / 2))  # σ(z), overflow-free
@@ -236,17 +212,6 @@ def test_bce_with_logits_gradient_closed_form(case, x64):
     # ∂/∂y = w (-z - (pw - 1) log σ(z)) = w (log σ(-z) - pw log σ(z)), PyTorch's target gradient.
     log_sig = -np.logaddexp(0, -z)
     np.testing.assert_allclose(grad_y, scale * (-z - (pw - 1) * log_sig), rtol=1e-10, atol=1e-15)
-
-
-def check_grads_eagerly(fn, args):
-    """``check_grads`` orders 1 and 2, forward and reverse, run op by op.
-
-    Under ``disable_jit`` each primitive compiles once and is shared by every later call, where
-    jit would compile every transformed function anew (about 3x the compile time). The jitted
-    path is held equal to this one by ``test_properties.test_jit_equals_eager``.
-    """
-    with jax.disable_jit():
-        check_grads(fn, args, order=2, modes=("fwd", "rev"))
 
 
 def test_check_grads_bce_all_arguments(x64):
@@ -352,26 +317,12 @@ def test_bce_with_logits_extreme_logits_exact(dtype):
 HALF_DTYPES = [jnp.bfloat16, jnp.float16]
 
 
-def _assert_half_matches_float32(fn, args, dtype):
-    """fn on half inputs: same dtype out and in its gradients, ≤ 1e-2 relative from float32."""
-    half = tuple(jnp.asarray(a, dtype) for a in args)
-    out, grads = jax.value_and_grad(fn, tuple(range(len(args))))(*half)
-    ref_out, ref_grads = jax.value_and_grad(fn, tuple(range(len(args))))(
-        *(a.astype(jnp.float32) for a in half)
-    )
-    assert out.dtype == dtype
-    assert all(g.dtype == dtype for g in grads)
-    np.testing.assert_allclose(out.astype(np.float32), ref_out, rtol=1e-2)
-    for g, ref in zip(grads, ref_grads, strict=True):
-        np.testing.assert_allclose(g.astype(np.float32), ref, rtol=1e-2, atol=1e-6)
-
-
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bf16", "f16"])
 def test_bce_half_precision(dtype):
     p, y, _ = _rng_arrays(8, (4, 6))
     w = np.random.default_rng(9).uniform(0.5, 2.0, size=(6,))
     fn = lambda p, y, w: jaxloss.bce(p, y, weight=w, reduction="sum")
-    _assert_half_matches_float32(fn, (p, y, w), dtype)
+    assert_half_matches_float32(fn, (p, y, w), dtype, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bf16", "f16"])
@@ -380,7 +331,7 @@ def test_bce_with_logits_half_precision(dtype):
     z, y = rng.normal(scale=3.0, size=(4, 6)), rng.integers(0, 2, size=(4, 6)).astype(float)
     w, pw = rng.uniform(0.5, 2.0, size=(4, 1)), rng.uniform(0.5, 3.0, size=(6,))
     fn = lambda z, y, w, pw: jaxloss.bce_with_logits(z, y, weight=w, pos_weight=pw)
-    _assert_half_matches_float32(fn, (z, y, w, pw), dtype)
+    assert_half_matches_float32(fn, (z, y, w, pw), dtype, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bf16", "f16"])

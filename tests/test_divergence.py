@@ -9,43 +9,20 @@ float64 tests run inside the ``x64`` fixture, which scopes ``jax.enable_x64`` to
 from __future__ import annotations
 
 import functools
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.test_util import check_grads
+from helpers import assert_half_matches_float32, check_grads_eagerly, load_golden, value_and_vjp
 
 import jaxloss
 
-GOLDEN_PATH = pathlib.Path(__file__).parent / "golden" / "elementwise.npz"
 KL_REDUCTIONS = ("none", "sum", "mean", "batchmean")
-
-
-def load_golden(family: str) -> dict[str, dict[str, np.ndarray]]:
-    """Cases of one family from the golden file: ``{case: {field: array}}``."""
-    cases: dict[str, dict[str, np.ndarray]] = {}
-    with np.load(GOLDEN_PATH) as golden:
-        for key in golden.files:
-            fam, case, field = key.split("__")
-            if fam == family:
-                cases.setdefault(case, {})[field] = golden[key]
-    return cases
 
 
 GOLDEN_KL = load_golden("kl_div")
 GOLDEN_ENTROPY = load_golden("entropy")
-
-
-def _value_and_vjp(fn, args, ct):
-    """``fn(*args)`` and the VJP of ``ct`` with respect to every argument.
-
-    Eager ``jax.vjp`` of the jitted loss: its compilations are cached per shape and static
-    arguments, so the closed-form tests below reuse those of the golden tests.
-    """
-    out, vjp = jax.vjp(fn, *args)
-    return out, vjp(ct)
 
 
 def _kl_fn(reduction, log_target):
@@ -79,7 +56,7 @@ def test_golden_kl_div_float64(case, x64):
     c = GOLDEN_KL[case]
     fn = _kl_fn(str(c["reduction"]), bool(c["log_target"]))
     args = (jnp.asarray(c["log_q"]), jnp.asarray(c["target"]))
-    out, (grad_log_q, grad_target) = _value_and_vjp(fn, args, jnp.asarray(c["ct"]))
+    out, (grad_log_q, grad_target) = value_and_vjp(fn, args, jnp.asarray(c["ct"]))
     np.testing.assert_allclose(out, c["out"], rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(grad_log_q, c["grad_log_q"], rtol=1e-12, atol=1e-15)
     # torch's target gradient is NaN at target = 0 (xlogy); compare it where torch has one.
@@ -95,7 +72,7 @@ def test_golden_kl_div_float32(case):
     c = GOLDEN_KL[case]
     fn = _kl_fn(str(c["reduction"]), bool(c["log_target"]))
     args = (jnp.asarray(c["log_q"], jnp.float32), jnp.asarray(c["target"], jnp.float32))
-    out, (grad_log_q, _) = _value_and_vjp(fn, args, jnp.asarray(c["ct"], jnp.float32))
+    out, (grad_log_q, _) = value_and_vjp(fn, args, jnp.asarray(c["ct"], jnp.float32))
     assert out.dtype == grad_log_q.dtype == jnp.float32
     np.testing.assert_allclose(out, c["out"], rtol=2e-5, atol=2e-6)
     np.testing.assert_allclose(grad_log_q, c["grad_log_q"], rtol=2e-5, atol=2e-6)
@@ -105,7 +82,7 @@ def test_golden_kl_div_float32(case):
 def test_golden_entropy_float64(case, x64):
     c = GOLDEN_ENTROPY[case]
     p, axis = c["probs"], int(c["axis"])
-    out, (grad,) = _value_and_vjp(
+    out, (grad,) = value_and_vjp(
         functools.partial(jaxloss.entropy, axis=axis), (jnp.asarray(p),), jnp.asarray(c["ct"])
     )
     np.testing.assert_allclose(out, c["out"], rtol=1e-12, atol=1e-15)
@@ -127,7 +104,7 @@ def test_golden_entropy_float64(case, x64):
 def test_golden_entropy_float32():
     c = GOLDEN_ENTROPY["3x4x5_axis1"]
     p = jnp.asarray(c["probs"], jnp.float32)
-    out, (grad,) = _value_and_vjp(
+    out, (grad,) = value_and_vjp(
         functools.partial(jaxloss.entropy, axis=1), (p,), jnp.asarray(c["ct"], jnp.float32)
     )
     assert out.dtype == grad.dtype == jnp.float32
@@ -154,7 +131,7 @@ def test_live_torch_parity_kl_div(seed, x64):
     ct = rng.normal(size=t_out.shape)
     (t_out * torch.tensor(ct)).sum().backward()
     args = (jnp.asarray(log_q), jnp.asarray(target))
-    out, (grad_q, grad_t) = _value_and_vjp(_kl_fn(reduction, log_target), args, ct)
+    out, (grad_q, grad_t) = value_and_vjp(_kl_fn(reduction, log_target), args, ct)
     np.testing.assert_allclose(out, t_out.detach().numpy(), rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(grad_q, tq.grad.numpy(), rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(grad_t, tt.grad.numpy(), rtol=1e-11, atol=1e-14)
@@ -168,7 +145,7 @@ def test_live_torch_parity_entropy(shape, axis, x64):
     t_out = torch.distributions.Categorical(probs=p_torch.movedim(axis, -1)).entropy()
     ct = np.random.default_rng(1).normal(size=t_out.shape)
     (t_out * torch.tensor(ct)).sum().backward()
-    out, (grad,) = _value_and_vjp(
+    out, (grad,) = value_and_vjp(
         functools.partial(jaxloss.entropy, axis=axis), (jnp.asarray(p),), jnp.asarray(ct)
     )
     np.testing.assert_allclose(out, t_out.detach().numpy(), rtol=1e-12)
@@ -187,7 +164,7 @@ def test_kl_div_gradient_closed_form(case, x64):
     reduction, log_target = str(c["reduction"]), bool(c["log_target"])
     log_q, target = c["log_q"], c["target"]
     args = (jnp.asarray(log_q), jnp.asarray(target))
-    _, (grad_q, grad_t) = _value_and_vjp(_kl_fn(reduction, log_target), args, c["ct"])
+    _, (grad_q, grad_t) = value_and_vjp(_kl_fn(reduction, log_target), args, c["ct"])
     scale = np.broadcast_to(c["ct"], log_q.shape) / _kl_divisor(reduction, log_q.shape)
     t = np.exp(target) if log_target else target
     # ∂/∂log_q = -t; ∂/∂t = log t + 1 - log_q (for a log-target s = log t: e^s (s - log_q + 1)),
@@ -204,22 +181,11 @@ def test_entropy_gradient_closed_form(case, x64):
     c = GOLDEN_ENTROPY[case]
     p, axis = c["probs"], int(c["axis"])
     fn = functools.partial(jaxloss.entropy, axis=axis)
-    _, (grad,) = _value_and_vjp(fn, (jnp.asarray(p),), jnp.asarray(c["ct"]))
+    _, (grad,) = value_and_vjp(fn, (jnp.asarray(p),), jnp.asarray(c["ct"]))
     # ∂H/∂p = -(log p + 1) for p > 0, and 0 at p = 0 by the documented convention.
     with np.errstate(divide="ignore"):
         d_p = np.where(p > 0, -(np.log(p) + 1), 0.0)
     np.testing.assert_allclose(grad, d_p * np.expand_dims(c["ct"], axis), rtol=1e-12)
-
-
-def check_grads_eagerly(fn, args):
-    """``check_grads`` orders 1 and 2, forward and reverse, run op by op.
-
-    Under ``disable_jit`` each primitive compiles once and is shared by every later call, where
-    jit would compile every transformed function anew (about 3x the compile time). The jitted
-    path is held equal to this one by ``test_properties.test_jit_equals_eager``.
-    """
-    with jax.disable_jit():
-        check_grads(fn, args, order=2, modes=("fwd", "rev"))
 
 
 @pytest.mark.parametrize("log_target", [False, True], ids=["probs", "log_target"])
@@ -371,19 +337,6 @@ def test_entropy_of_masked_softmax_with_where(x64):
 HALF_DTYPES = [jnp.bfloat16, jnp.float16]
 
 
-def _assert_half_matches_float32(fn, args, dtype):
-    """fn on half inputs: same dtype out and in its gradients, ≤ 1e-2 relative from float32."""
-    half = tuple(jnp.asarray(a, dtype) for a in args)
-    argnums = tuple(range(len(args)))
-    out, grads = jax.value_and_grad(fn, argnums)(*half)
-    ref_out, ref_grads = jax.value_and_grad(fn, argnums)(*(a.astype(jnp.float32) for a in half))
-    assert out.dtype == dtype
-    assert all(g.dtype == dtype for g in grads)
-    np.testing.assert_allclose(out.astype(np.float32), ref_out, rtol=1e-2)
-    for g, ref in zip(grads, ref_grads, strict=True):
-        np.testing.assert_allclose(g.astype(np.float32), ref, rtol=1e-2, atol=1e-5)
-
-
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bf16", "f16"])
 @pytest.mark.parametrize("log_target", [False, True], ids=["probs", "log_target"])
 def test_kl_div_half_precision(log_target, dtype):
@@ -391,14 +344,14 @@ def test_kl_div_half_precision(log_target, dtype):
     t = _distribution(12, (4, 6))
     target = np.log(t) if log_target else t
     fn = _kl_fn("batchmean", log_target)
-    _assert_half_matches_float32(fn, (log_q, target), dtype)
+    assert_half_matches_float32(fn, (log_q, target), dtype, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=["bf16", "f16"])
 def test_entropy_half_precision(dtype):
     p = _distribution(13, (4, 6))
     p[0, 0] = 0.0
-    _assert_half_matches_float32(lambda p: jnp.sum(jaxloss.entropy(p)), (p,), dtype)
+    assert_half_matches_float32(lambda p: jnp.sum(jaxloss.entropy(p)), (p,), dtype, atol=1e-5)
     h = jaxloss.entropy(jnp.asarray(p, dtype))
     assert h.dtype == dtype and h.shape == (4,)
     ref = jaxloss.entropy(jnp.asarray(p, dtype).astype(jnp.float32))

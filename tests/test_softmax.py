@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import functools
 import os
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.test_util import check_grads
+from helpers import check_grads_eagerly, load_golden
 
 import jaxloss
-
-GOLDEN_PATH = pathlib.Path(__file__).parent / "golden" / "elementwise.npz"
 
 FUNCTIONS = {
     "softmax": jaxloss.softmax,
@@ -30,17 +27,6 @@ FUNCTIONS = {
 }
 AXIS_FUNCTIONS = ("softmax", "log_softmax")
 ELEMENTWISE_FUNCTIONS = ("sigmoid", "log_sigmoid")
-
-
-def load_golden(family: str) -> dict[str, dict[str, np.ndarray]]:
-    """Cases of one family from the golden file: ``{case: {field: array}}``."""
-    cases: dict[str, dict[str, np.ndarray]] = {}
-    with np.load(GOLDEN_PATH) as golden:
-        for key in golden.files:
-            fam, case, field = key.split("__")
-            if fam == family:
-                cases.setdefault(case, {})[field] = golden[key]
-    return cases
 
 
 GOLDEN = load_golden("activation")
@@ -196,17 +182,6 @@ def _all_four(x):
     """Every function of this module at once (one check_grads instead of four)."""
     return (jaxloss.softmax(x, axis=1), jaxloss.log_softmax(x, axis=1), jaxloss.sigmoid(x),
             jaxloss.log_sigmoid(x))  # fmt: skip
-
-
-def check_grads_eagerly(fn, args):
-    """``check_grads`` orders 1 and 2, forward and reverse, run op by op.
-
-    Under ``disable_jit`` each primitive compiles once and is shared by every later call, where
-    jit would compile every transformed function anew (about 3x the compile time). The jitted
-    path is held equal to this one by ``test_properties.test_jit_equals_eager``.
-    """
-    with jax.disable_jit():
-        check_grads(fn, args, order=2, modes=("fwd", "rev"))
 
 
 def test_check_grads_orders_1_and_2(x64):
