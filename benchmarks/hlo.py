@@ -44,6 +44,9 @@ NO_WORK = frozenset({
     "copy-done", "partition-id", "replica-id", "opt-barrier",
 })  # fmt: skip
 SLICING = frozenset({"gather", "dynamic-slice", "slice"})
+# In-place updates of their first operand (XLA copies it first, as an instruction of its own,
+# where it is still used): the index of the operand holding what they write.
+IN_PLACE = {"dynamic-update-slice": 1, "scatter": 2}
 NO_WORK_TARGETS = frozenset({"AllocateBuffer"})  # XLA:TPU's loop-carried accumulators
 # Custom calls that are kernels of their own (Pallas: Mosaic TPU, Triton, Mosaic GPU).
 PALLAS_TARGETS = frozenset({"tpu_custom_call", "__gpu$xla.gpu.triton", "mosaic_gpu",
@@ -235,14 +238,14 @@ class Module:
 
 def _reads(module: Module, fused: str, name: str, full: int) -> int:
     """Bytes a fused computation reads of its buffer ``name`` (``full`` bytes in all): what is
-    sliced or gathered from it; nothing where an in-place ``dynamic-update-slice`` writes into
+    sliced or gathered from it; nothing where an in-place update (:data:`IN_PLACE`) writes into
     it; through a bitcast or a nested fusion, what that reads. At most ``full``."""
     users, total = [i for i in module.body(fused) if name in i.operands], 0
     for user in users:
         positions = [k for k, o in enumerate(user.operands) if o == name]
         if user.opcode in SLICING and positions == [0]:
             total += user.nbytes
-        elif user.opcode == "dynamic-update-slice" and positions == [0]:
+        elif user.opcode in IN_PLACE and positions == [0]:
             continue
         elif user.opcode == "bitcast":
             total += _reads(module, fused, user.name, full)
@@ -261,10 +264,11 @@ def _param_reads(module: Module, fused: str, index: int, full: int) -> int:
 
 
 def _written(module: Module, computation: str, inst: Instruction, default: int) -> int:
-    """An in-place ``dynamic-update-slice`` writes its update; anything else ``default``."""
-    if inst.opcode != "dynamic-update-slice":
+    """An in-place update (:data:`IN_PLACE`) writes its updates; anything else ``default``."""
+    if inst.opcode not in IN_PLACE:
         return default
-    return update.nbytes if (update := module.get(computation, inst.operands[1])) else default
+    update = module.get(computation, inst.operands[IN_PLACE[inst.opcode]])
+    return update.nbytes if update else default
 
 
 def kernel_bytes(module: Module, computation: str, inst: Instruction) -> int:
@@ -284,7 +288,7 @@ def kernel_bytes(module: Module, computation: str, inst: Instruction) -> int:
             continue
         if inst.opcode in SLICING and k == 0:
             total += inst.nbytes
-        elif inst.opcode == "dynamic-update-slice" and k == 0:
+        elif inst.opcode in IN_PLACE and k == 0:
             continue  # written in place: the update is counted with the result
         elif inst.opcode == "fusion" and inst.called:
             total += _param_reads(module, inst.called, k, source.nbytes)

@@ -306,11 +306,12 @@ class _StudentGradient:
     per_row: tuple[jax.Array, ...]  # the statistics of :func:`_divergences`, then g / τ
     cfg: _Config
     cdt: Any
+    target_entries = None  # every entry's gradient comes from the block
 
     def live(self, rows: Chunk) -> jax.Array:
         return take(self.per_row[-1], rows.start, self.cfg.chunks[0]) != 0
 
-    def __call__(self, rows: Chunk, cols: Chunk, h_i, k_j):
+    def __call__(self, rows: Chunk, cols: Chunk, h_i, k_j, hit: bool = True):
         nc, vc = self.cfg.chunks
         *stats_i, g_i = _rows(self.per_row, rows.start, nc)
         th_i = take(self.teacher[0], rows.start, nc)

@@ -144,25 +144,32 @@ def _x64_does_not_leak():
 
 @pytest.fixture
 def accelerator_forms(monkeypatch: pytest.MonkeyPatch):
-    """``use(recompute=, carry=, reductions=)`` switches this CPU to forms of the fused heads
-    that GPUs and TPUs take, for one test (the caches of jitted programs cleared on the way in
-    and out, so that no trace of either backend's forms is reused):
+    """``use(recompute=, carry=, reductions=, epilogue=)`` switches this CPU to forms of the
+    fused heads that GPUs and TPUs take, for one test (the caches of jitted programs cleared on
+    the way in and out, so that no trace of either backend's forms is reused):
 
     - ``recompute``: linear_cross_entropy's recomputing pass for ``"sum"``/``"mean"``, not the
       fused gradient pass (``api.FUSED_PLATFORMS``);
     - ``carry``: with the hidden gradient carried through the kernel pass
       (``passes.CARRY_PLATFORMS``: four N·D·V matmuls);
     - ``reductions``: each block's max and sums folded in one variadic reduction
-      (``online.fold_blocks``), and two row sums taken as one complex sum (``online.row_sums``).
+      (``online.fold_blocks``), and two row sums taken as one complex sum (``online.row_sums``);
+    - ``epilogue``: the recomputing pass sets each row's target entry apart, after the cast
+      (``passes.EPILOGUE_PLATFORMS``).
     """
     from jaxloss._blockwise import online, passes
     from jaxloss._linear import api
 
-    def use(*, recompute: bool = False, carry: bool = False, reductions: bool = False) -> None:
-        if recompute or carry:
+    def use(
+        *, recompute: bool = False, carry: bool = False, reductions: bool = False,
+        epilogue: bool = False,
+    ) -> None:  # fmt: skip
+        if recompute or carry or epilogue:
             monkeypatch.setattr(api, "FUSED_PLATFORMS", ())
         if carry:
             monkeypatch.setattr(passes, "CARRY_PLATFORMS", ("cpu",))
+        if epilogue:
+            monkeypatch.setattr(passes, "EPILOGUE_PLATFORMS", ("cpu",))
         if reductions:
             monkeypatch.setattr(online, "fold_blocks", online._fold_in_one_pass)
             monkeypatch.setattr(online, "row_sums", online._sums_as_one)

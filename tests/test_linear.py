@@ -450,8 +450,9 @@ def test_reference_form_matches_blocked(smoothing, z_loss, reduction):
 
 @pytest.fixture
 def carried(accelerator_forms):
-    """The recomputing pass with the hidden gradient carried (four matmuls), on this CPU."""
-    accelerator_forms(carry=True)
+    """The GPUs' recomputing pass on this CPU: the hidden gradient carried (four matmuls), the
+    target entries set apart."""
+    accelerator_forms(carry=True, epilogue=True)
 
 
 def _reference_value_and_grads(arrays, targets, reduction, soft_cap):

@@ -29,10 +29,12 @@ RTOL = {"float32": 1e-6, "float64": 1e-13, "bfloat16": 2**-8}
 @pytest.fixture
 def form(request, accelerator_forms):
     """Sets up one form of the head (conftest's ``accelerator_forms``): ``recomputing`` is the
-    pass GPUs and TPUs take for "sum"/"mean"; ``gpu_fold`` adds their one-pass fold of each
-    block's max and sum (``online.fold_blocks``)."""
+    pass GPUs and TPUs take for "sum"/"mean"; ``gpu_fold`` adds the GPUs' one-pass fold of each
+    block's max and sum (``online.fold_blocks``) and target entries set apart
+    (``passes.EPILOGUE_PLATFORMS``)."""
     if request.param in ("recomputing", "gpu_fold"):
-        accelerator_forms(recompute=True, reductions=request.param == "gpu_fold")
+        gpu = request.param == "gpu_fold"
+        accelerator_forms(recompute=True, reductions=gpu, epilogue=gpu)
     return request.param
 
 
@@ -121,7 +123,7 @@ def _near_tie_cases(dtype):
 
 # shard_map: sharding_checks.py
 @pytest.mark.parametrize(
-    ("dtype", "form"), _each_once(list(NEAR_TIES), FORMS[:3]), indirect=["form"]
+    ("dtype", "form"), _each_once(list(NEAR_TIES), (*FORMS[:3], "gpu_fold")), indirect=["form"]
 )
 def test_huge_logits_smoothing_and_probabilities_are_exact(form, dtype):
     """``lse·Σw − Σw·z`` cancelled: the sums are now ``Σ w (max − z)`` (moved with the max

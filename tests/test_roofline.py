@@ -219,6 +219,29 @@ def test_in_place_update_in_a_loop_moves_the_row_not_the_buffer(target):
     assert 2 * rows * row <= traffic <= 4 * rows * row + 2 * buffer
 
 
+@pytest.mark.parametrize("target", ["h100", "tpu-v5e"])
+def test_in_place_scatter_in_a_loop_moves_its_entries_not_the_buffer(target):
+    """64 trips each set one entry per row of a fresh 4 MiB block (the recomputing pass's
+    target entries, jaxloss._blockwise.passes.EPILOGUE_PLATFORMS): the scatter writes its
+    updates in place (its kernel moves the entries and their indices, not the block)."""
+    trips, rows, width = 64, 1024, 1024
+
+    def fill(x, cols):
+        def step(i, acc):
+            block = jnp.tanh(x + i.astype(jnp.float32))
+            block = block.at[jnp.arange(rows), cols].set(1.0, mode="drop")
+            return acc + block[:, :8].sum()
+
+        return jax.lax.fori_loop(0, trips, step, jnp.zeros((), jnp.float32))
+
+    prog = program(target, fill, S((rows, width), F32), S((rows,), jnp.int32))
+    model = hlo.roofline(prog.text, TARGETS[target])
+    scatters = [k for k in model.kernels if "scatter" in k.label or "scatter" in k.name]
+    assert scatters, "no scatter kernel in the program"
+    block = rows * width * 4
+    assert all(k.bytes < block // 8 for k in scatters), [(k.name, k.bytes) for k in scatters]
+
+
 def test_dot_peaks_follow_dtype_precision_and_algorithm():
     h100, v5p = TARGETS["h100"], TARGETS["tpu-v5p"]
     assert hlo.dot_peak(h100, ["bf16", "bf16"]) == 989e12
@@ -296,8 +319,10 @@ def test_anonymous_programs_differ_in_what_they_compute_not_in_names():
 
 def test_linear_head_takes_larger_blocks_on_gpus():
     """GPUs default to whole-batch blocks with the hidden gradient carried (four N·D·V matmuls):
-    modelled value_and_grad at an 8B-class head, bf16 on an H100, 41.2 ms, within 256 MiB (the
-    float32 carry is 128 MiB of it); 1024² blocks are far slower."""
+    modelled value_and_grad at an 8B-class head, bf16 on an H100, 39.25 ms, within 200 MiB (the
+    float32 carry is 128 MiB of it); 1024² blocks are far slower. Each block's logit gradient
+    is formed in the epilogue of the gemm recomputing it, the target entries set after
+    (``passes.EPILOGUE_PLATFORMS``; 41.17 ms and 240 MiB with the float32 block written)."""
     n, d, v = 8192, 4096, 131072
     specs = (((n, d), jnp.bfloat16), ((d, v), jnp.bfloat16), ((n,), jnp.int32))
 
@@ -316,7 +341,8 @@ def test_linear_head_takes_larger_blocks_on_gpus():
     small = head(token_chunk=1024, vocab_chunk=1024)
     cpu_blocks = hlo.analyse(hlo.compile_program(target, small, shapes), target)
     assert default["roofline_s"] <= 0.75 * cpu_blocks["roofline_s"], (default, cpu_blocks)
-    assert default["temp_bytes"] <= 256 * 2**20
+    assert default["roofline_s"] <= 39.5e-3, default["roofline_s"]
+    assert default["temp_bytes"] <= 200 * 2**20
 
 
 def test_distillation_takes_the_gpu_blocks_too():

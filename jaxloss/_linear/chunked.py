@@ -335,33 +335,67 @@ class Cotangents(NamedTuple):
         return functools.reduce(jnp.logical_or, (g != 0 for g in self if g is not None))
 
 
-def _block_grads(p: Problem, z, norm: Normaliser, g: Cotangents, blk: Block):
-    """``(∂/∂(hK + b), ∂/∂w)`` of one block; stale rows and columns contribute nothing.
+class RowFlags(NamedTuple):
+    """Per-row flags: ``live``, any cotangent (:meth:`Cotangents.counted`); ``has_log_sum``, a
+    log-sum cotangent."""
+
+    live: jax.Array
+    has_log_sum: jax.Array
+
+    @classmethod
+    def of(cls, g: Cotangents) -> RowFlags:
+        return cls(g.counted(), g.log_sum != 0)
+
+    def rows(self, start, width: int) -> RowFlags:
+        return RowFlags(*(take(f, start, width)[:, None] for f in self))
+
+
+def _logit_gradient(p: Problem, z, norm: Normaliser, g: Cotangents, flags: RowFlags, hit, probs,
+                    weight) -> tuple[jax.Array, Any]:  # fmt: skip
+    """``(∂/∂(hK + b), mass)`` at the logits ``z``, stale entries not yet zeroed.
 
     With the shift held constant, ``∂/∂z = g_log_sum softmax(z) + g_tgt [c = y] − (g_tgap t +
-    g_wgap) w``, then through the cap: ``∂z/∂x = 1 − (z / c)²``. Rows without a log-sum
-    cotangent (ignored targets) contribute exactly nothing, even where their logits are NaN.
+    g_wgap) w`` (``mass = g_tgap t + g_wgap``), then through the cap: ``∂z/∂x = 1 − (z / c)²``.
+    ``hit``: where ``c = y`` (``None``: no target term); ``probs`` (``t``) and ``weight``
+    (``w``, ``None``: 1) broadcast like ``z``. Rows without a log-sum cotangent (ignored
+    targets) get exactly nothing from it, even where their logits are NaN.
     """
-    dz = jnp.where(g.log_sum != 0, g.log_sum * norm.softmax(z), 0)
-    if g.tgt is not None:
-        hit = jax.lax.iota(jnp.int32, z.shape[1])[None, :] == (blk.labels - blk.cols.start)[:, None]
+    dz = jnp.where(flags.has_log_sum, g.log_sum * norm.softmax(z), 0)
+    if g.tgt is not None and hit is not None:
         dz = dz + jnp.where(hit, g.tgt, 0)
-    mass = 0  # ∂/∂(w_c (shift − z_c)) per row and class: g_tgap t + g_wgap
+    mass = 0
     if g.tgap is not None:
-        mass = g.tgap * blk.probs
+        mass = g.tgap * probs
     if g.wgap is not None:
         mass = mass + g.wgap
     if g.tgap is not None or g.wgap is not None:
-        dz = dz - (mass if blk.weight is None else mass * blk.weight[None, :])
+        dz = dz - (mass if weight is None else mass * weight)
+    if p.soft_cap is not None:
+        dz = dz * (1 - jnp.square(z / p.soft_cap.astype(z.dtype)))
+    return dz, mass
+
+
+def _block_grads(p: Problem, z, norm: Normaliser, g: Cotangents, blk: Block,
+                 flags: RowFlags | None = None, hit: bool = True):  # fmt: skip
+    """``(∂/∂(hK + b), ∂/∂w)`` of one block; stale rows and columns contribute nothing.
+    ``flags``: the block rows' :class:`RowFlags` (``None``: read off ``g``); ``hit=False``
+    leaves each row's target entry without its ``g_tgt`` term (:meth:`_BlockGradient.target_entries`
+    sets those entries)."""
+    flags = RowFlags.of(g) if flags is None else flags
+    target = None
+    if hit and g.tgt is not None:
+        target = (
+            jax.lax.iota(jnp.int32, z.shape[1])[None, :] == (blk.labels - blk.cols.start)[:, None]
+        )
+    weight = None if blk.weight is None else blk.weight[None, :]
+    dz, mass = _logit_gradient(p, z, norm, g, flags, target, blk.probs, weight)
     dw = None
     if blk.weight is not None and (g.tgap is not None or g.wgap is not None):
         gap = _live(norm.shift - z, blk.cols)
         if blk.rows.fresh is not None:
             gap = jnp.where(blk.rows.fresh[:, None], gap, 0)
         dw = jnp.sum(_absorbing(jnp.broadcast_to(mass, z.shape), gap), 0)
-    if p.soft_cap is not None:
-        dz = dz * (1 - jnp.square(z / p.soft_cap.astype(z.dtype)))
-    return passes.quiet(dz, g.counted(), blk.rows, blk.cols), dw
+    return passes.quiet(dz, flags.live, blk.rows, blk.cols), dw
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,24 +440,54 @@ class _Static:
 
 @dataclasses.dataclass(frozen=True)
 class _BlockGradient:
-    """The recomputing pass's rule for one block (:class:`passes.BlockGradient`)."""
+    """The recomputing pass's rule for one block (:class:`passes.BlockGradient`). ``flags``:
+    every row's :class:`RowFlags`, computed once, outside the loops (``passes.row_flags``);
+    ``tgt``: each row's (capped) target logit, from the forward pass."""
 
     p: Problem
     chunks: tuple[int, ...]
     norm: Normaliser
     g: Cotangents
+    flags: RowFlags
+    tgt: Any
 
     def live(self, rows: Chunk) -> jax.Array:
-        return self.g.rows(rows.start, self.chunks[0]).counted()
+        return self.flags.rows(rows.start, self.chunks[0]).live
 
-    def __call__(self, rows: Chunk, cols: Chunk, h_i, k_j):
+    def __call__(self, rows: Chunk, cols: Chunk, h_i, k_j, hit: bool = True):
         p, (nc, vc) = self.p, self.chunks
         z = _capped_logits(p, h_i, k_j, maybe_take(p.bias, cols.start, vc), cols)
-        g_i = self.g.rows(rows.start, nc)
-        dz, dw = _block_grads(
-            p, z, self.norm.rows(rows.start, nc), g_i, _block(p, rows, cols, nc, vc)
-        )
+        g_i, flags = self.g.rows(rows.start, nc), self.flags.rows(rows.start, nc)
+        blk = _block(p, rows, cols, nc, vc)
+        dz, dw = _block_grads(p, z, self.norm.rows(rows.start, nc), g_i, blk, flags, hit)
         return dz, (dw,)
+
+    @property
+    def target_entries(self) -> Callable | None:
+        # With a soft cap XLA:GPU keeps the gradient out of the gemm's epilogue either way (the
+        # capped logits have two uses there); the entries set apart would only add a scatter.
+        return None if self.g.tgt is None or self.p.soft_cap is not None else self._targets
+
+    def _targets(self, rows: Chunk, cols: Chunk) -> tuple[jax.Array, jax.Array]:
+        """Each row's target column in the block (``vc`` where it is not there, a stale
+        column's included) and ``∂ℓ/∂z`` at it, from the forward pass's target logit."""
+        p, (nc, vc) = self.p, self.chunks
+        labels = take(p.labels, rows.start, nc)
+        local = labels - cols.start
+        inside = (local >= 0) & (local < vc)
+        if cols.fresh is not None:
+            inside = inside & jnp.take(cols.fresh, jnp.clip(local, 0, vc - 1))
+        weight = None
+        if p.class_weight is not None:
+            at = jnp.clip(labels, 0, p.class_weight.shape[0] - 1)
+            weight = jnp.take(p.class_weight, at).astype(p.cdt)[:, None]
+        flags = self.flags.rows(rows.start, nc)
+        dz, _ = _logit_gradient(
+            p, take(self.tgt, rows.start, nc)[:, None], self.norm.rows(rows.start, nc),
+            self.g.rows(rows.start, nc), flags, True, None, weight,
+        )  # fmt: skip
+        live = flags.live if rows.fresh is None else flags.live & rows.fresh[:, None]
+        return jnp.where(inside, local, vc), jnp.where(live, dz, 0)[:, 0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -432,13 +496,14 @@ class _TokenStats(_Static):
 
     def forward(self, diff, data):
         stats = blocked_stats(self.problem(diff, data), self.chunks[:2])
-        return stats, Normaliser(stats.shift, stats.log_sum)
+        return stats, (Normaliser(stats.shift, stats.log_sum), stats.tgt)
 
-    def backward(self, diff, data, norm, cotangents: Stats):
-        p = self.problem(diff, data)
+    def backward(self, diff, data, saved, cotangents: Stats):
+        p, (norm, tgt) = self.problem(diff, data), saved
         # The max's cotangent is dropped: the statistics are relative to it, the loss is not.
         g = Cotangents(cotangents.log_sum, cotangents.tgt, cotangents.tgap, cotangents.wgap)
-        block = _BlockGradient(p, self.chunks[:2], norm, g)
+        flags = RowFlags(*passes.row_flags(*RowFlags.of(g)))
+        block = _BlockGradient(p, self.chunks[:2], norm, g, flags, tgt)
         spans = (Span.whole(p.hidden.shape[0]), p.columns)
         dtypes = (_dtype(p.bias, p.cdt), _dtype(p.class_weight, p.cdt))
         varying = (*p.arrays, *g)
