@@ -31,7 +31,8 @@ DEFAULT_VOCAB_CHUNK = 1024
 # Modelled value_and_grad (mean, bf16) on an H100 at N=8192, D=4096, V=131072
 # (benchmarks/hlo.py, temporaries from memory_analysis): 8192×2048 blocks 42.5 ms /
 # 240 MiB (four 8.9 ms matmuls and 6.9 ms of traffic; 41.2 ms since the forward's one-pass
-# fold, jaxloss._blockwise.online.fold_block); 8192×4096 the same at 352 MiB;
+# fold, jaxloss._blockwise.online.fold_block; 39.25 ms / 192 MiB since the logit gradient's
+# epilogue, jaxloss._blockwise.passes.EPILOGUE_PLATFORMS); 8192×4096 the same at 352 MiB;
 # 4096² 50.4 ms / 288 MiB; 2048² 58.1 ms / 184 MiB (five matmuls at 2048² before the carry:
 # 66.4 ms / 80 MiB; the materialised path 28.6 ms / 2 GiB). Beyond ACCELERATOR_TOKEN_CHUNK tokens
 # (where a carry of N·D may pass jaxloss._blockwise.passes.CARRY_MAX_BYTES) GPUs keep 2048²
