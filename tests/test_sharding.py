@@ -53,3 +53,20 @@ def _param(name: str):
 def test_sharded_matches_unsharded(name, mesh):
     problems, gathers = CHECKS[name](mesh)
     assert not problems, "\n".join([*problems, f"all-gather result shapes: {gathers}"])
+
+
+# The shard_map forms in the GPUs' forms of the recomputing pass, here on CPU: blocks folded in
+# one pass, each row's target entry set after the cast (conftest's accelerator_forms). Sharded
+# against unsharded, both in those forms: the glue; test_linear_extremes' gpu_fold form holds
+# the forms themselves to the materialised reference.
+GPU_FORM_CHECKS = (
+    "linear_cross_entropy/shard_map/both",
+    "linear_cross_entropy/shard_map/both/uneven_classes",
+)
+
+
+@pytest.mark.parametrize("name", GPU_FORM_CHECKS)
+def test_sharded_matches_unsharded_in_the_gpus_forms(name, mesh, accelerator_forms):
+    accelerator_forms(recompute=True, reductions=True, epilogue=True)
+    problems, gathers = CHECKS[name](mesh)
+    assert not problems, "\n".join([*problems, f"all-gather result shapes: {gathers}"])
