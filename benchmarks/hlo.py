@@ -263,9 +263,15 @@ def _param_reads(module: Module, fused: str, index: int, full: int) -> int:
     return full if param is None else min(full, _reads(module, fused, param.name, full))
 
 
-def _written(module: Module, computation: str, inst: Instruction, default: int) -> int:
-    """An in-place update (:data:`IN_PLACE`) writes its updates; anything else ``default``."""
+def _written(module: Module, computation: str, inst: Instruction, default: int,
+             fused: bool = False) -> int:  # fmt: skip
+    """An in-place update (:data:`IN_PLACE`) writes its updates; anything else ``default``. In
+    a fusion only an update of a buffer the fusion is given is in place: one it makes itself
+    (a scatter into fused zeros, the gradient of a gather) is written whole."""
     if inst.opcode not in IN_PLACE:
+        return default
+    target = module.get(computation, inst.operands[0])
+    if fused and (target is None or target.opcode != "parameter"):
         return default
     update = module.get(computation, inst.operands[IN_PLACE[inst.opcode]])
     return update.nbytes if update else default
@@ -280,9 +286,9 @@ def kernel_bytes(module: Module, computation: str, inst: Instruction) -> int:
         total = _written(module, computation, inst, inst.nbytes)
     elif root.opcode == "tuple":
         parts = [p for o in root.operands if (p := module.get(fused, o)) is not None]
-        total = sum(_written(module, fused, p, p.nbytes) for p in parts)
+        total = sum(_written(module, fused, p, p.nbytes, fused=True) for p in parts)
     else:
-        total = _written(module, fused, root, inst.nbytes)
+        total = _written(module, fused, root, inst.nbytes, fused=True)
     for k, operand in enumerate(inst.operands):
         if (source := module.get(computation, operand)) is None:
             continue

@@ -241,6 +241,12 @@ def test_in_place_scatter_in_a_loop_moves_its_entries_not_the_buffer(target):
     block = rows * width * 4
     assert all(k.bytes < block // 8 for k in scatters), [(k.name, k.bytes) for k in scatters]
 
+    # A scatter into zeros: the block is written whole, by a fill of its own or by a fusion that
+    # makes the zeros itself (no update in place there).
+    into_zeros = lambda v, cols: jnp.zeros((rows, width)).at[jnp.arange(rows), cols].set(v)
+    prog = program(target, into_zeros, S((rows,), F32), S((rows,), jnp.int32))
+    assert hlo.roofline(prog.text, TARGETS[target]).bytes >= block
+
 
 def test_dot_peaks_follow_dtype_precision_and_algorithm():
     h100, v5p = TARGETS["h100"], TARGETS["tpu-v5p"]
