@@ -216,6 +216,18 @@ def _moved(gap, mass, block_sum, step):
     return gap + mass * step + block_sum
 
 
+def _target_column(labels: jax.Array, cols: Chunk, width: int) -> tuple[jax.Array, jax.Array]:
+    """Each row's target column in a block of ``width`` columns (clipped into it) and whether
+    it is there: inside the block and fresh (not a stale column of a slid-back chunk, nor
+    another device's)."""
+    local = labels - cols.start
+    inside = (local >= 0) & (local < width)
+    local = jnp.clip(local, 0, width - 1)
+    if cols.fresh is not None:
+        inside = inside & jnp.take(cols.fresh, local)
+    return local, inside
+
+
 def _absorb(acc: dict, z: jax.Array, blk: Block) -> dict:
     """The accumulators after one more block of logits ``z`` (rows × cols) of the same rows."""
     if set(acc) <= {"m", "s", "tgt"}:  # no other sum over the block: one fold of max and sum
@@ -224,11 +236,8 @@ def _absorb(acc: dict, z: jax.Array, blk: Block) -> dict:
     else:
         new = _absorb_sums(acc, z, blk)
     if "tgt" in acc:
-        local = blk.labels - blk.cols.start
-        hit = (local >= 0) & (local < z.shape[1])
-        if blk.cols.fresh is not None:
-            hit = hit & jnp.take(blk.cols.fresh, jnp.clip(local, 0, z.shape[1] - 1))
-        picked = jnp.take_along_axis(z, jnp.clip(local, 0, z.shape[1] - 1)[:, None], 1)[:, 0]
+        local, hit = _target_column(blk.labels, blk.cols, z.shape[1])
+        picked = jnp.take_along_axis(z, local[:, None], 1)[:, 0]
         new["tgt"] = acc["tgt"] + jnp.where(hit, picked, 0)
     return new
 
@@ -479,10 +488,7 @@ class _BlockGradient:
         column's included) and ``∂ℓ/∂z`` at it, from the forward pass's target logit."""
         p, (nc, vc) = self.p, self.chunks
         labels = take(p.labels, rows.start, nc)
-        local = labels - cols.start
-        inside = (local >= 0) & (local < vc)
-        if cols.fresh is not None:
-            inside = inside & jnp.take(cols.fresh, jnp.clip(local, 0, vc - 1))
+        local, inside = _target_column(labels, cols, vc)
         weight = None
         if p.class_weight is not None:
             at = jnp.clip(labels, 0, p.class_weight.shape[0] - 1)
