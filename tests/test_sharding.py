@@ -49,10 +49,14 @@ def _param(name: str):
     return pytest.param(name, marks=pytest.mark.slow if slow else ())
 
 
-@pytest.mark.parametrize("name", [_param(name) for name in CHECKS])
-def test_sharded_matches_unsharded(name, mesh):
+def _assert_check_passes(name: str, mesh) -> None:
     problems, gathers = CHECKS[name](mesh)
     assert not problems, "\n".join([*problems, f"all-gather result shapes: {gathers}"])
+
+
+@pytest.mark.parametrize("name", [_param(name) for name in CHECKS])
+def test_sharded_matches_unsharded(name, mesh):
+    _assert_check_passes(name, mesh)
 
 
 # The shard_map forms in the GPUs' forms of the recomputing pass, here on CPU: blocks folded in
@@ -68,5 +72,4 @@ GPU_FORM_CHECKS = (
 @pytest.mark.parametrize("name", GPU_FORM_CHECKS)
 def test_sharded_matches_unsharded_in_the_gpus_forms(name, mesh, accelerator_forms):
     accelerator_forms(recompute=True, reductions=True, epilogue=True)
-    problems, gathers = CHECKS[name](mesh)
-    assert not problems, "\n".join([*problems, f"all-gather result shapes: {gathers}"])
+    _assert_check_passes(name, mesh)
