@@ -1,19 +1,20 @@
 """Compile-only figures: compile for a target, read the optimised HLO once, price its kernels.
 
-The one reader of optimised HLO text, for the benchmarks and the tests. :func:`compile_program`
-compiles for a target's device; :class:`Module` parses the program; :func:`launches` finds the
-kernels it runs and how often (while loops × trip counts); :func:`kernel_bytes` what each moves;
-:func:`roofline` prices each at ``max(FLOPs / peak, bytes / bandwidth)`` × its calls and sums
-them (no overlap, caches or launch latency modelled). FLOPs are those of dots and convolutions
-at the peak of their dtype and precision. A Pallas custom call says nothing of how often its grid
-fetches each block: :func:`pallas_costs` prices each ``pallas_call`` from its grid, matched by
-its ``name=``; one without a price is listed in ``Roofline.unpriced``, never guessed (nor taken
-from its ``CostEstimate``). **Compiler figures, not measurements.**
+The one reader of optimised HLO text, for the benchmarks and the tests. :class:`Module` parses a
+program; :func:`launches` finds the kernels it runs and how often (while loops × trip counts);
+:func:`kernel_bytes` what each moves; :func:`roofline` prices each at ``max(FLOPs / peak, bytes /
+bandwidth)`` × its calls and sums them (no overlap, caches or launch latency modelled), FLOPs
+being those of dots and convolutions at the peak of their dtype and precision. A Pallas custom
+call says nothing of how often its grid fetches each block: :func:`pallas_costs` prices each
+``pallas_call`` from its grid, matched by its ``name=``; one without a price is listed in
+``Roofline.unpriced``, never guessed (nor taken from its ``CostEstimate``). **Compiler figures,
+not measurements.**
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -85,48 +86,38 @@ class Instruction:
     attributes: str
     arguments: str = ""  # the text inside the parentheses (a parameter's number, a constant)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(ITEMSIZE.get(t, 0) * math.prod(dims) for t, dims in arrays(self.type))
+    nbytes = property(lambda self: sum(ITEMSIZE.get(t, 0) * math.prod(d)
+                                       for t, d in arrays(self.type)))  # fmt: skip
+    called = property(lambda self: self.attr("calls"))
 
     def attr(self, key: str) -> str | None:
         """The value of ``key=...`` up to the next comma (a computation loses its ``%``)."""
-        match = re.search(rf"(?:^|[\s,]){re.escape(key)}=%?([^,\s]+)", self.attributes)
-        return match.group(1) if match else None
-
-    @property
-    def called(self) -> str | None:
-        return self.attr("calls")
-
-    @property
-    def callees(self) -> list[str]:
-        """Every computation the instruction runs or applies (a fusion's included)."""
-        single = [self.attr(k) for k in ("body", "condition", "to_apply", "calls",
-                                         "true_computation", "false_computation")]  # fmt: skip
-        many = self.computations("branch_computations") + self.computations("called_computations")
-        return [c for c in single + many if c]
-
-    @functools.cached_property
-    def backend_config(self) -> dict[str, Any]:
-        start = self.attributes.find("backend_config={") + len("backend_config=")
-        if start < len("backend_config="):
-            return {}
-        try:
-            return json.loads(self.attributes[start : _closing(self.attributes, start, "{}")])
-        except ValueError:
-            return {}
+        return _search(rf"(?:^|[\s,]){re.escape(key)}=%?([^,\s]+)", self.attributes) or None
 
     def computations(self, key: str) -> list[str]:
         """The computations named by ``key={%a, %b}``."""
         return _NAME.findall(_search(rf"{key}=\{{([^}}]*)\}}", self.attributes))
 
     @property
+    def callees(self) -> list[str]:
+        """Every computation the instruction runs or applies (a fusion's included)."""
+        keys = ("body", "condition", "to_apply", "calls", "true_computation", "false_computation")
+        many = self.computations("branch_computations") + self.computations("called_computations")
+        return [c for c in [*map(self.attr, keys), *many] if c]
+
+    @functools.cached_property
+    def backend_config(self) -> dict[str, Any]:
+        start = self.attributes.find("backend_config={") + len("backend_config=")
+        with contextlib.suppress(ValueError):
+            if start >= len("backend_config="):
+                return json.loads(self.attributes[start : _closing(self.attributes, start, "{}")])
+        return {}
+
+    @property
     def label(self) -> str:
         """The opcode, with a fusion's kind or a custom call's target spelt out."""
-        if kind := self.attr("kind"):
-            return f"{self.opcode}:{kind}"
-        target = self.attr("custom_call_target")
-        return f"{self.opcode}:{target.strip(chr(34))}" if target else self.opcode
+        kind = self.attr("kind") or (self.attr("custom_call_target") or "").strip('"')
+        return f"{self.opcode}:{kind}" if kind else self.opcode
 
 
 def parse_instruction(line: str) -> Instruction | None:
@@ -227,10 +218,9 @@ class Module:
             inst = self.get(computation, inst.operands[0])
         if inst is None or inst.opcode != "constant" or "[]" not in inst.type:
             return None
-        try:
+        with contextlib.suppress(ValueError):
             return int(inst.arguments)
-        except ValueError:
-            return None
+        return None
 
 
 # Bytes: every kernel reads its operands from HBM and writes its result there
@@ -263,18 +253,17 @@ def _param_reads(module: Module, fused: str, index: int, full: int) -> int:
     return full if param is None else min(full, _reads(module, fused, param.name, full))
 
 
-def _written(module: Module, computation: str, inst: Instruction, default: int,
-             fused: bool = False) -> int:  # fmt: skip
-    """An in-place update (:data:`IN_PLACE`) writes its updates; anything else ``default``. In
-    a fusion only an update of a buffer the fusion is given is in place: one it makes itself
-    (a scatter into fused zeros, the gradient of a gather) is written whole."""
+def _written(module: Module, computation: str, inst: Instruction, fused: bool = False) -> int:
+    """An in-place update (:data:`IN_PLACE`) writes its updates; anything else its result. In a
+    fusion only an update of a buffer the fusion is given is in place: one it makes itself (a
+    scatter into fused zeros, the gradient of a gather) is written whole."""
     if inst.opcode not in IN_PLACE:
-        return default
+        return inst.nbytes
     target = module.get(computation, inst.operands[0])
     if fused and (target is None or target.opcode != "parameter"):
-        return default
+        return inst.nbytes
     update = module.get(computation, inst.operands[IN_PLACE[inst.opcode]])
-    return update.nbytes if update else default
+    return update.nbytes if update else inst.nbytes
 
 
 def kernel_bytes(module: Module, computation: str, inst: Instruction) -> int:
@@ -283,12 +272,12 @@ def kernel_bytes(module: Module, computation: str, inst: Instruction) -> int:
     update."""
     fused = inst.called or ""
     if inst.opcode != "fusion" or (root := module.root(fused)) is None:
-        total = _written(module, computation, inst, inst.nbytes)
+        total = _written(module, computation, inst)
     elif root.opcode == "tuple":
         parts = [p for o in root.operands if (p := module.get(fused, o)) is not None]
-        total = sum(_written(module, fused, p, p.nbytes, fused=True) for p in parts)
+        total = sum(_written(module, fused, p, fused=True) for p in parts)
     else:
-        total = _written(module, fused, root, inst.nbytes, fused=True)
+        total = _written(module, fused, root, fused=True)
     for k, operand in enumerate(inst.operands):
         if (source := module.get(computation, operand)) is None:
             continue
@@ -314,10 +303,8 @@ class Launches:
     launches: list[Launch] = dataclasses.field(default_factory=list)
     unknown_loops: list[str] = dataclasses.field(default_factory=list)  # priced once
 
-    @property
-    def bytes(self) -> int:
-        return sum(x.calls * kernel_bytes(self.module, x.computation, x.inst)
-                   for x in self.launches)  # fmt: skip
+    bytes = property(lambda self: sum(x.calls * kernel_bytes(self.module, x.computation, x.inst)
+                                      for x in self.launches))  # fmt: skip
 
     def walk(self, computation: str, calls: int) -> Launches:
         for inst in self.module.body(computation):
@@ -457,17 +444,16 @@ def _dot(module: Module, computation: str, inst: Instruction, target: Target) ->
     dtypes, (lhs, rhs) = [d for d, _ in types], [s for _, s in types]
     out = 2.0 * math.prod(arrays(inst.type)[0][1])  # a GEMM's first array: a workspace may follow
     if gemm:
-        numbers, config = gemm.get("dot_dimension_numbers", {}), gemm.get("precision_config", {})
-        contracted = math.prod(lhs[int(d)] for d in numbers.get("lhs_contracting_dimensions", []))
-        precision = (config.get("operand_precision") or [""])[0]
-        peak = dot_peak(target, dtypes, precision, config.get("algorithm", ""))
-        return Dot(computation, inst.name, out * contracted, peak)
-    peak = dot_peak(target, dtypes, _search(r"operand_precision=\{(\w+)", inst.attributes),
-                    _search(r"algorithm=(\w+)", inst.attributes))  # fmt: skip
-    if inst.opcode == "dot":
-        dims = _search(r"\blhs_contracting_dims=\{([\d,]*)\}", inst.attributes)
-        contracted = math.prod(lhs[int(d)] for d in dims.split(",") if d)
-        return Dot(computation, inst.name, out * contracted, peak)
+        config = gemm.get("precision_config", {})
+        contracted = gemm.get("dot_dimension_numbers", {}).get("lhs_contracting_dimensions", [])
+        precision, algorithm = (config.get("operand_precision") or [""])[0], config.get("algorithm")
+    else:
+        contracted = _ints(_search(r"\blhs_contracting_dims=\{([\d,]*)\}", inst.attributes))
+        precision = _search(r"operand_precision=\{(\w+)", inst.attributes)
+        algorithm = _search(r"algorithm=(\w+)", inst.attributes)
+    peak = dot_peak(target, dtypes, precision, algorithm or "")
+    if inst.opcode != "convolution":
+        return Dot(computation, inst.name, out * math.prod(lhs[int(d)] for d in contracted), peak)
     # A convolution's output element contracts the kernel's input features and spatial window.
     labels = _search(r"dim_labels=\w+_(\w+)->", inst.attributes)  # e.g. bf_io->bf
     flops = out * math.prod(rhs) / rhs[labels.index("o")] if labels and rhs else 0.0
@@ -490,9 +476,7 @@ class Kernel(collections.namedtuple("Kernel", "computation name label calls byte
     """One kernel, per call (compute_s: Σ FLOPs / peak of its dots; memory_s: bytes /
     bandwidth), and how often it runs (the enclosing trip counts)."""
 
-    @property
-    def seconds(self) -> float:
-        return self.calls * max(self.compute_s, self.memory_s)
+    seconds = property(lambda self: self.calls * max(self.compute_s, self.memory_s))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -563,9 +547,7 @@ class GridCost(collections.namedtuple("GridCost", "steps flops fetches writes re
     """What a grid moves and computes: per input its fetches and bytes, per output its
     write-backs and bytes; the operand dtypes of the kernel's dots (their peak)."""
 
-    @property
-    def bytes(self) -> int:
-        return sum(self.read_bytes) + sum(self.write_bytes)
+    bytes = property(lambda self: sum(self.read_bytes) + sum(self.write_bytes))
 
 
 def price_grid(grid: Sequence[int], inputs: Sequence[Block], outputs: Sequence[Block],
@@ -645,37 +627,35 @@ def _block(mapping: Any) -> Block | str:
     return Block(tuple(shape), index_map, tuple(aval.shape), np.dtype(aval.dtype).itemsize)
 
 
+def _grid_cost(eqn: Any, skip_unchanged: bool) -> GridCost | str:
+    """The grid price of one ``pallas_call`` equation, or why there is none."""
+    mapping = eqn.params["grid_mapping"]
+    if mapping.num_index_operands:
+        return "scalar-prefetch index maps depend on data"
+    if not all(isinstance(g, int) for g in mapping.grid):
+        return "a dynamic grid"
+    found = [_block(m) for m in mapping.block_mappings]
+    if why := next((b for b in found if isinstance(b, str)), None):
+        return why
+    blocks = [b for b in found if not isinstance(b, str)]
+    flops, dtypes = _jaxpr_dots(eqn.params["jaxpr"])
+    n_in, n_out = mapping.num_inputs, mapping.num_outputs
+    return price_grid(mapping.grid, blocks[:n_in], blocks[n_in : n_in + n_out], flops,
+                      skip_unchanged=skip_unchanged, dot_dtypes=sorted(set(dtypes)))  # fmt: skip
+
+
 def pallas_costs(closed_jaxpr: Any, *, skip_unchanged: bool = True) -> dict[str, GridCost | str]:
     """The grid price (:func:`price_grid`), or why there is none, of every ``pallas_call`` in a
     traced program, by the name its custom call carries (``name=``, else the kernel's name)."""
     costs: dict[str, GridCost | str] = {}
-
-    def price(eqn: Any) -> GridCost | str:
-        mapping = eqn.params["grid_mapping"]
-        if mapping.num_index_operands:
-            return "scalar-prefetch index maps depend on data"
-        if not all(isinstance(g, int) for g in mapping.grid):
-            return "a dynamic grid"
-        found = [_block(m) for m in mapping.block_mappings]
-        if why := next((b for b in found if isinstance(b, str)), None):
-            return why
-        blocks = [b for b in found if not isinstance(b, str)]
-        flops, dtypes = _jaxpr_dots(eqn.params["jaxpr"])
-        n_in, n_out = mapping.num_inputs, mapping.num_outputs
-        return price_grid(mapping.grid, blocks[:n_in], blocks[n_in : n_in + n_out], flops,
-                          skip_unchanged=skip_unchanged,
-                          dot_dtypes=sorted(set(dtypes)))  # fmt: skip
-
-    def visit(jaxpr: Any) -> None:
-        for eqn in jaxpr.eqns:
+    pending = [getattr(closed_jaxpr, "jaxpr", closed_jaxpr)]
+    while pending:
+        for eqn in pending.pop().eqns:
             if eqn.primitive.name == "pallas_call":
                 debug = getattr(eqn.params["jaxpr"], "debug_info", None)
                 name = eqn.params.get("name") or getattr(debug, "func_name", "pallas_call")
-                costs[name] = price(eqn)
-            for sub in _subjaxprs(eqn):
-                visit(sub)
-
-    visit(getattr(closed_jaxpr, "jaxpr", closed_jaxpr))
+                costs[name] = _grid_cost(eqn, skip_unchanged)
+            pending += _subjaxprs(eqn)
     return costs
 
 
@@ -706,10 +686,9 @@ def compile_program(target: Target, fn: Callable, specs: Sequence[Any]) -> Progr
     traced = jax.jit(fn).trace(*placed)
     lowered = traced.lower()
     compiled = lowered.compile()
-    text = optimised_text(lowered, compiled)
     # A TPU grid skips the fetch of an unchanged block; a GPU program instance loads its own.
     pallas = pallas_costs(traced.jaxpr, skip_unchanged=target.platform == "tpu")
-    return Program(compiled, text, pallas)
+    return Program(compiled, optimised_text(lowered, compiled), pallas)
 
 
 def analyse(program: Program, target: Target, unit_flops: float | None = None) -> dict[str, Any]:
@@ -729,10 +708,9 @@ def analyse(program: Program, target: Target, unit_flops: float | None = None) -
     }  # fmt: skip
     if unit_flops:
         entry["matmuls"] = model.matmuls(unit_flops)
-    try:  # XLA's own figure where the backend has one (not the GPU plugin here)
+    cost = None
+    with contextlib.suppress(Exception):  # XLA's own figure where the backend has one (not GPUs)
         cost = program.compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        entry["xla_bytes_accessed"] = float(cost["bytes accessed"]) if cost else None
-    except Exception:
-        entry["xla_bytes_accessed"] = None
+    entry["xla_bytes_accessed"] = float(cost["bytes accessed"]) if cost else None
     return entry
