@@ -165,30 +165,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    args = parse_args(argv)
-    start = time.perf_counter()
-    x_train, d_train, x_test, d_test = load_split(args.seed)
-    y_train, y_test = digit_labels(d_train), digit_labels(d_test)
-
-    pos_weight = jnp.asarray(balanced_pos_weight(y_train))
-    print("label frequency (train):", per_label(y_train.mean(0)))
-    print("pos_weight = n_neg / n_pos:", per_label(pos_weight))
-
-    # Multi-label: an independent sigmoid + BCE per label. pos_weight has shape (3,) and
-    # broadcasts against the (batch, 3) logits, one entry per label, as in PyTorch.
-    def multilabel_loss(logits, targets):
-        return jaxloss.bce_with_logits(logits, targets, pos_weight=pos_weight)
-
-    # Single-label view of the same labels: softmax over (labels + none), probability targets.
-    def softmax_loss(logits, targets):
-        return jaxloss.cross_entropy(logits, targets)
-
-    bce_model, bce_history = fit("bce_with_logits", multilabel_loss, 3, (x_train, y_train), args)
-    ce_model, ce_history = fit(
-        "softmax CE", softmax_loss, 4, (x_train, softmax_targets(y_train)), args
-    )
-
+def compare(
+    bce_model, ce_model, x_test: np.ndarray, y_test: np.ndarray, d_test: np.ndarray
+) -> np.ndarray:
+    """Prints both models' per-label F1, where they differ and why; returns the multi-label
+    model's F1 per label."""
     bce_probs = np.asarray(jaxloss.sigmoid(bce_model(jnp.asarray(x_test))))
     ce_probs = np.asarray(jaxloss.softmax(ce_model(jnp.asarray(x_test))))[:, :3]
     bce_predicted, ce_predicted = bce_probs > 0.5, ce_probs > 0.5
@@ -225,6 +206,34 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"exact-match accuracy (all 3 labels right): multi-label {exact:.4f}, softmax "
         f"{np.mean(np.all(ce_predicted == y_test.astype(bool), -1)):.4f}"
     )
+    return bce_f1
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    x_train, d_train, x_test, d_test = load_split(args.seed)
+    y_train, y_test = digit_labels(d_train), digit_labels(d_test)
+
+    pos_weight = jnp.asarray(balanced_pos_weight(y_train))
+    print("label frequency (train):", per_label(y_train.mean(0)))
+    print("pos_weight = n_neg / n_pos:", per_label(pos_weight))
+
+    # Multi-label: an independent sigmoid + BCE per label. pos_weight has shape (3,) and
+    # broadcasts against the (batch, 3) logits, one entry per label, as in PyTorch.
+    def multilabel_loss(logits, targets):
+        return jaxloss.bce_with_logits(logits, targets, pos_weight=pos_weight)
+
+    # Single-label view of the same labels: softmax over (labels + none), probability targets.
+    def softmax_loss(logits, targets):
+        return jaxloss.cross_entropy(logits, targets)
+
+    bce_model, bce_history = fit("bce_with_logits", multilabel_loss, 3, (x_train, y_train), args)
+    ce_model, ce_history = fit(
+        "softmax CE", softmax_loss, 4, (x_train, softmax_targets(y_train)), args
+    )
+
+    bce_f1 = compare(bce_model, ce_model, x_test, y_test, d_test)
 
     args.out.mkdir(parents=True, exist_ok=True)
     figure_path = args.out / "multilabel_curves.png"

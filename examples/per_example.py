@@ -169,41 +169,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    start = time.perf_counter()
-    x_train, y_train, x_test, y_test = map(jnp.asarray, load_split(args.seed))
-
-    params = init_params(jax.random.key(args.seed), x_train.shape[1], args.hidden)
+def train(params: Params, x: jax.Array, y: jax.Array, steps: int) -> Params:
+    """Full-batch Adam on the batch mean loss."""
     optimizer = optax.adam(3e-3)
     opt_state = optimizer.init(params)
 
     @jax.jit
     def train_step(params, opt_state):
-        loss, grads = jax.value_and_grad(loss_batch)(params, x_train, y_train)
+        loss, grads = jax.value_and_grad(loss_batch)(params, x, y)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    for _ in (bar := tqdm(range(args.steps), desc="training", unit="step")):
+    for _ in (bar := tqdm(range(steps), desc="training", unit="step")):
         params, opt_state, loss = train_step(params, opt_state)
         bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+    return params
 
+
+def check_per_example(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
+    """Checks 1-3 of the module doc; returns the per-example gradient norms."""
     print("1. per-example losses on the test set")
-    losses_none = loss_batch(params, x_test, y_test, reduction="none")
+    losses_none = loss_batch(params, x, y, reduction="none")
     check_close(
         "reduction='none' vs vmap(loss of one example)",
         losses_none,
-        per_example_losses_vmap(params, x_test, y_test),
+        per_example_losses_vmap(params, x, y),
     )
     check_close(
         "mean of per-example losses vs reduction='mean'",
         jnp.mean(losses_none),
-        loss_batch(params, x_test, y_test),
+        loss_batch(params, x, y),
     )
 
     print("2. per-example gradients")
-    per_example = per_example_grads_vmap(params, x_test, y_test)
-    batch_grad = jax.grad(loss_batch)(params, x_test, y_test)
+    per_example = per_example_grads_vmap(params, x, y)
+    batch_grad = jax.grad(loss_batch)(params, x, y)
     for leaf in ("w1", "b1", "w2", "b2"):
         check_close(
             f"mean over examples of d loss_n / d {leaf} vs grad of the mean",
@@ -213,21 +213,24 @@ def main(argv: list[str] | None = None) -> None:
 
     print("3. per-example gradient norms")
     norms_vmap = grad_norms(per_example)
-    norms_batched = per_example_grad_norms_batched(params, x_test, y_test)
+    norms_batched = per_example_grad_norms_batched(params, x, y)
     check_close("norms from vmap(grad) vs one batched backward pass", norms_batched, norms_vmap)
+    return norms_vmap
 
+
+def check_class_weights(logits: jax.Array, y: jax.Array) -> None:
+    """Check 4: the weighted mean is not the mean of the per-example losses."""
     print("4. class weights: the weighted mean is not the mean of the per-example losses")
     weight = jnp.linspace(0.5, 2.0, NUM_CLASSES)
-    logits, _ = forward(params, x_test)
-    weighted_none = jaxloss.cross_entropy(logits, y_test, weight=weight, reduction="none")
-    weighted_mean = jaxloss.cross_entropy(logits, y_test, weight=weight)
+    weighted_none = jaxloss.cross_entropy(logits, y, weight=weight, reduction="none")
+    weighted_mean = jaxloss.cross_entropy(logits, y, weight=weight)
     check_close(
         "sum('none') / sum(weight[y]) vs reduction='mean'",
-        jnp.sum(weighted_none) / jnp.sum(weight[y_test]),
+        jnp.sum(weighted_none) / jnp.sum(weight[y]),
         weighted_mean,
     )
-    vmapped_mean = jax.vmap(lambda z, t: jaxloss.cross_entropy(z, t, weight=weight))(logits, y_test)
-    unweighted = jaxloss.cross_entropy(logits, y_test, reduction="none")
+    vmapped_mean = jax.vmap(lambda z, t: jaxloss.cross_entropy(z, t, weight=weight))(logits, y)
+    unweighted = jaxloss.cross_entropy(logits, y, reduction="none")
     check_close(
         "vmap of a weighted 'mean' over single examples == UNweighted losses",
         vmapped_mean,
@@ -238,14 +241,25 @@ def main(argv: list[str] | None = None) -> None:
         f"reduction='mean' = {float(weighted_mean):.4f}: use reduction='none' per example."
     )
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    x_train, y_train, x_test, y_test = map(jnp.asarray, load_split(args.seed))
+    params = init_params(jax.random.key(args.seed), x_train.shape[1], args.hidden)
+    params = train(params, x_train, y_train, args.steps)
+    norms = check_per_example(params, x_test, y_test)
+    logits, _ = forward(params, x_test)
+    check_class_weights(logits, y_test)
+
     args.out.mkdir(parents=True, exist_ok=True)
     figure_path = args.out / "per_example_grad_norms.png"
-    hardest = np.argsort(-np.asarray(norms_vmap))[:8]
+    hardest = np.argsort(-np.asarray(norms))[:8]
     predicted = np.asarray(jnp.argmax(logits, -1))
     print("hardest test images (largest gradient norm):")
     for i in hardest:
-        print(f"  #{i}: label {y_test[i]}, predicted {predicted[i]}, |grad| {norms_vmap[i]:.3f}")
-    save_figure(np.asarray(norms_vmap), x_test, y_test, predicted, hardest, figure_path)
+        print(f"  #{i}: label {y_test[i]}, predicted {predicted[i]}, |grad| {norms[i]:.3f}")
+    save_figure(np.asarray(norms), x_test, y_test, predicted, hardest, figure_path)
     print(f"saved {figure_path}")
     print(f"elapsed: {time.perf_counter() - start:.1f} s")
 

@@ -118,16 +118,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> float:
-    args = parse_args(argv)
-    start = time.perf_counter()
-    x_train, y_train, x_test, y_test = load_data(args.seed, args.minority_fraction)
-    class_weights = None
-    if not args.no_class_weights:
-        class_weights = jnp.asarray(inverse_frequency_weights(y_train, NUM_CLASSES))
-        print("class weights:", np.array2string(np.asarray(class_weights), precision=2))
-    print(f"train {len(y_train)} images, test {len(y_test)} images")
-
+def fit(args: argparse.Namespace, data: tuple, class_weights: jax.Array | None):
+    """Trains the MLP with AdamW; returns its graph definition, parameters and per-epoch
+    history (training loss, training and test accuracy)."""
+    x_train, y_train, x_test, y_test = data
     model = MLP(x_train.shape[1], args.hidden, NUM_CLASSES, rngs=nnx.Rngs(args.seed))
     # A static graph definition plus a pytree of arrays: the step below is a pure function.
     graphdef, params = nnx.split(model, nnx.Param)
@@ -172,6 +166,20 @@ def main(argv: list[str] | None = None) -> float:
         bar.set_postfix(
             loss=f"{history['loss'][-1]:.3f}", test_acc=f"{history['test_acc'][-1]:.3f}"
         )
+    return graphdef, params, history
+
+
+def main(argv: list[str] | None = None) -> float:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    x_train, y_train, x_test, y_test = load_data(args.seed, args.minority_fraction)
+    class_weights = None
+    if not args.no_class_weights:
+        class_weights = jnp.asarray(inverse_frequency_weights(y_train, NUM_CLASSES))
+        print("class weights:", np.array2string(np.asarray(class_weights), precision=2))
+    print(f"train {len(y_train)} images, test {len(y_test)} images")
+    data = (x_train, y_train, x_test, y_test)
+    graphdef, params, history = fit(args, data, class_weights)
 
     args.out.mkdir(parents=True, exist_ok=True)
     figure_path = args.out / "digits_curves.png"
