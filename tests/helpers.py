@@ -57,3 +57,14 @@ def assert_half_matches_float32(fn: Callable, args: Sequence, dtype, atol: float
     np.testing.assert_allclose(out.astype(np.float32), ref_out, rtol=1e-2)
     for g, ref in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(g.astype(np.float32), ref, rtol=1e-2, atol=atol)
+
+
+def assert_close_to_scale(actual, expected, tol: float, what: str = "") -> None:
+    """``actual`` within ``tol`` of ``expected``, relative to each entry and to the largest
+    finite magnitude of ``expected``, with NaN at the same places (an infinite entry must match
+    exactly: it never widens the tolerance to infinity)."""
+    a, b = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=f"{what}: NaN pattern")
+    finite = np.abs(b[np.isfinite(b)])
+    scale = finite.max() if finite.size else 1.0
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale, err_msg=what)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from helpers import assert_close_to_scale
 from jax.test_util import check_grads
 
 import jaxloss
@@ -96,8 +97,7 @@ def _compare(options, probabilities=False, rtol=3e-5):
     want = _value_and_grads(dense, hidden, kernel, bias, weight, targets, cotangent)
     names = ("loss", "d hidden", "d kernel", "d bias", "d weight")
     for name, g, w in zip(names, (got[0], *got[1]), (want[0], *want[1]), strict=True):
-        scale = float(np.nanmax(np.abs(w)))  # NaN: a bad target's row, in both
-        np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * scale, err_msg=name)
+        assert_close_to_scale(g, w, rtol, name)  # NaN: a bad target's row, in both
 
 
 PROBABILITY_OPTIONS = {

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_close_to_scale
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxloss._linear import assembly, chunked, kernel_stats, reference
@@ -79,11 +80,7 @@ SIZES = [(37, 24, 300), (32, 16, 256), (20, 8, 100)]
 
 
 def _close(a, b, dtype, what):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=f"{what}: NaN pattern")
-    scale = np.nanmax(np.abs(b)) if b.size and np.isfinite(b).any() else 1.0
-    tol = 2e-5 if dtype == jnp.float32 else 2e-2
-    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * scale, err_msg=what)
+    assert_close_to_scale(a, b, 2e-5 if dtype == jnp.float32 else 2e-2, what)
 
 
 # The default run: every option at least once (the combined case covers weight, smoothing,

@@ -43,7 +43,7 @@ def _torch_capped(z, targets, z_loss=0.0, **options):
         lse = torch.logsumexp(capped, -1)
         valid = torch.tensor(targets != -100) if targets.dtype.kind == "i" else True
         loss = loss + z_loss * torch.where(valid, lse**2, 0).sum() / (
-            torch.tensor(valid).sum() if targets.dtype.kind == "i" else len(z)
+            valid.sum() if targets.dtype.kind == "i" else len(z)
         )
     value = loss.sum()
     value.backward()
