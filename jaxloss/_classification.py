@@ -529,7 +529,7 @@ def cross_entropy(
     ``"mean"`` divides the sum by \(\sum_{n \notin \mathrm{ignored}} w_{y_n}\). With
     probability targets ``t`` the loss is \(-\sum_c w_c t'_{n,c} \log p_{n,c}\) with
     \(t' = (1-\varepsilon) t + \varepsilon / C\), and ``"mean"`` divides by the number of
-    positions.
+    positions; a zero target at a ``-inf`` (masked) logit contributes 0 (PyTorch: NaN).
 
     Args:
       logits: floating scores, classes along ``axis``: ``(..., C)`` or PyTorch's
