@@ -18,47 +18,40 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from sharding_problems import (
+    LAYOUTS,
+    D,
+    N,
+    V,
+    compare,
+    explicit,
+    layout_specs,
+    linear_axes,
+    sharded,
+    unsharded,
+)
 
 import jaxloss
 from benchmarks.hlo import all_gather_shapes
 
-# Distinct sizes (and shard sizes), so that a dimension in an HLO shape says which axis it is.
-N, D, D_T, V = 16, 12, 6, 40
+D_T = 6  # the teacher's hidden size: distinct from N, D, V and their shards
 N_ROWS = {N, N // 2, N // 4, N // 8}
-BATCH = ("data", "model")
-LAYOUTS = ("batch", "classes", "both")
 OPTIONS = dict(beta=0.3, temperature=1.5, token_chunk=3, vocab_chunk=3)
-RTOL = 2e-5
 
 
-def _specs(layout: str) -> dict[str, P]:
-    rows = {"batch": BATCH, "classes": None, "both": "data"}[layout]
-    cols = {"batch": None, "classes": BATCH, "both": "model"}[layout]
-    return {"hidden": P(rows, None), "kernel": P(None, cols), "cols": P(cols), "rows": P(rows)}
-
-
-def _axes(layout: str) -> dict:
-    return {
-        "batch": {"batch_axis": BATCH},
-        "classes": {"vocab_axis": BATCH},
-        "both": {"batch_axis": "data", "vocab_axis": "model"},
-    }[layout]
-
-
-KINDS = {
+DISTILLATION_KINDS = {
     "hidden": "hidden", "kernel": "kernel", "bias": "cols", "teacher_hidden": "hidden",
     "teacher_kernel": "kernel", "teacher_bias": "cols", "mask": "rows", "cotangent": "rows",
 }  # fmt: skip
 
 
-def _data() -> dict[str, np.ndarray]:
+def distillation_data() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     mask = rng.random(N) > 0.25
     return {
@@ -73,7 +66,7 @@ def _data() -> dict[str, np.ndarray]:
     }
 
 
-def _fn(divergence: str, masked: bool = True, **axes) -> Callable:
+def distillation_fn(divergence: str, masked: bool = True, **axes) -> Callable:
     def fn(hidden, kernel, bias, teacher_hidden, teacher_kernel, teacher_bias, mask, cotangent):
         def loss(reduction, h, k, b):
             return jaxloss.linear_distillation(
@@ -101,32 +94,15 @@ def _fn(divergence: str, masked: bool = True, **axes) -> Callable:
 
 
 def _run(mesh: Mesh, layout: str, fn: Callable, data: dict[str, np.ndarray] | None = None):
-    placed = {
-        k: jax.device_put(v, NamedSharding(mesh, _specs(layout)[KINDS[k]]))
-        for k, v in (_data() if data is None else data).items()
-    }
-    context = jax.set_mesh(mesh) if AxisType.Explicit in mesh.axis_types else nullcontext()
-    with context:
-        compiled = jax.jit(fn).lower(**placed).compile()
-        return compiled(**placed), compiled.as_text()
-
-
-def _compare(got, want, what: str) -> list[str]:
-    problems = []
-    for i, (g, w) in enumerate(zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)):
-        g, w = np.asarray(g), np.asarray(w)
-        scale = float(np.max(np.abs(w)))
-        if g.shape != w.shape or not np.allclose(g, w, rtol=RTOL, atol=RTOL * scale):
-            err = np.max(np.abs(g - w)) if g.shape == w.shape else "shape"
-            problems.append(f"{what}: output {i} differs from unsharded (max abs diff {err})")
-    return problems
+    return sharded(
+        mesh, layout, fn, distillation_data() if data is None else data, DISTILLATION_KINDS
+    )
 
 
 @functools.cache
 def _reference(divergence: str, masked: bool):
     """The plain call on one device (itself checked against the formulas in test_distillation)."""
-    args = {k: jnp.asarray(v) for k, v in _data().items()}
-    return jax.jit(_fn(divergence, masked))(**args)
+    return unsharded(distillation_fn(divergence, masked), distillation_data())
 
 
 CHECKS: dict[str, Callable[[Mesh], tuple[list[str], list[tuple[int, ...]]]]] = {}
@@ -137,10 +113,10 @@ def _register(mode: str, layout: str, divergence: str, masked: bool = True) -> N
 
     def run(mesh: Mesh):
         if mode == "explicit":
-            mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Explicit,) * 2)
-        axes = {} if mode == "auto" else dict(mesh=mesh, **_axes(layout))
-        got, hlo = _run(mesh, layout, _fn(divergence, masked, **axes))
-        problems = _compare(got, _reference(divergence, masked), name)
+            mesh = explicit(mesh)
+        axes = {} if mode == "auto" else dict(mesh=mesh, **linear_axes(layout))
+        got, hlo = _run(mesh, layout, distillation_fn(divergence, masked, **axes))
+        problems = compare(got, _reference(divergence, masked), name)
         gathers = all_gather_shapes(hlo)
         if mode == "auto":  # XLA may gather a kernel here, never the logits
             bad = [s for s in gathers if V in s and N_ROWS & set(s)]
@@ -171,7 +147,7 @@ UNEVEN_V = 37
 
 
 def _uneven_data() -> dict[str, np.ndarray]:
-    data = _data()
+    data = distillation_data()
     for name in ("kernel", "teacher_kernel"):
         data[name] = data[name][:, :UNEVEN_V]
     for name in ("bias", "teacher_bias"):
@@ -183,15 +159,14 @@ def _register_uneven(layout: str, divergence: str) -> None:
     name = f"shard_map/{divergence}/{layout}/uneven_classes"
 
     def run(mesh: Mesh):
-        vocabulary = ("kernel", "bias", "teacher_kernel", "teacher_bias")
-        spec = lambda k: P() if k in vocabulary else _specs(layout)[KINDS[k]]
-        placed = {
-            k: jax.device_put(v, NamedSharding(mesh, spec(k))) for k, v in _uneven_data().items()
-        }
-        fn = _fn(divergence, mesh=mesh, **_axes(layout))
-        got = jax.jit(fn)(**placed)
-        want = jax.jit(_fn(divergence))(**{k: jnp.asarray(v) for k, v in _uneven_data().items()})
-        problems = _compare(got, want, name)
+        vocabulary = ("kernel", "bias", "teacher_kernel", "teacher_bias")  # replicated
+        kinds = {k: kind for k, kind in DISTILLATION_KINDS.items() if k not in vocabulary}
+        fn = distillation_fn(divergence, mesh=mesh, **linear_axes(layout))
+        got, _ = sharded(mesh, layout, fn, _uneven_data(), kinds)
+        want = jax.jit(distillation_fn(divergence))(
+            **{k: jnp.asarray(v) for k, v in _uneven_data().items()}
+        )
+        problems = compare(got, want, name)
         kernel_grad = got[3][0][1]
         if not kernel_grad.sharding.is_fully_replicated:
             problems.append(f"{name}: kernel gradient sharding {kernel_grad.sharding}")
@@ -212,7 +187,7 @@ def _huge_data() -> dict[str, np.ndarray]:
     teacher = (2.0**26 - 8.0 * ((np.arange(V) + 1) % 4)).astype(np.float32)[None, :]
     zeros = np.zeros(V, np.float32)
     return dict(
-        _data(), hidden=ones, kernel=student, bias=zeros, teacher_hidden=ones,
+        distillation_data(), hidden=ones, kernel=student, bias=zeros, teacher_hidden=ones,
         teacher_kernel=teacher, teacher_bias=zeros,
     )  # fmt: skip
 
@@ -239,9 +214,10 @@ def _register_huge(layout: str, divergence: str) -> None:
 
     def run(mesh: Mesh):
         """Shards' log-sums moved to the global maximum: exact at 2^26 (issue 19, item 2)."""
-        got, _ = _run(mesh, layout, _huge_fn(divergence, mesh=mesh, **_axes(layout)), _huge_data())
-        args = {k: jnp.asarray(v) for k, v in _huge_data().items()}
-        return _compare(got, jax.jit(_huge_fn(divergence))(**args), name), []
+        got, _ = _run(
+            mesh, layout, _huge_fn(divergence, mesh=mesh, **linear_axes(layout)), _huge_data()
+        )
+        return compare(got, unsharded(_huge_fn(divergence), _huge_data()), name), []
 
     CHECKS[name] = run
 
@@ -258,13 +234,15 @@ def _register_poisoned(layout: str, divergence: str) -> None:
     def run(mesh: Mesh):
         """NaN/inf hidden rows (student's and teacher's) at masked tokens: the values and
         gradients of finite ones (issue 19, item 4)."""
-        data = _data()
+        data = distillation_data()
         masked = np.flatnonzero(~data["mask"])
         hidden, teacher_hidden = data["hidden"].copy(), data["teacher_hidden"].copy()
         hidden[masked[0]], hidden[masked[1], 0], teacher_hidden[masked[2]] = np.nan, np.inf, np.inf
         poisoned = dict(data, hidden=hidden, teacher_hidden=teacher_hidden)
-        got, _ = _run(mesh, layout, _fn(divergence, mesh=mesh, **_axes(layout)), poisoned)
-        return _compare(got, _reference(divergence, True), name), []
+        got, _ = _run(
+            mesh, layout, distillation_fn(divergence, mesh=mesh, **linear_axes(layout)), poisoned
+        )
+        return compare(got, _reference(divergence, True), name), []
 
     CHECKS[name] = run
 
@@ -275,7 +253,9 @@ for _layout in LAYOUTS:
 
 def _parser_self_test(mesh: Mesh):
     """The HLO parser finds a forced all-gather of a class-sharded kernel (so a pass means much)."""
-    kernel = jax.device_put(jnp.zeros((D, V)), NamedSharding(mesh, _specs("classes")["kernel"]))
+    kernel = jax.device_put(
+        jnp.zeros((D, V)), NamedSharding(mesh, layout_specs("classes")["kernel"])
+    )
     replicated = NamedSharding(mesh, P())
     hlo = jax.jit(lambda x: x * 2, out_shardings=replicated).lower(kernel).compile().as_text()
     gathers = all_gather_shapes(hlo)
@@ -290,9 +270,9 @@ CHECKS["hlo_parser/sees_all_gathers"] = _parser_self_test
 
 def _explicit_without_axes(mesh: Mesh):
     """Explicitly sharded inputs and no axes named: a ValueError naming the fix."""
-    mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Explicit,) * 2)
+    mesh = explicit(mesh)
     try:
-        _run(mesh, "both", _fn("kl"))
+        _run(mesh, "both", distillation_fn("kl"))
     except ValueError as err:
         if "`batch_axis`" not in str(err) or "`vocab_axis`" not in str(err):
             return [f"unexpected message: {err}"], []

@@ -35,65 +35,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from distillation_sharding_checks import DISTILLATION_KINDS, distillation_data, distillation_fn
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from sharding_problems import (
+    AXES,
+    LAYOUTS,
+    LINEAR_KINDS,
+    D,
+    N,
+    V,
+    bce_with_logits,
+    compare,
+    cross_entropy_index,
+    cross_entropy_probs,
+    linear_args,
+    linear_axes,
+    linear_fn,
+    nll,
+    sharded,
+    unsharded,
+)
 
 import jaxloss
 from benchmarks.hlo import all_gather_shapes
 
 NUM_PROCESSES = 2
 LOCAL_DEVICES = 2
-N, D, V = 16, 6, 20  # rows, hidden features, classes: N and V split over 4 devices
-ALL = ("data", "model")
-LAYOUTS = ("batch", "classes", "both")
-RTOL = 2e-5
 # A process that sends no heartbeat this long is declared dead (JAX's default: 100 s). Not too
 # short for the checks: on a loaded machine a starved but healthy process must not be killed.
 HEARTBEAT_TIMEOUT_S = 30
-
-
-def layout_specs(layout: str) -> dict[str, P]:
-    """Specs by kind: matrix (N, V), rows (N,), cols (V,), hidden (N, D), kernel (D, V)."""
-    rows = {"batch": ALL, "classes": None, "both": "data"}[layout]
-    cols = {"batch": None, "classes": ALL, "both": "model"}[layout]
-    return {
-        "matrix": P(rows, cols),
-        "rows": P(rows),
-        "cols": P(cols),
-        "hidden": P(rows, None),
-        "kernel": P(None, cols),
-        "replicated": P(),
-    }
-
-
-def linear_axes(layout: str) -> dict[str, str | tuple[str, ...] | None]:
-    """``batch_axis``/``vocab_axis`` of ``linear_cross_entropy``'s shard_map form for a layout."""
-    return {
-        "batch": {"batch_axis": ALL, "vocab_axis": None},
-        "classes": {"batch_axis": None, "vocab_axis": ALL},
-        "both": {"batch_axis": "data", "vocab_axis": "model"},
-    }[layout]
-
-
-def problem_data(seed: int) -> dict[str, np.ndarray]:
-    """The same arrays in every process (a fixed seed): each process places only its shards."""
-    rng = np.random.default_rng(seed)
-    targets = rng.integers(0, V, N).astype(np.int32)
-    targets[[1, 6, 11]] = -100
-    return {
-        "logits": 2 * rng.standard_normal((N, V)).astype(np.float32),
-        "log_probs": np.log(rng.dirichlet(np.ones(V), N)).astype(np.float32),
-        "probs": rng.dirichlet(np.ones(V), N).astype(np.float32),
-        "binary": rng.integers(0, 2, (N, V)).astype(np.float32),
-        "targets": targets,
-        "weight": rng.uniform(0.2, 2.0, V).astype(np.float32),
-        "pos_weight": rng.uniform(0.5, 3.0, V).astype(np.float32),
-        "hidden": rng.standard_normal((N, D)).astype(np.float32),
-        "kernel": (rng.standard_normal((D, V)) / np.sqrt(D)).astype(np.float32),
-        "bias": rng.standard_normal(V).astype(np.float32),
-        "cotangent": rng.standard_normal(N).astype(np.float32),
-    }
 
 
 def global_array(mesh: Mesh, spec: P, value: np.ndarray) -> jax.Array:
@@ -108,33 +80,10 @@ def to_host(tree):
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
-def compare(got, want, what: str) -> list[str]:
-    problems = []
-    got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
-    if len(got_leaves) != len(want_leaves):
-        return [f"{what}: {len(got_leaves)} outputs, the unsharded run has {len(want_leaves)}"]
-    for i, (g, w) in enumerate(zip(got_leaves, want_leaves, strict=True)):
-        g, w = np.asarray(g), np.asarray(w)
-        scale = float(np.max(np.abs(w))) if w.size else 0.0
-        if g.shape != w.shape or not np.allclose(g, w, rtol=RTOL, atol=RTOL * scale):
-            diff = np.max(np.abs(g - w)) if g.shape == w.shape else f"shape {g.shape} vs {w.shape}"
-            problems.append(f"{what}: output {i} differs from the unsharded run (max diff {diff})")
-    return problems
-
-
-def unsharded(fn: Callable, args: dict[str, np.ndarray]):
-    """``jit(fn)`` on this process's first device alone: the single-process oracle."""
-    return jax.device_get(jax.jit(fn)(**{k: jnp.asarray(v) for k, v in args.items()}))
-
-
-def sharded(
-    mesh: Mesh, layout: str, fn: Callable, args: dict[str, np.ndarray], kinds: dict[str, str]
-) -> tuple[object, str]:
-    """``jit(fn)`` on global arrays placed per ``kinds``, gathered to numpy; and its HLO text."""
-    specs = layout_specs(layout)
-    placed = {k: global_array(mesh, specs[kinds.get(k, "replicated")], v) for k, v in args.items()}
-    compiled = jax.jit(fn).lower(**placed).compile()
-    return to_host(compiled(**placed)), compiled.as_text()
+def on_host(mesh: Mesh, layout: str, fn: Callable, args: dict, kinds: dict) -> tuple:
+    """``sharding_problems.sharded``, its outputs gathered to numpy on every process."""
+    got, hlo = sharded(mesh, layout, fn, args, kinds)
+    return to_host(got), hlo
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,107 +99,16 @@ def loss_case(name: str, make: Callable[[], tuple[Callable, dict, dict]]) -> Non
     for layout in LAYOUTS:
 
         def run(mesh: Mesh, layout=layout) -> list[str]:
-            got, _ = sharded(mesh, layout, *make())
+            got, _ = on_host(mesh, layout, *make())
             return compare(got, reference(), f"{name} sharded over {layout}")
 
         CASES[f"{name}/{layout}"] = run
-
-
-def cross_entropy_index():
-    data = problem_data(0)
-    options = dict(label_smoothing=0.1, z_loss=1e-3)
-
-    def fn(logits, targets, weight, cotangent):
-        def per_row(logits, weight):
-            loss = jaxloss.cross_entropy(
-                logits, targets, weight=weight, reduction="none", **options
-            )
-            return jnp.sum(loss * cotangent), loss
-
-        (_, loss), grads = jax.value_and_grad(per_row, (0, 1), has_aux=True)(logits, weight)
-        mean = jaxloss.cross_entropy(logits, targets, weight=weight, **options)
-        return loss, grads, mean
-
-    kinds = {"logits": "matrix", "targets": "rows", "weight": "cols", "cotangent": "rows"}
-    return fn, {k: data[k] for k in kinds}, kinds
-
-
-def cross_entropy_probs():
-    data = problem_data(1)
-
-    def fn(logits, probs, weight):
-        def mean(logits, weight):
-            return jaxloss.cross_entropy(logits, probs, weight=weight, label_smoothing=0.05)
-
-        return jax.value_and_grad(mean, (0, 1))(logits, weight)
-
-    kinds = {"logits": "matrix", "probs": "matrix", "weight": "cols"}
-    return fn, {k: data[k] for k in kinds}, kinds
-
-
-def nll():
-    data = problem_data(2)
-
-    def fn(log_probs, targets, weight):
-        def mean(log_probs, weight):
-            return jaxloss.nll(log_probs, targets, weight=weight)
-
-        return jax.value_and_grad(mean, (0, 1))(log_probs, weight)
-
-    kinds = {"log_probs": "matrix", "targets": "rows", "weight": "cols"}
-    return fn, {k: data[k] for k in kinds}, kinds
-
-
-def bce_with_logits():
-    data = problem_data(3)
-
-    def fn(logits, binary, weight, pos_weight):
-        def mean(logits, weight, pos_weight):
-            return jaxloss.bce_with_logits(logits, binary, weight=weight, pos_weight=pos_weight)
-
-        return jax.value_and_grad(mean, (0, 1, 2))(logits, weight, pos_weight)
-
-    kinds = {"logits": "matrix", "binary": "matrix", "weight": "cols", "pos_weight": "cols"}
-    return fn, {k: data[k] for k in kinds}, kinds
 
 
 loss_case("cross_entropy/index", cross_entropy_index)
 loss_case("cross_entropy/probs", cross_entropy_probs)
 loss_case("nll", nll)
 loss_case("bce_with_logits", bce_with_logits)
-
-LINEAR_OPTIONS = dict(label_smoothing=0.1, z_loss=1e-3, token_chunk=3, vocab_chunk=3)
-LINEAR_KINDS = {
-    "hidden": "hidden", "kernel": "kernel", "bias": "cols", "targets": "rows", "weight": "cols",
-    "cotangent": "rows",
-}  # fmt: skip
-
-
-def linear_fn(**axes) -> Callable:
-    """Per-token losses, gradients of their cotangent-weighted sum in all four inputs, the mean."""
-
-    def fn(hidden, kernel, bias, targets, weight, cotangent):
-        def loss(hidden, kernel, bias, weight, reduction):
-            return jaxloss.linear_cross_entropy(
-                hidden, kernel, targets, bias=bias, weight=weight, reduction=reduction,
-                **LINEAR_OPTIONS, **axes,
-            )  # fmt: skip
-
-        def weighted(*params):
-            per_token = loss(*params, "none")
-            return jnp.sum(per_token * cotangent), per_token
-
-        params = (hidden, kernel, bias, weight)
-        (_, per_token), grads = jax.value_and_grad(weighted, (0, 1, 2, 3), has_aux=True)(*params)
-        return per_token, grads, loss(*params, "mean")
-
-    return fn
-
-
-def linear_args() -> dict[str, np.ndarray]:
-    data = problem_data(4)
-    return {k: data[k] for k in LINEAR_KINDS}
-
 
 # The plain call on one device (itself checked against cross_entropy in test_linear.py).
 linear_reference = functools.cache(lambda: unsharded(linear_fn(), linear_args()))
@@ -265,7 +123,7 @@ def no_all_gather(hlo: str) -> list[str]:
 def linear_case(mode: str, layout: str) -> None:
     def run(mesh: Mesh) -> list[str]:
         axes = dict(mesh=mesh, **linear_axes(layout)) if mode == "shard_map" else {}
-        got, hlo = sharded(mesh, layout, linear_fn(**axes), linear_args(), LINEAR_KINDS)
+        got, hlo = on_host(mesh, layout, linear_fn(**axes), linear_args(), LINEAR_KINDS)
         problems = compare(got, linear_reference(), f"{mode} over {layout}")
         return problems + (no_all_gather(hlo) if mode == "shard_map" else [])
 
@@ -278,49 +136,13 @@ linear_case("auto", "both")
 for _layout in LAYOUTS:
     linear_case("shard_map", _layout)
 
-DISTILLATION_KINDS = {
-    "hidden": "hidden", "kernel": "kernel", "bias": "cols", "teacher_hidden": "hidden",
-    "teacher_kernel": "kernel", "teacher_bias": "cols", "mask": "rows", "cotangent": "rows",
-}  # fmt: skip
-
-
-def distillation_args() -> dict[str, np.ndarray]:
-    data, teacher = problem_data(6), problem_data(7)
-    return {
-        **{k: data[k] for k in ("hidden", "kernel", "bias", "cotangent")},
-        **{f"teacher_{k}": teacher[k] for k in ("hidden", "kernel", "bias")},
-        "mask": data["targets"] != -100,
-    }
-
-
-def distillation_fn(**axes) -> Callable:
-    """Per-token forward KL (τ = 2, masked), its gradients in the student's head, the mean."""
-
-    def fn(hidden, kernel, bias, teacher_hidden, teacher_kernel, teacher_bias, mask, cotangent):
-        def loss(hidden, kernel, bias, reduction):
-            return jaxloss.linear_distillation(
-                hidden, kernel, teacher_hidden, teacher_kernel, bias=bias,
-                teacher_bias=teacher_bias, mask=mask, divergence="kl", temperature=2.0,
-                reduction=reduction, token_chunk=3, vocab_chunk=3, **axes,
-            )  # fmt: skip
-
-        def weighted(*params):
-            per_token = loss(*params, "none")
-            return jnp.sum(per_token * cotangent), per_token
-
-        params = (hidden, kernel, bias)
-        (_, per_token), grads = jax.value_and_grad(weighted, (0, 1, 2), has_aux=True)(*params)
-        return per_token, grads, loss(*params, "mean")
-
-    return fn
-
 
 def linear_distillation_case(mesh: Mesh) -> list[str]:
     """The shard_map form with the vocabulary split over both processes."""
     layout = "classes"
-    fn = distillation_fn(mesh=mesh, **linear_axes(layout))
-    got, hlo = sharded(mesh, layout, fn, distillation_args(), DISTILLATION_KINDS)
-    want = unsharded(distillation_fn(), distillation_args())
+    fn = distillation_fn("kl", mesh=mesh, **linear_axes(layout))
+    got, hlo = on_host(mesh, layout, fn, distillation_data(), DISTILLATION_KINDS)
+    want = unsharded(distillation_fn("kl"), distillation_data())
     return compare(got, want, f"shard_map over {layout}") + no_all_gather(hlo)
 
 
@@ -427,7 +249,7 @@ def start_cluster(port: int, process_id: int, heartbeat_timeout_s: int) -> Mesh:
             f" and {jax.device_count()}: set XLA_FLAGS=--xla_force_host_platform_device_count="
             f"{LOCAL_DEVICES} before JAX starts"
         )
-    mesh = jax.make_mesh((NUM_PROCESSES, LOCAL_DEVICES), ALL, axis_types=(AxisType.Auto,) * 2)
+    mesh = jax.make_mesh((NUM_PROCESSES, LOCAL_DEVICES), AXES, axis_types=(AxisType.Auto,) * 2)
     owners = [[d.process_index for d in row] for row in mesh.devices]
     if owners != [[0, 0], [1, 1]]:
         raise RuntimeError(f"expected `data` across processes, `model` within; owners {owners}")
@@ -458,7 +280,7 @@ def run_checks(mesh: Mesh, process_id: int, names: list[str]) -> int:
 
 def wait_for_the_dead(mesh: Mesh, process_id: int, victim: int) -> int:
     """Signals READY after one collective, then the victim sleeps and the other all-reduces."""
-    ones = global_array(mesh, P(ALL), np.ones(4, np.float32))
+    ones = global_array(mesh, P(AXES), np.ones(4, np.float32))
     total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))
     print(f"collective ok: {float(total(ones))}", flush=True)
     print("READY", flush=True)
