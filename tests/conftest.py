@@ -13,9 +13,13 @@
   benchmark runs, which train and time, start with the user's ``XLA_FLAGS`` (``user_environ``).
 - Under CI (``CI`` set) hypothesis draws a fixed sequence of examples, so that whether a landing
   passes does not depend on the draw; locally every run explores new examples.
+- numpy's ``assert_allclose``, ``allclose`` and ``isclose`` refuse an infinite or NaN tolerance:
+  one scaled by an infinite magnitude accepts anything (a test that cannot fail).
 """
 
+import functools
 import importlib.util
+import inspect
 import os
 
 # For tests/test_accelerators.py, set before JAX starts its backends (any test module may start
@@ -35,6 +39,26 @@ from hypothesis import settings
 NUM_CPU_DEVICES = 8
 jax.config.update("jax_num_cpu_devices", NUM_CPU_DEVICES)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def _refusing_vacuous_tolerances(check):
+    signature = inspect.signature(check)
+
+    @functools.wraps(check)
+    def checked(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        for name in ("rtol", "atol"):
+            value = bound.arguments.get(name, 0.0)
+            if not np.all(np.isfinite(np.asarray(value, np.float64))):
+                raise AssertionError(f"{check.__name__}: {name}={value} accepts any value")
+        return check(*args, **kwargs)
+
+    return checked
+
+
+np.testing.assert_allclose = _refusing_vacuous_tolerances(np.testing.assert_allclose)
+np.allclose = _refusing_vacuous_tolerances(np.allclose)
+np.isclose = _refusing_vacuous_tolerances(np.isclose)
 
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):

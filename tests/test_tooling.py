@@ -203,3 +203,13 @@ def test_a_transformed_loss_lowers_as_transformed(name: str) -> None:
     direct = jax.jit(jax.value_and_grad(loss if name != "log_softmax" else total)).lower(*args)
     assert len(direct.out_info) == 2, direct.out_info
     assert loss.lower(*args).out_info.shape == jax.eval_shape(loss, *args).shape
+
+
+@pytest.mark.parametrize("check", ["assert_allclose", "allclose", "isclose"])
+def test_an_infinite_tolerance_is_refused(check):
+    """conftest.py: a tolerance scaled by an infinite magnitude would accept anything."""
+    fn = np.testing.assert_allclose if check == "assert_allclose" else getattr(np, check)
+    with pytest.raises(AssertionError, match="accepts any value"):
+        fn(1.0, 2.0, atol=np.inf)
+    with pytest.raises(AssertionError, match="accepts any value"):
+        fn(1.0, 2.0, 1e-6, np.nan)
