@@ -50,6 +50,7 @@ from sharding_problems import (
     compare,
     cross_entropy_index,
     cross_entropy_probs,
+    global_array,
     linear_args,
     linear_axes,
     linear_fn,
@@ -66,13 +67,6 @@ LOCAL_DEVICES = 2
 # A process that sends no heartbeat this long is declared dead (JAX's default: 100 s). Not too
 # short for the checks: on a loaded machine a starved but healthy process must not be killed.
 HEARTBEAT_TIMEOUT_S = 30
-
-
-def global_array(mesh: Mesh, spec: P, value: np.ndarray) -> jax.Array:
-    """A global array whose shards this process fills only for its own devices."""
-    return jax.make_array_from_callback(
-        value.shape, NamedSharding(mesh, spec), lambda index: value[index]
-    )
 
 
 def to_host(tree):

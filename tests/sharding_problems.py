@@ -99,18 +99,20 @@ def unsharded(fn: Callable, args: dict[str, np.ndarray]):
     return jax.jit(fn)(**{k: jnp.asarray(v) for k, v in args.items()})
 
 
+def global_array(mesh: Mesh, spec: P, value: np.ndarray) -> jax.Array:
+    """A global array whose shards this process fills only for its own devices."""
+    return jax.make_array_from_callback(
+        value.shape, NamedSharding(mesh, spec), lambda index: value[index]
+    )
+
+
 def sharded(mesh: Mesh, layout: str, fn: Callable, args: dict[str, np.ndarray],
             kinds: dict[str, str]) -> tuple[object, str]:  # fmt: skip
     """``jit(fn)`` on global arrays placed per ``kinds`` (argument -> spec kind; replicated
     when absent), each process filling only its own shards; its outputs and its HLO text. An
     explicit-sharding mesh is also made the context mesh, as ``jax.set_mesh`` users do."""
     specs = layout_specs(layout)
-    placed = {
-        k: jax.make_array_from_callback(
-            v.shape, NamedSharding(mesh, specs[kinds.get(k, "replicated")]), lambda i, v=v: v[i]
-        )
-        for k, v in args.items()
-    }
+    placed = {k: global_array(mesh, specs[kinds.get(k, "replicated")], v) for k, v in args.items()}
     context = jax.set_mesh(mesh) if AxisType.Explicit in mesh.axis_types else nullcontext()
     with context:
         compiled = jax.jit(fn).lower(**placed).compile()
