@@ -14,7 +14,6 @@ not measurements.**
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import functools
 import glob
@@ -86,9 +85,13 @@ class Instruction:
     attributes: str
     arguments: str = ""  # the text inside the parentheses (a parameter's number, a constant)
 
-    nbytes = property(lambda self: sum(ITEMSIZE.get(t, 0) * math.prod(d)
-                                       for t, d in arrays(self.type)))  # fmt: skip
-    called = property(lambda self: self.attr("calls"))
+    @property
+    def nbytes(self) -> int:
+        return sum(ITEMSIZE.get(t, 0) * math.prod(dims) for t, dims in arrays(self.type))
+
+    @property
+    def called(self) -> str | None:
+        return self.attr("calls")
 
     def attr(self, key: str) -> str | None:
         """The value of ``key=...`` up to the next comma (a computation loses its ``%``)."""
@@ -108,10 +111,12 @@ class Instruction:
     @functools.cached_property
     def backend_config(self) -> dict[str, Any]:
         start = self.attributes.find("backend_config={") + len("backend_config=")
-        with contextlib.suppress(ValueError):
-            if start >= len("backend_config="):
-                return json.loads(self.attributes[start : _closing(self.attributes, start, "{}")])
-        return {}
+        if start < len("backend_config="):
+            return {}
+        try:
+            return json.loads(self.attributes[start : _closing(self.attributes, start, "{}")])
+        except ValueError:
+            return {}
 
     @property
     def label(self) -> str:
@@ -218,9 +223,10 @@ class Module:
             inst = self.get(computation, inst.operands[0])
         if inst is None or inst.opcode != "constant" or "[]" not in inst.type:
             return None
-        with contextlib.suppress(ValueError):
+        try:
             return int(inst.arguments)
-        return None
+        except ValueError:
+            return None
 
 
 # Bytes: every kernel reads its operands from HBM and writes its result there
@@ -303,8 +309,10 @@ class Launches:
     launches: list[Launch] = dataclasses.field(default_factory=list)
     unknown_loops: list[str] = dataclasses.field(default_factory=list)  # priced once
 
-    bytes = property(lambda self: sum(x.calls * kernel_bytes(self.module, x.computation, x.inst)
-                                      for x in self.launches))  # fmt: skip
+    @property
+    def bytes(self) -> int:
+        return sum(x.calls * kernel_bytes(self.module, x.computation, x.inst)
+                   for x in self.launches)  # fmt: skip
 
     def walk(self, computation: str, calls: int) -> Launches:
         for inst in self.module.body(computation):
@@ -476,7 +484,9 @@ class Kernel(collections.namedtuple("Kernel", "computation name label calls byte
     """One kernel, per call (compute_s: Σ FLOPs / peak of its dots; memory_s: bytes /
     bandwidth), and how often it runs (the enclosing trip counts)."""
 
-    seconds = property(lambda self: self.calls * max(self.compute_s, self.memory_s))
+    @property
+    def seconds(self) -> float:
+        return self.calls * max(self.compute_s, self.memory_s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -547,7 +557,9 @@ class GridCost(collections.namedtuple("GridCost", "steps flops fetches writes re
     """What a grid moves and computes: per input its fetches and bytes, per output its
     write-backs and bytes; the operand dtypes of the kernel's dots (their peak)."""
 
-    bytes = property(lambda self: sum(self.read_bytes) + sum(self.write_bytes))
+    @property
+    def bytes(self) -> int:
+        return sum(self.read_bytes) + sum(self.write_bytes)
 
 
 def price_grid(grid: Sequence[int], inputs: Sequence[Block], outputs: Sequence[Block],
@@ -708,9 +720,10 @@ def analyse(program: Program, target: Target, unit_flops: float | None = None) -
     }  # fmt: skip
     if unit_flops:
         entry["matmuls"] = model.matmuls(unit_flops)
-    cost = None
-    with contextlib.suppress(Exception):  # XLA's own figure where the backend has one (not GPUs)
+    try:  # XLA's own figure where the backend has one (not the GPU plugin here)
         cost = program.compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    entry["xla_bytes_accessed"] = float(cost["bytes accessed"]) if cost else None
+        entry["xla_bytes_accessed"] = float(cost["bytes accessed"]) if cost else None
+    except Exception:
+        entry["xla_bytes_accessed"] = None
     return entry
